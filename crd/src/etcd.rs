@@ -1,0 +1,239 @@
+//! How every nodepulse binary reaches etcd: the same flags, the same environment variables, the
+//! same keep-alive settings and the same retry backoff.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use rand::Rng;
+
+/// etcd connection flags, shared by the agent, the controller and `nodepulsectl`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma-separated (every member of a 3-member cluster, for failover).
+    #[arg(
+        long = "etcd-endpoints",
+        env = "NODEPULSE_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379"
+    )]
+    pub endpoints: Vec<String>,
+
+    /// CA certificate (PEM) that signed etcd's serving certificate; enables TLS.
+    #[arg(long = "etcd-ca-file", env = "NODEPULSE_ETCD_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) for mutual TLS.
+    #[arg(
+        long = "etcd-cert-file",
+        env = "NODEPULSE_ETCD_CERT_FILE",
+        requires = "key_file"
+    )]
+    pub cert_file: Option<PathBuf>,
+
+    /// Client private key (PEM) for mutual TLS.
+    #[arg(
+        long = "etcd-key-file",
+        env = "NODEPULSE_ETCD_KEY_FILE",
+        requires = "cert_file"
+    )]
+    pub key_file: Option<PathBuf>,
+
+    /// etcd user name, when etcd has authentication enabled.
+    #[arg(
+        long = "etcd-username",
+        env = "NODEPULSE_ETCD_USERNAME",
+        requires = "password"
+    )]
+    pub username: Option<String>,
+
+    /// etcd password (prefer the environment variable to the flag: flags show in `ps`).
+    #[arg(
+        long = "etcd-password",
+        env = "NODEPULSE_ETCD_PASSWORD",
+        hide_env_values = true
+    )]
+    pub password: Option<String>,
+
+    /// How long to wait for a TCP/TLS connection to an endpoint.
+    #[arg(long = "etcd-dial-timeout", env = "NODEPULSE_ETCD_DIAL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub dial_timeout: Duration,
+}
+
+/// Why a connection could not even be attempted (bad files or flags; etcd being away is not one).
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// A TLS file could not be read.
+    #[error("read {path}: {source}")]
+    ReadFile {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// etcd-client refused the options or could not reach etcd.
+    #[error("connect to etcd at {endpoints}: {source}")]
+    Etcd {
+        /// The endpoints tried.
+        endpoints: String,
+        /// etcd-client's error.
+        #[source]
+        source: etcd_client::Error,
+    },
+}
+
+/// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 500ms, 5s or 2m"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
+    };
+    Ok(Duration::from_secs_f64(secs))
+}
+
+impl EtcdArgs {
+    /// Arguments for a single plain-HTTP endpoint, as tests and the demo use.
+    pub fn for_endpoint(endpoint: impl Into<String>) -> Self {
+        EtcdArgs {
+            endpoints: vec![endpoint.into()],
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
+            username: None,
+            password: None,
+            dial_timeout: Duration::from_secs(5),
+        }
+    }
+
+    /// The endpoints, as one string for log lines.
+    pub fn endpoints_display(&self) -> String {
+        self.endpoints.join(",")
+    }
+
+    /// Builds etcd-client's options: HTTP/2 keep-alive pings so that a dead connection (a killed
+    /// etcd, a cut network) fails the streams on it within seconds instead of hanging forever.
+    pub fn connect_options(&self) -> Result<ConnectOptions, ConnectError> {
+        let mut opts = ConnectOptions::new()
+            .with_connect_timeout(self.dial_timeout)
+            .with_keep_alive(Duration::from_secs(3), Duration::from_secs(2))
+            .with_keep_alive_while_idle(true)
+            .with_tcp_keepalive(Duration::from_secs(10));
+        if let (Some(user), Some(password)) = (&self.username, &self.password) {
+            opts = opts.with_user(user, password);
+        }
+        if self.ca_file.is_some() || self.cert_file.is_some() {
+            let mut tls = TlsOptions::new();
+            if let Some(ca) = &self.ca_file {
+                tls = tls.ca_certificate(Certificate::from_pem(read(ca)?));
+            }
+            if let (Some(cert), Some(key)) = (&self.cert_file, &self.key_file) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            opts = opts.with_tls(tls);
+        }
+        Ok(opts)
+    }
+
+    /// Connects once. The channel underneath is lazy and balanced over every endpoint: it
+    /// reconnects by itself and fails over to another member when one goes away.
+    pub async fn connect(&self) -> Result<Client, ConnectError> {
+        let opts = self.connect_options()?;
+        Client::connect(&self.endpoints, Some(opts))
+            .await
+            .map_err(|source| ConnectError::Etcd {
+                endpoints: self.endpoints_display(),
+                source,
+            })
+    }
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, ConnectError> {
+    std::fs::read(path).map_err(|source| ConnectError::ReadFile {
+        path: path.clone(),
+        source,
+    })
+}
+
+/// Capped exponential backoff with full jitter, for every loop that retries etcd.
+#[derive(Clone, Debug)]
+pub struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Default for Backoff {
+    /// 100 ms doubling up to 5 s: quick to recover from a blip, gentle on a dead etcd.
+    fn default() -> Self {
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
+    }
+}
+
+impl Backoff {
+    /// A backoff starting at `min` and doubling up to `max`.
+    pub fn new(min: Duration, max: Duration) -> Self {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    /// The delay before the next attempt: uniformly random in [next/2, next], so that a fleet of
+    /// agents cut off together does not come back in lockstep.
+    pub fn next_delay(&mut self) -> Duration {
+        let cap = self.next;
+        self.next = (self.next * 2).min(self.max);
+        let half = cap / 2;
+        half + rand::rng().random_range(Duration::ZERO..=half)
+    }
+
+    /// Sleeps for [`Backoff::next_delay`].
+    pub async fn wait(&mut self) {
+        tokio::time::sleep(self.next_delay()).await;
+    }
+
+    /// Back to the shortest delay, after a success.
+    pub fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
+        assert!(parse_duration("fast").is_err());
+        assert!(parse_duration("5y").is_err());
+    }
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        let delays: Vec<_> = (0..8).map(|_| b.next_delay()).collect();
+        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
+        for d in &delays {
+            assert!(*d <= Duration::from_secs(1), "{d:?}");
+        }
+        assert!(delays[7] >= Duration::from_millis(500), "{delays:?}");
+        b.reset();
+        assert!(b.next_delay() <= Duration::from_millis(100));
+    }
+}

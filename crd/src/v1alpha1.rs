@@ -1,0 +1,167 @@
+//! `nodepulse.io/v1alpha1`: the MonitorNode and MonitorConfig custom resources.
+//!
+//! The CRD YAML under `charts/` and `manifests/` is generated from these types by `crdgen`
+//! (`make generate`); never edit it by hand.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::wire::{Metric, UsageSummary};
+
+/// API group of every nodepulse resource.
+pub const GROUP: &str = "nodepulse.io";
+
+/// A node's liveness as the controller last saw it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum NodeState {
+    /// The node's heartbeat key exists: its agent holds a live lease.
+    Alive,
+    /// The heartbeat key is gone: the lease expired or the agent stopped.
+    Dead,
+    /// The controller has not yet seen the heartbeat prefix since it started.
+    Unknown,
+}
+
+/// One MonitorNode per node: no desired state of its own, the status is the point.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "nodepulse.io",
+    version = "v1alpha1",
+    kind = "MonitorNode",
+    plural = "monitornodes",
+    shortname = "mn",
+    category = "monitoring",
+    status = "MonitorNodeStatus",
+    doc = "Liveness and latest usage of one node, as its nodepulse agent reports them through etcd.",
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.state"}"#,
+    printcolumn = r#"{"name":"CPU%","type":"number","jsonPath":".status.usage.cpuPercent"}"#,
+    printcolumn = r#"{"name":"Memory%","type":"number","jsonPath":".status.usage.memoryPercent"}"#,
+    printcolumn = r#"{"name":"Disk%","type":"number","jsonPath":".status.usage.diskPercent"}"#,
+    printcolumn = r#"{"name":"Interval","type":"integer","jsonPath":".status.config.interval","description":"Sampling interval in seconds"}"#,
+    printcolumn = r#"{"name":"Last-Heartbeat","type":"date","jsonPath":".status.lastHeartbeatTime"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.reason","priority":1}"#,
+    printcolumn = r#"{"name":"Agent","type":"string","jsonPath":".status.agentVersion","priority":1}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitorNodeSpec {}
+
+/// What the controller last learnt about a node.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitorNodeStatus {
+    /// Alive, Dead or Unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<NodeState>,
+    /// Machine-readable cause of the state: HeartbeatSeen, HeartbeatExpired, AgentStopped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// A sentence for people.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the agent last wrote its heartbeat value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_heartbeat_time: Option<Time>,
+    /// When `state` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<Time>,
+    /// The agent's version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    /// TTL of the agent's lease, in seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl_seconds: Option<u32>,
+    /// The configuration the agent runs with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<AppliedConfigStatus>,
+    /// The latest usage summary the agent reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usage: Option<UsageSummary>,
+    /// `Alive` and `ConfigApplied`, in the metav1.Condition shape.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}
+
+/// The configuration an agent reports it applied, and whether it is the one desired.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AppliedConfigStatus {
+    /// Sampling interval in seconds.
+    pub interval: u32,
+    /// Metrics collected.
+    pub metrics: Vec<Metric>,
+    /// etcd revision of the config key applied (0: defaults).
+    #[serde(default)]
+    pub revision: i64,
+    /// The MonitorConfig the applied value came from, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub monitor_config: Option<String>,
+    /// Whether the applied config matches the effective one the MonitorConfigs ask for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub in_sync: Option<bool>,
+    /// Why the agent rejected its last config value, if it did.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Desired sampling settings for the nodes it selects.
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "nodepulse.io",
+    version = "v1alpha1",
+    kind = "MonitorConfig",
+    plural = "monitorconfigs",
+    shortname = "mc",
+    category = "monitoring",
+    status = "MonitorConfigStatus",
+    doc = "Sampling interval and metrics for the nodes it selects; the controller writes them to /monitor/config/<node>.",
+    printcolumn = r#"{"name":"Interval","type":"integer","jsonPath":".spec.interval"}"#,
+    printcolumn = r#"{"name":"Metrics","type":"string","jsonPath":".spec.metrics"}"#,
+    printcolumn = r#"{"name":"Priority","type":"integer","jsonPath":".spec.priority"}"#,
+    printcolumn = r#"{"name":"Nodes","type":"integer","jsonPath":".status.matchedNodes"}"#,
+    printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitorConfigSpec {
+    /// Nodes whose labels match; empty or absent selects every node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_selector: Option<LabelSelector>,
+    /// Nodes selected by name, in addition to the selector. When set without a selector, only
+    /// these nodes are selected.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    pub node_names: Vec<String>,
+    /// Sampling interval in seconds.
+    #[schemars(range(min = 1, max = 3600))]
+    pub interval: u32,
+    /// What to collect: at least one of cpu, memory, disk, network, load.
+    #[schemars(length(min = 1), extend("x-kubernetes-list-type" = "set"))]
+    pub metrics: Vec<Metric>,
+    /// When several MonitorConfigs select a node, the highest priority wins; ties go to the
+    /// name that sorts first.
+    #[serde(default)]
+    pub priority: i32,
+}
+
+/// What the controller did with a MonitorConfig.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MonitorConfigStatus {
+    /// The generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// How many nodes this MonitorConfig selects.
+    #[serde(default)]
+    pub matched_nodes: u32,
+    /// How many of them it wins (no higher-priority MonitorConfig selects them).
+    #[serde(default)]
+    pub applied_nodes: u32,
+    /// `Ready`, in the metav1.Condition shape.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+}

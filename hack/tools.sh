@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# Builds the test tooling that no package ships, once per machine, from the Go module proxy:
+# kube-apiserver, etcd + etcdctl, helm and node_exporter. The product is Rust; this is only
+# what the tests, the demo and the benchmarks run against.
+#
+# Binaries land in $NODEPULSE_TOOLS (default ~/.cache/nodepulse/tools/bin), named <tool>-<version>,
+# with an unversioned symlink beside each. A second run finds them and returns at once.
+#
+# usage: hack/tools.sh [all|kube-apiserver|etcd|helm|node_exporter]...
+set -euo pipefail
+
+KUBERNETES_VERSION=${KUBERNETES_VERSION:-v1.34.4}   # matches k8s-openapi's v1_34 feature
+ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
+HELM_VERSION=${HELM_VERSION:-v3.20.2}
+NODE_EXPORTER_VERSION=${NODE_EXPORTER_VERSION:-v1.10.1}
+
+CACHE=${NODEPULSE_CACHE:-$HOME/.cache/nodepulse}
+BIN=${NODEPULSE_TOOLS:-$CACHE/tools/bin}
+WORK=$CACHE/tools/src
+mkdir -p "$BIN" "$WORK"
+# Several test binaries may ask at once: one build at a time.
+exec 9>"$CACHE/tools/.lock"
+flock 9
+export GOFLAGS=-mod=mod GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
+
+log() { echo "tools: $*" >&2; }
+
+# wrapper_build NAME VERSION MODULE@VER PACKAGE [go.mod extra lines]
+# Builds PACKAGE (a main package inside a dependency) from a throwaway wrapper module, because
+# `go install pkg@version` refuses modules whose go.mod carries replace directives.
+wrapper_build() {
+  local name=$1 version=$2 require=$3 pkg=$4 extra=${5:-}
+  local out="$BIN/$name-$version"
+  if [[ -x $out ]]; then ln -sfn "$name-$version" "$BIN/$name"; return; fi
+  log "building $name $version (first run on this machine; cached afterwards)"
+  local dir="$WORK/$name-$version"
+  rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
+  cat >go.mod <<GOMOD
+module nodepulse.test/tools/$name
+
+go 1.24
+
+require ${require%@*} ${require#*@}
+$extra
+GOMOD
+  # The classic tools.go pattern: an import under a build tag lets `go mod tidy` resolve PACKAGE's
+  # dependencies at the versions the required module pins.
+  printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$pkg" >tools.go
+  go mod tidy
+  CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out.tmp" "$pkg"
+  mv "$out.tmp" "$out"
+  ln -sfn "$name-$version" "$BIN/$name"
+  log "built $out"
+}
+
+build_kube_apiserver() {
+  local minor=${KUBERNETES_VERSION#v1.}
+  local staging=v0.$minor
+  # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with local paths,
+  # which a dependent module ignores: pin each one to the matching published v0.x tag.
+  local gomod
+  gomod=$(cd "$WORK" && go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
+  local replaces
+  replaces=$(grep -E '^\s*k8s\.io/[a-z0-9-]+ v0\.0\.0\s*$' "$gomod" | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}' | sort -u)
+  wrapper_build kube-apiserver "$KUBERNETES_VERSION" "k8s.io/kubernetes@$KUBERNETES_VERSION" \
+    k8s.io/kubernetes/cmd/kube-apiserver "$replaces"
+}
+
+build_etcd() {
+  wrapper_build etcd "$ETCD_VERSION" "go.etcd.io/etcd/server/v3@$ETCD_VERSION" go.etcd.io/etcd/server/v3
+  wrapper_build etcdctl "$ETCD_VERSION" "go.etcd.io/etcd/etcdctl/v3@$ETCD_VERSION" go.etcd.io/etcd/etcdctl/v3
+}
+
+build_helm() {
+  wrapper_build helm "$HELM_VERSION" "helm.sh/helm/v3@$HELM_VERSION" helm.sh/helm/v3/cmd/helm
+}
+
+build_node_exporter() {
+  wrapper_build node_exporter "$NODE_EXPORTER_VERSION" \
+    "github.com/prometheus/node_exporter@$NODE_EXPORTER_VERSION" github.com/prometheus/node_exporter
+}
+
+targets=("$@")
+[[ ${#targets[@]} -eq 0 || ${targets[0]} == all ]] && targets=(etcd kube-apiserver helm node_exporter)
+for t in "${targets[@]}"; do
+  case $t in
+    kube-apiserver) build_kube_apiserver ;;
+    etcd) build_etcd ;;
+    helm) build_helm ;;
+    node_exporter) build_node_exporter ;;
+    *) echo "unknown tool: $t" >&2; exit 2 ;;
+  esac
+done
+echo "$BIN"

@@ -1,0 +1,84 @@
+//! The test harness: real servers on free loopback ports, torn down with the test.
+//!
+//! - [`Etcd`]: a real etcd (built once by `hack/tools.sh` from the Go module proxy);
+//! - [`KubeApiserver`]: a real kube-apiserver with its own etcd, certificates and kubeconfig, and
+//!   `kubectl`/`helm` pointed at it;
+//! - [`Process`]: any child process (our binaries too), killed on drop, with its output captured;
+//! - [`wait_until`] / [`eventually`]: wait for a condition with a deadline, never a bare sleep.
+
+mod apiserver;
+mod etcd;
+mod process;
+mod tools;
+
+pub use apiserver::KubeApiserver;
+pub use etcd::Etcd;
+pub use process::{Line, Process};
+pub use tools::{kubectl, project_bin, repo_root, tool};
+
+use std::future::Future;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind an ephemeral loopback port")
+        .port()
+}
+
+/// A temporary directory, removed on drop.
+pub fn scratch_dir(what: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("nodepulse-{what}-"))
+        .tempdir()
+        .expect("create a temporary directory")
+}
+
+/// A minimal HTTP/1.0 GET on a loopback address: `(status, body)`, or `None` if nothing answers.
+pub fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response
+        .split_once("\r\n\r\n")
+        .map_or(String::new(), |(_, b)| b.to_string());
+    Some((status, body))
+}
+
+/// Polls `cond` every 50 ms until it holds; panics naming `what` after `timeout`.
+pub fn wait_until(what: &str, timeout: Duration, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Async twin of [`wait_until`]: polls `probe` every 50 ms until it returns `Some`, and returns
+/// that value; panics naming `what` after `timeout`.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = probe().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

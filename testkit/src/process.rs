@@ -1,0 +1,215 @@
+//! Child processes that die with the test: SIGKILLed on drop, and SIGKILLed by the kernel if the
+//! test binary itself dies. Their output is kept line by line, with the time each line arrived.
+
+use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// One line a child printed, with the moment the harness read it.
+#[derive(Clone, Debug)]
+pub struct Line {
+    /// When the line arrived.
+    pub at: Instant,
+    /// The text, without its newline.
+    pub text: String,
+}
+
+#[derive(Default)]
+struct Output {
+    lines: Mutex<Vec<Line>>,
+    changed: Condvar,
+}
+
+/// A running child process owned by a test.
+pub struct Process {
+    name: String,
+    child: Child,
+    output: Arc<Output>,
+}
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns from one thread that lives as long as the test binary: PR_SET_PDEATHSIG fires when the
+/// *thread* that forked the child exits, and test threads come and go.
+fn spawn_from_keeper(cmd: Command) -> std::io::Result<Child> {
+    static KEEPER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let tx = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("testkit-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+            })
+            .expect("spawn the testkit spawner thread");
+        Mutex::new(tx)
+    });
+    let (reply_tx, reply_rx) = mpsc::channel();
+    tx.lock()
+        .expect("spawner lock")
+        .send((cmd, reply_tx))
+        .expect("spawner thread alive");
+    reply_rx.recv().expect("spawner replies")
+}
+
+impl Process {
+    /// Starts `cmd`, capturing stdout and stderr. `name` prefixes its lines when
+    /// `TESTKIT_VERBOSE=1` echoes them.
+    pub fn spawn(name: &str, mut cmd: Command) -> Process {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
+                    .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
+            });
+        }
+        let program = format!("{:?}", cmd.get_program());
+        let mut child = spawn_from_keeper(cmd).unwrap_or_else(|e| panic!("start {program}: {e}"));
+        let output = Arc::new(Output::default());
+        let verbose = std::env::var_os("TESTKIT_VERBOSE").is_some();
+        let stdout = child.stdout.take().expect("piped stdout");
+        let stderr = child.stderr.take().expect("piped stderr");
+        for stream in [Box::new(stdout) as Box<dyn Read + Send>, Box::new(stderr)] {
+            let output = output.clone();
+            let name = name.to_string();
+            std::thread::spawn(move || {
+                for text in BufReader::new(stream).lines().map_while(Result::ok) {
+                    if verbose {
+                        eprintln!("[{name}] {text}");
+                    }
+                    let mut lines = output.lines.lock().expect("lines lock");
+                    lines.push(Line {
+                        at: Instant::now(),
+                        text,
+                    });
+                    output.changed.notify_all();
+                }
+            });
+        }
+        Process {
+            name: name.to_string(),
+            child,
+            output,
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Every line printed so far.
+    pub fn lines(&self) -> Vec<Line> {
+        self.output.lines.lock().expect("lines lock").clone()
+    }
+
+    /// All output so far as one string, for assertion messages.
+    pub fn output_text(&self) -> String {
+        self.lines()
+            .iter()
+            .map(|l| l.text.as_str())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Waits until a line printed at index `from` or later satisfies `pred`; panics with the
+    /// output when `timeout` passes first. Returns the line's index and the line.
+    pub fn wait_for_line_from(
+        &self,
+        from: usize,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> (usize, Line) {
+        let deadline = Instant::now() + timeout;
+        let mut lines = self.output.lines.lock().expect("lines lock");
+        loop {
+            if let Some((i, l)) = lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, l)| pred(&l.text))
+            {
+                return (i, l.clone());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                let text: Vec<_> = lines.iter().map(|l| l.text.clone()).collect();
+                panic!(
+                    "{}: no line {what} within {timeout:?}; output:\n{}",
+                    self.name,
+                    text.join("\n")
+                );
+            }
+            lines = self
+                .output
+                .changed
+                .wait_timeout(lines, deadline - now)
+                .expect("lines lock")
+                .0;
+        }
+    }
+
+    /// [`Process::wait_for_line_from`] from the first line.
+    pub fn wait_for_line(
+        &self,
+        timeout: Duration,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> Line {
+        self.wait_for_line_from(0, timeout, what, pred).1
+    }
+
+    /// The number of lines printed so far (a cursor for `wait_for_line_from`).
+    pub fn line_count(&self) -> usize {
+        self.output.lines.lock().expect("lines lock").len()
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: Signal) {
+        let _ = kill(Pid::from_raw(self.child.id() as i32), sig);
+    }
+
+    /// SIGKILL and reap: the crash case.
+    pub fn kill_hard(&mut self) {
+        self.signal(Signal::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// Waits for the process to exit, up to `timeout`.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill_hard();
+        }
+    }
+}
