@@ -1,0 +1,129 @@
+//! `nodepulsectl`: the lab's "server" straight on etcd, without Kubernetes.
+//!
+//! - [`watch`]: list then watch `/monitor/heartbeat/`, one line per node that comes alive or dies;
+//! - [`nodes`]: the same table once;
+//! - [`config`]: read, write (validated exactly as the agent validates) and delete
+//!   `/monitor/config/<node>`.
+#![deny(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod nodes;
+pub mod tracker;
+pub mod watch;
+
+use std::future::Future;
+use std::time::Duration;
+
+use etcd_client::Client;
+use nodepulse_crd::etcd::{Backoff, ConnectError, EtcdArgs};
+
+use crate::cli::{Command, ConfigCommand};
+use crate::error::{Error, Result};
+
+/// Text for people, or JSON for scripts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum OutputFormat {
+    /// Aligned tables and plain lines.
+    #[default]
+    Text,
+    /// One JSON document per line.
+    Json,
+}
+
+/// Runs one command to completion (`watch` runs until the process is stopped).
+pub async fn run(command: Command) -> Result<()> {
+    let stdout = std::io::stdout();
+    match command {
+        Command::Watch(args) => {
+            let settings = watch::WatchSettings {
+                output: args.output,
+                verbose: args.verbose,
+            };
+            watch::run(&args.etcd, settings, stdout.lock()).await
+        }
+        Command::Nodes(args) => {
+            within(args.timeout, &args.etcd, async {
+                let mut client = args.etcd.connect().await?;
+                let list = nodes::list_heartbeats(&mut client).await?;
+                nodes::print(list, args.output, stdout.lock())
+            })
+            .await
+        }
+        Command::Config(ConfigCommand::Get(args)) => {
+            within(args.timeout, &args.etcd, async {
+                let mut client = args.etcd.connect().await?;
+                config::get(&mut client, &args.node, args.output, stdout.lock()).await
+            })
+            .await
+        }
+        Command::Config(ConfigCommand::Set(args)) => {
+            let change = config::ConfigChange {
+                interval: args.interval.clone(),
+                metrics: args.metrics.clone(),
+            };
+            // Validation first: a refused value must not even need etcd to be up.
+            change.apply_to(None)?;
+            config::validate_nodes(&args.nodes)?;
+            let targets = if args.all {
+                config::Targets::AllWithHeartbeat
+            } else {
+                config::Targets::Nodes(args.nodes.clone())
+            };
+            within(args.timeout, &args.etcd, async {
+                let mut client = args.etcd.connect().await?;
+                config::set(
+                    &mut client,
+                    targets,
+                    &change,
+                    stdout.lock(),
+                    std::io::stderr(),
+                )
+                .await
+            })
+            .await
+        }
+        Command::Config(ConfigCommand::Delete(args)) => {
+            config::validate_nodes(&args.nodes)?;
+            within(args.timeout, &args.etcd, async {
+                let mut client = args.etcd.connect().await?;
+                config::delete(&mut client, &args.nodes, stdout.lock()).await
+            })
+            .await
+        }
+    }
+}
+
+/// Bounds a one-shot command: with every endpoint down, etcd-client's balanced channel waits for
+/// one to come back instead of failing, and a script wants an answer.
+async fn within<T>(
+    timeout: Duration,
+    etcd: &EtcdArgs,
+    fut: impl Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_| {
+            Err(Error::Unreachable(format!(
+                "etcd at {} did not answer within {timeout:?}",
+                etcd.endpoints_display()
+            )))
+        })
+}
+
+/// Connects, retrying with backoff while etcd refuses (auth needs a live server); fails only on
+/// what retrying cannot fix, such as an unreadable certificate file.
+pub async fn connect_retrying(etcd: &EtcdArgs) -> Result<Client> {
+    let mut backoff = Backoff::default();
+    loop {
+        match etcd.connect().await {
+            Ok(client) => return Ok(client),
+            Err(e @ ConnectError::ReadFile { .. }) => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!("{e}; retrying");
+                backoff.wait().await;
+            }
+        }
+    }
+}
