@@ -230,7 +230,12 @@ async fn watch_from<W: Write>(
     let mut stream = match client.watch(HEARTBEAT_PREFIX, Some(opts)).await {
         Ok(s) => s,
         Err(e) => {
-            tracing::warn!("watch {HEARTBEAT_PREFIX} from revision {start}: {e}; retrying");
+            // The break itself was logged once; each failed retry while etcd is away is not news.
+            if resume.after_break {
+                tracing::debug!("watch {HEARTBEAT_PREFIX} from revision {start}: {e}; retrying");
+            } else {
+                tracing::warn!("watch {HEARTBEAT_PREFIX} from revision {start}: {e}; retrying");
+            }
             return ended(StreamEnd::Broken, revision);
         }
     };
