@@ -43,9 +43,10 @@ pub struct LoadgenArgs {
     /// Lease TTL, seconds (the agent's --heartbeat-ttl).
     #[arg(long, env = "LOADGEN_TTL_SECONDS", default_value_t = 5)]
     pub ttl_seconds: u32,
-    /// Keep-alives per TTL (the agent renews at a third of its TTL).
-    #[arg(long, env = "LOADGEN_KEEPALIVES_PER_TTL", default_value_t = 3)]
-    pub keepalives_per_ttl: u32,
+    /// Seconds between keep-alives of one lease; default as the agent: a third of the TTL in
+    /// whole seconds, at least 1 (so 1 s for a 5 s TTL).
+    #[arg(long, env = "LOADGEN_KEEPALIVE_SECONDS")]
+    pub keepalive_seconds: Option<u64>,
     /// Seconds between value rewrites of one node's heartbeat key (the agent's floor is 5 s).
     #[arg(long, env = "LOADGEN_REWRITE_SECONDS", default_value_t = 5)]
     pub rewrite_seconds: u64,
@@ -94,8 +95,11 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     println!("loadgen ready: {} nodes", nodes.len());
 
-    let period =
-        Duration::from_secs_f64(args.ttl_seconds as f64 / args.keepalives_per_ttl.max(1) as f64);
+    let period = Duration::from_secs(
+        args.keepalive_seconds
+            .unwrap_or((u64::from(args.ttl_seconds) / 3).max(1))
+            .max(1),
+    );
     let rewrite_every = (args.rewrite_seconds as f64 / period.as_secs_f64())
         .round()
         .max(1.0) as u64;

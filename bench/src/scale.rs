@@ -283,8 +283,8 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
         .map_or(30, |r| r.window.as_secs());
     s.setup = format!(
         "Per N: a fresh etcd and kube-apiserver; two `loadgen` processes (90% and 10% of the \
-         nodes) each hold one lease (TTL {TTL_SECONDS} s, renewed every TTL/3 as the agent \
-         does) and one heartbeat key per node with a realistic Heartbeat JSON value, rewritten \
+         nodes) each hold one lease (TTL {TTL_SECONDS} s, renewed every 1 s as the agent does: a \
+         third of the TTL in whole seconds) and one heartbeat key per node with a realistic Heartbeat JSON value, rewritten \
          with new usage figures every 5 s per node (the agent's floor). Cold start: all \
          heartbeats exist, then the controller starts; the bench watches MonitorNodes until all N \
          are Alive. Steady state: a {window} s window after that. Mass failure: SIGKILL of the \
@@ -339,7 +339,7 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
     add(
         "etcd lease keep-alives/s, steady",
         cell(&|r| opt(r.keepalives_per_s, "/s")),
-        "(3 × N / TTL expected)",
+        "(N/s expected: one per node per second)",
     );
     add(
         "etcd puts/s, steady",
@@ -395,7 +395,7 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
         etcd, the controller and the load generator) set the rate. At steady state the controller \
         writes a status only on a state change or when usage is older than \
         `--usage-write-interval` (30 s), so API writes stay near N/30; etcd sees the keep-alives \
-        (3 per node per TTL; they cost etcd a map update, no disk write) and the rewrites (N/5 \
+        (one per node per second with a 5 s TTL; a keep-alive costs etcd a map update and, for a lease with a long remaining TTL, no raft write) and the rewrites (N/5 \
         puts/s at most). In the mass failure, etcd's lessor revokes at most 1,000 expired leases \
         a second (checked every 500 ms), which bounds how fast the keys disappear; the controller \
         then needs one status write per dead node, paced by the API server. Moving the figures: a \

@@ -1,0 +1,30 @@
+//! The benchmarks in miniature, so they do not rot: every phase must still produce figures.
+//! Nothing here looks at a timing; `make bench` is where performance is measured.
+
+use std::process::Command;
+
+#[test]
+fn every_benchmark_phase_produces_numbers() {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let out = dir.path().join("RESULTS.md");
+    let status = Command::new(testkit::project_bin("bench"))
+        .arg("--smoke")
+        .arg("--out")
+        .arg(&out)
+        .current_dir(testkit::repo_root())
+        .status()
+        .expect("run the bench binary");
+    assert!(status.success(), "bench --smoke failed: {status}");
+    let report = std::fs::read_to_string(&out).expect("bench wrote its results");
+    for heading in ["## 1. ", "## 2a. ", "## 2b. ", "## 3. ", "## 4. "] {
+        assert!(report.contains(heading), "no section {heading:?} in:\n{report}");
+    }
+    assert!(
+        !report.contains("not measured"),
+        "a phase produced no figures:\n{report}"
+    );
+    assert!(
+        report.contains("Machine:") && report.contains("node_exporter"),
+        "{report}"
+    );
+}
