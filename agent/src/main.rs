@@ -1,1 +1,29 @@
-fn main() {}
+//! nodepulse-agent: parse flags, set up logging, run the library.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let args = nodepulse_agent::Args::parse();
+    nodepulse_agent::init_tracing(args.log_format);
+    // One thread is plenty for three light jobs and keeps the footprint small; /proc reads go to
+    // the blocking pool.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .max_blocking_threads(2)
+        .thread_keep_alive(std::time::Duration::from_secs(120))
+        .build();
+    let result = match runtime {
+        Ok(rt) => rt.block_on(nodepulse_agent::run(args)),
+        Err(e) => {
+            tracing::error!("start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! `cpu`: busy % in total and per core, from deltas of `/proc/stat`.
+
+use procfs::{CpuTime, ExplicitSystemInfo, FromBufReadSI, KernelStats};
+
+/// Cumulative CPU ticks at one moment: the machine's total and each core's.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuTimes {
+    /// All cores together.
+    pub total: Ticks,
+    /// Each core, by the number in its `cpuN` line (offline cores are absent, so the position
+    /// is not the core number).
+    pub cores: Vec<(u32, Ticks)>,
+    /// Runnable tasks right now (`procs_running`).
+    pub procs_running: Option<u32>,
+}
+
+/// Busy and total ticks of one CPU line.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ticks {
+    /// Ticks not idle and not waiting for I/O.
+    pub busy: u64,
+    /// All ticks.
+    pub total: u64,
+}
+
+impl From<&CpuTime> for Ticks {
+    fn from(t: &CpuTime) -> Self {
+        // guest and guest_nice are already counted in user and nice: adding them would count
+        // virtual machines' time twice.
+        let idle = t.idle + t.iowait.unwrap_or(0);
+        let busy = t.user
+            + t.nice
+            + t.system
+            + t.irq.unwrap_or(0)
+            + t.softirq.unwrap_or(0)
+            + t.steal.unwrap_or(0);
+        Ticks {
+            busy,
+            total: busy + idle,
+        }
+    }
+}
+
+/// Busy CPU over an interval.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CpuUsage {
+    /// Busy %, of all cores together.
+    pub busy_percent: f64,
+    /// Busy % of each core, by core number.
+    pub cores: Vec<(u32, f64)>,
+}
+
+/// Parses the text of `/proc/stat`.
+pub fn parse_stat(text: &str) -> Result<CpuTimes, procfs::ProcError> {
+    // Only ratios of ticks are used, so the tick rate does not matter; procfs wants one anyway.
+    let info = ExplicitSystemInfo {
+        boot_time_secs: 0,
+        ticks_per_second: 100,
+        page_size: 4096,
+        is_little_endian: cfg!(target_endian = "little"),
+    };
+    let stats = KernelStats::from_buf_read(text.as_bytes(), &info)?;
+    // procfs keeps the per-core lines in order but drops their numbers; read them back so that
+    // a machine with an offline core labels the others correctly.
+    let numbers = text.lines().filter_map(|l| {
+        let rest = l.strip_prefix("cpu")?;
+        let (n, _) = rest.split_once(' ')?;
+        n.parse::<u32>().ok()
+    });
+    let cores = numbers
+        .zip(stats.cpu_time.iter())
+        .map(|(n, t)| (n, Ticks::from(t)))
+        .collect();
+    Ok(CpuTimes {
+        total: Ticks::from(&stats.total),
+        cores,
+        procs_running: stats.procs_running,
+    })
+}
+
+fn busy_percent(prev: Ticks, now: Ticks) -> f64 {
+    let total = now.total.saturating_sub(prev.total);
+    if total == 0 {
+        return 0.0;
+    }
+    let busy = now.busy.saturating_sub(prev.busy).min(total);
+    100.0 * busy as f64 / total as f64
+}
+
+/// Busy % between two readings; cores present in both only.
+pub fn usage(prev: &CpuTimes, now: &CpuTimes) -> CpuUsage {
+    let cores = now
+        .cores
+        .iter()
+        .filter_map(|(n, t)| {
+            let (_, p) = prev.cores.iter().find(|(m, _)| m == n)?;
+            Some((*n, busy_percent(*p, *t)))
+        })
+        .collect();
+    CpuUsage {
+        busy_percent: busy_percent(prev.total, now.total),
+        cores,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BEFORE: &str = "cpu  100 0 100 800 0 0 0 0 0 0\n\
+        cpu0 50 0 50 400 0 0 0 0 0 0\n\
+        cpu2 50 0 50 400 0 0 0 0 0 0\n\
+        intr 1 2 3\nctxt 10\nbtime 1700000000\nprocesses 5\nprocs_running 3\nprocs_blocked 0\n";
+    const AFTER: &str = "cpu  250 0 150 900 100 0 0 0 0 0\n\
+        cpu0 150 0 100 400 50 0 0 0 0 0\n\
+        cpu2 100 0 50 500 50 0 0 0 0 0\n\
+        intr 1 2 3\nctxt 20\nbtime 1700000000\nprocesses 6\nprocs_running 1\nprocs_blocked 0\n";
+
+    #[test]
+    fn busy_is_everything_but_idle_and_iowait() {
+        let a = parse_stat(BEFORE).unwrap();
+        let b = parse_stat(AFTER).unwrap();
+        assert_eq!(a.cores.iter().map(|c| c.0).collect::<Vec<_>>(), [0, 2]);
+        let u = usage(&a, &b);
+        // busy 200 of 400 ticks in total.
+        assert!((u.busy_percent - 50.0).abs() < 1e-9, "{u:?}");
+        assert_eq!(u.cores.len(), 2);
+        assert!((u.cores[0].1 - 75.0).abs() < 1e-9, "{u:?}");
+        assert!((u.cores[1].1 - 25.0).abs() < 1e-9, "{u:?}");
+        assert_eq!(b.procs_running, Some(1));
+    }
+
+    #[test]
+    fn no_time_passed_or_counters_reset_gives_zero_not_garbage() {
+        let a = parse_stat(BEFORE).unwrap();
+        assert_eq!(usage(&a, &a).busy_percent, 0.0);
+        let b = parse_stat(AFTER).unwrap();
+        assert_eq!(usage(&b, &a).busy_percent, 0.0);
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(parse_stat("cpu  x y z\n").is_err());
+    }
+}

@@ -1,0 +1,286 @@
+//! Job 3: reading the host's figures from `/proc`, one file per collector.
+//!
+//! Parsing is pure (text in, figures out) and tested on literal text and on fixture `/proc`
+//! trees; [`Sampler`] does the reading, under a configurable proc root, and keeps the previous
+//! counters that rates are computed from. Every read is blocking file I/O: callers on the async
+//! runtime run [`Sampler::sample`] through `spawn_blocking`.
+
+pub mod cpu;
+pub mod disk;
+pub mod load;
+pub mod memory;
+pub mod network;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nodepulse_crd::wire::{Metric, MetricSet, UsageSummary};
+
+use crate::error::{Error, Result};
+
+/// Where the host's files are: `/proc` and `/` on a plain host, `/host/proc` and `/host` in a pod.
+#[derive(Clone, Debug)]
+pub struct HostPaths {
+    /// The proc filesystem (`--proc-root`).
+    pub proc_root: PathBuf,
+    /// The host's root filesystem, for its usage (`--host-root`).
+    pub host_root: PathBuf,
+}
+
+impl HostPaths {
+    /// Paths under the given roots.
+    pub fn new(proc_root: impl Into<PathBuf>, host_root: impl Into<PathBuf>) -> Self {
+        HostPaths {
+            proc_root: proc_root.into(),
+            host_root: host_root.into(),
+        }
+    }
+
+    fn read(&self, name: &str) -> Result<(PathBuf, String)> {
+        let path = self.proc_root.join(name);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok((path, text)),
+            Err(source) => Err(Error::Read { path, source }),
+        }
+    }
+}
+
+fn parsed<T>(path: PathBuf, r: std::result::Result<T, procfs::ProcError>) -> Result<T> {
+    r.map_err(|source| Error::Parse { path, source })
+}
+
+/// One sample: the figures of the metrics asked for, and what failed.
+#[derive(Debug, Default)]
+pub struct Sample {
+    /// Busy CPU since the previous sample.
+    pub cpu: Option<cpu::CpuUsage>,
+    /// Memory now.
+    pub memory: Option<memory::MemoryUsage>,
+    /// Disk throughput since the previous sample and root filesystem usage now.
+    pub disk: Option<disk::DiskUsage>,
+    /// Network throughput since the previous sample.
+    pub network: Option<network::NetworkUsage>,
+    /// Load now.
+    pub load: Option<load::LoadFigures>,
+    /// Collectors that failed, with why.
+    pub errors: Vec<(Metric, Error)>,
+    /// How long each collector took.
+    pub durations: Vec<(Metric, Duration)>,
+    /// How long the whole sample took.
+    pub duration: Duration,
+}
+
+/// Reads the figures, keeping the previous counters so that rates cover the time between two
+/// samples.
+#[derive(Debug)]
+pub struct Sampler {
+    paths: HostPaths,
+    prev_cpu: Option<cpu::CpuTimes>,
+    prev_disk: Option<(Instant, Vec<disk::DiskCounters>)>,
+    prev_net: Option<(Instant, Vec<network::InterfaceCounters>)>,
+}
+
+impl Sampler {
+    /// A sampler with no previous counters yet.
+    pub fn new(paths: HostPaths) -> Self {
+        Sampler {
+            paths,
+            prev_cpu: None,
+            prev_disk: None,
+            prev_net: None,
+        }
+    }
+
+    /// The paths read.
+    pub fn paths(&self) -> &HostPaths {
+        &self.paths
+    }
+
+    /// Takes one sample of `metrics` (blocking file I/O).
+    pub fn sample(&mut self, metrics: &MetricSet) -> Sample {
+        let started = Instant::now();
+        let mut s = Sample::default();
+        for m in metrics.iter() {
+            let t = Instant::now();
+            let result = match m {
+                Metric::Cpu => self.cpu().map(|v| s.cpu = v),
+                Metric::Memory => self.memory().map(|v| s.memory = Some(v)),
+                Metric::Disk => self.disk().map(|v| s.disk = Some(v)),
+                Metric::Network => self.network().map(|v| s.network = Some(v)),
+                Metric::Load => self.load().map(|v| s.load = Some(v)),
+            };
+            s.durations.push((m, t.elapsed()));
+            if let Err(e) = result {
+                s.errors.push((m, e));
+            }
+        }
+        s.duration = started.elapsed();
+        s
+    }
+
+    fn cpu(&mut self) -> Result<Option<cpu::CpuUsage>> {
+        let (path, text) = self.paths.read("stat")?;
+        let now = parsed(path, cpu::parse_stat(&text))?;
+        let usage = self.prev_cpu.as_ref().map(|p| cpu::usage(p, &now));
+        self.prev_cpu = Some(now);
+        Ok(usage)
+    }
+
+    fn memory(&mut self) -> Result<memory::MemoryUsage> {
+        let (path, text) = self.paths.read("meminfo")?;
+        parsed(path, memory::parse_meminfo(&text))
+    }
+
+    fn load(&mut self) -> Result<load::LoadFigures> {
+        let (path, text) = self.paths.read("loadavg")?;
+        parsed(path, load::parse_loadavg(&text))
+    }
+
+    fn disk(&mut self) -> Result<disk::DiskUsage> {
+        let (_, text) = self.paths.read("diskstats")?;
+        let at = Instant::now();
+        let now = disk::parse_diskstats(&text);
+        let (devices, had_previous) = match &self.prev_disk {
+            Some((t, prev)) => (disk::rates(prev, &now, (at - *t).as_secs_f64()), true),
+            None => (Vec::new(), false),
+        };
+        self.prev_disk = Some((at, now));
+        let root = disk::filesystem_usage(&self.paths.host_root);
+        // A missing host root (a pod without the hostPath mount) must not hide the device
+        // figures: report the rest and the error separately.
+        let usage = disk::usage(devices, had_previous, root.as_ref().ok().cloned());
+        root.map_err(|source| Error::Statvfs {
+            path: self.paths.host_root.clone(),
+            source,
+        })
+        .map(|_| usage)
+    }
+
+    fn network(&mut self) -> Result<network::NetworkUsage> {
+        let (path, text) = self.paths.read("net/dev")?;
+        let at = Instant::now();
+        let now = parsed(path, network::parse_net_dev(&text))?;
+        let usage = match &self.prev_net {
+            Some((t, prev)) => network::usage(Some(prev), &now, (at - *t).as_secs_f64()),
+            None => network::usage(None, &now, 0.0),
+        };
+        self.prev_net = Some((at, now));
+        Ok(usage)
+    }
+}
+
+/// One full sample of all five metrics from a fresh sampler (no rates: there is no previous
+/// reading). The entry point benchmarks time.
+pub fn sample_all(paths: &HostPaths) -> Sample {
+    Sampler::new(paths.clone()).sample(&MetricSet::all())
+}
+
+/// Convenience for [`sample_all`] on `proc_root` with `/` as the host root.
+pub fn sample_all_under(proc_root: &Path) -> Sample {
+    sample_all(&HostPaths::new(proc_root, "/"))
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+impl Sample {
+    /// The figures the heartbeat value carries, rounded to one decimal.
+    pub fn summary(&self) -> UsageSummary {
+        UsageSummary {
+            cpu_percent: self.cpu.as_ref().map(|c| round1(c.busy_percent)),
+            memory_percent: self.memory.as_ref().map(|m| round1(m.used_percent)),
+            disk_percent: self
+                .disk
+                .as_ref()
+                .and_then(|d| d.root.as_ref())
+                .map(|r| round1(r.used_percent)),
+            load1: self.load.as_ref().map(|l| (l.one * 100.0).round() / 100.0),
+        }
+    }
+
+    /// The log line's message: `sample cpu=12.3% mem=45.6% (3.1/7.8 GiB) disk=71.0% rd=1.2MiB/s
+    /// wr=0.3MiB/s net rx=10KiB/s tx=4KiB/s load=0.42 0.35 0.30`, the metrics in `metrics` only.
+    /// A figure that needs a previous reading (the first sample) shows as `-`; a collector
+    /// that failed shows as `error`.
+    pub fn log_line(&self, metrics: &MetricSet) -> String {
+        const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
+        const MIB: f64 = 1024.0 * 1024.0;
+        let failed = |m: Metric| self.errors.iter().any(|(e, _)| *e == m);
+        let mut out = String::from("sample");
+        for m in metrics.iter() {
+            // Writing into a String cannot fail.
+            let _ = match m {
+                Metric::Cpu => match &self.cpu {
+                    Some(c) => write!(out, " cpu={:.1}%", c.busy_percent),
+                    None if failed(m) => write!(out, " cpu=error"),
+                    None => write!(out, " cpu=-"),
+                },
+                Metric::Memory => match &self.memory {
+                    Some(mem) => write!(
+                        out,
+                        " mem={:.1}% ({:.1}/{:.1} GiB)",
+                        mem.used_percent,
+                        mem.used_bytes() as f64 / GIB,
+                        mem.total_bytes as f64 / GIB
+                    ),
+                    None => write!(out, " mem=error"),
+                },
+                Metric::Disk => match &self.disk {
+                    Some(d) => match &d.root {
+                        Some(r) => write!(out, " disk={:.1}%", r.used_percent),
+                        None => write!(out, " disk=error"),
+                    }
+                    .and_then(|_| {
+                        match (d.read_bytes_per_sec, d.write_bytes_per_sec) {
+                            (Some(r), Some(w)) => {
+                                write!(out, " rd={:.1}MiB/s wr={:.1}MiB/s", r / MIB, w / MIB)
+                            }
+                            _ => write!(out, " rd=- wr=-"),
+                        }
+                    }),
+                    None => write!(out, " disk=error"),
+                },
+                Metric::Network => match &self.network {
+                    Some(n) => match (n.rx_bytes_per_sec, n.tx_bytes_per_sec) {
+                        (Some(rx), Some(tx)) => {
+                            write!(out, " net rx={} tx={}", rate(rx), rate(tx))
+                        }
+                        _ => write!(out, " net rx=- tx=-"),
+                    },
+                    None => write!(out, " net=error"),
+                },
+                Metric::Load => match &self.load {
+                    Some(l) => write!(out, " load={:.2} {:.2} {:.2}", l.one, l.five, l.fifteen),
+                    None => write!(out, " load=error"),
+                },
+            };
+        }
+        out
+    }
+}
+
+/// `10KiB/s`, `3.2MiB/s`, `1.1GiB/s`.
+fn rate(bytes_per_sec: f64) -> String {
+    const KIB: f64 = 1024.0;
+    if bytes_per_sec < KIB * KIB {
+        format!("{:.0}KiB/s", bytes_per_sec / KIB)
+    } else if bytes_per_sec < KIB * KIB * KIB {
+        format!("{:.1}MiB/s", bytes_per_sec / (KIB * KIB))
+    } else {
+        format!("{:.1}GiB/s", bytes_per_sec / (KIB * KIB * KIB))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_pick_a_readable_unit() {
+        assert_eq!(rate(10.0 * 1024.0), "10KiB/s");
+        assert_eq!(rate(3.25 * 1024.0 * 1024.0), "3.2MiB/s");
+        assert_eq!(rate(0.0), "0KiB/s");
+    }
+}

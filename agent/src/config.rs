@@ -1,0 +1,500 @@
+//! Job 2: the live configuration from `/monitor/config/<node>`, and the lock the three jobs
+//! share it through.
+
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, WatchOptions};
+use nodepulse_crd::etcd::{Backoff, EtcdArgs};
+use nodepulse_crd::wire::{AppliedConfig, ConfigValue, MetricSet};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::error::{Error, Result};
+use crate::http::AgentMetrics;
+
+/// How long one etcd call may take before we treat the connection as gone.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The configuration in force, and what the agent reports about it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AppliedState {
+    /// The settings in use (defaults when no key exists).
+    pub value: ConfigValue,
+    /// `mod_revision` of the key applied; 0 on defaults.
+    pub revision: i64,
+    /// Why the last value seen was rejected; cleared by the next good value or a delete.
+    pub error: Option<String>,
+}
+
+impl AppliedState {
+    /// Sampling interval.
+    pub fn interval(&self) -> Duration {
+        Duration::from_secs(self.value.interval.into())
+    }
+
+    /// The part of the heartbeat value that describes the configuration.
+    pub fn to_wire(&self) -> AppliedConfig {
+        AppliedConfig {
+            revision: self.revision,
+            interval: self.value.interval,
+            metrics: self.value.metrics.to_vec(),
+            source: self.value.source.clone(),
+            error: self.error.clone(),
+        }
+    }
+}
+
+/// The configuration the three jobs share.
+///
+/// A reader-writer lock rather than a channel: the specification asks for one by name, and each
+/// reader (the sampler before each sample, the heartbeat before each write, `/metrics`) needs
+/// the value in force at that moment, not a queue of every change. The `changed` channel carries
+/// no data; it only wakes readers that sleep (the sampler's interval, the heartbeat's
+/// rewrite timer) so a change takes effect at once.
+#[derive(Debug)]
+pub struct SharedConfig {
+    state: RwLock<AppliedState>,
+    changed: watch::Sender<()>,
+}
+
+impl SharedConfig {
+    /// Starts on `initial` (the defaults, normally).
+    pub fn new(initial: AppliedState) -> Arc<Self> {
+        Arc::new(SharedConfig {
+            state: RwLock::new(initial),
+            changed: watch::Sender::new(()),
+        })
+    }
+
+    /// A copy of the configuration in force. The lock is held for the copy only.
+    pub fn current(&self) -> AppliedState {
+        // A panic while holding the lock cannot leave a half-written AppliedState (it is
+        // replaced whole), so a poisoned lock still holds a good value.
+        self.state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Interval and metrics, the two things the sampler needs.
+    pub fn schedule(&self) -> (Duration, MetricSet) {
+        let s = self.state.read().unwrap_or_else(PoisonError::into_inner);
+        (s.interval(), s.value.metrics.clone())
+    }
+
+    /// A wake-up that fires after every change.
+    pub fn subscribe(&self) -> watch::Receiver<()> {
+        self.changed.subscribe()
+    }
+
+    /// Replaces the configuration and wakes the readers. Only the config watcher calls this.
+    fn replace(&self, next: AppliedState) {
+        *self.state.write().unwrap_or_else(PoisonError::into_inner) = next;
+        self.changed.send_replace(());
+    }
+}
+
+/// What happened to the config key.
+#[derive(Clone, Copy, Debug)]
+pub enum KeyEvent<'a> {
+    /// The key holds `value`, written at `revision`.
+    Put {
+        /// The raw bytes.
+        value: &'a [u8],
+        /// Its `mod_revision`.
+        revision: i64,
+    },
+    /// The key was deleted at `revision`.
+    Deleted {
+        /// The delete's revision.
+        revision: i64,
+    },
+}
+
+/// The configuration after an event, and the line to log about it (none when nothing changed).
+#[derive(Debug, PartialEq)]
+pub struct Transition {
+    /// The configuration to apply.
+    pub next: AppliedState,
+    /// The log message, and whether it is a rejection (logged as a warning).
+    pub line: Option<(String, bool)>,
+    /// Whether a value was rejected.
+    pub rejected: bool,
+}
+
+/// Decides what an event does to the configuration in force: a valid value replaces it whole,
+/// an invalid one is rejected whole (the last good one stays, with the error), a delete goes
+/// back to the defaults.
+pub fn transition(current: &AppliedState, event: KeyEvent<'_>) -> Transition {
+    match event {
+        KeyEvent::Put { value, revision } => match ConfigValue::parse(value) {
+            Ok(v) => {
+                let next = AppliedState {
+                    value: v,
+                    revision,
+                    error: None,
+                };
+                let line = (next != *current).then(|| {
+                    (
+                        format!(
+                            "config updated: interval {}s -> {}s, metrics {} (revision {revision})",
+                            current.value.interval, next.value.interval, next.value.metrics
+                        ),
+                        false,
+                    )
+                });
+                Transition {
+                    next,
+                    line,
+                    rejected: false,
+                }
+            }
+            Err(e) => {
+                let next = AppliedState {
+                    error: Some(format!("revision {revision}: {e}")),
+                    ..current.clone()
+                };
+                let line = format!(
+                    "config rejected (revision {revision}): {e}; keeping interval {}s, metrics {}",
+                    current.value.interval, current.value.metrics
+                );
+                Transition {
+                    next,
+                    line: Some((line, true)),
+                    rejected: true,
+                }
+            }
+        },
+        KeyEvent::Deleted { revision } => {
+            let next = AppliedState::default();
+            let line = format!(
+                "config removed (revision {revision}): back to defaults, interval {}s, metrics {}",
+                next.value.interval, next.value.metrics
+            );
+            Transition {
+                next,
+                line: Some((line, false)),
+                rejected: false,
+            }
+        }
+    }
+}
+
+/// Why a watch stream ended.
+enum WatchEnd {
+    /// The revision to resume from was compacted away: read the key again.
+    Compacted(i64),
+    /// The connection or the stream failed: resume from the last revision seen.
+    Lost(Error),
+}
+
+/// Reads `/monitor/config/<node>` at start, then watches it, applying each change to the shared
+/// configuration.
+pub struct ConfigWatcher {
+    key: String,
+    etcd: EtcdArgs,
+    shared: Arc<SharedConfig>,
+    metrics: Arc<AgentMetrics>,
+}
+
+impl ConfigWatcher {
+    /// A watcher for `node`'s key.
+    pub fn new(
+        node: &str,
+        etcd: EtcdArgs,
+        shared: Arc<SharedConfig>,
+        metrics: Arc<AgentMetrics>,
+    ) -> Self {
+        ConfigWatcher {
+            key: nodepulse_crd::wire::config_key(node),
+            etcd,
+            shared,
+            metrics,
+        }
+    }
+
+    /// Runs until the task is dropped. Never returns an error: etcd being away is waited out.
+    pub async fn run(self) {
+        let mut backoff = Backoff::default();
+        let mut client = crate::connect_until_ok(&self.etcd, "config watch").await;
+        // The next revision to watch from; None until the key has been read.
+        let mut resume_from: Option<i64> = None;
+        let mut outage = false;
+        loop {
+            let from = match resume_from {
+                Some(r) => r,
+                None => match self.read_key(&mut client).await {
+                    Ok(r) => r + 1,
+                    Err(e) => {
+                        if !outage {
+                            warn!("config: cannot read {}: {e}; retrying", self.key);
+                            outage = true;
+                        }
+                        backoff.wait().await;
+                        continue;
+                    }
+                },
+            };
+            resume_from = Some(from);
+            match self
+                .watch_from(
+                    &mut client,
+                    from,
+                    &mut resume_from,
+                    &mut outage,
+                    &mut backoff,
+                )
+                .await
+            {
+                WatchEnd::Compacted(oldest) => {
+                    info!(
+                        "config watch: revision {from} was compacted (oldest kept is {oldest}); reading {} again",
+                        self.key
+                    );
+                    resume_from = None;
+                }
+                WatchEnd::Lost(e) => {
+                    if !outage {
+                        warn!(
+                            "config watch on {} lost: {e}; resuming from revision {}",
+                            self.key,
+                            resume_from.unwrap_or(from)
+                        );
+                        outage = true;
+                    }
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+
+    /// Reads the key and applies what it holds. Returns the store revision read at.
+    async fn read_key(&self, client: &mut Client) -> Result<i64> {
+        let what = format!("read {}", self.key);
+        let resp = tokio::time::timeout(CALL_TIMEOUT, client.get(self.key.as_str(), None))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: what.clone(),
+                after: CALL_TIMEOUT,
+            })?
+            .map_err(|source| Error::Etcd { what, source })?;
+        let store_revision = resp.header().map_or(0, |h| h.revision());
+        match resp.kvs().first() {
+            Some(kv) => self.apply(KeyEvent::Put {
+                value: kv.value(),
+                revision: kv.mod_revision(),
+            }),
+            // No key: defaults. A key deleted while we were not watching (only possible after a
+            // compaction) also means defaults.
+            None if self.shared.current().revision != 0 => self.apply(KeyEvent::Deleted {
+                revision: store_revision,
+            }),
+            None => {}
+        }
+        Ok(store_revision)
+    }
+
+    async fn watch_from(
+        &self,
+        client: &mut Client,
+        from: i64,
+        resume_from: &mut Option<i64>,
+        outage: &mut bool,
+        backoff: &mut Backoff,
+    ) -> WatchEnd {
+        let what = || format!("watch {} from revision {from}", self.key);
+        // Progress notifications keep the resume revision moving while the key is quiet, so a
+        // resume after a long outage does not replay from a revision compacted long ago.
+        let options = WatchOptions::new()
+            .with_start_revision(from)
+            .with_progress_notify();
+        let mut stream = match tokio::time::timeout(
+            CALL_TIMEOUT,
+            client.watch(self.key.as_str(), Some(options)),
+        )
+        .await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(source)) => {
+                return WatchEnd::Lost(Error::Etcd {
+                    what: what(),
+                    source,
+                });
+            }
+            Err(_) => {
+                return WatchEnd::Lost(Error::Timeout {
+                    what: what(),
+                    after: CALL_TIMEOUT,
+                });
+            }
+        };
+        loop {
+            // HTTP/2 keep-alive (EtcdArgs::connect) fails this stream within seconds when etcd
+            // dies, so this await cannot hang on a dead connection.
+            let resp = match stream.message().await {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    return WatchEnd::Lost(Error::StreamEnded(format!(
+                        "{}: stream closed by etcd",
+                        what()
+                    )));
+                }
+                Err(source) => {
+                    return WatchEnd::Lost(Error::Etcd {
+                        what: what(),
+                        source,
+                    });
+                }
+            };
+            if resp.canceled() {
+                if resp.compact_revision() > 0 {
+                    return WatchEnd::Compacted(resp.compact_revision());
+                }
+                return WatchEnd::Lost(Error::StreamEnded(format!(
+                    "{}: canceled by etcd ({})",
+                    what(),
+                    resp.cancel_reason()
+                )));
+            }
+            if resp.created() {
+                if *outage {
+                    info!(
+                        "config watch on {} resumed from revision {}",
+                        self.key,
+                        resume_from.unwrap_or(from)
+                    );
+                    *outage = false;
+                }
+                backoff.reset();
+                continue;
+            }
+            if resp.events().is_empty() {
+                // A progress notification: everything up to the header's revision was sent.
+                if let Some(h) = resp.header() {
+                    *resume_from = Some(resume_from.unwrap_or(from).max(h.revision() + 1));
+                }
+                continue;
+            }
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                let revision = kv.mod_revision();
+                match event.event_type() {
+                    EventType::Put => self.apply(KeyEvent::Put {
+                        value: kv.value(),
+                        revision,
+                    }),
+                    EventType::Delete => self.apply(KeyEvent::Deleted { revision }),
+                }
+                *resume_from = Some(revision + 1);
+            }
+        }
+    }
+
+    fn apply(&self, event: KeyEvent<'_>) {
+        let t = transition(&self.shared.current(), event);
+        match &t.line {
+            Some((line, true)) => warn!("{line}"),
+            Some((line, false)) => info!("{line}"),
+            None => {}
+        }
+        if t.rejected {
+            self.metrics.config_rejected.inc();
+        }
+        self.metrics.set_config(&t.next);
+        self.shared.replace(t.next);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(s: &str, revision: i64) -> KeyEvent<'_> {
+        KeyEvent::Put {
+            value: s.as_bytes(),
+            revision,
+        }
+    }
+
+    #[test]
+    fn a_valid_value_replaces_the_config_and_says_so() {
+        let t = transition(
+            &AppliedState::default(),
+            put(r#"{"interval": 2, "metrics": ["cpu","memory"]}"#, 41),
+        );
+        assert_eq!(t.next.value.interval, 2);
+        assert_eq!(t.next.revision, 41);
+        assert_eq!(
+            t.line,
+            Some((
+                "config updated: interval 10s -> 2s, metrics [cpu, memory] (revision 41)".into(),
+                false
+            ))
+        );
+    }
+
+    #[test]
+    fn an_invalid_value_is_rejected_whole_and_the_last_good_one_kept() {
+        let good = transition(
+            &AppliedState::default(),
+            put(r#"{"interval": 2, "metrics": ["cpu","memory"]}"#, 41),
+        )
+        .next;
+        let t = transition(&good, put(r#"{"interval": 0, "metrics": ["cpu"]}"#, 42));
+        assert!(t.rejected);
+        assert_eq!(t.next.value, good.value);
+        assert_eq!(t.next.revision, 41);
+        assert_eq!(
+            t.next.error.as_deref(),
+            Some("revision 42: interval 0 is out of range: must be 1 to 3600 seconds")
+        );
+        assert_eq!(
+            t.line.unwrap().0,
+            "config rejected (revision 42): interval 0 is out of range: must be 1 to 3600 seconds; keeping interval 2s, metrics [cpu, memory]"
+        );
+        // The next good value clears the error.
+        let t2 = transition(&t.next, put(r#"{"interval": 5, "metrics": ["load"]}"#, 43));
+        assert_eq!(t2.next.error, None);
+    }
+
+    #[test]
+    fn a_delete_goes_back_to_defaults() {
+        let good = transition(
+            &AppliedState::default(),
+            put(r#"{"interval": 2, "metrics": ["cpu"]}"#, 41),
+        )
+        .next;
+        let t = transition(&good, KeyEvent::Deleted { revision: 43 });
+        assert_eq!(t.next, AppliedState::default());
+        assert_eq!(
+            t.line.unwrap().0,
+            "config removed (revision 43): back to defaults, interval 10s, metrics [cpu, memory, disk, network, load]"
+        );
+    }
+
+    #[test]
+    fn reading_the_same_value_again_says_nothing() {
+        let good = transition(
+            &AppliedState::default(),
+            put(r#"{"interval": 2, "metrics": ["cpu"]}"#, 41),
+        )
+        .next;
+        let t = transition(&good, put(r#"{"interval": 2, "metrics": ["cpu"]}"#, 41));
+        assert_eq!(t.line, None);
+    }
+
+    #[test]
+    fn readers_are_woken_by_a_change() {
+        let shared = SharedConfig::new(AppliedState::default());
+        let mut rx = shared.subscribe();
+        assert!(!rx.has_changed().unwrap());
+        shared.replace(AppliedState {
+            revision: 3,
+            ..AppliedState::default()
+        });
+        assert!(rx.has_changed().unwrap());
+        rx.mark_unchanged();
+        assert_eq!(shared.current().revision, 3);
+    }
+}

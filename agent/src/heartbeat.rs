@@ -1,0 +1,335 @@
+//! Job 1: the heartbeat key `/monitor/heartbeat/<node>`, bound to a lease we keep alive.
+//!
+//! Liveness rides on the lease keep-alive, which costs etcd almost nothing; the key's value is
+//! rewritten only when it has something new to say, and at most every `--heartbeat-min-interval`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
+use jiff::Timestamp;
+use nodepulse_crd::etcd::{Backoff, EtcdArgs};
+use nodepulse_crd::wire::{AgentState, Heartbeat, UsageSummary, heartbeat_key};
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until, timeout};
+use tracing::{info, warn};
+
+use crate::config::SharedConfig;
+use crate::error::{Error, Result};
+use crate::http::AgentMetrics;
+
+/// How long one etcd call may take before we treat the connection as gone.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long each step of a clean stop may take: a stop must not hang on a dead etcd.
+const STOP_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the heartbeat job needs from the rest of the agent.
+pub struct HeartbeatInputs {
+    /// The configuration in force (read only).
+    pub config: Arc<SharedConfig>,
+    /// The latest usage summary, from the sampler.
+    pub usage: watch::Receiver<Option<UsageSummary>>,
+    /// The agent's own metrics.
+    pub metrics: Arc<AgentMetrics>,
+}
+
+/// Keeps `/monitor/heartbeat/<node>` alive through a lease, and revokes it on a clean stop.
+pub struct HeartbeatLease {
+    node: String,
+    key: String,
+    ttl: u32,
+    min_interval: Duration,
+    etcd: EtcdArgs,
+    inputs: HeartbeatInputs,
+    started_at: Timestamp,
+    client: Option<Client>,
+    /// The lease we hold (or held before etcd went away).
+    lease: Option<i64>,
+    /// Set when the previous lease is known to be gone, so the next grant is logged as a re-grant.
+    lease_lost: bool,
+    /// The last value written, with `updated_at` cleared, to tell whether there is news.
+    last_written: Option<Heartbeat>,
+    last_write_at: Option<Instant>,
+    outage: bool,
+    backoff: Backoff,
+}
+
+impl HeartbeatLease {
+    /// A heartbeat for `node` with a lease of `ttl` seconds.
+    pub fn new(
+        node: &str,
+        ttl: u32,
+        min_interval: Duration,
+        etcd: EtcdArgs,
+        inputs: HeartbeatInputs,
+    ) -> Self {
+        HeartbeatLease {
+            node: node.to_string(),
+            key: heartbeat_key(node),
+            ttl,
+            min_interval,
+            etcd,
+            inputs,
+            started_at: Timestamp::now(),
+            client: None,
+            lease: None,
+            lease_lost: false,
+            last_written: None,
+            last_write_at: None,
+            outage: false,
+            backoff: Backoff::default(),
+        }
+    }
+
+    /// Keeps the heartbeat alive until `stop` turns true, then marks the value Stopping and
+    /// revokes the lease. etcd being away is waited out, never an error.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        tokio::select! {
+            _ = self.keep_alive_forever() => {}
+            _ = stop.wait_for(|s| *s) => {}
+        }
+        self.stop().await;
+    }
+
+    async fn keep_alive_forever(&mut self) {
+        let client = crate::connect_until_ok(&self.etcd, "heartbeat").await;
+        self.client = Some(client.clone());
+        loop {
+            let mut client = client.clone();
+            let end = self.session(&mut client).await;
+            self.inputs.metrics.set_lease_held(false);
+            match end {
+                Error::LeaseLost(_) => {
+                    // Granted again right away: the node must not look dead longer than needed.
+                    self.lease = None;
+                    self.lease_lost = true;
+                }
+                e => {
+                    self.inputs.metrics.heartbeat_failures.inc();
+                    if !self.outage {
+                        warn!("heartbeat: {e}; retrying while sampling goes on");
+                        self.outage = true;
+                    }
+                    self.backoff.wait().await;
+                }
+            }
+        }
+    }
+
+    /// One stretch of holding the lease: establish it, then keep it alive and rewrite the value
+    /// when there is news. Returns why it ended.
+    async fn session(&mut self, client: &mut Client) -> Error {
+        let (mut keeper, mut stream) = match self.establish(client).await {
+            Ok(k) => k,
+            Err(e) => return e,
+        };
+        self.inputs.metrics.set_lease_held(true);
+        self.outage = false;
+        self.backoff.reset();
+
+        let mut config_changed = self.inputs.config.subscribe();
+        let mut usage = self.inputs.usage.clone();
+        let every = Duration::from_secs(u64::from(self.ttl / 3).max(1));
+        let ttl = Duration::from_secs(self.ttl.into());
+        let mut next_keep_alive = Instant::now() + every;
+        let mut last_ack = Instant::now();
+        let mut pending = false;
+        let (mut config_open, mut usage_open) = (true, true);
+        loop {
+            let write_at = self
+                .last_write_at
+                .map_or_else(Instant::now, |t| t + self.min_interval);
+            tokio::select! {
+                _ = sleep_until(next_keep_alive) => {
+                    next_keep_alive += every;
+                    if last_ack.elapsed() > ttl {
+                        return Error::StreamEnded(format!(
+                            "no keep-alive answer for lease {:x} within its ttl", keeper.id()
+                        ));
+                    }
+                    match timeout(CALL_TIMEOUT, keeper.keep_alive()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(source)) => return Error::Etcd {
+                            what: format!("keep lease {:x} alive", keeper.id()), source
+                        },
+                        Err(_) => return Error::Timeout {
+                            what: format!("keep lease {:x} alive", keeper.id()), after: CALL_TIMEOUT
+                        },
+                    }
+                }
+                msg = stream.message() => match msg {
+                    Ok(Some(r)) if r.ttl() > 0 => last_ack = Instant::now(),
+                    Ok(Some(_)) => return Error::LeaseLost(keeper.id()),
+                    Ok(None) => return Error::StreamEnded(format!(
+                        "keep-alive stream of lease {:x} closed by etcd", keeper.id()
+                    )),
+                    Err(source) => return Error::Etcd {
+                        what: format!("keep lease {:x} alive", keeper.id()), source
+                    },
+                },
+                r = config_changed.changed(), if config_open => {
+                    config_open = r.is_ok();
+                    pending = true;
+                }
+                r = usage.changed(), if usage_open => {
+                    usage_open = r.is_ok();
+                    pending = true;
+                }
+                _ = sleep_until(write_at), if pending => {
+                    pending = false;
+                    if let Err(e) = self.write_if_new(client, AgentState::Running).await {
+                        return e;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Gets a live lease with the key on it: the one we held if etcd still has it, else a new
+    /// one. Returns the keep-alive stream.
+    async fn establish(
+        &mut self,
+        client: &mut Client,
+    ) -> Result<(LeaseKeeper, LeaseKeepAliveStream)> {
+        if let Some(id) = self.lease {
+            match timeout(CALL_TIMEOUT, client.lease_keep_alive(id)).await {
+                Ok(Ok(kept)) => {
+                    // The key may have been deleted by hand meanwhile: put it once again.
+                    self.last_written = None;
+                    self.write_if_new(client, AgentState::Running).await?;
+                    info!("heartbeat resumed: lease {id:x} still alive");
+                    return Ok(kept);
+                }
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m.contains("not found") => {
+                    self.lease = None;
+                    self.lease_lost = true;
+                }
+                Ok(Err(source)) => {
+                    return Err(Error::Etcd {
+                        what: format!("keep lease {id:x} alive"),
+                        source,
+                    });
+                }
+                Err(_) => {
+                    return Err(Error::Timeout {
+                        what: format!("keep lease {id:x} alive"),
+                        after: CALL_TIMEOUT,
+                    });
+                }
+            }
+        }
+        let what = format!("grant a {}s lease", self.ttl);
+        let granted = timeout(CALL_TIMEOUT, client.lease_grant(self.ttl.into(), None))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: what.clone(),
+                after: CALL_TIMEOUT,
+            })?
+            .map_err(|source| Error::Etcd { what, source })?;
+        let id = granted.id();
+        self.lease = Some(id);
+        self.last_written = None;
+        self.write_if_new(client, AgentState::Running).await?;
+        if self.lease_lost {
+            self.inputs.metrics.lease_regrants.inc();
+            info!(
+                "heartbeat lease lost; granted a new one: id {id:x}, ttl {}s, key {}",
+                granted.ttl(),
+                self.key
+            );
+            self.lease_lost = false;
+        } else {
+            info!("heartbeat lease granted: id {id:x}, ttl {}s", granted.ttl());
+        }
+        let what = format!("keep lease {id:x} alive");
+        timeout(CALL_TIMEOUT, client.lease_keep_alive(id))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: what.clone(),
+                after: CALL_TIMEOUT,
+            })?
+            .map_err(|source| Error::Etcd { what, source })
+    }
+
+    /// The value to write now.
+    fn value(&self, state: AgentState) -> Heartbeat {
+        Heartbeat {
+            node: self.node.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            state,
+            started_at: self.started_at,
+            updated_at: Timestamp::now(),
+            ttl_seconds: self.ttl,
+            config: self.inputs.config.current().to_wire(),
+            usage: self.inputs.usage.borrow().clone(),
+        }
+    }
+
+    /// Puts the value on the lease if it differs from the last one written.
+    async fn write_if_new(&mut self, client: &mut Client, state: AgentState) -> Result<()> {
+        let Some(lease) = self.lease else {
+            return Ok(());
+        };
+        let value = self.value(state);
+        let mut comparable = value.clone();
+        comparable.updated_at = self.started_at;
+        if self.last_written.as_ref() == Some(&comparable) {
+            return Ok(());
+        }
+        let what = format!("put {} on lease {lease:x}", self.key);
+        let put = client.put(
+            self.key.as_str(),
+            value.to_json(),
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        match timeout(CALL_TIMEOUT, put).await {
+            Ok(Ok(_)) => {
+                self.last_written = Some(comparable);
+                self.last_write_at = Some(Instant::now());
+                Ok(())
+            }
+            Ok(Err(source)) if source.to_string().contains("lease not found") => {
+                Err(Error::LeaseLost(lease))
+            }
+            Ok(Err(source)) => Err(Error::Etcd { what, source }),
+            Err(_) => Err(Error::Timeout {
+                what,
+                after: CALL_TIMEOUT,
+            }),
+        }
+    }
+
+    /// The clean stop: say Stopping in the value, then revoke the lease so the key goes at once
+    /// (a reader can tell this from a death, where the key just expires).
+    async fn stop(&mut self) {
+        let (Some(client), Some(lease)) = (self.client.clone(), self.lease) else {
+            info!("stopping: no heartbeat lease held (etcd unreachable), nothing to revoke");
+            return;
+        };
+        let mut client = client;
+        self.last_written = None;
+        let marked = timeout(
+            STOP_TIMEOUT,
+            self.write_if_new(&mut client, AgentState::Stopping),
+        )
+        .await;
+        let revoked = timeout(STOP_TIMEOUT, client.lease_revoke(lease)).await;
+        match (marked, revoked) {
+            (Ok(Ok(())), Ok(Ok(_))) => {
+                info!("stopping: heartbeat marked stopping, lease revoked");
+            }
+            (_, Ok(Ok(_))) => {
+                info!("stopping: lease {lease:x} revoked (marking the heartbeat stopping failed)")
+            }
+            (_, Ok(Err(e))) => warn!(
+                "stopping: could not revoke lease {lease:x}: {e}; the heartbeat key expires within {}s",
+                self.ttl
+            ),
+            (_, Err(_)) => warn!(
+                "stopping: etcd did not answer the lease revoke within {STOP_TIMEOUT:?}; the heartbeat key expires within {}s",
+                self.ttl
+            ),
+        }
+        self.inputs.metrics.set_lease_held(false);
+    }
+}

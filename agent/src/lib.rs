@@ -1,0 +1,198 @@
+//! nodepulse-agent: the three jobs of the specification's part 2, at the same time.
+//!
+//! - [`heartbeat`]: `/monitor/heartbeat/<node>` on a lease kept alive (job 1);
+//! - [`config`]: `/monitor/config/<node>` read and watched, applied at once (job 2);
+//! - [`collect`] and [`sampling`]: figures from `/proc`, one log line per sample (job 3);
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! The jobs share the configuration through [`config::SharedConfig`], a reader-writer lock that
+//! only the config watcher writes.
+#![deny(missing_docs)]
+
+pub mod collect;
+pub mod config;
+pub mod error;
+pub mod heartbeat;
+pub mod http;
+pub mod sampling;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::Client;
+use nodepulse_crd::etcd::{Backoff, EtcdArgs, parse_duration};
+use nodepulse_crd::wire::validate_node_name;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+pub use error::{Error, Result};
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event (what `kubectl logs` shows).
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// The agent's flags; each one can also be set through the environment variable named.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(
+    name = "nodepulse-agent",
+    version,
+    about = "nodepulse's per-node agent: lease heartbeat, live configuration from etcd, /proc metrics"
+)]
+pub struct Args {
+    /// This node's name (default: NODE_NAME, else the hostname).
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// TTL of the heartbeat lease, in seconds: the node is seen dead this long after the agent dies.
+    #[arg(long, env = "NODEPULSE_HEARTBEAT_TTL", default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..=300))]
+    pub heartbeat_ttl: u32,
+
+    /// Shortest time between two rewrites of the heartbeat value (liveness itself rides on the
+    /// lease keep-alive).
+    #[arg(long, env = "NODEPULSE_HEARTBEAT_MIN_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    pub heartbeat_min_interval: Duration,
+
+    /// Where the host's proc filesystem is mounted (/host/proc in a pod).
+    #[arg(long, env = "NODEPULSE_PROC_ROOT", default_value = "/proc")]
+    pub proc_root: PathBuf,
+
+    /// Where the host's root filesystem is mounted, for its usage (/host in a pod).
+    #[arg(long, env = "NODEPULSE_HOST_ROOT", default_value = "/")]
+    pub host_root: PathBuf,
+
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "NODEPULSE_METRICS_ADDR", default_value = "0.0.0.0:9101")]
+    pub metrics_addr: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "NODEPULSE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// etcd connection.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+}
+
+/// Sets up logging: `RUST_LOG`-style filter (default info), text or JSON, colours only on a
+/// terminal.
+pub fn init_tracing(format: LogFormat) {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// The node name: `--node-name` (or `NODE_NAME`), else the hostname, lowercased as the kubelet
+/// does.
+pub fn node_name(flag: Option<&str>) -> Result<String> {
+    let name = match flag {
+        Some(n) => n.to_string(),
+        None => nix::unistd::gethostname()
+            .map_err(Error::Hostname)?
+            .to_string_lossy()
+            .to_lowercase(),
+    };
+    validate_node_name(&name).map_err(Error::NodeName)?;
+    Ok(name)
+}
+
+/// Connects to etcd, retrying with backoff for as long as it takes (etcd being away is never a
+/// reason to stop).
+pub(crate) async fn connect_until_ok(etcd: &EtcdArgs, job: &str) -> Client {
+    let mut backoff = Backoff::default();
+    let mut warned = false;
+    loop {
+        match etcd.connect().await {
+            Ok(c) => return c,
+            Err(e) => {
+                if !warned {
+                    warn!("{job}: {e}; retrying");
+                    warned = true;
+                }
+                backoff.wait().await;
+            }
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT, then stops cleanly (heartbeat marked Stopping, lease
+/// revoked). Fails only on bad flags or an unusable metrics address, never because etcd is away.
+pub async fn run(args: Args) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+
+    let node = node_name(args.node_name.as_deref())?;
+    // Fail now on unreadable TLS files rather than retrying forever.
+    args.etcd.connect_options()?;
+    let listener = http::bind(args.metrics_addr).await?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+
+    let (metrics, registry) = http::AgentMetrics::new();
+    let shared = config::SharedConfig::new(config::AppliedState::default());
+    let start = shared.current();
+    metrics.set_config(&start);
+    info!(
+        "agent started: node {node}, interval {}s, metrics {}, heartbeat ttl {}s",
+        start.value.interval, start.value.metrics, args.heartbeat_ttl
+    );
+    info!(
+        "etcd {}, proc root {}, host root {}, metrics on http://{}",
+        args.etcd.endpoints_display(),
+        args.proc_root.display(),
+        args.host_root.display(),
+        args.metrics_addr
+    );
+
+    let (usage_tx, usage_rx) = watch::channel(None);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let sampler = collect::Sampler::new(collect::HostPaths::new(&args.proc_root, &args.host_root));
+    let sampling = tokio::spawn(sampling::run(
+        sampler,
+        shared.clone(),
+        usage_tx,
+        metrics.clone(),
+    ));
+    let watcher = tokio::spawn(
+        config::ConfigWatcher::new(&node, args.etcd.clone(), shared.clone(), metrics.clone()).run(),
+    );
+    let server = tokio::spawn(http::serve(listener, metrics.clone(), registry));
+    let heartbeat = tokio::spawn(
+        heartbeat::HeartbeatLease::new(
+            &node,
+            args.heartbeat_ttl,
+            args.heartbeat_min_interval,
+            args.etcd.clone(),
+            heartbeat::HeartbeatInputs {
+                config: shared.clone(),
+                usage: usage_rx,
+                metrics: metrics.clone(),
+            },
+        )
+        .run(stop_rx),
+    );
+
+    let signal_name = tokio::select! {
+        _ = sigterm.recv() => "SIGTERM",
+        _ = sigint.recv() => "SIGINT",
+    };
+    info!("{signal_name} received: stopping");
+    sampling.abort();
+    watcher.abort();
+    let _ = stop_tx.send(true);
+    // The heartbeat's stop is bounded by its own timeouts.
+    let _ = heartbeat.await;
+    server.abort();
+    Ok(())
+}

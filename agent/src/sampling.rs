@@ -1,0 +1,99 @@
+//! The sampling loop: one sample per interval, logged in one line, published to `/metrics` and
+//! to the heartbeat; the interval's sleep is cut short when the configuration changes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use nodepulse_crd::wire::{Metric, MetricSet, UsageSummary};
+use tokio::sync::watch;
+use tokio::time::{Instant, sleep_until};
+use tracing::{info, warn};
+
+use crate::collect::{Sample, Sampler};
+use crate::config::SharedConfig;
+use crate::http::AgentMetrics;
+
+/// The first sample comes this soon after start (rates need two readings), then one per interval.
+const FIRST_SAMPLE_AFTER: Duration = Duration::from_secs(1);
+
+/// Samples until the task is dropped.
+pub async fn run(
+    sampler: Sampler,
+    config: Arc<SharedConfig>,
+    usage: watch::Sender<Option<UsageSummary>>,
+    metrics: Arc<AgentMetrics>,
+) {
+    let paths = sampler.paths().clone();
+    let mut changed = config.subscribe();
+    let mut config_open = true;
+    // Prime the counters rates are computed from, so the first logged sample has them all.
+    let (mut sampler, _) = take_sample(sampler, MetricSet::all()).await;
+    let mut last = Instant::now();
+    let mut next = last + FIRST_SAMPLE_AFTER.min(config.schedule().0);
+    let mut first = true;
+    let mut last_errors: Vec<(Metric, String)> = Vec::new();
+    loop {
+        tokio::select! {
+            _ = sleep_until(next) => {}
+            r = changed.changed(), if config_open => {
+                config_open = r.is_ok();
+                // A new interval counts from the last sample; when that moment has passed
+                // already, sample at once.
+                let (interval, _) = config.schedule();
+                let wait = if first { FIRST_SAMPLE_AFTER.min(interval) } else { interval };
+                next = (last + wait).max(Instant::now());
+                continue;
+            }
+        }
+        let (interval, metrics_set) = config.schedule();
+        let s = match sampler.take() {
+            Some(s) => s,
+            None => Sampler::new(paths.clone()),
+        };
+        let (s, sample) = take_sample(s, metrics_set.clone()).await;
+        sampler = s;
+        last = Instant::now();
+        first = false;
+        let Some(sample) = sample else {
+            warn!("sampling: a sample failed unexpectedly; starting over with fresh counters");
+            next = last + interval;
+            continue;
+        };
+        info!("{}", sample.log_line(&metrics_set));
+        let errors: Vec<(Metric, String)> = sample
+            .errors
+            .iter()
+            .map(|(m, e)| (*m, e.to_string()))
+            .collect();
+        if errors != last_errors {
+            for (m, e) in &errors {
+                warn!("sampling: {m} collector failed: {e}");
+            }
+            last_errors = errors;
+        }
+        usage.send_replace(Some(sample.summary()));
+        metrics.record_sample(Arc::new(sample));
+        next += interval;
+        if next < last {
+            // Fell behind (a suspended VM, a very slow /proc): no burst to catch up.
+            next = last + interval;
+        }
+    }
+}
+
+/// Runs one sample on the blocking pool: /proc reads are blocking file I/O and must stay off
+/// the single-threaded runtime. `None`s when the blocking task panicked (a bug).
+async fn take_sample(
+    mut sampler: Sampler,
+    metrics: MetricSet,
+) -> (Option<Sampler>, Option<Sample>) {
+    match tokio::task::spawn_blocking(move || {
+        let sample = sampler.sample(&metrics);
+        (sampler, sample)
+    })
+    .await
+    {
+        Ok((s, sample)) => (Some(s), Some(sample)),
+        Err(_) => (None, None),
+    }
+}
