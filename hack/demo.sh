@@ -1,0 +1,211 @@
+#!/usr/bin/env bash
+# The lab's demonstration scenario on one machine (what `make demo` runs, after installing what is
+# missing and building the binaries):
+#   1. `nodepulsectl watch` starts: no node yet;
+#   2. an agent starts as worker-1 (interval 10 s, heartbeat TTL 5 s): the watcher prints
+#      `Node worker-1 Alive`;
+#   3. a new config (interval 2 s) is pushed: the agent logs it at once, and samples every 2 s;
+#   4. the agent is killed with SIGKILL: about TTL later the watcher prints
+#      `Node worker-1 Dead (heartbeat expired)`.
+# Everything runs on free loopback ports in a scratch directory; every process it started is
+# stopped at the end and on Ctrl-C. Lines are prefixed [demo], [watch], [agent] (and
+# [controller], [kubectl] with DEMO_K8S=1, which adds the controller and a kube-apiserver and shows
+# `kubectl get monitornodes` at each step).
+#
+# Environment: NODEPULSE_TOOLS (etcd, etcdctl, kube-apiserver; default
+# ~/.cache/nodepulse/tools/bin), NODEPULSE_BIN (our binaries; default target/debug), DEMO_TTL
+# (heartbeat TTL in seconds, default 5), DEMO_K8S=1, DEMO_KEEP=1 (keep the scratch directory).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+TOOLS=${NODEPULSE_TOOLS:-$HOME/.cache/nodepulse/tools/bin}
+BIN=${NODEPULSE_BIN:-$ROOT/target/debug}
+TTL=${DEMO_TTL:-5}
+K8S=${DEMO_K8S:-0}
+NODE=worker-1
+
+for tool in "$TOOLS/etcd" "$TOOLS/etcdctl" "$BIN/nodepulsectl" "$BIN/nodepulse-agent"; do
+  [[ -x $tool ]] || { echo "[demo] $tool is missing: run \`make demo\` (it builds everything first)" >&2; exit 1; }
+done
+if [[ $K8S == 1 ]]; then
+  for tool in "$TOOLS/kube-apiserver" "$BIN/nodepulse-controller"; do
+    [[ -x $tool ]] || { echo "[demo] $tool is missing: run \`DEMO_K8S=1 make demo\`" >&2; exit 1; }
+  done
+  command -v kubectl >/dev/null || { echo "[demo] kubectl is not on PATH" >&2; exit 1; }
+  command -v openssl >/dev/null || { echo "[demo] openssl is not on PATH" >&2; exit 1; }
+fi
+
+# Children die with this script even if it is SIGKILLed (then no trap runs).
+DIE_WITH_US=()
+if setpriv --help 2>/dev/null | grep -q -- --pdeathsig; then DIE_WITH_US=(setpriv --pdeathsig KILL --); fi
+
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/nodepulse-demo.XXXXXX")
+PIDS=()      # what we started, stopped in reverse order
+FOLLOWERS=() # the `tail | sed` prefixers; they end when their process does
+
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  local i
+  for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
+    kill -TERM "${PIDS[i]}" 2>/dev/null || true
+  done
+  for pid in "${PIDS[@]}"; do
+    # Give each a moment to stop cleanly, then make sure.
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+  done
+  for pid in "${FOLLOWERS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [[ ${DEMO_KEEP:-0} == 1 || $status != 0 ]]; then
+    echo "[demo] logs kept in $WORK"
+  else
+    rm -rf "$WORK"
+  fi
+  echo "[demo] stopped everything it started"
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'echo; echo "[demo] interrupted"; exit 130' INT TERM
+
+say() { printf '\n[demo] %s\n' "$*"; }
+note() { printf '[demo] %s\n' "$*"; }
+
+# A TCP port nothing listens on (bash's /dev/tcp: no extra tool needed).
+free_port() {
+  local port
+  while :; do
+    port=$((20000 + RANDOM % 20000))
+    if ! (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      echo "$port"
+      return
+    fi
+  done
+}
+
+# start NAME LOG CMD... : runs CMD in the background with its output in LOG, and echoes LOG live
+# with a [NAME] prefix. Sets START_PID.
+start() {
+  local name=$1 log=$2
+  shift 2
+  "${DIE_WITH_US[@]}" "$@" >"$log" 2>&1 &
+  START_PID=$!
+  PIDS+=("$START_PID")
+  tail --pid="$START_PID" -s 0.1 -n +1 -F "$log" 2>/dev/null | sed -u "s/^/[$name] /" &
+  FOLLOWERS+=($!)
+}
+
+now_ms() { date +%s%3N; }
+
+# wait_for LOG REGEX SECONDS WHAT [FROM_LINE]: waits until a line of LOG (after FROM_LINE) matches
+# REGEX; fails the demo after SECONDS. Echoes the matching line number.
+wait_for() {
+  local log=$1 regex=$2 secs=$3 what=$4 from=${5:-0}
+  local deadline=$(($(now_ms) + secs * 1000)) n
+  while :; do
+    n=$(tail -n +"$((from + 1))" "$log" 2>/dev/null | grep -n -m1 -E -- "$regex" | cut -d: -f1 || true)
+    if [[ -n $n ]]; then
+      echo $((from + n))
+      return 0
+    fi
+    if (($(now_ms) > deadline)); then
+      echo "[demo] FAILED: no $what within ${secs}s; last lines of $log:" >&2
+      tail -n 20 "$log" | sed 's/^/[demo]   /' >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
+}
+
+lines() { wc -l <"$1" | tr -d ' '; }
+elapsed() { awk -v ms=$(($(now_ms) - $1)) 'BEGIN { printf "%.2f", ms / 1000 }'; }
+
+# --- etcd -----------------------------------------------------------------------------------
+ETCD_PORT=$(free_port)
+ETCD_PEER_PORT=$(free_port)
+ETCD=http://127.0.0.1:$ETCD_PORT
+say "starting etcd on $ETCD (a single member, data in $WORK/etcd)"
+"${DIE_WITH_US[@]}" "$TOOLS/etcd" --name demo --data-dir "$WORK/etcd" \
+  --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
+  --listen-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+  --initial-advertise-peer-urls "http://127.0.0.1:$ETCD_PEER_PORT" \
+  --initial-cluster "demo=http://127.0.0.1:$ETCD_PEER_PORT" \
+  --log-level warn >"$WORK/etcd.log" 2>&1 &
+PIDS+=($!)
+deadline=$(($(now_ms) + 30000))
+until "$TOOLS/etcdctl" --endpoints "$ETCD" endpoint health >/dev/null 2>&1; do
+  (($(now_ms) < deadline)) || { echo "[demo] FAILED: etcd did not start; $WORK/etcd.log:" >&2; cat "$WORK/etcd.log" >&2; exit 1; }
+  sleep 0.2
+done
+export NODEPULSE_ETCD_ENDPOINTS=$ETCD
+export RUST_LOG=${RUST_LOG:-info}
+etcdctl() { "$TOOLS/etcdctl" --endpoints "$ETCD" "$@"; }
+
+# --- optional: kube-apiserver + controller --------------------------------------------------
+if [[ $K8S == 1 ]]; then
+  # shellcheck source=hack/demo-k8s.sh
+  source "$ROOT/hack/demo-k8s.sh"
+  k8s_start
+fi
+show_monitornodes() {
+  if [[ $K8S == 1 ]]; then
+    note "kubectl get monitornodes"
+    kubectl get monitornodes 2>&1 | sed 's/^/[kubectl] /'
+  fi
+}
+
+# --- 1. the watcher ---------------------------------------------------------------------------
+say "1. The server watches /monitor/heartbeat/ (nodepulsectl watch): no node yet"
+start watch "$WORK/watch.log" "$BIN/nodepulsectl" watch
+wait_for "$WORK/watch.log" 'No node yet|^NODE' 10 "first output of the watcher" >/dev/null
+show_monitornodes
+
+# --- 2. the agent -----------------------------------------------------------------------------
+say "2. Start the agent as $NODE (interval 10 s by default, heartbeat lease TTL ${TTL} s)"
+note "nodepulse-agent --node-name $NODE --heartbeat-ttl $TTL --etcd-endpoints $ETCD"
+t_agent=$(now_ms)
+start agent "$WORK/agent.log" "$BIN/nodepulse-agent" --node-name "$NODE" --heartbeat-ttl "$TTL" \
+  --metrics-addr "127.0.0.1:$(free_port)" --etcd-endpoints "$ETCD"
+AGENT_PID=$START_PID
+wait_for "$WORK/watch.log" "Node $NODE Alive" 10 "\"Node $NODE Alive\" from the watcher" >/dev/null
+alive_after=$(elapsed "$t_agent")
+note "the watcher saw $NODE alive ${alive_after} s after the agent started"
+wait_for "$WORK/agent.log" 'sample ' 15 "first sample line of the agent" >/dev/null
+if [[ $K8S == 1 ]]; then
+  wait_for "$WORK/controller.log" "Node $NODE Alive" 10 "\"Node $NODE Alive\" from the controller" >/dev/null
+fi
+show_monitornodes
+
+# --- 3. live configuration --------------------------------------------------------------------
+say "3. Push a new config to $NODE: interval 2 s, metrics cpu and memory"
+note "nodepulsectl config set $NODE --interval 2 --metrics cpu,memory"
+note "  (the same as: etcdctl put /monitor/config/$NODE '{\"interval\": 2, \"metrics\": [\"cpu\",\"memory\"]}')"
+agent_mark=$(lines "$WORK/agent.log")
+t_push=$(now_ms)
+"$BIN/nodepulsectl" config set "$NODE" --interval 2 --metrics cpu,memory 2>&1 | sed 's/^/[nodepulsectl] /'
+n=$(wait_for "$WORK/agent.log" 'config updated' 5 "\"config updated\" line from the agent" "$agent_mark")
+applied_after=$(elapsed "$t_push")
+note "the agent applied it ${applied_after} s after the push; its samples now come every 2 s:"
+# Let the viewer see the new cadence: three samples after the update.
+for i in 1 2 3; do
+  n=$(wait_for "$WORK/agent.log" 'sample ' 5 "sample line $i after the update" "$n")
+done
+note "nodepulsectl nodes   (the heartbeat value is rewritten at most every 5 s; liveness rides on the lease)"
+"$BIN/nodepulsectl" nodes 2>&1 | sed 's/^/[nodepulsectl] /'
+show_monitornodes
+
+# --- 4. hard kill -----------------------------------------------------------------------------
+say "4. Kill the agent hard (kill -9 $AGENT_PID): no goodbye, etcd expires its lease after ~${TTL} s"
+watch_mark=$(lines "$WORK/watch.log")
+t_kill=$(now_ms)
+# (Reaped at once, so that bash does not print its own "Killed" line.)
+{ kill -KILL "$AGENT_PID" && wait "$AGENT_PID"; } 2>/dev/null || true
+wait_for "$WORK/watch.log" "Node $NODE Dead" $((TTL + 10)) "\"Node $NODE Dead\" from the watcher" "$watch_mark" >/dev/null
+dead_after=$(elapsed "$t_kill")
+note "the watcher reported $NODE dead ${dead_after} s after the kill (TTL ${TTL} s)"
+if [[ $K8S == 1 ]]; then
+  wait_for "$WORK/controller.log" "Node $NODE Dead" 10 "\"Node $NODE Dead\" from the controller" >/dev/null
+fi
+show_monitornodes
+
+say "Done: Alive after ${alive_after} s, config applied after ${applied_after} s, Dead ${dead_after} s after kill -9."
