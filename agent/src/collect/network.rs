@@ -55,8 +55,8 @@ pub struct NetworkUsage {
 
 /// Parses the text of `/proc/net/dev`, loopback left out, sorted by name.
 pub fn parse_net_dev(text: &str) -> Result<Vec<InterfaceCounters>, procfs::ProcError> {
-    // The kernel prints "%6s:%8llu", so once an interface has received 100 MB its byte count
-    // touches the colon ("eth0:123456789") and a whitespace split sees one field too few.
+    // Older kernels printed "%6s:%8lu", so once an interface had received 100 MB its byte count
+    // touched the colon ("eth0:123456789") and a whitespace split sees one field too few.
     // Interface names cannot contain ':', so splitting at the first one is always right.
     let mut fixed = String::with_capacity(text.len() + 64);
     for (i, line) in text.lines().enumerate() {
