@@ -1,0 +1,188 @@
+{{/* Chart name. */}}
+{{- define "nodepulse.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Full name prefix of the chart's objects: the release name, plus the chart name unless the release
+name already contains it ("nodepulse" -> nodepulse-agent, nodepulse-controller).
+*/}}
+{{- define "nodepulse.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* chart label value. */}}
+{{- define "nodepulse.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels of every object. Pod templates use nodepulse.podLabels instead: no chart version there, so
+an upgrade of the chart alone does not roll the pods.
+*/}}
+{{- define "nodepulse.labels" -}}
+helm.sh/chart: {{ include "nodepulse.chart" . }}
+app.kubernetes.io/name: {{ include "nodepulse.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: nodepulse
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Stable selector labels; call with (dict "ctx" $ "component" "agent"). */}}
+{{- define "nodepulse.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "nodepulse.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Labels of a component's objects; call with (dict "ctx" $ "component" "agent"). */}}
+{{- define "nodepulse.componentLabels" -}}
+{{ include "nodepulse.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{/* Pod template labels: selector labels, common labels and the component's podLabels. */}}
+{{- define "nodepulse.podLabels" -}}
+{{ include "nodepulse.selectorLabels" . }}
+app.kubernetes.io/part-of: nodepulse
+{{- with .ctx.Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- with .podLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Namespace of the agent and the controller. */}}
+{{- define "nodepulse.namespace" -}}
+{{- default .Release.Namespace .Values.namespace.name }}
+{{- end }}
+
+{{/* The nodepulse image. */}}
+{{- define "nodepulse.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/* Object names. */}}
+{{- define "nodepulse.agentName" -}}
+{{- printf "%s-agent" (include "nodepulse.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- define "nodepulse.controllerName" -}}
+{{- printf "%s-controller" (include "nodepulse.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* DNS name of etcd member i; call with (dict "ctx" $ "pod" "etcd-0"). */}}
+{{- define "nodepulse.etcdMemberHost" -}}
+{{- $e := .ctx.Values.etcd -}}
+{{- printf "%s.%s.%s.svc.%s" .pod $e.serviceName $e.namespace.name .ctx.Values.clusterDomain }}
+{{- end }}
+
+{{/* Scheme of etcd's client URLs. */}}
+{{- define "nodepulse.etcdClientScheme" -}}
+{{- if .Values.etcd.tls.client.enabled }}https{{ else }}http{{ end }}
+{{- end }}
+
+{{/* Scheme of etcd's peer URLs. */}}
+{{- define "nodepulse.etcdPeerScheme" -}}
+{{- if .Values.etcd.tls.peer.enabled }}https{{ else }}http{{ end }}
+{{- end }}
+
+{{/* --initial-cluster: every member's name and peer URL, from the headless Service's pod DNS names. */}}
+{{- define "nodepulse.etcdInitialCluster" -}}
+{{- $members := list }}
+{{- range $i := until (int .Values.etcd.replicas) }}
+{{- $pod := printf "%s-%d" $.Values.etcd.statefulSetName $i }}
+{{- $host := include "nodepulse.etcdMemberHost" (dict "ctx" $ "pod" $pod) }}
+{{- $members = append $members (printf "%s=%s://%s:%d" $pod (include "nodepulse.etcdPeerScheme" $) $host (int $.Values.etcd.peerPort)) }}
+{{- end }}
+{{- join "," $members }}
+{{- end }}
+
+{{/* The etcd client URLs the agent and the controller use (comma-separated). */}}
+{{- define "nodepulse.etcdEndpoints" -}}
+{{- if .Values.etcd.enabled }}
+{{- $urls := list }}
+{{- range $i := until (int .Values.etcd.replicas) }}
+{{- $pod := printf "%s-%d" $.Values.etcd.statefulSetName $i }}
+{{- $host := include "nodepulse.etcdMemberHost" (dict "ctx" $ "pod" $pod) }}
+{{- $urls = append $urls (printf "%s://%s:%d" (include "nodepulse.etcdClientScheme" $) $host (int $.Values.etcd.clientPort)) }}
+{{- end }}
+{{- join "," $urls }}
+{{- else }}
+{{- if not .Values.etcd.external.endpoints }}
+{{- fail "etcd.enabled is false: set etcd.external.endpoints to the client URLs of your etcd cluster" }}
+{{- end }}
+{{- join "," .Values.etcd.external.endpoints }}
+{{- end }}
+{{- end }}
+
+{{/* Environment shared by the agent and the controller: etcd connection, logging, namespace. */}}
+{{- define "nodepulse.commonEnv" -}}
+- name: NODEPULSE_ETCD_ENDPOINTS
+  value: {{ include "nodepulse.etcdEndpoints" . | quote }}
+{{- if .Values.etcd.client.tls.enabled }}
+- name: NODEPULSE_ETCD_CA_FILE
+  value: /etc/nodepulse/etcd-tls/ca.crt
+- name: NODEPULSE_ETCD_CERT_FILE
+  value: /etc/nodepulse/etcd-tls/tls.crt
+- name: NODEPULSE_ETCD_KEY_FILE
+  value: /etc/nodepulse/etcd-tls/tls.key
+{{- end }}
+{{- if .Values.etcd.client.auth.enabled }}
+- name: NODEPULSE_ETCD_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.etcd.client.auth.secretName }}
+      key: username
+- name: NODEPULSE_ETCD_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.etcd.client.auth.secretName }}
+      key: password
+{{- end }}
+- name: RUST_LOG
+  value: {{ .Values.logLevel | quote }}
+{{- end }}
+
+{{/* The etcd client TLS volume mount and volume, when enabled. */}}
+{{- define "nodepulse.etcdTLSMount" -}}
+{{- if .Values.etcd.client.tls.enabled }}
+- name: etcd-tls
+  mountPath: /etc/nodepulse/etcd-tls
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- define "nodepulse.etcdTLSVolume" -}}
+{{- if .Values.etcd.client.tls.enabled }}
+- name: etcd-tls
+  secret:
+    secretName: {{ .Values.etcd.client.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+
+{{/* Container security context of the nodepulse containers: non-root, nothing writable, no capabilities. */}}
+{{- define "nodepulse.containerSecurityContext" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+runAsNonRoot: true
+runAsUser: 65532
+runAsGroup: 65532
+capabilities:
+  drop: [ALL]
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
