@@ -1,0 +1,162 @@
+//! The nodes the controller knows about: Node objects (for their labels and uids) and
+//! MonitorNode objects, each kept by a kube-runtime reflector, with a signal when the set of
+//! nodes or a node's labels changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::Node;
+use kube::api::{Api, PartialObjectMeta};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::{WatchStreamExt, watcher as watch};
+use kube::{Client, ResourceExt};
+use nodepulse_crd::v1alpha1::MonitorNode;
+use tokio::sync::Notify;
+
+use crate::effective::Labels;
+use crate::error::{Error, Result};
+
+/// Read access to the Node and MonitorNode caches.
+#[derive(Clone)]
+pub struct Inventory {
+    nodes: Store<PartialObjectMeta<Node>>,
+    monitor_nodes: Store<PartialObjectMeta<MonitorNode>>,
+    changed: Arc<Notify>,
+}
+
+/// The tasks that keep an [`Inventory`] filled; run them for as long as it is used.
+pub struct InventoryDrivers {
+    node_events: std::pin::Pin<Box<dyn Stream<Item = ()> + Send>>,
+    monitor_node_events: std::pin::Pin<Box<dyn Stream<Item = ()> + Send>>,
+}
+
+impl Inventory {
+    /// Creates the caches; nothing is listed until the drivers run.
+    pub fn new(client: &Client) -> (Inventory, InventoryDrivers) {
+        let (nodes, node_writer) = reflector::store();
+        let (monitor_nodes, mn_writer) = reflector::store();
+        let inventory = Inventory {
+            nodes,
+            monitor_nodes,
+            changed: Arc::new(Notify::new()),
+        };
+        let node_stream = reflector::reflector(
+            node_writer,
+            watch(
+                Api::<PartialObjectMeta<Node>>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff(),
+        );
+        let mn_stream = reflector::reflector(
+            mn_writer,
+            watch(
+                Api::<PartialObjectMeta<MonitorNode>>::all(client.clone()),
+                watcher::Config::default(),
+            )
+            .default_backoff(),
+        );
+        let drivers = InventoryDrivers {
+            node_events: changes(node_stream, "Node", inventory.clone()).boxed(),
+            monitor_node_events: changes(mn_stream, "MonitorNode", inventory.clone()).boxed(),
+        };
+        (inventory, drivers)
+    }
+
+    /// Waits until both caches hold a full list.
+    pub async fn wait_until_ready(&self) -> Result<()> {
+        self.nodes
+            .wait_until_ready()
+            .await
+            .map_err(|_| Error::CacheNeverReady("Node"))?;
+        self.monitor_nodes
+            .wait_until_ready()
+            .await
+            .map_err(|_| Error::CacheNeverReady("MonitorNode"))
+    }
+
+    /// Every node the controller knows, with its labels: Node objects, plus MonitorNodes
+    /// without a Node object (which have no labels).
+    pub fn nodes(&self) -> BTreeMap<String, Labels> {
+        let mut out: BTreeMap<String, Labels> = self
+            .monitor_nodes
+            .state()
+            .iter()
+            .map(|mn| (mn.name_any(), Labels::new()))
+            .collect();
+        for node in self.nodes.state() {
+            out.insert(node.name_any(), node.labels().clone());
+        }
+        out
+    }
+
+    /// The Node object named `name`, if the cache has one.
+    pub fn node(&self, name: &str) -> Option<Arc<PartialObjectMeta<Node>>> {
+        self.nodes.get(&ObjectRef::new(name))
+    }
+
+    /// Resolves when a node appeared or went away or a Node's labels changed.
+    pub async fn changed(&self) {
+        self.changed.notified().await
+    }
+
+    fn notify(&self) {
+        // One stored permit: a change between two waits is not lost.
+        self.changed.notify_one();
+    }
+}
+
+impl InventoryDrivers {
+    /// Runs both watches until the process ends.
+    pub async fn run(self) {
+        let nodes = self.node_events.for_each(|()| async {});
+        let monitor_nodes = self.monitor_node_events.for_each(|()| async {});
+        futures::join!(nodes, monitor_nodes);
+    }
+}
+
+/// Passes a reflector's events through, notifying the inventory when the set of names or a
+/// label set changed (a Node's status updates, which are frequent, change neither).
+fn changes<K>(
+    stream: impl Stream<Item = watcher::Result<Event<PartialObjectMeta<K>>>> + Send + 'static,
+    kind: &'static str,
+    inventory: Inventory,
+) -> impl Stream<Item = ()> + Send
+where
+    K: kube::Resource + Clone + Send + Sync + 'static,
+{
+    let mut known: HashMap<String, Labels> = HashMap::new();
+    let mut relisted: HashMap<String, Labels> = HashMap::new();
+    stream.then(move |event| {
+        let changed = match event {
+            Ok(Event::Apply(obj)) => {
+                let labels = obj.labels().clone();
+                known.insert(obj.name_any(), labels.clone()) != Some(labels)
+            }
+            Ok(Event::Delete(obj)) => known.remove(&obj.name_any()).is_some(),
+            Ok(Event::Init) => {
+                relisted.clear();
+                false
+            }
+            Ok(Event::InitApply(obj)) => {
+                relisted.insert(obj.name_any(), obj.labels().clone());
+                false
+            }
+            Ok(Event::InitDone) => {
+                let changed = relisted != known;
+                known = std::mem::take(&mut relisted);
+                changed
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "watch {kind}s failed; retrying with backoff");
+                false
+            }
+        };
+        if changed {
+            inventory.notify();
+        }
+        futures::future::ready(())
+    })
+}

@@ -1,0 +1,136 @@
+//! Leader election over a `coordination.k8s.io/v1` Lease (kube-lease-manager): only the replica
+//! holding the Lease runs the reconcilers, so two replicas never write at once.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::Client;
+use kube_lease_manager::LeaseManagerBuilder;
+use nodepulse_crd::etcd::parse_duration;
+
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+
+/// Name of the Lease the replicas compete for.
+pub const LEASE_NAME: &str = "nodepulse-controller";
+
+/// Leader election flags.
+#[derive(Clone, Debug, clap::Args)]
+pub struct LeaderArgs {
+    /// Elect a leader over a Lease so that several replicas can run; `false` for a single
+    /// replica that writes at once.
+    #[arg(long = "leader-elect", env = "NODEPULSE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub enabled: bool,
+
+    /// Namespace of the Lease.
+    #[arg(
+        long = "leader-election-namespace",
+        env = "POD_NAMESPACE",
+        default_value = "nodepulse"
+    )]
+    pub namespace: String,
+
+    /// This replica's identity in the Lease (the pod name; a restarted container keeps it and
+    /// so takes its Lease back at once). Defaults to the host name.
+    #[arg(long = "leader-election-identity", env = "POD_NAME")]
+    pub identity: Option<String>,
+
+    /// How long a Lease holds without renewal before another replica may take it.
+    #[arg(long = "leader-election-lease-duration", env = "NODEPULSE_LEADER_ELECTION_LEASE_DURATION", default_value = "20s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+
+    /// How long before expiry the holder renews (renewals every duration minus this).
+    #[arg(long = "leader-election-renew-grace", env = "NODEPULSE_LEADER_ELECTION_RENEW_GRACE", default_value = "5s", value_parser = parse_duration)]
+    pub renew_grace: Duration,
+}
+
+impl LeaderArgs {
+    fn identity(&self) -> String {
+        self.identity.clone().unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .unwrap_or_else(|_| format!("nodepulse-controller-{}", std::process::id()))
+        })
+    }
+}
+
+/// Runs `work` while this replica leads (at once when election is off). When the Lease is lost
+/// the work is dropped, which stops every write, and this replica waits to lead again.
+pub async fn run_as_leader<F, Fut>(
+    client: Client,
+    args: &LeaderArgs,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()>,
+    mut work: F,
+) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<()>>,
+{
+    tokio::pin!(shutdown);
+    if !args.enabled {
+        metrics.leader.set(1);
+        return tokio::select! {
+            r = work() => r,
+            () = &mut shutdown => Ok(()),
+        };
+    }
+    let identity = args.identity();
+    let lease_err = |source| Error::LeaderElection {
+        namespace: args.namespace.clone(),
+        name: LEASE_NAME.into(),
+        source,
+    };
+    let manager = LeaseManagerBuilder::new(client, LEASE_NAME)
+        .with_namespace(&args.namespace)
+        .with_identity(&identity)
+        .with_duration(args.lease_duration.as_secs().max(2))
+        .with_grace(args.renew_grace.as_secs().max(1))
+        .build()
+        .await
+        .map_err(lease_err)?;
+    let (mut leading, task) = manager.watch().await;
+    tracing::info!(identity, namespace = %args.namespace, lease = LEASE_NAME, "waiting to lead");
+    let result = loop {
+        let became_leader = async {
+            while !*leading.borrow_and_update() {
+                leading
+                    .changed()
+                    .await
+                    .map_err(|_| Error::TaskStopped("leader election"))?;
+            }
+            Ok::<_, Error>(())
+        };
+        tokio::select! {
+            r = became_leader => if let Err(e) = r { break Err(e) },
+            () = &mut shutdown => break Ok(()),
+        }
+        tracing::info!(identity, "became leader");
+        metrics.leader.set(1);
+        let lost = async {
+            while *leading.borrow_and_update() {
+                if leading.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::select! {
+            r = work() => break r,
+            () = lost => {
+                metrics.leader.set(0);
+                tracing::warn!(identity, "lost the leader Lease; stopped writing, waiting to lead again");
+            }
+            () = &mut shutdown => break Ok(()),
+        }
+    };
+    // Closing the channel makes the manager release the Lease, so a successor takes over at once.
+    drop(leading);
+    match tokio::time::timeout(Duration::from_secs(5), task).await {
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "releasing the leader Lease"),
+        Err(_) => tracing::warn!("releasing the leader Lease timed out"),
+        _ => {}
+    }
+    metrics.leader.set(0);
+    result
+}

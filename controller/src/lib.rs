@@ -1,0 +1,194 @@
+//! nodepulse-controller: heartbeats in etcd into MonitorNode status, MonitorConfigs into etcd
+//! config keys.
+//!
+//! - [`liveness`]: list + watch `/monitor/heartbeat/`, re-listing after any failure;
+//! - [`status`]: per-node records, MonitorNode status by server-side apply, Events;
+//! - [`config`] and [`config_keys`]: the MonitorConfig controller and the keys it writes;
+//! - [`effective`]: which MonitorConfig wins which node (pure);
+//! - [`inventory`]: the Node and MonitorNode caches;
+//! - [`leader`]: Lease-based leader election; [`metrics`]: `/metrics` and `/healthz`.
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod config_keys;
+pub mod effective;
+pub mod error;
+pub mod inventory;
+pub mod leader;
+pub mod liveness;
+pub mod metrics;
+pub mod status;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::channel::mpsc as futures_mpsc;
+use kube::Client;
+use kube::api::Api;
+use kube::runtime::controller::Controller;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use nodepulse_crd::etcd::{EtcdArgs, parse_duration};
+use nodepulse_crd::v1alpha1::MonitorConfig;
+use tokio::sync::{mpsc, watch};
+
+pub use error::{Error, Result};
+
+use crate::config_keys::ConfigKeys;
+use crate::inventory::Inventory;
+use crate::leader::LeaderArgs;
+use crate::liveness::HeartbeatWatcher;
+use crate::metrics::Metrics;
+use crate::status::{DesiredConfigs, NodeTracker, StatusSettings};
+
+/// The one field manager of every write the controller makes.
+pub const FIELD_MANAGER: &str = "nodepulse-controller";
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+/// nodepulse-controller: node liveness from etcd heartbeats into MonitorNode status, and
+/// MonitorConfigs into etcd config keys.
+#[derive(Clone, Debug, clap::Parser)]
+#[command(name = "nodepulse-controller", version, about, long_about = None)]
+pub struct Args {
+    /// etcd connection.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+
+    /// Leader election.
+    #[command(flatten)]
+    pub leader: LeaderArgs,
+
+    /// Least time between two status writes of one node that only refresh its usage figures
+    /// (transitions and config changes are written at once).
+    #[arg(long, env = "NODEPULSE_USAGE_WRITE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
+    pub usage_write_interval: Duration,
+
+    /// Most MonitorNode status writes in flight at once.
+    #[arg(long, env = "NODEPULSE_MAX_CONCURRENT_WRITES", default_value_t = 32)]
+    pub max_concurrent_writes: usize,
+
+    /// How often the config keys are checked against the MonitorConfigs even if nothing
+    /// signalled a change.
+    #[arg(long, env = "NODEPULSE_CONFIG_RESYNC", default_value = "5m", value_parser = parse_duration)]
+    pub config_resync: Duration,
+
+    /// Address of `/metrics` and `/healthz`.
+    #[arg(long, env = "NODEPULSE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+
+    /// Log format.
+    #[arg(long, env = "NODEPULSE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Runs the controller until SIGTERM/SIGINT.
+pub async fn run(args: Args) -> Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let serve = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    let client = Client::try_default().await.map_err(Error::KubeConfig)?;
+    let etcd = args.etcd.connect().await?;
+    tracing::info!(
+        etcd = %args.etcd.endpoints_display(),
+        version = env!("CARGO_PKG_VERSION"),
+        "nodepulse-controller starting"
+    );
+    let work = || run_reconcilers(client.clone(), etcd.clone(), &args, metrics.clone());
+    let result = tokio::select! {
+        r = leader::run_as_leader(client.clone(), &args.leader, metrics.clone(), shutdown_signal(), work) => r,
+        r = serve => match r {
+            Ok(Err(e)) => Err(e),
+            _ => Err(Error::TaskStopped("metrics server")),
+        },
+    };
+    tracing::info!("nodepulse-controller stopped");
+    result
+}
+
+/// Everything only the leader runs: the heartbeat watch and status writer, the MonitorConfig
+/// controller and the config key sync. Returns only on a fatal error.
+async fn run_reconcilers(
+    client: Client,
+    etcd: etcd_client::Client,
+    args: &Args,
+    metrics: Arc<Metrics>,
+) -> Result<()> {
+    let (inventory, drivers) = Inventory::new(&client);
+    let (desired_tx, desired_rx) = watch::channel(Arc::new(DesiredConfigs::new()));
+    let controller = Controller::new(
+        Api::<MonitorConfig>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let keys = Arc::new(ConfigKeys::new(
+        etcd.clone(),
+        inventory.clone(),
+        controller.store(),
+        metrics.clone(),
+        desired_tx,
+    ));
+    let (refresh_tx, refresh_rx) = futures_mpsc::unbounded();
+    let recorder = Recorder::new(
+        client.clone(),
+        Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: args.leader.identity.clone(),
+        },
+    );
+    let (events_tx, events_rx) = mpsc::channel(4096);
+    let tracker = NodeTracker::new(
+        client.clone(),
+        recorder,
+        inventory.clone(),
+        metrics.clone(),
+        desired_rx,
+        StatusSettings {
+            usage_write_interval: args.usage_write_interval,
+            max_concurrent_writes: args.max_concurrent_writes,
+        },
+    );
+    // Owner references need the Node cache; liveness does not wait long for it.
+    let ready = inventory.clone();
+    let liveness = async move {
+        if tokio::time::timeout(Duration::from_secs(5), ready.wait_until_ready())
+            .await
+            .is_err()
+        {
+            tracing::warn!("Node/MonitorNode caches not ready after 5s; starting liveness anyway");
+        }
+        tokio::select! {
+            r = tracker.run(events_rx) => r,
+            () = HeartbeatWatcher::new(etcd, events_tx).run() => Err(Error::TaskStopped("heartbeat watcher")),
+        }
+    };
+    tokio::select! {
+        r = liveness => r,
+        () = drivers.run() => Err(Error::TaskStopped("Node/MonitorNode watches")),
+        () = config::run(controller, client.clone(), keys.clone(), metrics.clone(), refresh_rx) => Err(Error::TaskStopped("MonitorConfig controller")),
+        r = keys.clone().run_sync_loop(refresh_tx, args.config_resync) => r,
+        r = keys.clone().watch_keys() => r,
+    }
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
+    tracing::info!("shutting down");
+}

@@ -1,0 +1,151 @@
+//! Prometheus metrics and the `/metrics` + `/healthz` endpoint.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::error::{Error, Result};
+
+/// A node liveness state, as a metric label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabel {
+    /// `alive`, `dead` or `unknown`.
+    pub state: &'static str,
+}
+
+/// Which reconciler failed, as a metric label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconcilerLabel {
+    /// `liveness`, `monitorconfig` or `config-keys`.
+    pub reconciler: &'static str,
+}
+
+/// Every metric the controller exports.
+pub struct Metrics {
+    registry: Registry,
+    /// MonitorNodes by state, as this replica last wrote them.
+    pub nodes: Family<StateLabel, Gauge>,
+    /// Liveness transitions, by the state entered.
+    pub transitions: Family<StateLabel, Counter>,
+    /// Failed reconciles and writes, by reconciler.
+    pub reconcile_errors: Family<ReconcilerLabel, Counter>,
+    /// Seconds from an etcd delete event on a heartbeat key to the Dead status being written.
+    pub dead_detection: Histogram,
+    /// MonitorNode status writes sent to the API server.
+    pub status_writes: Counter,
+    /// etcd config keys written or deleted by the controller.
+    pub config_key_writes: Counter,
+    /// 1 while this replica holds the leader Lease.
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("nodepulse_controller");
+        let nodes = Family::<StateLabel, Gauge>::default();
+        registry.register("nodes", "MonitorNodes by liveness state", nodes.clone());
+        let transitions = Family::<StateLabel, Counter>::default();
+        registry.register(
+            "transitions",
+            "Node liveness transitions, by the state entered",
+            transitions.clone(),
+        );
+        let reconcile_errors = Family::<ReconcilerLabel, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles and writes, by reconciler",
+            reconcile_errors.clone(),
+        );
+        let dead_detection = Histogram::new(exponential_buckets(0.005, 2.0, 14));
+        registry.register(
+            "dead_detection_seconds",
+            "Time from an etcd delete event on a heartbeat key to the MonitorNode's Dead status being written",
+            dead_detection.clone(),
+        );
+        let status_writes = Counter::default();
+        registry.register(
+            "status_writes",
+            "MonitorNode status writes sent to the API server",
+            status_writes.clone(),
+        );
+        let config_key_writes = Counter::default();
+        registry.register(
+            "config_key_writes",
+            "etcd config keys written or deleted by the controller",
+            config_key_writes.clone(),
+        );
+        let leader = Gauge::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            leader.clone(),
+        );
+        Metrics {
+            registry,
+            nodes,
+            transitions,
+            reconcile_errors,
+            dead_detection,
+            status_writes,
+            config_key_writes,
+            leader,
+        }
+    }
+}
+
+impl Metrics {
+    /// Counts one failure of `reconciler`.
+    pub fn reconcile_error(&self, reconciler: &'static str) {
+        self.reconcile_errors
+            .get_or_create(&ReconcilerLabel { reconciler })
+            .inc();
+    }
+
+    /// The registry in the Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        metrics.encode(),
+    )
+}
+
+async fn healthz() -> impl IntoResponse {
+    (StatusCode::OK, "ok\n")
+}
+
+/// Serves `/metrics` and `/healthz` on `addr` until the process ends.
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
+    let app = Router::new()
+        .route("/metrics", get(metrics_handler))
+        .route("/healthz", get(healthz))
+        .with_state(metrics);
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Metrics { addr, source })?;
+    tracing::info!(%addr, "serving /metrics and /healthz");
+    axum::serve(listener, app)
+        .await
+        .map_err(|source| Error::Metrics { addr, source })
+}

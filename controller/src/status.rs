@@ -1,0 +1,762 @@
+//! Turns liveness events into MonitorNode status: one record per node, transitions written at
+//! once, usage figures at most every `--usage-write-interval`, writes per node kept in order and
+//! never two at a time, and nothing written when nothing changed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, OwnerReference, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Client, Resource, ResourceExt};
+use nodepulse_crd::etcd::Backoff;
+use nodepulse_crd::v1alpha1::{
+    AppliedConfigStatus, MonitorNode, MonitorNodeSpec, MonitorNodeStatus, NodeState,
+};
+use nodepulse_crd::wire::{AgentState, ConfigValue, Heartbeat};
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use crate::FIELD_MANAGER;
+use crate::error::{Error, Result};
+use crate::inventory::Inventory;
+use crate::liveness::LivenessEvent;
+use crate::metrics::{Metrics, StateLabel};
+
+/// What each node's config key should make its agent run, as the config reconciler last
+/// computed it; nodes absent run on the defaults.
+pub type DesiredConfigs = BTreeMap<String, ConfigValue>;
+
+/// Why a node is Alive or Dead, in the status's `reason`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LivenessReason {
+    /// The heartbeat key exists.
+    HeartbeatSeen,
+    /// The key vanished without the agent saying it was stopping: its lease expired.
+    HeartbeatExpired,
+    /// The agent said it was stopping, then revoked its lease.
+    AgentStopped,
+}
+
+impl LivenessReason {
+    /// The `reason` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LivenessReason::HeartbeatSeen => "HeartbeatSeen",
+            LivenessReason::HeartbeatExpired => "HeartbeatExpired",
+            LivenessReason::AgentStopped => "AgentStopped",
+        }
+    }
+
+    /// The words of the lab's demo, for the log line.
+    fn words(self) -> &'static str {
+        match self {
+            LivenessReason::HeartbeatSeen => "heartbeat seen",
+            LivenessReason::HeartbeatExpired => "heartbeat expired",
+            LivenessReason::AgentStopped => "agent stopped",
+        }
+    }
+}
+
+/// The one log line per transition, in the lab's words: `Node worker-1 Alive`,
+/// `Node worker-1 Dead (heartbeat expired)`.
+pub fn transition_line(node: &str, state: NodeState, reason: LivenessReason) -> String {
+    match state {
+        NodeState::Alive => format!("Node {node} Alive"),
+        NodeState::Dead => format!("Node {node} Dead ({})", reason.words()),
+        NodeState::Unknown => format!("Node {node} Unknown"),
+    }
+}
+
+/// A transition waiting for its Event.
+#[derive(Clone, Debug)]
+struct Transition {
+    state: NodeState,
+    reason: LivenessReason,
+    message: String,
+}
+
+#[derive(Default)]
+struct NodeRecord {
+    state: Option<NodeState>,
+    reason: Option<String>,
+    message: Option<String>,
+    last_transition: Option<Time>,
+    heartbeat: Option<Heartbeat>,
+    /// The status last written (or read from the API server on a re-list).
+    written: Option<MonitorNodeStatus>,
+    last_write: Option<Instant>,
+    usage_dirty: bool,
+    in_flight: bool,
+    write_again: bool,
+    retry_at: Option<Instant>,
+    retry_backoff: Option<Backoff>,
+    pending_events: Vec<Transition>,
+    dead_seen_at: Option<Instant>,
+}
+
+struct WriteJob {
+    node: String,
+    status: MonitorNodeStatus,
+    events: Vec<Transition>,
+    dead_seen_at: Option<Instant>,
+    owner: Option<OwnerReference>,
+}
+
+struct WriteOutcome {
+    job: WriteJob,
+    result: Result<()>,
+}
+
+/// Tuning of the status writer.
+#[derive(Clone, Debug)]
+pub struct StatusSettings {
+    /// Least time between two writes that only refresh usage figures, per node.
+    pub usage_write_interval: Duration,
+    /// Most status writes in flight at once.
+    pub max_concurrent_writes: usize,
+}
+
+/// Owns every node's liveness record and writes MonitorNode status from it.
+pub struct NodeTracker {
+    api: Api<MonitorNode>,
+    recorder: Recorder,
+    inventory: Inventory,
+    metrics: Arc<Metrics>,
+    desired: watch::Receiver<Arc<DesiredConfigs>>,
+    settings: StatusSettings,
+    records: HashMap<String, NodeRecord>,
+    writes: FuturesUnordered<BoxFuture<'static, WriteOutcome>>,
+    permits: Arc<Semaphore>,
+}
+
+impl NodeTracker {
+    /// A tracker writing through `client`.
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        inventory: Inventory,
+        metrics: Arc<Metrics>,
+        desired: watch::Receiver<Arc<DesiredConfigs>>,
+        settings: StatusSettings,
+    ) -> Self {
+        let permits = Arc::new(Semaphore::new(settings.max_concurrent_writes.max(1)));
+        NodeTracker {
+            api: Api::all(client),
+            recorder,
+            inventory,
+            metrics,
+            desired,
+            settings,
+            records: HashMap::new(),
+            writes: FuturesUnordered::new(),
+            permits,
+        }
+    }
+
+    /// Consumes liveness events until the watcher goes away.
+    pub async fn run(mut self, mut events: mpsc::Receiver<LivenessEvent>) -> Result<()> {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => self.handle(event).await,
+                    None => return Err(Error::TaskStopped("heartbeat watcher")),
+                },
+                Some(outcome) = self.writes.next(), if !self.writes.is_empty() => self.finish(outcome),
+                Ok(()) = self.desired.changed() => {
+                    let names: Vec<String> = self.records.keys().cloned().collect();
+                    for name in names {
+                        self.consider_write(&name);
+                    }
+                }
+                _ = tick.tick() => {
+                    self.flush_due();
+                    self.update_gauges();
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, event: LivenessEvent) {
+        match event {
+            LivenessEvent::Snapshot(heartbeats) => self.reconcile_all(heartbeats).await,
+            LivenessEvent::Put { node, heartbeat } => {
+                self.observe_alive(&node, heartbeat);
+                self.consider_write(&node);
+            }
+            LivenessEvent::Delete {
+                node,
+                last,
+                seen_at,
+            } => {
+                let Some(rec) = self.records.get_mut(&node) else {
+                    return;
+                };
+                let last = last.or_else(|| rec.heartbeat.clone());
+                let stopping = last
+                    .as_ref()
+                    .is_some_and(|hb| hb.state == AgentState::Stopping);
+                let (reason, message) = if stopping {
+                    (
+                        LivenessReason::AgentStopped,
+                        "the agent stopped and revoked its lease".to_string(),
+                    )
+                } else {
+                    let ttl = last
+                        .as_ref()
+                        .map_or_else(String::new, |hb| format!(" ({}s TTL)", hb.ttl_seconds));
+                    (
+                        LivenessReason::HeartbeatExpired,
+                        format!("the heartbeat lease expired{ttl}: no keep-alive from the agent"),
+                    )
+                };
+                if rec.state != Some(NodeState::Dead) {
+                    rec.dead_seen_at = Some(seen_at);
+                    transition(&self.metrics, &node, rec, NodeState::Dead, reason, message);
+                }
+                self.consider_write(&node);
+            }
+        }
+    }
+
+    /// Re-lists the MonitorNodes and reconciles each against the heartbeat keys present: the
+    /// API server's view, not memory, says what is shown.
+    async fn reconcile_all(&mut self, heartbeats: BTreeMap<String, Option<Heartbeat>>) {
+        let listed = self.list_monitor_nodes().await;
+        for rec in self.records.values_mut() {
+            rec.written = None;
+        }
+        let now = Instant::now();
+        for (name, status) in &listed {
+            let rec = self.records.entry(name.clone()).or_default();
+            if let Some(status) = status {
+                rec.state = status.state;
+                rec.reason = status.reason.clone();
+                rec.message = status.message.clone();
+                rec.last_transition = status.last_transition_time.clone();
+            }
+            rec.written = Some(status.clone().unwrap_or_default());
+            rec.last_write.get_or_insert(now);
+        }
+        // MonitorNodes deleted behind our back: forget what we knew, so a live node's is recreated.
+        for (name, rec) in self.records.iter_mut() {
+            if !listed.contains_key(name) {
+                *rec = NodeRecord {
+                    heartbeat: rec.heartbeat.take(),
+                    ..NodeRecord::default()
+                };
+            }
+        }
+        let names: BTreeSet<String> = listed.keys().chain(heartbeats.keys()).cloned().collect();
+        for name in &names {
+            match heartbeats.get(name) {
+                Some(hb) => self.observe_alive(name, hb.clone()),
+                None => {
+                    let rec = self.records.entry(name.clone()).or_default();
+                    if rec.state == Some(NodeState::Alive) {
+                        transition(
+                            &self.metrics,
+                            name,
+                            rec,
+                            NodeState::Dead,
+                            LivenessReason::HeartbeatExpired,
+                            "the heartbeat key was gone when the controller listed the heartbeats"
+                                .into(),
+                        );
+                    }
+                }
+            }
+            self.consider_write(name);
+        }
+        self.records.retain(|name, _| names.contains(name));
+        tracing::info!(
+            heartbeats = heartbeats.len(),
+            monitor_nodes = listed.len(),
+            "reconciled every MonitorNode against the heartbeat keys"
+        );
+    }
+
+    async fn list_monitor_nodes(&self) -> BTreeMap<String, Option<MonitorNodeStatus>> {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.api.list(&ListParams::default()).await {
+                Ok(list) => {
+                    return list
+                        .items
+                        .into_iter()
+                        .map(|mn| (mn.name_any(), mn.status))
+                        .collect();
+                }
+                Err(e) => {
+                    self.metrics.reconcile_error("liveness");
+                    tracing::warn!(error = %e, "list MonitorNodes failed; retrying");
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+
+    fn observe_alive(&mut self, node: &str, heartbeat: Option<Heartbeat>) {
+        let rec = self.records.entry(node.to_string()).or_default();
+        if heartbeat.is_some() {
+            rec.heartbeat = heartbeat;
+        }
+        if rec.state != Some(NodeState::Alive) {
+            let message = match &rec.heartbeat {
+                Some(hb) => format!(
+                    "agent {} holds its heartbeat lease ({}s TTL)",
+                    hb.agent_version, hb.ttl_seconds
+                ),
+                None => "the heartbeat key exists".to_string(),
+            };
+            rec.dead_seen_at = None;
+            transition(
+                &self.metrics,
+                node,
+                rec,
+                NodeState::Alive,
+                LivenessReason::HeartbeatSeen,
+                message,
+            );
+        }
+    }
+
+    /// Writes at once when something other than the usage figures changed; otherwise marks the
+    /// usage dirty for the next periodic flush.
+    fn consider_write(&mut self, node: &str) {
+        let desired = self.desired.borrow().get(node).cloned();
+        let Some(rec) = self.records.get_mut(node) else {
+            return;
+        };
+        if rec.state.is_none() {
+            return;
+        }
+        let status = compute_status(rec, desired.as_ref());
+        if let Some(written) = &rec.written
+            && without_usage(written) == without_usage(&status)
+            && rec.pending_events.is_empty()
+        {
+            rec.usage_dirty = *written != status;
+            return;
+        }
+        if rec.in_flight {
+            rec.write_again = true;
+        } else {
+            self.start_write(node);
+        }
+    }
+
+    fn flush_due(&mut self) {
+        let now = Instant::now();
+        let interval = self.settings.usage_write_interval;
+        let due: Vec<String> = self
+            .records
+            .iter()
+            .filter(|(_, rec)| !rec.in_flight)
+            .filter(|(_, rec)| match rec.retry_at {
+                Some(at) => at <= now,
+                None => rec.usage_dirty && rec.last_write.is_none_or(|t| now - t >= interval),
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            self.start_write(&name);
+        }
+    }
+
+    fn start_write(&mut self, node: &str) {
+        let desired = self.desired.borrow().get(node).cloned();
+        let owner = self.inventory.node(node).and_then(|n| {
+            Some(OwnerReference {
+                api_version: "v1".into(),
+                kind: "Node".into(),
+                name: n.name_any(),
+                uid: n.uid()?,
+                controller: None,
+                block_owner_deletion: None,
+            })
+        });
+        let Some(rec) = self.records.get_mut(node) else {
+            return;
+        };
+        let status = compute_status(rec, desired.as_ref());
+        rec.in_flight = true;
+        rec.write_again = false;
+        rec.usage_dirty = false;
+        rec.retry_at = None;
+        let job = WriteJob {
+            node: node.to_string(),
+            status,
+            events: std::mem::take(&mut rec.pending_events),
+            dead_seen_at: rec.dead_seen_at.take(),
+            owner,
+        };
+        let api = self.api.clone();
+        let recorder = self.recorder.clone();
+        let permits = self.permits.clone();
+        self.metrics.status_writes.inc();
+        self.writes.push(Box::pin(async move {
+            let _permit = permits.acquire_owned().await;
+            let result = write_status(&api, &recorder, &job).await;
+            WriteOutcome { job, result }
+        }));
+    }
+
+    fn finish(&mut self, outcome: WriteOutcome) {
+        let WriteOutcome { job, result } = outcome;
+        let Some(rec) = self.records.get_mut(&job.node) else {
+            return;
+        };
+        rec.in_flight = false;
+        match result {
+            Ok(()) => {
+                if let Some(seen) = job.dead_seen_at {
+                    self.metrics
+                        .dead_detection
+                        .observe(seen.elapsed().as_secs_f64());
+                }
+                rec.written = Some(job.status);
+                rec.last_write = Some(Instant::now());
+                rec.retry_backoff = None;
+                if rec.write_again {
+                    self.consider_write(&job.node);
+                }
+            }
+            Err(e) => {
+                self.metrics.reconcile_error("liveness");
+                tracing::warn!(node = %job.node, error = %e, "MonitorNode status not written; will retry");
+                let mut events = job.events;
+                events.append(&mut rec.pending_events);
+                rec.pending_events = events;
+                rec.dead_seen_at = rec.dead_seen_at.or(job.dead_seen_at);
+                let backoff = rec.retry_backoff.get_or_insert_with(|| {
+                    Backoff::new(Duration::from_millis(500), Duration::from_secs(10))
+                });
+                rec.retry_at = Some(Instant::now() + backoff.next_delay());
+            }
+        }
+    }
+
+    fn update_gauges(&self) {
+        let mut counts = [0i64; 3];
+        for rec in self.records.values() {
+            match rec.state {
+                Some(NodeState::Alive) => counts[0] += 1,
+                Some(NodeState::Dead) => counts[1] += 1,
+                Some(NodeState::Unknown) | None => counts[2] += 1,
+            }
+        }
+        for (state, n) in ["alive", "dead", "unknown"].into_iter().zip(counts) {
+            self.metrics
+                .nodes
+                .get_or_create(&StateLabel { state })
+                .set(n);
+        }
+    }
+}
+
+fn transition(
+    metrics: &Metrics,
+    node: &str,
+    rec: &mut NodeRecord,
+    state: NodeState,
+    reason: LivenessReason,
+    message: String,
+) {
+    tracing::info!(
+        node,
+        reason = reason.as_str(),
+        "{}",
+        transition_line(node, state, reason)
+    );
+    metrics
+        .transitions
+        .get_or_create(&StateLabel {
+            state: match state {
+                NodeState::Alive => "alive",
+                NodeState::Dead => "dead",
+                NodeState::Unknown => "unknown",
+            },
+        })
+        .inc();
+    rec.state = Some(state);
+    rec.reason = Some(reason.as_str().to_string());
+    rec.message = Some(message.clone());
+    rec.last_transition = Some(Time(Timestamp::now()));
+    rec.pending_events.push(Transition {
+        state,
+        reason,
+        message,
+    });
+}
+
+/// The full status a node's record calls for. Fields the record does not know (after a re-list,
+/// before the next heartbeat value) are carried over from what was written.
+fn compute_status(rec: &mut NodeRecord, desired: Option<&ConfigValue>) -> MonitorNodeStatus {
+    let mut status = rec.written.clone().unwrap_or_default();
+    status.state = rec.state;
+    status.reason = rec.reason.clone();
+    status.message = rec.message.clone();
+    let since = rec
+        .last_transition
+        .get_or_insert_with(|| Time(Timestamp::now()))
+        .clone();
+    status.last_transition_time = Some(since.clone());
+    if let Some(hb) = &rec.heartbeat {
+        status.last_heartbeat_time = Some(Time(hb.updated_at));
+        status.agent_version = Some(hb.agent_version.clone());
+        status.ttl_seconds = Some(hb.ttl_seconds);
+        status.usage = hb.usage.clone();
+        status.config = Some(AppliedConfigStatus {
+            interval: hb.config.interval,
+            metrics: hb.config.metrics.clone(),
+            revision: hb.config.revision,
+            monitor_config: hb.config.source.as_ref().map(|s| s.monitor_config.clone()),
+            in_sync: None,
+            error: hb.config.error.clone(),
+        });
+    }
+    let default = ConfigValue::default();
+    let desired = desired.unwrap_or(&default);
+    if let Some(config) = status.config.as_mut() {
+        let mut applied = config.metrics.clone();
+        applied.sort();
+        applied.dedup();
+        config.in_sync =
+            Some(config.interval == desired.interval && applied == desired.metrics.to_vec());
+    }
+
+    let previous = std::mem::take(&mut status.conditions);
+    let mut conditions = vec![Condition {
+        type_: "Alive".into(),
+        status: match rec.state {
+            Some(NodeState::Alive) => "True",
+            Some(NodeState::Dead) => "False",
+            _ => "Unknown",
+        }
+        .into(),
+        reason: rec.reason.clone().unwrap_or_else(|| "Unknown".into()),
+        message: rec.message.clone().unwrap_or_default(),
+        last_transition_time: since,
+        observed_generation: None,
+    }];
+    if let Some(config) = &status.config {
+        let (cond_status, reason, message) = match (&config.error, config.in_sync) {
+            (Some(error), _) => (
+                "False",
+                "Rejected",
+                format!("the agent rejected its config: {error}"),
+            ),
+            (None, Some(false)) => (
+                "False",
+                "Pending",
+                format!(
+                    "the agent runs every {}s; {}s is desired",
+                    config.interval, desired.interval
+                ),
+            ),
+            _ => (
+                "True",
+                "Applied",
+                format!("the agent runs every {}s", config.interval),
+            ),
+        };
+        let since = previous
+            .iter()
+            .find(|c| c.type_ == "ConfigApplied" && c.status == cond_status)
+            .map_or_else(
+                || Time(Timestamp::now()),
+                |c| c.last_transition_time.clone(),
+            );
+        conditions.push(Condition {
+            type_: "ConfigApplied".into(),
+            status: cond_status.into(),
+            reason: reason.into(),
+            message,
+            last_transition_time: since,
+            observed_generation: None,
+        });
+    }
+    status.conditions = conditions;
+    status
+}
+
+/// The status minus what changes with every sample: the usage figures and the heartbeat time.
+fn without_usage(status: &MonitorNodeStatus) -> MonitorNodeStatus {
+    MonitorNodeStatus {
+        usage: None,
+        last_heartbeat_time: None,
+        ..status.clone()
+    }
+}
+
+/// Applies the status through the status subresource, creating the MonitorNode first when it
+/// does not exist, then raises the Events of the transitions it carries.
+async fn write_status(api: &Api<MonitorNode>, recorder: &Recorder, job: &WriteJob) -> Result<()> {
+    let patch = serde_json::json!({
+        "apiVersion": "nodepulse.io/v1alpha1",
+        "kind": "MonitorNode",
+        "status": job.status,
+    });
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let action = || format!("apply status of MonitorNode {}", job.node);
+    let mn = match api
+        .patch_status(&job.node, &params, &Patch::Apply(&patch))
+        .await
+    {
+        Err(kube::Error::Api(status)) if status.is_not_found() => {
+            let mut mn = MonitorNode::new(&job.node, MonitorNodeSpec {});
+            if let Some(owner) = &job.owner {
+                mn.metadata.owner_references = Some(vec![owner.clone()]);
+            }
+            let params = PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PostParams::default()
+            };
+            match api.create(&params, &mn).await {
+                Ok(_) => tracing::info!(node = %job.node, "created MonitorNode"),
+                Err(kube::Error::Api(status)) if status.is_already_exists() => {}
+                Err(e) => return Err(Error::kube(format!("create MonitorNode {}", job.node))(e)),
+            }
+            api.patch_status(&job.node, &params_force(), &Patch::Apply(&patch))
+                .await
+                .map_err(Error::kube(action()))?
+        }
+        other => other.map_err(Error::kube(action()))?,
+    };
+    let reference = mn.object_ref(&());
+    for t in &job.events {
+        let event = Event {
+            type_: match t.state {
+                NodeState::Alive => EventType::Normal,
+                _ => EventType::Warning,
+            },
+            reason: match t.state {
+                NodeState::Alive => "NodeAlive",
+                _ => "NodeDead",
+            }
+            .into(),
+            note: Some(format!(
+                "{}: {}",
+                transition_line(&job.node, t.state, t.reason),
+                t.message
+            )),
+            action: "Heartbeat".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            // The status is what matters; a lost Event is logged, not retried.
+            tracing::warn!(node = %job.node, error = %e, "could not record Event {}", event.reason);
+        }
+    }
+    Ok(())
+}
+
+fn params_force() -> PatchParams {
+    PatchParams::apply(FIELD_MANAGER).force()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodepulse_crd::wire::{AppliedConfig, Metric, UsageSummary};
+
+    fn heartbeat(interval: u32, cpu: f64) -> Heartbeat {
+        Heartbeat {
+            node: "worker-1".into(),
+            agent_version: "0.1.0".into(),
+            state: AgentState::Running,
+            started_at: "2026-11-22T05:00:00Z".parse().unwrap(),
+            updated_at: "2026-11-22T05:00:05Z".parse().unwrap(),
+            ttl_seconds: 3,
+            config: AppliedConfig {
+                revision: 0,
+                interval,
+                metrics: Metric::ALL.to_vec(),
+                source: None,
+                error: None,
+            },
+            usage: Some(UsageSummary {
+                cpu_percent: Some(cpu),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn transition_lines_use_the_labs_words() {
+        assert_eq!(
+            transition_line("worker-1", NodeState::Alive, LivenessReason::HeartbeatSeen),
+            "Node worker-1 Alive"
+        );
+        assert_eq!(
+            transition_line(
+                "worker-1",
+                NodeState::Dead,
+                LivenessReason::HeartbeatExpired
+            ),
+            "Node worker-1 Dead (heartbeat expired)"
+        );
+        assert_eq!(
+            transition_line("worker-1", NodeState::Dead, LivenessReason::AgentStopped),
+            "Node worker-1 Dead (agent stopped)"
+        );
+    }
+
+    #[test]
+    fn usage_alone_is_not_an_urgent_change_but_config_is() {
+        let mut rec = NodeRecord {
+            state: Some(NodeState::Alive),
+            reason: Some("HeartbeatSeen".into()),
+            heartbeat: Some(heartbeat(10, 1.0)),
+            ..Default::default()
+        };
+        let first = compute_status(&mut rec, None);
+        rec.written = Some(first.clone());
+        assert_eq!(first.config.as_ref().unwrap().in_sync, Some(true));
+        rec.heartbeat = Some(heartbeat(10, 55.0));
+        let second = compute_status(&mut rec, None);
+        assert_ne!(first, second);
+        assert_eq!(without_usage(&first), without_usage(&second));
+        rec.heartbeat = Some(heartbeat(2, 55.0));
+        let third = compute_status(&mut rec, None);
+        assert_ne!(without_usage(&first), without_usage(&third));
+        let cond = third
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "ConfigApplied")
+            .unwrap();
+        assert_eq!(
+            (cond.status.as_str(), cond.reason.as_str()),
+            ("False", "Pending")
+        );
+        let desired = ConfigValue::new(2, nodepulse_crd::wire::MetricSet::all()).unwrap();
+        let fourth = compute_status(&mut rec, Some(&desired));
+        assert_eq!(fourth.config.as_ref().unwrap().in_sync, Some(true));
+    }
+
+    #[test]
+    fn a_rejected_config_shows_in_the_condition() {
+        let mut hb = heartbeat(10, 1.0);
+        hb.config.error = Some("interval 0 is out of range".into());
+        let mut rec = NodeRecord {
+            state: Some(NodeState::Alive),
+            heartbeat: Some(hb),
+            ..Default::default()
+        };
+        let status = compute_status(&mut rec, None);
+        let cond = status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "ConfigApplied")
+            .unwrap();
+        assert_eq!(cond.status, "False");
+        assert!(cond.message.contains("interval 0"), "{}", cond.message);
+    }
+}
