@@ -81,7 +81,7 @@ impl Agent {
         let metrics_addr = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(bin("nodepulse-agent")?);
         cmd.args(["--node-name", node])
-            .args(["--heartbeat-ttl", &format!("{ttl_seconds}s")])
+            .args(["--heartbeat-ttl", &ttl_seconds.to_string()])
             .args(["--etcd-endpoints", etcd_endpoint])
             .args(["--metrics-addr", &metrics_addr])
             .args(["--log-format", "json"])

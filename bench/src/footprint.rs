@@ -10,6 +10,7 @@ use testkit::{Process, free_port, tool};
 use crate::cluster::{Agent, get, start_etcd, wait_http};
 use crate::proc_usage::{self, UsageSeries};
 use crate::report::Section;
+use crate::stats::ms;
 use crate::{Error, Options, Result, progress, prom};
 
 const TITLE: &str = "1. Agent footprint against prometheus/node_exporter";
@@ -206,6 +207,41 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
         String::new(),
         String::new(),
     ]);
+    // Measured alone, with both daemons gone, so they do not compete for the cores.
+    drop(agent);
+    drop(node_exporter);
+    let in_process = if opts.smoke { 20 } else { 1000 };
+    match tokio::task::spawn_blocking(move || crate::sample_cost::measure(in_process)).await {
+        Ok(Ok((cpu, wall))) => {
+            s.row(&[
+                format!(
+                    "one full sample of all five metrics, CPU time (agent's `collect::Sampler`, \
+                     in-process, thread CPU clock; p50 / p99 of {in_process})"
+                ),
+                format!("{} / {}", ms(cpu.p50), ms(cpu.p99)),
+                String::new(),
+                String::new(),
+                "< 1 ms".into(),
+                met_bool(cpu.p99 < Duration::from_millis(1)),
+            ]);
+            s.row(&[
+                "  the same samples, wall time (p50 / p99)".into(),
+                format!("{} / {}", ms(wall.p50), ms(wall.p99)),
+                String::new(),
+                String::new(),
+                String::new(),
+                String::new(),
+            ]);
+        }
+        Ok(Err(e)) => s.row(&[
+            "one full sample of all five metrics, CPU time".into(),
+            format!("not measured: {e}"),
+        ]),
+        Err(e) => s.row(&[
+            "one full sample of all five metrics, CPU time".into(),
+            format!("not measured: {e}"),
+        ]),
+    }
     if let Some((mean, what)) = sample_duration(&agent_metrics_before, &agent_metrics_after) {
         s.row(&[
             format!("one full sample of all five metrics ({what})"),
@@ -229,8 +265,6 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
         format_args!("{a_sched:.3}"),
         scrape_bytes
     );
-    drop(agent);
-    drop(node_exporter);
     Ok(s)
 }
 
@@ -297,20 +331,17 @@ fn sample_duration(before: &str, after: &str) -> Option<(f64, String)> {
 }
 
 fn version_of_node_exporter() -> String {
-    let out = Command::new(tool("node_exporter"))
-        .arg("--version")
-        .output();
-    out.ok()
-        .and_then(|o| {
-            let text = if o.stdout.is_empty() {
-                o.stderr
-            } else {
-                o.stdout
-            };
-            String::from_utf8_lossy(&text)
-                .split_whitespace()
-                .nth(2)
+    std::fs::read_link(tool("node_exporter"))
+        .ok()
+        .and_then(|t| {
+            t.file_name()?
+                .to_str()?
+                .strip_prefix("node_exporter-")
                 .map(str::to_string)
         })
         .unwrap_or_default()
+}
+
+fn met_bool(ok: bool) -> String {
+    if ok { "yes" } else { "**no**" }.to_string()
 }

@@ -18,6 +18,7 @@ pub mod proc_usage;
 pub mod prom;
 pub mod propagation;
 pub mod report;
+pub mod sample_cost;
 pub mod scale;
 pub mod stats;
 

@@ -115,9 +115,9 @@ impl Environment {
         let git = first_line(Command::new("git").args(["rev-parse", "--short", "HEAD"]));
         let versions = vec![
             format!("nodepulse {} (git {git})", env!("CARGO_PKG_VERSION")),
-            tool_version("node_exporter", &["--version"]),
-            tool_version("etcd", &["--version"]),
-            tool_version("kube-apiserver", &["--version"]),
+            tool_version("node_exporter"),
+            tool_version("etcd"),
+            tool_version("kube-apiserver"),
         ];
         Environment {
             machine,
@@ -150,18 +150,21 @@ fn first_line(cmd: &mut Command) -> String {
         .unwrap_or_else(|| "unknown".to_string())
 }
 
-fn tool_version(name: &str, args: &[&str]) -> String {
+/// `etcd v3.6.16`: hack/tools.sh names each binary `<tool>-<version>` behind an unversioned
+/// symlink (binaries built from the module proxy do not know their own version).
+fn tool_version(name: &str) -> String {
     let path = testkit::tool(name);
-    let line = first_line(Command::new(&path).args(args));
-    if line
-        .to_lowercase()
-        .contains(&name.replace('_', "").to_lowercase())
-        || line.contains(name)
-    {
-        line
-    } else {
-        format!("{name}: {line}")
-    }
+    let version = std::fs::read_link(&path)
+        .ok()
+        .and_then(|target| {
+            target
+                .file_name()?
+                .to_str()?
+                .strip_prefix(&format!("{name}-"))
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| "unknown version".to_string());
+    format!("{name} {version}")
 }
 
 /// Renders the whole file.
