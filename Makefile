@@ -35,20 +35,26 @@ lint: deps ## cargo fmt --check, clippy -D warnings, helm lint --strict
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@bash $(TOOLS) helm >/dev/null
 	$$(bash $(TOOLS) helm)/helm lint --strict charts/nodepulse
+	@for f in charts/nodepulse/ci/*-values.yaml; do \
+	  echo "helm lint --strict -f $$f"; \
+	  $$(bash $(TOOLS) helm)/helm lint --strict --quiet charts/nodepulse -f $$f || exit 1; \
+	done
 
 .PHONY: generate
 generate: ## Regenerate the CRD YAML from the Rust types, and the plain manifests from the chart
 	$(CARGO) run -q -p nodepulse-crd --bin crdgen > manifests/00-crds.yaml
 	cp manifests/00-crds.yaml charts/nodepulse/crds/nodepulse.io_crds.yaml
-	@if [ -x hack/manifests.sh ]; then bash hack/manifests.sh; fi
+	bash hack/manifests.sh
 
 .PHONY: manifests
-manifests: ## Render manifests/ from the Helm chart
+manifests: ## Render manifests/ from the Helm chart (1-replica etcd, and etcd-3-replicas/)
 	bash hack/manifests.sh
 
 .PHONY: image
-image: release ## Build the container image (needs a Docker engine; none runs on the CI machines)
-	docker build -t nodepulse:dev .
+IMAGE ?= nodepulse:dev
+image: ## Build the container image nodepulse:dev, or IMAGE=... (needs a Docker engine; none runs here: `make release` builds the same binaries)
+	@docker info >/dev/null 2>&1 || { echo "make image: no Docker engine reachable; the Dockerfile builds what \`make release\` builds" >&2; exit 1; }
+	docker build -t $(IMAGE) .
 
 .PHONY: demo
 demo: tools build ## The lab's scenario on one machine: watcher, agent, config push, kill -9 (DEMO_K8S=1 adds the controller)
