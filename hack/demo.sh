@@ -43,30 +43,34 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/nodepulse-demo.XXXXXX")
 PIDS=()      # what we started, stopped in reverse order
 FOLLOWERS=() # the `tail | sed` prefixers; they end when their process does
 
+# The traps may fire while a function's output goes to /dev/null: they write to fd 3, the
+# script's own stdout.
+exec 3>&1
+
 cleanup() {
   local status=$?
   trap - EXIT INT TERM
-  local i
+  local i pid
+  # Reverse order, one at a time: the agent and the watcher stop while etcd still answers (a
+  # stopping agent revokes its lease).
   for ((i = ${#PIDS[@]} - 1; i >= 0; i--)); do
-    kill -TERM "${PIDS[i]}" 2>/dev/null || true
-  done
-  for pid in "${PIDS[@]}"; do
-    # Give each a moment to stop cleanly, then make sure.
+    pid=${PIDS[i]}
+    kill -TERM "$pid" 2>/dev/null || continue
     for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
     kill -KILL "$pid" 2>/dev/null || true
     wait "$pid" 2>/dev/null || true
   done
   for pid in "${FOLLOWERS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  if [[ ${DEMO_KEEP:-0} == 1 || $status != 0 ]]; then
-    echo "[demo] logs kept in $WORK"
+  if [[ ${DEMO_KEEP:-0} == 1 || ($status != 0 && $status != 130) ]]; then
+    echo "[demo] logs kept in $WORK" >&3
   else
     rm -rf "$WORK"
   fi
-  echo "[demo] stopped everything it started"
+  echo "[demo] stopped everything it started" >&3
   exit "$status"
 }
 trap cleanup EXIT
-trap 'echo; echo "[demo] interrupted"; exit 130' INT TERM
+trap 'echo >&3; echo "[demo] interrupted" >&3; exit 130' INT TERM
 
 say() { printf '\n[demo] %s\n' "$*"; }
 note() { printf '[demo] %s\n' "$*"; }
