@@ -88,15 +88,18 @@ free_port() {
 }
 
 # start NAME LOG CMD... : runs CMD in the background with its output in LOG, and echoes LOG live
-# with a [NAME] prefix. Sets START_PID.
+# with a [NAME] prefix (colour codes removed); NAME "-" only logs. Sets START_PID.
 start() {
   local name=$1 log=$2
   shift 2
   "${DIE_WITH_US[@]}" "$@" >"$log" 2>&1 &
   START_PID=$!
   PIDS+=("$START_PID")
-  tail --pid="$START_PID" -s 0.1 -n +1 -F "$log" 2>/dev/null | sed -u "s/^/[$name] /" &
-  FOLLOWERS+=($!)
+  if [[ $name != - ]]; then
+    tail --pid="$START_PID" -s 0.1 -n +1 -F "$log" 2>/dev/null |
+      sed -u -e $'s/\x1b\\[[0-9;]*m//g' -e "s/^/[$name] /" &
+    FOLLOWERS+=($!)
+  fi
 }
 
 now_ms() { date +%s%3N; }
@@ -146,13 +149,87 @@ export RUST_LOG=${RUST_LOG:-info}
 etcdctl() { "$TOOLS/etcdctl" --endpoints "$ETCD" "$@"; }
 
 # --- optional: kube-apiserver + controller --------------------------------------------------
+# The same kube-apiserver the test harness runs (testkit): serving certificate from a throwaway
+# CA, a service-account key pair, a static admin token, a kubeconfig. It keeps its objects in
+# the demo's etcd under /registry, beside nodepulse's /monitor keys.
+k8s_start() {
+  local dir=$WORK/k8s port
+  mkdir -p "$dir"
+  port=$(free_port)
+  say "DEMO_K8S=1: starting kube-apiserver on https://127.0.0.1:$port and nodepulse-controller"
+  (
+    cd "$dir"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 1 \
+      -subj "/CN=nodepulse-demo-ca"
+    openssl req -newkey rsa:2048 -nodes -keyout apiserver.key -out apiserver.csr \
+      -subj "/CN=kube-apiserver"
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost,DNS:kubernetes.default.svc\n' >san.ext
+    openssl x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial \
+      -out apiserver.crt -days 1 -extfile san.ext
+    openssl genrsa -out sa.key 2048
+    openssl rsa -in sa.key -pubout -out sa.pub
+  ) >"$dir/openssl.log" 2>&1 || { cat "$dir/openssl.log" >&2; exit 1; }
+  echo "nodepulse-demo-admin,admin,admin,system:masters" >"$dir/tokens.csv"
+  start - "$dir/apiserver.log" "$TOOLS/kube-apiserver" \
+    --etcd-servers="$ETCD" --secure-port="$port" --bind-address=127.0.0.1 \
+    --advertise-address=127.0.0.1 --cert-dir="$dir/certs" \
+    --tls-cert-file="$dir/apiserver.crt" --tls-private-key-file="$dir/apiserver.key" \
+    --token-auth-file="$dir/tokens.csv" --authorization-mode=RBAC \
+    --service-account-issuer=https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file="$dir/sa.pub" --service-account-signing-key-file="$dir/sa.key" \
+    --service-cluster-ip-range=10.96.0.0/16 --enable-priority-and-fairness=false --v=0
+  # Its startup chatter is long; the log stays in the scratch directory.
+  cat >"$dir/kubeconfig" <<KUBECONFIG
+apiVersion: v1
+kind: Config
+clusters:
+- name: demo
+  cluster:
+    server: https://127.0.0.1:$port
+    certificate-authority: $dir/ca.crt
+users:
+- name: admin
+  user:
+    token: nodepulse-demo-admin
+contexts:
+- name: demo
+  context:
+    cluster: demo
+    user: admin
+current-context: demo
+KUBECONFIG
+  export KUBECONFIG=$dir/kubeconfig
+  local deadline=$(($(now_ms) + 120000))
+  until kubectl get --raw /readyz >/dev/null 2>&1; do
+    (($(now_ms) < deadline)) || { echo "[demo] FAILED: kube-apiserver not ready" >&2; tail -n 20 "$dir/apiserver.log" >&2; exit 1; }
+    sleep 0.5
+  done
+  until kubectl get namespace default >/dev/null 2>&1; do sleep 0.2; done
+  note "kubectl apply --server-side -f manifests/00-crds.yaml"
+  kubectl apply --server-side -f "$ROOT/manifests/00-crds.yaml" 2>&1 | sed 's/^/[kubectl] /'
+  kubectl wait --for=condition=Established --timeout=60s \
+    crd/monitornodes.nodepulse.io crd/monitorconfigs.nodepulse.io 2>&1 | sed 's/^/[kubectl] /'
+  note "nodepulse-controller --leader-election-namespace default --etcd-endpoints $ETCD"
+  start controller "$WORK/controller.log" "$BIN/nodepulse-controller" \
+    --metrics-addr "127.0.0.1:$(free_port)" --leader-election-namespace default \
+    --etcd-endpoints "$ETCD"
+  wait_for "$WORK/controller.log" 'became leader' 30 "\"became leader\" from the controller" >/dev/null
+}
+
 if [[ $K8S == 1 ]]; then
-  # shellcheck source=hack/demo-k8s.sh
-  source "$ROOT/hack/demo-k8s.sh"
   k8s_start
 fi
+# show_monitornodes [STATE]: with DEMO_K8S=1, waits (15 s at most) until the MonitorNode shows
+# STATE, then prints `kubectl get monitornodes`.
 show_monitornodes() {
   if [[ $K8S == 1 ]]; then
+    if [[ -n ${1:-} ]]; then
+      local deadline=$(($(now_ms) + 15000))
+      until [[ $(kubectl get monitornode "$NODE" -o jsonpath='{.status.state}' 2>/dev/null) == "$1" ]]; do
+        (($(now_ms) < deadline)) || { note "MonitorNode $NODE is not $1 after 15 s"; break; }
+        sleep 0.2
+      done
+    fi
     note "kubectl get monitornodes"
     kubectl get monitornodes 2>&1 | sed 's/^/[kubectl] /'
   fi
@@ -178,15 +255,32 @@ wait_for "$WORK/agent.log" 'sample ' 15 "first sample line of the agent" >/dev/n
 if [[ $K8S == 1 ]]; then
   wait_for "$WORK/controller.log" "Node $NODE Alive" 10 "\"Node $NODE Alive\" from the controller" >/dev/null
 fi
-show_monitornodes
+show_monitornodes Alive
 
 # --- 3. live configuration --------------------------------------------------------------------
 say "3. Push a new config to $NODE: interval 2 s, metrics cpu and memory"
-note "nodepulsectl config set $NODE --interval 2 --metrics cpu,memory"
-note "  (the same as: etcdctl put /monitor/config/$NODE '{\"interval\": 2, \"metrics\": [\"cpu\",\"memory\"]}')"
 agent_mark=$(lines "$WORK/agent.log")
-t_push=$(now_ms)
-"$BIN/nodepulsectl" config set "$NODE" --interval 2 --metrics cpu,memory 2>&1 | sed 's/^/[nodepulsectl] /'
+if [[ $K8S == 1 ]]; then
+  # The Kubernetes way: a MonitorConfig; the controller writes /monitor/config/worker-1.
+  monitor_config="apiVersion: nodepulse.io/v1alpha1
+kind: MonitorConfig
+metadata:
+  name: demo-fast
+spec:
+  nodeNames: [$NODE]
+  interval: 2
+  metrics: [cpu, memory]"
+  note "kubectl apply -f - <<EOF"
+  printf '%s\n' "$monitor_config" | sed 's/^/[demo]   /'
+  note "EOF"
+  t_push=$(now_ms)
+  printf '%s\n' "$monitor_config" | kubectl apply -f - 2>&1 | sed 's/^/[kubectl] /'
+else
+  note "nodepulsectl config set $NODE --interval 2 --metrics cpu,memory"
+  note "  (the same as: etcdctl put /monitor/config/$NODE '{\"interval\": 2, \"metrics\": [\"cpu\",\"memory\"]}')"
+  t_push=$(now_ms)
+  "$BIN/nodepulsectl" config set "$NODE" --interval 2 --metrics cpu,memory 2>&1 | sed 's/^/[nodepulsectl] /'
+fi
 n=$(wait_for "$WORK/agent.log" 'config updated' 5 "\"config updated\" line from the agent" "$agent_mark")
 applied_after=$(elapsed "$t_push")
 note "the agent applied it ${applied_after} s after the push; its samples now come every 2 s:"
@@ -196,7 +290,13 @@ for i in 1 2 3; do
 done
 note "nodepulsectl nodes   (the heartbeat value is rewritten at most every 5 s; liveness rides on the lease)"
 "$BIN/nodepulsectl" nodes 2>&1 | sed 's/^/[nodepulsectl] /'
-show_monitornodes
+if [[ $K8S == 1 ]]; then
+  note "nodepulsectl config get $NODE   (the key the controller wrote)"
+  "$BIN/nodepulsectl" config get "$NODE" 2>&1 | sed 's/^/[nodepulsectl] /'
+  note "kubectl get monitorconfigs"
+  kubectl get monitorconfigs 2>&1 | sed 's/^/[kubectl] /'
+fi
+show_monitornodes Alive
 
 # --- 4. hard kill -----------------------------------------------------------------------------
 say "4. Kill the agent hard (kill -9 $AGENT_PID): no goodbye, etcd expires its lease after ~${TTL} s"
@@ -210,6 +310,6 @@ note "the watcher reported $NODE dead ${dead_after} s after the kill (TTL ${TTL}
 if [[ $K8S == 1 ]]; then
   wait_for "$WORK/controller.log" "Node $NODE Dead" 10 "\"Node $NODE Dead\" from the controller" >/dev/null
 fi
-show_monitornodes
+show_monitornodes Dead
 
 say "Done: Alive after ${alive_after} s, config applied after ${applied_after} s, Dead ${dead_after} s after kill -9."
