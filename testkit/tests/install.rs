@@ -1,0 +1,695 @@
+//! Issue 5's acceptance, against the real tools: the Helm chart lints and renders for the supported
+//! values and refuses bad ones, installs into a real kube-apiserver, the plain manifests pass a
+//! server-side dry run and do not drift from the chart, the Dockerfile ships what `make release`
+//! builds, and the 3-member etcd command line the chart renders really forms a cluster.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_yaml::Value;
+use testkit::{
+    KubeApiserver, Process, free_port, http_get, repo_root, scratch_dir, tool, wait_until,
+};
+
+/// The chart's directory.
+fn chart() -> PathBuf {
+    repo_root().join("charts/nodepulse")
+}
+
+/// A values file of the chart's `ci/` folder (also what `make lint` lints).
+fn ci_values(name: &str) -> String {
+    chart().join("ci").join(name).to_string_lossy().into_owned()
+}
+
+/// Runs helm with private cache/config dirs (no kubeconfig needed for lint and template).
+fn helm(args: &[&str]) -> Output {
+    let home = scratch_dir("helm-home");
+    Command::new(tool("helm"))
+        .args(args)
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_DATA_HOME", home.path().join("data"))
+        .output()
+        .expect("run helm")
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+/// `helm template nodepulse charts/nodepulse <extra>` parsed into its objects.
+fn render(extra: &[&str]) -> Vec<Value> {
+    let chart = chart();
+    let mut args = vec!["template", "nodepulse", chart.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    let out = helm(&args);
+    assert!(
+        out.status.success(),
+        "helm template {extra:?} failed: {}",
+        text(&out.stderr)
+    );
+    parse_objects(&text(&out.stdout))
+}
+
+/// The objects of a multi-document YAML stream (empty documents skipped).
+fn parse_objects(yaml: &str) -> Vec<Value> {
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+/// The one object of `kind` named `name`.
+fn object<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"].as_str() == Some(kind) && o["metadata"]["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {kind} {name} in the rendered chart"))
+}
+
+fn kinds(objects: &[Value]) -> BTreeSet<String> {
+    objects
+        .iter()
+        .map(|o| o["kind"].as_str().expect("kind").to_string())
+        .collect()
+}
+
+/// A container's `args` as strings.
+fn container_args(workload: &Value) -> Vec<String> {
+    workload["spec"]["template"]["spec"]["containers"][0]["args"]
+        .as_sequence()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("string arg").to_string())
+        .collect()
+}
+
+#[test]
+fn helm_lint_strict_and_template_pass_for_defaults_three_members_and_external_tls_etcd() {
+    let chart = chart();
+    let chart = chart.to_str().expect("utf-8 path");
+    let cases: [(&str, Vec<String>); 4] = [
+        ("defaults", vec![]),
+        (
+            "etcd.replicas=3",
+            vec!["--set".into(), "etcd.replicas=3".into()],
+        ),
+        (
+            "external etcd with TLS",
+            vec!["-f".into(), ci_values("external-etcd-tls-values.yaml")],
+        ),
+        (
+            "chart etcd with client and peer TLS",
+            vec!["-f".into(), ci_values("etcd-tls-values.yaml")],
+        ),
+    ];
+    for (what, extra) in cases {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        let mut lint = vec!["lint", "--strict", chart];
+        lint.extend_from_slice(&extra);
+        let out = helm(&lint);
+        assert!(
+            out.status.success(),
+            "helm lint --strict ({what}) failed:\n{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        let objects = render(&extra);
+        assert!(
+            kinds(&objects).contains("DaemonSet") && kinds(&objects).contains("Deployment"),
+            "{what}: agent and controller rendered"
+        );
+    }
+}
+
+#[test]
+fn bad_values_fail_with_a_clear_message() {
+    let chart = chart();
+    let chart = chart.to_str().expect("utf-8 path");
+    let cases = [
+        // An even member count adds no fault tolerance: the schema allows 1 or 3 only.
+        (vec!["--set", "etcd.replicas=2"], "/etcd/replicas"),
+        (vec!["--set", "etcd.replicas=2"], "must be one of 1, 3"),
+        (
+            vec!["--set", "etcd.replica=3"],
+            "additional properties 'replica' not allowed",
+        ),
+        (
+            vec!["--set", "agent.heartbeatTtl=10s"],
+            "additional properties 'heartbeatTtl' not allowed",
+        ),
+        (
+            vec!["--set", "etcd.enabled=false"],
+            "/etcd/external/endpoints",
+        ),
+        (vec!["--set", "logFormat=xml"], "/logFormat"),
+    ];
+    for (flags, message) in cases {
+        for command in [
+            ["template", "nodepulse", chart].as_slice(),
+            ["lint", "--strict", chart].as_slice(),
+        ] {
+            let mut args = command.to_vec();
+            args.extend_from_slice(&flags);
+            let out = helm(&args);
+            let said = format!("{}{}", text(&out.stdout), text(&out.stderr));
+            assert!(
+                !out.status.success(),
+                "helm {args:?} should fail; it said:\n{said}"
+            );
+            assert!(
+                said.contains(message),
+                "helm {args:?} should say {message:?}; it said:\n{said}"
+            );
+        }
+    }
+}
+
+#[test]
+fn rendered_objects_carry_what_the_issue_asks_for() {
+    let objects = render(&[]);
+
+    // etcd as the specification names it: namespace etcd, headless etcd-service, StatefulSet etcd.
+    object(&objects, "Namespace", "etcd");
+    let service = object(&objects, "Service", "etcd-service");
+    assert_eq!(service["metadata"]["namespace"].as_str(), Some("etcd"));
+    assert_eq!(service["spec"]["clusterIP"].as_str(), Some("None"));
+    assert_eq!(
+        service["spec"]["publishNotReadyAddresses"].as_bool(),
+        Some(true)
+    );
+    let sts = object(&objects, "StatefulSet", "etcd");
+    assert_eq!(sts["spec"]["replicas"].as_u64(), Some(1));
+    assert_eq!(
+        sts["spec"]["podManagementPolicy"].as_str(),
+        Some("Parallel")
+    );
+    assert_eq!(sts["spec"]["serviceName"].as_str(), Some("etcd-service"));
+    assert!(
+        sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
+            .is_string()
+    );
+    let etcd = &sts["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        etcd["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/livez")
+    );
+    assert_eq!(
+        etcd["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+    assert!(container_args(sts).contains(&"--listen-metrics-urls=http://0.0.0.0:2381".to_string()));
+    assert!(
+        !kinds(&objects).contains("PodDisruptionBudget")
+            || objects
+                .iter()
+                .filter(|o| o["kind"].as_str() == Some("PodDisruptionBudget"))
+                .all(|o| o["metadata"]["namespace"].as_str() != Some("etcd")),
+        "no etcd PDB for a single member"
+    );
+
+    // Agent: every node, host /proc and / read-only, hostPID, non-root, no token, probes.
+    let ns = object(&objects, "Namespace", "nodepulse");
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"].as_str(),
+        Some("privileged")
+    );
+    let ds = object(&objects, "DaemonSet", "nodepulse-agent");
+    let pod = &ds["spec"]["template"]["spec"];
+    assert_eq!(pod["hostPID"].as_bool(), Some(true));
+    assert_eq!(pod["automountServiceAccountToken"].as_bool(), Some(false));
+    assert_eq!(pod["tolerations"][0]["operator"].as_str(), Some("Exists"));
+    let agent = &pod["containers"][0];
+    assert_eq!(agent["env"][0]["name"].as_str(), Some("NODE_NAME"));
+    assert_eq!(
+        agent["env"][0]["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        Some("spec.nodeName")
+    );
+    let sc = &agent["securityContext"];
+    assert_eq!(sc["readOnlyRootFilesystem"].as_bool(), Some(true));
+    assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true));
+    assert_eq!(sc["capabilities"]["drop"][0].as_str(), Some("ALL"));
+    for (mount, path) in [("/host/proc", "/proc"), ("/host/root", "/")] {
+        let m = agent["volumeMounts"]
+            .as_sequence()
+            .expect("mounts")
+            .iter()
+            .find(|m| m["mountPath"].as_str() == Some(mount))
+            .unwrap_or_else(|| panic!("{mount} mounted"));
+        assert_eq!(m["readOnly"].as_bool(), Some(true), "{mount} read-only");
+        let volume = pod["volumes"]
+            .as_sequence()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == m["name"])
+            .expect("volume of the mount");
+        assert_eq!(volume["hostPath"]["path"].as_str(), Some(path));
+    }
+    let args = container_args(ds);
+    assert!(args.contains(&"--proc-root=/host/proc".to_string()));
+    assert!(args.contains(&"--host-root=/host/root".to_string()));
+    assert_eq!(
+        agent["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        agent["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+    let endpoints = agent["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"].as_str() == Some("NODEPULSE_ETCD_ENDPOINTS"))
+        .expect("etcd endpoints");
+    assert_eq!(
+        endpoints["value"].as_str(),
+        Some("http://etcd-0.etcd-service.etcd.svc.cluster.local:2379")
+    );
+
+    // Pod-template labels are stable across chart upgrades: no chart version in them.
+    for workload in [
+        ds,
+        sts,
+        object(&objects, "Deployment", "nodepulse-controller"),
+    ] {
+        let labels = workload["spec"]["template"]["metadata"]["labels"]
+            .as_mapping()
+            .expect("pod labels");
+        assert!(!labels.contains_key("helm.sh/chart"));
+        assert!(!labels.contains_key("app.kubernetes.io/version"));
+    }
+
+    // Controller: 2 replicas, leader election in its own namespace, least-privilege RBAC.
+    let deploy = object(&objects, "Deployment", "nodepulse-controller");
+    assert_eq!(deploy["spec"]["replicas"].as_u64(), Some(2));
+    assert!(
+        container_args(deploy)
+            .contains(&"--leader-election-namespace=$(POD_NAMESPACE)".to_string())
+    );
+    let role = object(&objects, "ClusterRole", "nodepulse-controller");
+    let rules = serde_yaml::to_string(&role["rules"]).expect("rules");
+    for resource in [
+        "monitornodes/status",
+        "monitorconfigs/status",
+        "monitorconfigs/finalizers",
+        "nodes",
+        "events",
+    ] {
+        assert!(rules.contains(resource), "ClusterRole covers {resource}");
+    }
+    assert!(
+        !rules.contains("delete") && !rules.contains('*'),
+        "no delete, no wildcard"
+    );
+    let lease_role = object(&objects, "Role", "nodepulse-controller-leader-election");
+    assert_eq!(
+        lease_role["rules"][0]["resources"][0].as_str(),
+        Some("leases")
+    );
+
+    // Three members: all in --initial-cluster, required anti-affinity, PDB maxUnavailable 1.
+    let three = render(&["--set", "etcd.replicas=3"]);
+    let sts = object(&three, "StatefulSet", "etcd");
+    assert_eq!(sts["spec"]["replicas"].as_u64(), Some(3));
+    assert!(
+        sts["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+            ["requiredDuringSchedulingIgnoredDuringExecution"]
+            .is_sequence()
+    );
+    let pdb = object(&three, "PodDisruptionBudget", "etcd");
+    assert_eq!(pdb["spec"]["maxUnavailable"].as_u64(), Some(1));
+    let initial = container_args(sts)
+        .into_iter()
+        .find(|a| a.starts_with("--initial-cluster="))
+        .expect("--initial-cluster");
+    assert_eq!(
+        initial,
+        "--initial-cluster=etcd-0=http://etcd-0.etcd-service.etcd.svc.cluster.local:2380,\
+         etcd-1=http://etcd-1.etcd-service.etcd.svc.cluster.local:2380,\
+         etcd-2=http://etcd-2.etcd-service.etcd.svc.cluster.local:2380"
+    );
+
+    // External etcd with TLS: no etcd objects, the client Secret mounted, credentials from a Secret.
+    let external = render(&["-f", &ci_values("external-etcd-tls-values.yaml")]);
+    assert!(!kinds(&external).contains("StatefulSet"));
+    let yaml =
+        serde_yaml::to_string(object(&external, "DaemonSet", "nodepulse-agent")).expect("yaml");
+    for needle in [
+        "https://etcd-a.example.internal:2379,https://etcd-b.example.internal:2379",
+        "NODEPULSE_ETCD_CA_FILE",
+        "secretName: nodepulse-etcd-client-tls",
+        "NODEPULSE_ETCD_PASSWORD",
+    ] {
+        assert!(yaml.contains(needle), "external TLS agent has {needle}");
+    }
+}
+
+#[test]
+fn helm_install_into_a_real_apiserver_is_accepted_and_installs_the_crds() {
+    // A private API server without the CRDs: the chart's crds/ folder must bring them.
+    let server = KubeApiserver::start();
+    let chart = chart();
+    let chart = chart.to_str().expect("utf-8 path");
+    let ok = |out: Output, what: &str| -> String {
+        assert!(
+            out.status.success(),
+            "{what} failed:\n{}{}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+        text(&out.stdout)
+    };
+
+    let notes = ok(
+        server.helm(&["install", "nodepulse", chart, "--namespace", "default"]),
+        "helm install (defaults)",
+    );
+    assert!(
+        notes.contains("kubectl get monitornodes"),
+        "NOTES tell the next commands:\n{notes}"
+    );
+    assert!(notes.contains("etcdctl member list -w table"));
+    server.kubectl_ok(&["get", "crd", "monitornodes.nodepulse.io"]);
+    server.kubectl_ok(&["get", "crd", "monitorconfigs.nodepulse.io"]);
+    server.kubectl_ok(&["get", "namespace", "etcd", "nodepulse"]);
+    server.kubectl_ok(&[
+        "get",
+        "statefulset/etcd",
+        "service/etcd-service",
+        "-n",
+        "etcd",
+    ]);
+    server.kubectl_ok(&[
+        "get",
+        "daemonset/nodepulse-agent",
+        "deployment/nodepulse-controller",
+        "role/nodepulse-controller-leader-election",
+        "-n",
+        "nodepulse",
+    ]);
+    server.kubectl_ok(&["get", "clusterrole/nodepulse-controller"]);
+    // The controller's service account can do what the controller needs, and no more.
+    let sa = "system:serviceaccount:nodepulse:nodepulse-controller";
+    for (verb, resource, ns, allowed) in [
+        ("patch", "monitornodes.nodepulse.io/status", "", "yes"),
+        (
+            "update",
+            "monitorconfigs.nodepulse.io/finalizers",
+            "",
+            "yes",
+        ),
+        ("watch", "nodes", "", "yes"),
+        ("update", "leases.coordination.k8s.io", "nodepulse", "yes"),
+        ("delete", "nodes", "", "no"),
+        ("update", "leases.coordination.k8s.io", "kube-system", "no"),
+    ] {
+        let mut args = vec!["auth", "can-i", verb, resource, "--as", sa];
+        if !ns.is_empty() {
+            args.extend_from_slice(&["-n", ns]);
+        }
+        let out = server.kubectl(&args);
+        assert_eq!(
+            text(&out.stdout).trim(),
+            allowed,
+            "can {sa} {verb} {resource} in {ns:?}?"
+        );
+    }
+
+    // Upgrade to a 3-member etcd: the PDB and the new StatefulSet are accepted too.
+    ok(
+        server.helm(&[
+            "upgrade",
+            "nodepulse",
+            chart,
+            "--namespace",
+            "default",
+            "--set",
+            "etcd.replicas=3",
+            "--set",
+            "defaultConfig.enabled=true",
+        ]),
+        "helm upgrade (etcd.replicas=3, defaultConfig)",
+    );
+    let replicas = server.kubectl_ok(&[
+        "get",
+        "statefulset/etcd",
+        "-n",
+        "etcd",
+        "-o",
+        "jsonpath={.spec.replicas}",
+    ]);
+    assert_eq!(replicas, "3");
+    server.kubectl_ok(&["get", "pdb/etcd", "-n", "etcd"]);
+    server.kubectl_ok(&["get", "monitorconfig/nodepulse-default"]);
+
+    // A second release against an external etcd over TLS, in its own namespace.
+    ok(
+        server.helm(&[
+            "install",
+            "np-external",
+            chart,
+            "--namespace",
+            "default",
+            "-f",
+            &ci_values("external-etcd-tls-values.yaml"),
+            "--set",
+            "namespace.name=np-external",
+        ]),
+        "helm install (external etcd with TLS)",
+    );
+    server.kubectl_ok(&[
+        "get",
+        "daemonset/np-external-nodepulse-agent",
+        "-n",
+        "np-external",
+    ]);
+}
+
+#[test]
+fn plain_manifests_pass_a_server_side_dry_run() {
+    let server = KubeApiserver::start();
+    let manifests = repo_root().join("manifests");
+    let path = |p: &str| manifests.join(p).to_string_lossy().into_owned();
+    // A dry run creates nothing, so objects that other objects need must exist for real: the CRDs
+    // (for the kinds) and the namespaces (the NamespaceLifecycle admission plugin rejects objects
+    // in a namespace that does not exist).
+    server.kubectl_ok(&["apply", "--server-side", "-f", &path("00-crds.yaml")]);
+    server.kubectl_ok(&["create", "namespace", "etcd"]);
+    server.kubectl_ok(&["create", "namespace", "nodepulse"]);
+    for dir in [path(""), path("etcd-3-replicas")] {
+        let out = server.kubectl_ok(&["apply", "--dry-run=server", "-f", &dir]);
+        for object in [
+            "statefulset.apps/etcd",
+            "service/etcd-service",
+            "daemonset.apps/nodepulse-agent",
+            "deployment.apps/nodepulse-controller",
+            "clusterrole.rbac.authorization.k8s.io/nodepulse-controller",
+        ] {
+            assert!(
+                out.contains(object),
+                "dry run of {dir} accepted {object}:\n{out}"
+            );
+        }
+    }
+}
+
+#[test]
+fn committed_manifests_match_a_fresh_render_of_the_chart() {
+    let fresh = scratch_dir("manifests");
+    let status = Command::new("bash")
+        .arg(repo_root().join("hack/manifests.sh"))
+        .arg(fresh.path())
+        .env("HELM", tool("helm"))
+        .status()
+        .expect("run hack/manifests.sh");
+    assert!(status.success(), "hack/manifests.sh failed");
+    for file in [
+        "01-etcd.yaml",
+        "02-nodepulse.yaml",
+        "etcd-3-replicas/01-etcd.yaml",
+        "etcd-3-replicas/02-nodepulse.yaml",
+    ] {
+        let committed = std::fs::read_to_string(repo_root().join("manifests").join(file))
+            .unwrap_or_else(|e| panic!("manifests/{file}: {e} (run `make manifests`)"));
+        let rendered = std::fs::read_to_string(fresh.path().join(file)).expect("rendered file");
+        assert!(
+            committed == rendered,
+            "manifests/{file} drifted from charts/nodepulse: run `make manifests` and commit"
+        );
+    }
+}
+
+#[test]
+fn dockerfile_builds_and_copies_what_make_release_builds() {
+    let dockerfile =
+        std::fs::read_to_string(repo_root().join("Dockerfile")).expect("read Dockerfile");
+    let makefile = std::fs::read_to_string(repo_root().join("Makefile")).expect("read Makefile");
+    let packages = |text: &str, marker: &str| -> BTreeSet<String> {
+        let line = text
+            .lines()
+            .find(|l| l.contains(marker))
+            .unwrap_or_else(|| panic!("a line with {marker:?}"));
+        line.split_whitespace()
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter(|w| w[0] == "-p")
+            .map(|w| w[1].to_string())
+            .collect()
+    };
+    let released = packages(&makefile, "build --release --bins");
+    let imaged = packages(&dockerfile, "cargo build --release --bins");
+    assert_eq!(
+        imaged, released,
+        "the image builds what `make release` builds"
+    );
+    let expected: BTreeSet<String> = ["nodepulse-agent", "nodepulse-controller", "nodepulsectl"]
+        .map(String::from)
+        .into();
+    assert_eq!(released, expected);
+    for bin in &expected {
+        assert!(
+            dockerfile.contains(&format!(
+                "COPY --from=builder /src/target/release/{bin} /usr/local/bin/{bin}"
+            )),
+            "the image carries {bin}"
+        );
+    }
+    assert!(dockerfile.contains("USER 65532:65532"), "non-root user");
+    assert!(
+        dockerfile.contains("cargo chef cook"),
+        "cached dependency layer"
+    );
+    // The chart runs the binaries where the image puts them.
+    let objects = render(&[]);
+    for (kind, name, bin) in [
+        ("DaemonSet", "nodepulse-agent", "nodepulse-agent"),
+        ("Deployment", "nodepulse-controller", "nodepulse-controller"),
+    ] {
+        let command = &object(&objects, kind, name)["spec"]["template"]["spec"]["containers"][0]["command"]
+            [0];
+        assert_eq!(
+            command.as_str(),
+            Some(format!("/usr/local/bin/{bin}").as_str())
+        );
+    }
+}
+
+/// Ports one loopback etcd member listens on, standing in for a pod's 2379/2380/2381.
+struct MemberPorts {
+    client: u16,
+    peer: u16,
+    metrics: u16,
+}
+
+/// Rewrites one rendered etcd flag for member `me` on loopback: pod DNS names and 0.0.0.0
+/// listeners become 127.0.0.1 with the member's own ports; everything else stays as rendered.
+fn loopback_flag(flag: &str, me: usize, ports: &[MemberPorts], data_dir: &Path) -> String {
+    let pod = format!("etcd-{me}");
+    let mut flag = flag.replace("$(POD_NAME)", &pod);
+    if flag.starts_with("--data-dir=") {
+        return format!("--data-dir={}", data_dir.display());
+    }
+    for (i, p) in ports.iter().enumerate() {
+        let host = format!("etcd-{i}.etcd-service.etcd.svc.cluster.local");
+        flag = flag
+            .replace(&format!("{host}:2379"), &format!("127.0.0.1:{}", p.client))
+            .replace(&format!("{host}:2380"), &format!("127.0.0.1:{}", p.peer));
+    }
+    let mine = &ports[me];
+    flag.replace("0.0.0.0:2379", &format!("127.0.0.1:{}", mine.client))
+        .replace("0.0.0.0:2380", &format!("127.0.0.1:{}", mine.peer))
+        .replace("0.0.0.0:2381", &format!("127.0.0.1:{}", mine.metrics))
+}
+
+#[test]
+fn three_member_etcd_command_line_from_the_chart_forms_a_cluster() {
+    let objects = render(&["--set", "etcd.replicas=3"]);
+    let sts = object(&objects, "StatefulSet", "etcd");
+    let rendered = container_args(sts);
+    for flag in [
+        "--name=$(POD_NAME)",
+        "--initial-cluster-token=nodepulse-etcd",
+        "--initial-cluster-state=new",
+    ] {
+        assert!(rendered.contains(&flag.to_string()), "rendered {flag}");
+    }
+    let pod_name_env = &sts["spec"]["template"]["spec"]["containers"][0]["env"][0];
+    assert_eq!(pod_name_env["name"].as_str(), Some("POD_NAME"));
+    assert_eq!(
+        pod_name_env["valueFrom"]["fieldRef"]["fieldPath"].as_str(),
+        Some("metadata.name")
+    );
+
+    let ports: Vec<MemberPorts> = (0..3)
+        .map(|_| MemberPorts {
+            client: free_port(),
+            peer: free_port(),
+            metrics: free_port(),
+        })
+        .collect();
+    let dirs: Vec<_> = (0..3).map(|_| scratch_dir("etcd-member")).collect();
+    let members: Vec<Process> = (0..3)
+        .map(|i| {
+            let flags: Vec<String> = rendered
+                .iter()
+                .map(|f| loopback_flag(f, i, &ports, &dirs[i].path().join("default.etcd")))
+                .collect();
+            assert!(
+                !flags
+                    .iter()
+                    .any(|f| f.contains("svc.cluster.local") || f.contains("0.0.0.0")),
+                "every pod address mapped to loopback: {flags:?}"
+            );
+            let mut cmd = Command::new(tool("etcd"));
+            cmd.args(&flags);
+            Process::spawn(&format!("etcd-{i}"), cmd)
+        })
+        .collect();
+
+    // Each member's probes answer on the plain metrics port once the cluster has formed.
+    for (i, p) in ports.iter().enumerate() {
+        let addr = format!("127.0.0.1:{}", p.metrics);
+        let member = &members[i];
+        wait_until(
+            &format!("etcd-{i} /readyz"),
+            Duration::from_secs(60),
+            || http_get(&addr, "/readyz").is_some_and(|(status, _)| status == 200),
+        );
+        assert_eq!(
+            http_get(&addr, "/livez").map(|(s, _)| s),
+            Some(200),
+            "etcd-{i} /livez; output:\n{}",
+            member.output_text()
+        );
+    }
+
+    let endpoint = format!("http://127.0.0.1:{}", ports[0].client);
+    let mut table = String::new();
+    wait_until(
+        "etcdctl member list: three members started",
+        Duration::from_secs(60),
+        || {
+            let out = Command::new(tool("etcdctl"))
+                .args(["--endpoints", &endpoint, "member", "list", "-w", "table"])
+                .output()
+                .expect("run etcdctl");
+            table = text(&out.stdout);
+            out.status.success()
+                && (0..3).all(|i| {
+                    table
+                        .lines()
+                        .any(|l| l.contains(&format!("| etcd-{i} ")) && l.contains("| started |"))
+                })
+        },
+    );
+    println!("{table}");
+    assert_eq!(
+        table.matches("| started |").count(),
+        3,
+        "three members, all started:\n{table}"
+    );
+}
