@@ -187,3 +187,42 @@ fn ctrl_c_stops_everything_the_demo_started() {
         "etcd at {endpoint} still answers after Ctrl-C"
     );
 }
+
+#[test]
+fn demo_k8s_mode_shows_the_monitor_node_alive_then_dead() {
+    project_bin("nodepulse-controller");
+    let mut cmd = Command::new("bash");
+    cmd.arg(repo_root().join("hack/demo.sh"))
+        .env("NODEPULSE_BIN", bin_dir())
+        .env("DEMO_K8S", "1")
+        .env_remove("RUST_LOG")
+        .env_remove("KUBECONFIG");
+    let demo = Demo(Process::spawn("demo-k8s", cmd));
+    let secs = Duration::from_secs;
+    let row = |state: &'static str| {
+        move |l: &str| {
+            let cols: Vec<_> = l.split_whitespace().collect();
+            cols.first() == Some(&"[kubectl]")
+                && cols.get(1) == Some(&"worker-1")
+                && cols.get(2) == Some(&state)
+        }
+    };
+    // The apiserver's first start on a machine takes a while; afterwards the steps as usual.
+    let (i, _) = demo.line(secs(180), "the controller leading", |l| {
+        l.starts_with("[controller]") && l.contains("became leader")
+    });
+    let (i, _) = demo.line_after(i, secs(20), "kubectl get monitornodes: Alive", row("Alive"));
+    let (i, _) = demo.line_after(i, secs(20), "the controller's key", |l| {
+        l.contains("written by: nodepulse-controller (MonitorConfig demo-fast")
+    });
+    let (i, _) = demo.line_after(i, secs(20), "[controller] Node worker-1 Dead", |l| {
+        l.starts_with("[controller]") && l.contains("Node worker-1 Dead (heartbeat expired)")
+    });
+    let (i, _) = demo.line_after(i, secs(20), "kubectl get monitornodes: Dead", row("Dead"));
+    demo.line_after(i, secs(30), "the end", |l| {
+        l == "[demo] stopped everything it started"
+    });
+    let mut demo = demo;
+    let status = demo.0.wait_exit(secs(10)).expect("demo exits");
+    assert!(status.success(), "{}", demo.0.output_text());
+}
