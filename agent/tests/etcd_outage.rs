@@ -141,3 +141,84 @@ async fn etcd_away_at_start_is_waited_for_while_sampling() {
 fn agent_running(agent: &common::Agent) -> bool {
     http_get(&agent.http, "/healthz").is_some_and(|r| r.0 == 200)
 }
+
+#[tokio::test]
+async fn a_compacted_resume_revision_rereads_the_key_and_an_expired_lease_is_replaced() {
+    use nix::sys::signal::Signal;
+
+    let mut etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let agent = start_agent(&etcd, "worker-3", &["--heartbeat-ttl", "3"]);
+    let p = &agent.process;
+    let first = put_config(
+        &mut client,
+        "worker-3",
+        r#"{"interval": 2, "metrics": ["cpu"]}"#,
+    )
+    .await;
+    p.wait_for_line(Duration::from_secs(5), "config applied", |l| {
+        l.contains(&format!("(revision {first})"))
+    });
+    let (_, old_lease) = eventually("heartbeat key", Duration::from_secs(5), || {
+        let mut c = client.clone();
+        async move { heartbeat(&mut c, "worker-3").await }
+    })
+    .await;
+
+    // Freeze the agent and cut its connections by restarting etcd; then change the config
+    // twice and compact the history it would resume from. (Changing it before the restart
+    // would leave the events in the frozen agent's socket buffer.)
+    p_signal(&agent, Signal::SIGSTOP);
+    etcd.restart();
+    let mut client = etcd.client().await;
+    put_config(
+        &mut client,
+        "worker-3",
+        r#"{"interval": 3, "metrics": ["cpu"]}"#,
+    )
+    .await;
+    let last = put_config(
+        &mut client,
+        "worker-3",
+        r#"{"interval": 4, "metrics": ["memory"]}"#,
+    )
+    .await;
+    client
+        .compact(
+            last,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await
+        .expect("compact");
+    // Frozen for longer than the TTL: the lease expires and the key with it.
+    eventually("heartbeat key expired", Duration::from_secs(15), || {
+        let mut c = client.clone();
+        async move { heartbeat(&mut c, "worker-3").await.is_none().then_some(()) }
+    })
+    .await;
+
+    let from = p.line_count();
+    p_signal(&agent, Signal::SIGCONT);
+    p.wait_for_line_from(from, RECOVERY, "compaction noticed", |l| {
+        l.contains("config watch: revision ") && l.contains(" was compacted")
+    });
+    p.wait_for_line_from(from, RECOVERY, "the latest value applied", |l| {
+        l.contains(&format!(
+            "config updated: interval 2s -> 4s, metrics [memory] (revision {last})"
+        ))
+    });
+    p.wait_for_line_from(from, RECOVERY, "lease re-granted", |l| {
+        l.contains("heartbeat lease lost; granted a new one: id ")
+    });
+    let (hb, lease) = eventually("heartbeat key back", RECOVERY, || {
+        let mut c = client.clone();
+        async move { heartbeat(&mut c, "worker-3").await }
+    })
+    .await;
+    assert_ne!(lease, old_lease);
+    let _ = hb;
+}
+
+fn p_signal(agent: &common::Agent, sig: nix::sys::signal::Signal) {
+    agent.process.signal(sig);
+}
