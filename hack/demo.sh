@@ -13,13 +13,14 @@
 # `kubectl get monitornodes` at each step).
 #
 # Environment: NODEPULSE_TOOLS (etcd, etcdctl, kube-apiserver; default
-# ~/.cache/nodepulse/tools/bin), NODEPULSE_BIN (our binaries; default target/debug), DEMO_TTL
-# (heartbeat TTL in seconds, default 5), DEMO_K8S=1, DEMO_KEEP=1 (keep the scratch directory).
+# ~/.cache/nodepulse/tools/bin), NODEPULSE_BIN (our binaries; default $CARGO_TARGET_DIR/debug,
+# else target/debug), DEMO_TTL (heartbeat TTL in seconds, default 5), DEMO_K8S=1, DEMO_KEEP=1
+# (keep the scratch directory).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 TOOLS=${NODEPULSE_TOOLS:-$HOME/.cache/nodepulse/tools/bin}
-BIN=${NODEPULSE_BIN:-$ROOT/target/debug}
+BIN=${NODEPULSE_BIN:-${CARGO_TARGET_DIR:-$ROOT/target}/debug}
 TTL=${DEMO_TTL:-5}
 K8S=${DEMO_K8S:-0}
 NODE=worker-1
