@@ -132,7 +132,11 @@ pub async fn run(opts: &Options) -> Result<Vec<report::Section>, std::io::Error>
         sections.push(scale::run(opts, start).await);
     }
 
-    let intro = intro(opts);
+    let intro = format!(
+        "{} The whole run took {:.1} minutes.",
+        intro(opts),
+        start.elapsed().as_secs_f64() / 60.0
+    );
     let text = report::render(&env, &intro, &sections);
     report::write(&opts.out, &text)?;
     progress(

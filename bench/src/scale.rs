@@ -188,13 +188,18 @@ async fn one(opts: &Options, start: Instant, n: usize) -> Result<Run> {
         &etcd_after,
         "grpc_server_msg_received_total",
         &keepalive,
-    );
-    run.puts_per_s = rate(
-        &etcd_before,
-        &etcd_after,
-        "etcd_debugging_mvcc_put_total",
-        &|_| true,
-    );
+    )
+    .or_else(|| {
+        rate(
+            &etcd_before,
+            &etcd_after,
+            "etcd_debugging_lease_renewed_total",
+            &|_| true,
+        )
+    });
+    let put = |s: &prom::Sample| matches!(s.label("grpc_method"), Some("Put" | "Txn"));
+    run.puts_per_s =
+        rate(&etcd_before, &etcd_after, "grpc_server_handled_total", &put).or(Some(0.0));
     let unary = rate(
         &etcd_before,
         &etcd_after,
@@ -342,7 +347,7 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
         "(N/s expected: one per node per second)",
     );
     add(
-        "etcd puts/s, steady",
+        "etcd puts/s (Put + Txn requests), steady",
         cell(&|r| {
             format!(
                 "{} (target ≤ {:.0}: {})",
