@@ -46,7 +46,7 @@ pub struct Metrics {
     pub status_writes: Counter,
     /// etcd config keys written or deleted by the controller.
     pub config_key_writes: Counter,
-    /// 1 while this replica holds the leader Lease.
+    /// Whether this replica holds the leader Lease (1) or stands by (0).
     pub leader: Gauge,
 }
 
@@ -88,7 +88,7 @@ impl Default for Metrics {
         let leader = Gauge::default();
         registry.register(
             "leader",
-            "1 while this replica holds the leader Lease",
+            "Whether this replica holds the leader Lease (1) or stands by (0)",
             leader.clone(),
         );
         Metrics {

@@ -338,9 +338,11 @@ impl NodeTracker {
             return;
         }
         let status = compute_status(rec, desired.as_ref());
+        // The first usage figures go out at once, so a new node shows CPU% without waiting.
         if let Some(written) = &rec.written
             && without_usage(written) == without_usage(&status)
             && rec.pending_events.is_empty()
+            && (written.usage.is_some() || status.usage.is_none())
         {
             rec.usage_dirty = *written != status;
             return;

@@ -1,0 +1,657 @@
+//! End to end: a real kube-apiserver, a real etcd, the real controller binary and real agent
+//! processes, killed with SIGKILL where the issue says "kill".
+//!
+//! Each test has its own API server: two controllers on one server would each reconcile the
+//! other's MonitorNodes against their own etcd.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams};
+use nix::sys::signal::Signal;
+use nodepulse_crd::v1alpha1::{MonitorConfig, MonitorNode, MonitorNodeStatus, NodeState};
+use nodepulse_crd::wire::{ConfigValue, config_key, heartbeat_key};
+use testkit::{Etcd, KubeApiserver, Process, eventually, free_port, http_get, project_bin};
+
+/// An API server with the CRDs, an etcd for the heartbeats and configs, and clients for both.
+struct Lab {
+    api: KubeApiserver,
+    etcd: Etcd,
+    kube: kube::Client,
+}
+
+impl Lab {
+    async fn start() -> Lab {
+        let (api, etcd) = tokio::task::spawn_blocking(|| {
+            let api = KubeApiserver::start();
+            api.install_crds();
+            (api, Etcd::start())
+        })
+        .await
+        .expect("start servers");
+        let kube = api.client().await;
+        Lab { api, etcd, kube }
+    }
+
+    /// Starts the controller; `identity` names it in the leader Lease (a restart with the same
+    /// identity takes the Lease back at once, as a restarted container of the same pod does).
+    fn controller(&self, identity: &str, metrics_port: u16) -> Process {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-controller"));
+        cmd.env("KUBECONFIG", &self.api.kubeconfig)
+            .env("RUST_LOG", "info")
+            .args(["--etcd-endpoints", &self.etcd.endpoint])
+            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--leader-election-namespace", "default"])
+            .args(["--leader-election-identity", identity])
+            .args(["--usage-write-interval", "5s"]);
+        Process::spawn(identity, cmd)
+    }
+
+    fn agent(&self, node: &str) -> Process {
+        let mut cmd = Command::new(project_bin("nodepulse-agent"));
+        cmd.env("RUST_LOG", "info")
+            .args(["--node-name", node])
+            .args(["--heartbeat-ttl", "3"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--etcd-endpoints", &self.etcd.endpoint]);
+        Process::spawn(node, cmd)
+    }
+
+    fn node(&self, name: &str, labels: &[(&str, &str)]) {
+        let labels: BTreeMap<_, _> = labels.iter().copied().collect();
+        let manifest = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "labels": labels},
+        });
+        self.apply(&manifest.to_string());
+    }
+
+    fn apply(&self, manifest: &str) {
+        let out = self.api.kubectl_stdin(&["apply", "-f", "-"], manifest);
+        assert!(
+            out.status.success(),
+            "kubectl apply: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    async fn status(&self, node: &str) -> Option<MonitorNodeStatus> {
+        let api: Api<MonitorNode> = Api::all(self.kube.clone());
+        api.get_opt(node).await.ok().flatten()?.status
+    }
+
+    async fn wait_state(
+        &self,
+        node: &str,
+        state: NodeState,
+        within: Duration,
+    ) -> MonitorNodeStatus {
+        eventually(&format!("MonitorNode {node} {state:?}"), within, || async {
+            self.status(node).await.filter(|s| s.state == Some(state))
+        })
+        .await
+    }
+
+    async fn config_key(&self, node: &str) -> Option<(ConfigValue, i64)> {
+        let mut etcd = self.etcd.client().await;
+        let resp = etcd.get(config_key(node), None).await.expect("etcd get");
+        resp.kvs().first().map(|kv| {
+            (
+                ConfigValue::parse(kv.value()).expect("config key parses"),
+                kv.mod_revision(),
+            )
+        })
+    }
+
+    async fn raw_key(&self, key: &str) -> Option<(String, i64)> {
+        let mut etcd = self.etcd.client().await;
+        let resp = etcd.get(key, None).await.expect("etcd get");
+        resp.kvs().first().map(|kv| {
+            (
+                String::from_utf8_lossy(kv.value()).into_owned(),
+                kv.mod_revision(),
+            )
+        })
+    }
+
+    async fn monitor_config(&self, name: &str) -> Option<MonitorConfig> {
+        let api: Api<MonitorConfig> = Api::all(self.kube.clone());
+        api.get_opt(name).await.expect("get MonitorConfig")
+    }
+
+    /// Events the controller raised on `node`'s MonitorNode with `reason`, counting repeats.
+    async fn event_count(&self, node: &str, reason: &str) -> i32 {
+        let api: Api<Event> = Api::namespaced(self.kube.clone(), "default");
+        let events = api.list(&ListParams::default()).await.expect("list events");
+        events
+            .items
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .filter(|e| {
+                e.regarding.as_ref().is_some_and(|r| {
+                    r.name.as_deref() == Some(node) && r.kind.as_deref() == Some("MonitorNode")
+                })
+            })
+            .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+            .sum()
+    }
+}
+
+impl Lab {
+    /// NodeAlive and NodeDead counts of worker-1..3, in that order.
+    async fn transition_events(&self) -> Vec<i32> {
+        let mut out = Vec::new();
+        for node in ["worker-1", "worker-2", "worker-3"] {
+            for reason in ["NodeAlive", "NodeDead"] {
+                out.push(self.event_count(node, reason).await);
+            }
+        }
+        out
+    }
+}
+
+fn monitor_config_yaml(name: &str, selector: serde_json::Value, interval: u32) -> String {
+    serde_json::json!({
+        "apiVersion": "nodepulse.io/v1alpha1",
+        "kind": "MonitorConfig",
+        "metadata": {"name": name},
+        "spec": {"nodeSelector": selector, "interval": interval, "metrics": ["cpu", "memory"]},
+    })
+    .to_string()
+}
+
+fn ready(mc: &MonitorConfig) -> Option<(String, String, String)> {
+    let c = mc
+        .status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")?;
+    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Every acceptance bullet of the controller issue, in the order of the lab's demo.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn acceptance_three_agents_liveness_config_and_restart() {
+    let lab = Lab::start().await;
+    lab.node("worker-1", &[("nodepulse.io/pool", "fast")]);
+    lab.node("worker-2", &[("nodepulse.io/pool", "slow")]);
+    lab.node("worker-3", &[("nodepulse.io/pool", "slow")]);
+    let metrics_port = free_port();
+    let mut controller = lab.controller("controller-0", metrics_port);
+    let mut agents: BTreeMap<&str, Process> = ["worker-1", "worker-2", "worker-3"]
+        .into_iter()
+        .map(|n| (n, lab.agent(n)))
+        .collect();
+
+    // Three agents -> three MonitorNodes Alive, with CPU% and MEMORY% in `kubectl get`.
+    for node in ["worker-1", "worker-2", "worker-3"] {
+        lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+            .await;
+        controller.wait_for_line(Duration::from_secs(5), "Node Alive", |l| {
+            l.contains(&format!("Node {node} Alive"))
+        });
+    }
+    let table = eventually(
+        "CPU% and MEMORY% in kubectl get monitornodes",
+        Duration::from_secs(30),
+        || async {
+            let table = lab.api.kubectl_ok(&["get", "monitornodes"]);
+            let rows: Vec<Vec<String>> = table
+                .lines()
+                .skip(1)
+                .map(|l| l.split_whitespace().map(String::from).collect())
+                .collect();
+            let filled = rows.len() == 3
+                && rows.iter().all(|r| {
+                    r[1] == "Alive" && r[2].parse::<f64>().is_ok() && r[3].parse::<f64>().is_ok()
+                });
+            filled.then_some(table)
+        },
+    )
+    .await;
+    assert!(table.starts_with("NAME"), "{table}");
+    let api: Api<MonitorNode> = Api::all(lab.kube.clone());
+    let mn = api.get("worker-1").await.expect("MonitorNode worker-1");
+    let owner = &mn
+        .metadata
+        .owner_references
+        .as_ref()
+        .expect("ownerReference")[0];
+    assert_eq!(
+        (owner.kind.as_str(), owner.name.as_str()),
+        ("Node", "worker-1")
+    );
+    assert_eq!(owner.block_owner_deletion, None);
+    let status = mn.status.expect("status");
+    let alive = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Alive")
+        .expect("Alive condition");
+    assert_eq!(alive.status, "True");
+    assert_eq!(status.ttl_seconds, Some(3));
+    assert!(status.agent_version.is_some());
+
+    // SIGKILL worker-2's agent -> Dead within TTL + 2 s, with a NodeDead Event; restart -> Alive.
+    agents.get_mut("worker-2").expect("agent").kill_hard();
+    let killed = Instant::now();
+    let dead = lab
+        .wait_state("worker-2", NodeState::Dead, Duration::from_secs(5))
+        .await;
+    assert_eq!(dead.reason.as_deref(), Some("HeartbeatExpired"));
+    println!("worker-2 Dead {:?} after SIGKILL", killed.elapsed());
+    controller.wait_for_line(Duration::from_secs(5), "Dead line", |l| {
+        l.contains("Node worker-2 Dead (heartbeat expired)")
+    });
+    eventually(
+        "NodeDead Event on worker-2",
+        Duration::from_secs(10),
+        || async { (lab.event_count("worker-2", "NodeDead").await >= 1).then_some(()) },
+    )
+    .await;
+    let describe = lab.api.kubectl_ok(&["describe", "monitornode", "worker-2"]);
+    assert!(describe.contains("NodeDead"), "{describe}");
+    agents.insert("worker-2", lab.agent("worker-2"));
+    lab.wait_state("worker-2", NodeState::Alive, Duration::from_secs(30))
+        .await;
+
+    // A MonitorConfig selecting worker-1 by label, interval 2: only worker-1's key changes.
+    let before: Vec<_> = [
+        lab.config_key("worker-2").await,
+        lab.config_key("worker-3").await,
+    ]
+    .into();
+    let worker1_lines = agents["worker-1"].line_count();
+    lab.apply(&monitor_config_yaml(
+        "fast",
+        serde_json::json!({"matchLabels": {"nodepulse.io/pool": "fast"}}),
+        2,
+    ));
+    let (value, _) = eventually("worker-1's config key", Duration::from_secs(20), || async {
+        lab.config_key("worker-1").await
+    })
+    .await;
+    assert_eq!(value.interval, 2);
+    assert!(value.is_managed());
+    assert_eq!(
+        value.source.as_ref().map(|s| s.monitor_config.as_str()),
+        Some("fast")
+    );
+    agents["worker-1"].wait_for_line_from(
+        worker1_lines,
+        Duration::from_secs(10),
+        "config updated",
+        |l| l.contains("config updated:") && l.contains("-> 2s"),
+    );
+    eventually(
+        "worker-1 runs interval 2, in sync",
+        Duration::from_secs(20),
+        || async {
+            let s = lab.status("worker-1").await?;
+            let c = s.config?;
+            (c.interval == 2
+                && c.in_sync == Some(true)
+                && c.monitor_config.as_deref() == Some("fast"))
+            .then_some(())
+        },
+    )
+    .await;
+    let after: Vec<_> = [
+        lab.config_key("worker-2").await,
+        lab.config_key("worker-3").await,
+    ]
+    .into();
+    assert_eq!(before, after, "only worker-1's key may change");
+    assert_eq!(after, vec![None, None]);
+    let mc = eventually("MonitorConfig status", Duration::from_secs(20), || async {
+        lab.monitor_config("fast")
+            .await
+            .filter(|mc| mc.status.as_ref().is_some_and(|s| s.applied_nodes == 1))
+    })
+    .await;
+    let st = mc.status.as_ref().expect("status");
+    assert_eq!(
+        (st.matched_nodes, st.observed_generation),
+        (1, mc.metadata.generation)
+    );
+    assert_eq!(ready(&mc).map(|r| r.0), Some("True".into()));
+
+    // Relabel the Node so the selector no longer matches: key removed, agent back to defaults.
+    let lines = agents["worker-1"].line_count();
+    lab.api.kubectl_ok(&[
+        "label",
+        "node",
+        "worker-1",
+        "nodepulse.io/pool=slow",
+        "--overwrite",
+    ]);
+    eventually(
+        "worker-1's key removed",
+        Duration::from_secs(20),
+        || async { lab.config_key("worker-1").await.is_none().then_some(()) },
+    )
+    .await;
+    agents["worker-1"].wait_for_line_from(
+        lines,
+        Duration::from_secs(10),
+        "back to defaults",
+        |l| l.contains("back to defaults"),
+    );
+    eventually(
+        "worker-1 on defaults, in sync",
+        Duration::from_secs(20),
+        || async {
+            let c = lab.status("worker-1").await?.config?;
+            (c.interval == 10 && c.in_sync == Some(true)).then_some(())
+        },
+    )
+    .await;
+
+    // Select it again, then delete the MonitorConfig: no key it wrote remains.
+    lab.api.kubectl_ok(&[
+        "label",
+        "node",
+        "worker-1",
+        "nodepulse.io/pool=fast",
+        "--overwrite",
+    ]);
+    eventually("worker-1's key back", Duration::from_secs(20), || async {
+        lab.config_key("worker-1").await
+    })
+    .await;
+    lab.api.kubectl_ok(&[
+        "delete",
+        "monitorconfig",
+        "fast",
+        "--wait=true",
+        "--timeout=30s",
+    ]);
+    assert!(lab.monitor_config("fast").await.is_none());
+    for node in ["worker-1", "worker-2", "worker-3"] {
+        assert_eq!(
+            lab.config_key(node).await,
+            None,
+            "{node}'s key outlived its MonitorConfig"
+        );
+    }
+
+    // Kill the controller, kill an agent while it is down, start it again: that node is Dead
+    // within 5 s of the start, and nothing is said about the others.
+    controller.kill_hard();
+    let events_before = lab.transition_events().await;
+    agents.get_mut("worker-3").expect("agent").kill_hard();
+    eventually(
+        "worker-3's heartbeat key to expire",
+        Duration::from_secs(15),
+        || async {
+            lab.raw_key(&heartbeat_key("worker-3"))
+                .await
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        lab.status("worker-3").await.and_then(|s| s.state),
+        Some(NodeState::Alive),
+        "nobody may have written while the controller was down"
+    );
+    let controller = lab.controller("controller-0", metrics_port);
+    let started = Instant::now();
+    let dead = lab
+        .wait_state("worker-3", NodeState::Dead, Duration::from_secs(5))
+        .await;
+    println!(
+        "worker-3 Dead {:?} after the controller started",
+        started.elapsed()
+    );
+    assert_eq!(dead.reason.as_deref(), Some("HeartbeatExpired"));
+    eventually(
+        "NodeDead Event on worker-3",
+        Duration::from_secs(10),
+        || async {
+            let now = lab.transition_events().await;
+            (now[5] == events_before[5] + 1).then_some(())
+        },
+    )
+    .await;
+    controller.wait_for_line(Duration::from_secs(10), "reconciled", |l| {
+        l.contains("reconciled every MonitorNode")
+    });
+    let events_after = lab.transition_events().await;
+    assert_eq!(
+        events_after[..4],
+        events_before[..4],
+        "spurious Events for worker-1/2"
+    );
+    assert_eq!(
+        events_after[4], events_before[4],
+        "spurious NodeAlive for worker-3"
+    );
+    let output = controller.output_text();
+    assert!(
+        !output.contains("Node worker-1") && !output.contains("Node worker-2"),
+        "spurious transitions:\n{output}"
+    );
+
+    // A clean stop: the agent says it is stopping before revoking its lease.
+    agents["worker-1"].signal(Signal::SIGTERM);
+    let stopped = lab
+        .wait_state("worker-1", NodeState::Dead, Duration::from_secs(10))
+        .await;
+    assert_eq!(stopped.reason.as_deref(), Some("AgentStopped"));
+    controller.wait_for_line(Duration::from_secs(5), "agent stopped", |l| {
+        l.contains("Node worker-1 Dead (agent stopped)")
+    });
+
+    // /metrics and /healthz.
+    let addr = format!("127.0.0.1:{metrics_port}");
+    let (code, body) = http_get(&addr, "/healthz").expect("healthz answers");
+    assert_eq!(code, 200, "{body}");
+    let body = eventually("node gauges", Duration::from_secs(5), || async {
+        let (code, body) = http_get(&addr, "/metrics")?;
+        (code == 200
+            && body
+                .lines()
+                .any(|l| l == "nodepulse_controller_nodes{state=\"dead\"} 2"))
+        .then_some(body)
+    })
+    .await;
+    for needle in [
+        "nodepulse_controller_nodes{state=\"alive\"} 1",
+        "nodepulse_controller_transitions_total{state=\"dead\"} 2",
+        "nodepulse_controller_dead_detection_seconds_count 1",
+        "nodepulse_controller_leader 1",
+    ] {
+        assert!(
+            body.lines().any(|l| l == needle),
+            "{needle} missing from:\n{body}"
+        );
+    }
+}
+
+/// Keys written by hand are never touched; a managed key edited by hand is restored; a
+/// MonitorConfig that cannot apply says why in its status. No agents needed: the keys are the
+/// contract.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
+    let lab = Lab::start().await;
+    lab.node("hand-1", &[("team", "a")]);
+    lab.node("managed-1", &[("team", "a")]);
+    let hand_value = r#"{"interval": 7, "metrics": ["cpu"]}"#;
+    let out = lab
+        .etcd
+        .etcdctl(&["put", &config_key("hand-1"), hand_value]);
+    assert!(out.status.success());
+    let out = lab
+        .etcd
+        .etcdctl(&["put", &config_key("elsewhere"), hand_value]);
+    assert!(out.status.success());
+    let hand_before = lab.raw_key(&config_key("hand-1")).await.expect("hand key");
+    let elsewhere_before = lab.raw_key(&config_key("elsewhere")).await.expect("key");
+    let mut controller = lab.controller("controller-a", free_port());
+
+    lab.apply(&monitor_config_yaml(
+        "team-a",
+        serde_json::json!({"matchLabels": {"team": "a"}}),
+        3,
+    ));
+    let (value, _) = eventually("managed-1's key", Duration::from_secs(30), || async {
+        lab.config_key("managed-1").await
+    })
+    .await;
+    assert_eq!(value.interval, 3);
+    let mc = eventually(
+        "team-a reports the hand-written key",
+        Duration::from_secs(20),
+        || async {
+            lab.monitor_config("team-a")
+                .await
+                .filter(|mc| ready(mc).is_some_and(|r| r.1 == "UnmanagedKeys"))
+        },
+    )
+    .await;
+    let (status, _, message) = ready(&mc).expect("Ready");
+    assert_eq!(status, "False");
+    assert!(message.contains("hand-1"), "{message}");
+    let st = mc.status.expect("status");
+    assert_eq!((st.matched_nodes, st.applied_nodes), (2, 1));
+
+    // A managed key changed by hand is restored, with a warning.
+    let edited = r#"{"interval":9,"metrics":["cpu"],"managedBy":"nodepulse-controller","source":{"monitorConfig":"team-a","generation":1}}"#;
+    assert!(
+        lab.etcd
+            .etcdctl(&["put", &config_key("managed-1"), edited])
+            .status
+            .success()
+    );
+    eventually("managed-1 restored", Duration::from_secs(20), || async {
+        let (v, _) = lab.config_key("managed-1").await?;
+        (v.interval == 3).then_some(())
+    })
+    .await;
+    controller.wait_for_line(Duration::from_secs(5), "hand edit warning", |l| {
+        l.contains("changed by hand") && l.contains("managed-1")
+    });
+
+    // A MonitorConfig the controller cannot apply says why.
+    lab.apply(
+        &serde_json::json!({
+            "apiVersion": "nodepulse.io/v1alpha1",
+            "kind": "MonitorConfig",
+            "metadata": {"name": "bad-selector"},
+            "spec": {
+                "nodeSelector": {"matchExpressions": [{"key": "team", "operator": "Near", "values": ["a"]}]},
+                "interval": 5,
+                "metrics": ["cpu"],
+                "priority": 10,
+            },
+        })
+        .to_string(),
+    );
+    let bad = eventually(
+        "bad-selector reports InvalidSpec",
+        Duration::from_secs(20),
+        || async {
+            lab.monitor_config("bad-selector")
+                .await
+                .and_then(|mc| ready(&mc))
+                .filter(|r| r.1 == "InvalidSpec")
+        },
+    )
+    .await;
+    assert_eq!(bad.0, "False");
+    assert!(bad.2.contains("nodeSelector"), "{}", bad.2);
+
+    // Deleting the MonitorConfig removes its keys, and only its keys.
+    lab.api.kubectl_ok(&[
+        "delete",
+        "monitorconfig",
+        "team-a",
+        "--wait=true",
+        "--timeout=30s",
+    ]);
+    assert_eq!(lab.config_key("managed-1").await, None);
+    assert_eq!(lab.raw_key(&config_key("hand-1")).await, Some(hand_before));
+    assert_eq!(
+        lab.raw_key(&config_key("elsewhere")).await,
+        Some(elsewhere_before)
+    );
+    assert!(controller.is_running(), "{}", controller.output_text());
+}
+
+/// Two replicas: only the Lease holder writes; when it stops, the other takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn only_the_leader_writes_and_a_standby_takes_over() {
+    let lab = Lab::start().await;
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = lab.controller("replica-a", port_a);
+    let leader_metric = |port: u16| {
+        http_get(&format!("127.0.0.1:{port}"), "/metrics")
+            .is_some_and(|(_, body)| body.lines().any(|l| l == "nodepulse_controller_leader 1"))
+    };
+    eventually("replica-a leads", Duration::from_secs(30), || async {
+        leader_metric(port_a).then_some(())
+    })
+    .await;
+    let b = lab.controller("replica-b", port_b);
+    b.wait_for_line(Duration::from_secs(20), "waiting to lead", |l| {
+        l.contains("waiting to lead")
+    });
+
+    let mut etcd = lab.etcd.client().await;
+    let lease = etcd.lease_grant(30, None).await.expect("lease").id();
+    let hb = serde_json::json!({
+        "node": "standby-1", "agentVersion": "test", "state": "Running",
+        "startedAt": "2026-11-22T05:00:00Z", "updatedAt": "2026-11-22T05:00:00Z",
+        "ttlSeconds": 30, "config": {"revision": 0, "interval": 10, "metrics": ["cpu"]},
+    });
+    etcd.put(
+        heartbeat_key("standby-1"),
+        hb.to_string(),
+        Some(etcd_client::PutOptions::new().with_lease(lease)),
+    )
+    .await
+    .expect("put heartbeat");
+    lab.wait_state("standby-1", NodeState::Alive, Duration::from_secs(20))
+        .await;
+    assert!(
+        !leader_metric(port_b),
+        "replica-b must stand by ({port_a} vs {port_b}):\n{}",
+        b.output_text()
+    );
+    eventually(
+        "replica-a counts one node alive",
+        Duration::from_secs(5),
+        || async {
+            http_get(&format!("127.0.0.1:{port_a}"), "/metrics").filter(|(_, body)| {
+                body.lines()
+                    .any(|l| l == "nodepulse_controller_nodes{state=\"alive\"} 1")
+            })
+        },
+    )
+    .await;
+    assert!(
+        !b.output_text().contains("Node standby-1"),
+        "{}",
+        b.output_text()
+    );
+
+    // A graceful stop releases the Lease: replica-b takes over and notices the death.
+    a.signal(Signal::SIGTERM);
+    a.wait_exit(Duration::from_secs(15))
+        .expect("replica-a exits");
+    b.wait_for_line(Duration::from_secs(30), "became leader", |l| {
+        l.contains("became leader")
+    });
+    etcd.lease_revoke(lease).await.expect("revoke");
+    lab.wait_state("standby-1", NodeState::Dead, Duration::from_secs(10))
+        .await;
+    b.wait_for_line(Duration::from_secs(5), "Dead line", |l| {
+        l.contains("Node standby-1 Dead")
+    });
+}
