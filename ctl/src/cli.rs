@@ -52,7 +52,7 @@ pub enum Command {
     #[command(after_help = EXIT_CODES_HELP)]
     Nodes(NodesArgs),
     /// Read, write or delete a node's configuration key /monitor/config/<node>.
-    #[command(subcommand)]
+    #[command(subcommand, after_help = EXIT_CODES_HELP)]
     Config(ConfigCommand),
 }
 
@@ -113,8 +113,8 @@ pub enum ConfigCommand {
     /// from cpu, memory, disk, network, load) before anything is written: a refused value exits
     /// with code 2 and the reason, and writes nothing. A flag left out keeps the node's current
     /// value (or the default: interval 10, all five metrics). Keys written here carry no
-    /// `managedBy` marker: the controller leaves hand-written keys alone, but restores the keys it
-    /// manages (a warning says so).
+    /// `managedBy` marker, so the controller leaves them alone; overwriting a key it managed prints
+    /// a warning (`config delete` hands the node back to the controller).
     #[command(
         after_help = EXIT_CODES_HELP,
         group(ArgGroup::new("change").required(true).multiple(true).args(["interval", "metrics"]))

@@ -9,8 +9,8 @@ use std::io::Write;
 
 use etcd_client::{Client, GetOptions, KeyValue, Txn, TxnOp};
 use nodepulse_crd::wire::{
-    CONFIG_PREFIX, ConfigValue, HEARTBEAT_PREFIX, config_key, node_of_config_key,
-    node_of_heartbeat_key, validate_node_name,
+    CONFIG_PREFIX, CONTROLLER_MANAGER, ConfigValue, HEARTBEAT_PREFIX, config_key,
+    node_of_config_key, node_of_heartbeat_key, validate_node_name,
 };
 use serde::Serialize;
 use serde_json::{Value, json};
@@ -194,14 +194,18 @@ pub async fn set(
         let previous = existing.and_then(|kv| ConfigValue::parse(kv.value()).ok());
         let value = change.apply_to(previous.as_ref())?;
         if let Some(prev) = previous.as_ref().filter(|p| p.is_managed()) {
-            let from = prev.source.as_ref().map_or(String::new(), |s| {
-                format!(" from MonitorConfig {}", s.monitor_config)
-            });
+            // A value without `managedBy` is a hand-written key to the controller: it stops
+            // managing it (its MonitorConfig turns Ready=False, UnmanagedKeys) until it is deleted.
+            let mc = prev
+                .source
+                .as_ref()
+                .map_or("its MonitorConfig".to_string(), |s| {
+                    format!("MonitorConfig {}", s.monitor_config)
+                });
             writeln!(
                 err,
-                "warning: {} was managed by {}{from}; the controller will restore it: change the MonitorConfig instead",
-                config_key(node),
-                prev.managed_by.as_deref().unwrap_or_default(),
+                "warning: {key} was managed by {CONTROLLER_MANAGER} from {mc}; written by hand now, the controller leaves it alone and {mc} reports it (Ready=False, UnmanagedKeys); `nodepulsectl config delete {node}` hands it back to the controller",
+                key = config_key(node),
             )?;
         }
         writes.push((node.clone(), value));

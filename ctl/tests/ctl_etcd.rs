@@ -184,7 +184,8 @@ async fn config_set_refuses_bad_values_writes_nothing_and_exits_2() {
     let stderr = text(&out.stderr);
     assert!(
         stderr.contains("managed by nodepulse-controller from MonitorConfig fast")
-            && stderr.contains("will restore it"),
+            && stderr.contains("the controller leaves it alone")
+            && stderr.contains("nodepulsectl config delete worker-1"),
         "{stderr}"
     );
     assert_eq!(
