@@ -97,6 +97,11 @@ impl Inventory {
         self.nodes.get(&ObjectRef::new(name))
     }
 
+    /// The MonitorNode named `name`, if the cache has one.
+    pub fn monitor_node(&self, name: &str) -> Option<Arc<PartialObjectMeta<MonitorNode>>> {
+        self.monitor_nodes.get(&ObjectRef::new(name))
+    }
+
     /// Resolves when a node appeared or went away or a Node's labels changed.
     pub async fn changed(&self) {
         self.changed.notified().await

@@ -37,11 +37,11 @@ pub struct LeaderArgs {
     pub identity: Option<String>,
 
     /// How long a Lease holds without renewal before another replica may take it.
-    #[arg(long = "leader-election-lease-duration", env = "NODEPULSE_LEADER_ELECTION_LEASE_DURATION", default_value = "20s", value_parser = parse_duration)]
+    #[arg(long = "leader-election-lease-duration", env = "NODEPULSE_LEADER_ELECTION_LEASE_DURATION", default_value = "30s", value_parser = parse_duration)]
     pub lease_duration: Duration,
 
     /// How long before expiry the holder renews (renewals every duration minus this).
-    #[arg(long = "leader-election-renew-grace", env = "NODEPULSE_LEADER_ELECTION_RENEW_GRACE", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long = "leader-election-renew-grace", env = "NODEPULSE_LEADER_ELECTION_RENEW_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub renew_grace: Duration,
 }
 

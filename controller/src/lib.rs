@@ -68,7 +68,8 @@ pub struct Args {
     pub leader: LeaderArgs,
 
     /// Least time between two status writes of one node that only refresh its usage figures
-    /// (transitions and config changes are written at once).
+    /// (transitions and config changes are written at once). Figures that moved by less than
+    /// one point wait ten times as long.
     #[arg(long, env = "NODEPULSE_USAGE_WRITE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub usage_write_interval: Duration,
 

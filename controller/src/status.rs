@@ -18,7 +18,7 @@ use nodepulse_crd::etcd::Backoff;
 use nodepulse_crd::v1alpha1::{
     AppliedConfigStatus, MonitorNode, MonitorNodeSpec, MonitorNodeStatus, NodeState,
 };
-use nodepulse_crd::wire::{AgentState, ConfigValue, Heartbeat};
+use nodepulse_crd::wire::{AgentState, ConfigValue, Heartbeat, UsageSummary};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::FIELD_MANAGER;
@@ -90,13 +90,18 @@ struct NodeRecord {
     /// The status last written (or read from the API server on a re-list).
     written: Option<MonitorNodeStatus>,
     last_write: Option<Instant>,
+    /// The usage figures or heartbeat time differ from what was written.
     usage_dirty: bool,
+    /// ...and by enough to be worth a write once the usage interval has passed.
+    usage_moved: bool,
     in_flight: bool,
     write_again: bool,
     retry_at: Option<Instant>,
     retry_backoff: Option<Backoff>,
     pending_events: Vec<Transition>,
     dead_seen_at: Option<Instant>,
+    /// A write was started to give the MonitorNode its Node as owner.
+    owner_requested: bool,
 }
 
 struct WriteJob {
@@ -345,6 +350,7 @@ impl NodeTracker {
             && (written.usage.is_some() || status.usage.is_none())
         {
             rec.usage_dirty = *written != status;
+            rec.usage_moved = usage_moved(written.usage.as_ref(), status.usage.as_ref());
             return;
         }
         if rec.in_flight {
@@ -363,11 +369,32 @@ impl NodeTracker {
             .filter(|(_, rec)| !rec.in_flight)
             .filter(|(_, rec)| match rec.retry_at {
                 Some(at) => at <= now,
-                None => rec.usage_dirty && rec.last_write.is_none_or(|t| now - t >= interval),
+                None => {
+                    let since = rec.last_write.map_or(Duration::MAX, |t| now - t);
+                    (rec.usage_moved && since >= interval)
+                        || (rec.usage_dirty && since >= interval * REFRESH_FACTOR)
+                }
             })
             .map(|(name, _)| name.clone())
             .collect();
-        for name in due {
+        // MonitorNodes created before their Node object: the next write sets the owner.
+        let inventory = &self.inventory;
+        let orphans: Vec<String> = self
+            .records
+            .iter_mut()
+            .filter(|(_, rec)| !rec.in_flight && !rec.owner_requested && rec.written.is_some())
+            .filter(|(name, _)| {
+                inventory.node(name).is_some()
+                    && inventory
+                        .monitor_node(name)
+                        .is_some_and(|mn| mn.owner_references().is_empty())
+            })
+            .map(|(name, rec)| {
+                rec.owner_requested = true;
+                name.clone()
+            })
+            .collect();
+        for name in due.into_iter().chain(orphans) {
             self.start_write(&name);
         }
     }
@@ -387,10 +414,16 @@ impl NodeTracker {
         let Some(rec) = self.records.get_mut(node) else {
             return;
         };
+        if rec.in_flight {
+            // One write per node at a time, in order: the next one starts when this one ends.
+            rec.write_again = true;
+            return;
+        }
         let status = compute_status(rec, desired.as_ref());
         rec.in_flight = true;
         rec.write_again = false;
         rec.usage_dirty = false;
+        rec.usage_moved = false;
         rec.retry_at = None;
         let job = WriteJob {
             node: node.to_string(),
@@ -589,6 +622,29 @@ fn compute_status(rec: &mut NodeRecord, desired: Option<&ConfigValue>) -> Monito
     status
 }
 
+/// Figures that moved less than this (percentage points, or load) are not worth a write of
+/// their own; they go out with the next write, or after `REFRESH_FACTOR` usage intervals.
+const USAGE_STEP: f64 = 1.0;
+
+/// Usage-only changes too small to matter are still written after this many usage intervals,
+/// so `lastHeartbeatTime` never lags more than a few minutes.
+const REFRESH_FACTOR: u32 = 10;
+
+/// Whether the usage figures moved enough to be worth a write of their own.
+fn usage_moved(old: Option<&UsageSummary>, new: Option<&UsageSummary>) -> bool {
+    let (Some(old), Some(new)) = (old, new) else {
+        return old.is_some() != new.is_some();
+    };
+    let moved = |a: Option<f64>, b: Option<f64>| match (a, b) {
+        (Some(a), Some(b)) => (a - b).abs() >= USAGE_STEP,
+        (a, b) => a.is_some() != b.is_some(),
+    };
+    moved(old.cpu_percent, new.cpu_percent)
+        || moved(old.memory_percent, new.memory_percent)
+        || moved(old.disk_percent, new.disk_percent)
+        || moved(old.load1, new.load1)
+}
+
 /// The status minus what changes with every sample: the usage figures and the heartbeat time.
 fn without_usage(status: &MonitorNodeStatus) -> MonitorNodeStatus {
     MonitorNodeStatus {
@@ -632,6 +688,26 @@ async fn write_status(api: &Api<MonitorNode>, recorder: &Recorder, job: &WriteJo
         }
         other => other.map_err(Error::kube(action()))?,
     };
+    // A MonitorNode created before its Node object existed gets its owner once the Node shows up.
+    if let Some(owner) = &job.owner
+        && mn.owner_references().is_empty()
+    {
+        let patch = serde_json::json!({
+            "apiVersion": "nodepulse.io/v1alpha1",
+            "kind": "MonitorNode",
+            "metadata": {"ownerReferences": [owner]},
+        });
+        if let Err(e) = api
+            .patch(
+                &job.node,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            tracing::warn!(node = %job.node, error = %e, "could not set the MonitorNode's owner to its Node");
+        }
+    }
     let reference = mn.object_ref(&());
     for t in &job.events {
         let event = Event {
@@ -667,7 +743,7 @@ fn params_force() -> PatchParams {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nodepulse_crd::wire::{AppliedConfig, Metric, UsageSummary};
+    use nodepulse_crd::wire::{AppliedConfig, Metric};
 
     fn heartbeat(interval: u32, cpu: f64) -> Heartbeat {
         Heartbeat {
@@ -741,6 +817,19 @@ mod tests {
         let desired = ConfigValue::new(2, nodepulse_crd::wire::MetricSet::all()).unwrap();
         let fourth = compute_status(&mut rec, Some(&desired));
         assert_eq!(fourth.config.as_ref().unwrap().in_sync, Some(true));
+    }
+
+    #[test]
+    fn small_usage_moves_wait_for_a_refresh() {
+        let u = |cpu: f64| UsageSummary {
+            cpu_percent: Some(cpu),
+            memory_percent: Some(40.0),
+            ..Default::default()
+        };
+        assert!(!usage_moved(Some(&u(10.0)), Some(&u(10.9))));
+        assert!(usage_moved(Some(&u(10.0)), Some(&u(11.0))));
+        assert!(usage_moved(None, Some(&u(10.0))));
+        assert!(!usage_moved(None, None));
     }
 
     #[test]

@@ -655,3 +655,39 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         l.contains("Node standby-1 Dead")
     });
 }
+
+/// The heartbeat watch survives etcd going away (SIGKILL and restart): deaths after the
+/// restart are still seen. A MonitorNode created before its Node object gets the Node as owner
+/// once the Node appears.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn liveness_survives_an_etcd_restart_and_late_nodes_become_owners() {
+    let mut lab = Lab::start().await;
+    let _controller = lab.controller("controller-r", free_port());
+    let mut agent = lab.agent("solo-1");
+    lab.wait_state("solo-1", NodeState::Alive, Duration::from_secs(30))
+        .await;
+    let api: Api<MonitorNode> = Api::all(lab.kube.clone());
+    let mn = api.get("solo-1").await.expect("MonitorNode");
+    assert!(mn.metadata.owner_references.is_none(), "no Node object yet");
+
+    lab.node("solo-1", &[("late", "true")]);
+    eventually(
+        "solo-1 owned by its Node",
+        Duration::from_secs(20),
+        || async {
+            let mn = api.get("solo-1").await.ok()?;
+            let owner = mn.metadata.owner_references?.into_iter().next()?;
+            (owner.kind == "Node" && owner.name == "solo-1").then_some(())
+        },
+    )
+    .await;
+
+    let lines = agent.line_count();
+    tokio::task::block_in_place(|| lab.etcd.restart());
+    agent.wait_for_line_from(lines, Duration::from_secs(30), "heartbeat back", |l| {
+        l.contains("heartbeat") && (l.contains("resumed") || l.contains("granted"))
+    });
+    agent.kill_hard();
+    lab.wait_state("solo-1", NodeState::Dead, Duration::from_secs(15))
+        .await;
+}
