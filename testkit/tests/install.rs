@@ -138,8 +138,8 @@ fn bad_values_fail_with_a_clear_message() {
             "additional properties 'replica' not allowed",
         ),
         (
-            vec!["--set", "agent.heartbeatTtl=10s"],
-            "additional properties 'heartbeatTtl' not allowed",
+            vec!["--set", "agent.heartbeatTTL=10s"],
+            "additional properties 'heartbeatTTL' not allowed",
         ),
         (
             vec!["--set", "etcd.enabled=false"],
@@ -692,4 +692,142 @@ fn three_member_etcd_command_line_from_the_chart_forms_a_cluster() {
         3,
         "three members, all started:\n{table}"
     );
+}
+
+/// The environment a pod's container gets: literal values, and the downward API fields the chart
+/// uses resolved as the kubelet would for a pod named `pod` in `namespace` on `node`.
+fn pod_env(container: &Value, pod: &str, namespace: &str, node: &str) -> Vec<(String, String)> {
+    container["env"]
+        .as_sequence()
+        .expect("env")
+        .iter()
+        .map(|e| {
+            let name = e["name"].as_str().expect("env name").to_string();
+            let value = if let Some(v) = e["value"].as_str() {
+                v.to_string()
+            } else {
+                match e["valueFrom"]["fieldRef"]["fieldPath"].as_str() {
+                    Some("spec.nodeName") => node.to_string(),
+                    Some("metadata.namespace") => namespace.to_string(),
+                    Some("metadata.name") => pod.to_string(),
+                    other => panic!("env {name}: unexpected source {other:?}"),
+                }
+            };
+            (name, value)
+        })
+        .collect()
+}
+
+/// Kubernetes' `$(VAR)` expansion of container args.
+fn expand(arg: &str, env: &[(String, String)]) -> String {
+    env.iter().fold(arg.to_string(), |a, (k, v)| {
+        a.replace(&format!("$({k})"), v)
+    })
+}
+
+/// A rendered workload's container as a local command line: its command, args (with `$(VAR)`
+/// expanded) and env, with `rewrite` applied to args and env values (pod paths and addresses to
+/// this machine's).
+fn local_command(
+    workload: &Value,
+    binary: &str,
+    env: &[(String, String)],
+    rewrite: impl Fn(&str) -> String,
+) -> Command {
+    let container = &workload["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(
+        container["command"][0].as_str(),
+        Some(format!("/usr/local/bin/{binary}").as_str())
+    );
+    let mut cmd = Command::new(testkit::project_bin(binary));
+    for arg in container_args(workload) {
+        cmd.arg(rewrite(&expand(&arg, env)));
+    }
+    cmd.env_clear();
+    for (k, v) in env {
+        cmd.env(k, rewrite(v));
+    }
+    cmd
+}
+
+#[test]
+fn rendered_agent_and_controller_command_lines_run_the_real_binaries() {
+    // What the chart renders must be what the binaries accept: run them with exactly the rendered
+    // args and env, only the pod's paths and addresses mapped to this machine.
+    let objects = render(&[]);
+    let etcd = testkit::Etcd::start();
+    let server = KubeApiserver::shared();
+    let node = "chart-node-1";
+    let in_cluster_etcd = "http://etcd-0.etcd-service.etcd.svc.cluster.local:2379";
+
+    let ds = object(&objects, "DaemonSet", "nodepulse-agent");
+    let agent_env = pod_env(
+        &ds["spec"]["template"]["spec"]["containers"][0],
+        "nodepulse-agent-x1",
+        "nodepulse",
+        node,
+    );
+    let agent_port = free_port();
+    let agent_cmd = local_command(ds, "nodepulse-agent", &agent_env, |s| {
+        s.replace(in_cluster_etcd, &etcd.endpoint)
+            .replace("/host/proc", "/proc")
+            .replace("/host/root", "/")
+            .replace("0.0.0.0:9101", &format!("127.0.0.1:{agent_port}"))
+    });
+    let agent = Process::spawn("agent", agent_cmd);
+    let agent_addr = format!("127.0.0.1:{agent_port}");
+    for path in ["/healthz", "/readyz"] {
+        wait_until(
+            &format!("the agent's {path} (TESTKIT_VERBOSE=1 shows its output)"),
+            Duration::from_secs(60),
+            || http_get(&agent_addr, path).is_some_and(|(s, _)| s == 200),
+        );
+    }
+    wait_until(
+        "the agent's heartbeat key in etcd",
+        Duration::from_secs(30),
+        || {
+            let out = etcd.etcdctl(&[
+                "get",
+                &format!("/monitor/heartbeat/{node}"),
+                "--print-value-only",
+            ]);
+            out.status.success() && !out.stdout.is_empty()
+        },
+    );
+
+    let deploy = object(&objects, "Deployment", "nodepulse-controller");
+    let mut controller_env = pod_env(
+        &deploy["spec"]["template"]["spec"]["containers"][0],
+        "nodepulse-controller-x1",
+        "default",
+        "some-node",
+    );
+    // In a pod the client finds the in-cluster config; here the harness's kubeconfig.
+    controller_env.push((
+        "KUBECONFIG".into(),
+        server.kubeconfig.to_string_lossy().into_owned(),
+    ));
+    let controller_port = free_port();
+    let controller_cmd = local_command(deploy, "nodepulse-controller", &controller_env, |s| {
+        s.replace(in_cluster_etcd, &etcd.endpoint)
+            .replace("0.0.0.0:8080", &format!("127.0.0.1:{controller_port}"))
+    });
+    let controller = Process::spawn("controller", controller_cmd);
+    let controller_addr = format!("127.0.0.1:{controller_port}");
+    wait_until("the controller's /healthz", Duration::from_secs(60), || {
+        http_get(&controller_addr, "/healthz").is_some_and(|(s, _)| s == 200)
+    });
+    wait_until(
+        "the controller's leader Lease and MonitorNode chart-node-1 Alive",
+        Duration::from_secs(60),
+        || {
+            let lease = server.kubectl(&["get", "lease", "nodepulse-controller", "-n", "default"]);
+            let state =
+                server.kubectl(&["get", "monitornode", node, "-o", "jsonpath={.status.state}"]);
+            lease.status.success() && text(&state.stdout) == "Alive"
+        },
+    );
+    drop(agent);
+    drop(controller);
 }
