@@ -9,7 +9,8 @@
 #
 #   docker build -t nodepulse:0.1.0 .
 
-ARG RUST_VERSION=1.89
+# The toolchain the project is developed and tested with (rust-version in Cargo.toml is the floor).
+ARG RUST_VERSION=1.95
 
 # --- planner: a recipe of the dependency graph, so the dependency layer below is cached until
 # Cargo.toml / Cargo.lock change, not on every source edit.
@@ -27,8 +28,8 @@ RUN cargo chef prepare --recipe-path recipe.json
 # --- builder: dependencies first (cached layer), then the workspace.
 FROM chef AS builder
 COPY --from=planner /src/recipe.json recipe.json
-RUN cargo chef cook --release --recipe-path recipe.json \
-    -p nodepulse-agent -p nodepulse-controller -p nodepulsectl
+# (cook takes one --package at most: it builds the dependencies of the whole workspace.)
+RUN cargo chef cook --release --recipe-path recipe.json
 COPY . .
 RUN cargo build --release --bins -p nodepulse-agent -p nodepulse-controller -p nodepulsectl
 
