@@ -557,6 +557,8 @@ fn dockerfile_builds_and_copies_what_make_release_builds() {
             )),
             "the image carries {bin}"
         );
+        // ...and that is the name cargo gives the binary (panics when it is not built).
+        testkit::project_bin(bin);
     }
     assert!(dockerfile.contains("USER 65532:65532"), "non-root user");
     assert!(
