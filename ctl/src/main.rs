@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use nodepulsectl::cli::{Cli, LogFormat};
-use nodepulsectl::error::EXIT_OK;
+use nodepulsectl::error::{EXIT_OK, Error};
 use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
@@ -20,6 +20,10 @@ async fn main() -> ExitCode {
     };
     match outcome {
         Ok(()) => ExitCode::from(EXIT_OK),
+        // `nodepulsectl watch | head -3`: the reader left, which is not an error worth a message.
+        Err(Error::Output(e)) if e.kind() == std::io::ErrorKind::BrokenPipe => {
+            ExitCode::from(EXIT_OK)
+        }
         Err(e) => {
             eprintln!("nodepulsectl: {e}");
             ExitCode::from(e.exit_code())
