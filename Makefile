@@ -7,7 +7,7 @@ TOOLS := hack/tools.sh
 
 .PHONY: help
 help: ## Show this help
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 .PHONY: deps
 deps: ## Install what a fresh machine lacks (protoc, clippy, rustfmt); idempotent
