@@ -396,3 +396,22 @@ async fn watch_outlives_an_etcd_restart_and_relists_after_a_compaction() {
         "only real transitions after the re-list"
     );
 }
+
+#[tokio::test]
+async fn watch_started_while_etcd_is_down_waits_for_it() {
+    let mut etcd = Etcd::start();
+    etcd.kill();
+    let w = watch(&etcd, &[]);
+    w.wait_for_line(Duration::from_secs(10), "a retry line on stderr", |l| {
+        l.contains("retrying")
+    });
+    etcd.restart();
+    w.wait_for_line(Duration::from_secs(15), "the first listing", |l| {
+        l.contains("No node yet")
+    });
+    let mut client = etcd.client().await;
+    put_heartbeat(&mut client, "late", 60).await;
+    w.wait_for_line(Duration::from_secs(5), "late Alive", |l| {
+        l.ends_with("Node late Alive")
+    });
+}
