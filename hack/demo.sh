@@ -131,6 +131,7 @@ elapsed() { awk -v ms=$(($(now_ms) - $1)) 'BEGIN { printf "%.2f", ms / 1000 }'; 
 # --- etcd -----------------------------------------------------------------------------------
 ETCD_PORT=$(free_port)
 ETCD_PEER_PORT=$(free_port)
+while [[ $ETCD_PEER_PORT == "$ETCD_PORT" ]]; do ETCD_PEER_PORT=$(free_port); done
 ETCD=http://127.0.0.1:$ETCD_PORT
 say "starting etcd on $ETCD (a single member, data in $WORK/etcd)"
 "${DIE_WITH_US[@]}" "$TOOLS/etcd" --name demo --data-dir "$WORK/etcd" \
