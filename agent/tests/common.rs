@@ -21,10 +21,15 @@ pub struct Agent {
 
 /// Starts `nodepulse-agent` for `node` against `etcd`, with extra flags.
 pub fn start_agent(etcd: &Etcd, node: &str, extra: &[&str]) -> Agent {
+    start_agent_at(&etcd.endpoint, node, extra)
+}
+
+/// Starts `nodepulse-agent` for `node` against the comma-separated `endpoints`.
+pub fn start_agent_at(endpoints: &str, node: &str, extra: &[&str]) -> Agent {
     let http = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-agent"));
     cmd.args(["--node-name", node])
-        .args(["--etcd-endpoints", &etcd.endpoint])
+        .args(["--etcd-endpoints", endpoints])
         .args(["--metrics-addr", &http])
         .args(extra)
         .env("RUST_LOG", "info")

@@ -184,3 +184,32 @@ async fn a_lease_revoked_behind_the_agents_back_is_granted_again() {
         "{body}"
     );
 }
+
+#[tokio::test]
+async fn a_dead_endpoint_in_the_list_is_failed_over() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let dead = format!("http://127.0.0.1:{}", testkit::free_port());
+    let endpoints = format!("{dead},{}", etcd.endpoint);
+    let agent = common::start_agent_at(&endpoints, "worker-4", &[]);
+    eventually(
+        "heartbeat key through the live endpoint",
+        Duration::from_secs(10),
+        || {
+            let mut c = client.clone();
+            async move { heartbeat(&mut c, "worker-4").await }
+        },
+    )
+    .await;
+    let rev = common::put_config(
+        &mut client,
+        "worker-4",
+        r#"{"interval": 3, "metrics": ["cpu"]}"#,
+    )
+    .await;
+    agent
+        .process
+        .wait_for_line(Duration::from_secs(10), "config applied", |l| {
+            l.contains(&format!("(revision {rev})"))
+        });
+}
