@@ -110,6 +110,8 @@ struct WriteJob {
     events: Vec<Transition>,
     dead_seen_at: Option<Instant>,
     owner: Option<OwnerReference>,
+    /// The MonitorNode is known to exist: apply the status straight away.
+    exists: bool,
 }
 
 struct WriteOutcome {
@@ -425,7 +427,9 @@ impl NodeTracker {
         rec.usage_dirty = false;
         rec.usage_moved = false;
         rec.retry_at = None;
+        let exists = self.inventory.monitor_node(node).is_some() || rec.written.is_some();
         let job = WriteJob {
+            exists,
             node: node.to_string(),
             status,
             events: std::mem::take(&mut rec.pending_events),
@@ -664,25 +668,17 @@ async fn write_status(api: &Api<MonitorNode>, recorder: &Recorder, job: &WriteJo
     });
     let params = PatchParams::apply(FIELD_MANAGER).force();
     let action = || format!("apply status of MonitorNode {}", job.node);
+    // A node seen for the first time: create its MonitorNode first rather than learn from a 404.
+    if !job.exists {
+        create_monitor_node(api, job).await?;
+    }
     let mn = match api
         .patch_status(&job.node, &params, &Patch::Apply(&patch))
         .await
     {
         Err(kube::Error::Api(status)) if status.is_not_found() => {
-            let mut mn = MonitorNode::new(&job.node, MonitorNodeSpec {});
-            if let Some(owner) = &job.owner {
-                mn.metadata.owner_references = Some(vec![owner.clone()]);
-            }
-            let params = PostParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..PostParams::default()
-            };
-            match api.create(&params, &mn).await {
-                Ok(_) => tracing::info!(node = %job.node, "created MonitorNode"),
-                Err(kube::Error::Api(status)) if status.is_already_exists() => {}
-                Err(e) => return Err(Error::kube(format!("create MonitorNode {}", job.node))(e)),
-            }
-            api.patch_status(&job.node, &params_force(), &Patch::Apply(&patch))
+            create_monitor_node(api, job).await?;
+            api.patch_status(&job.node, &params, &Patch::Apply(&patch))
                 .await
                 .map_err(Error::kube(action()))?
         }
@@ -736,8 +732,24 @@ async fn write_status(api: &Api<MonitorNode>, recorder: &Recorder, job: &WriteJo
     Ok(())
 }
 
-fn params_force() -> PatchParams {
-    PatchParams::apply(FIELD_MANAGER).force()
+/// Creates the MonitorNode, owned by its Node when one exists; one that already exists is fine.
+async fn create_monitor_node(api: &Api<MonitorNode>, job: &WriteJob) -> Result<()> {
+    let mut mn = MonitorNode::new(&job.node, MonitorNodeSpec {});
+    if let Some(owner) = &job.owner {
+        mn.metadata.owner_references = Some(vec![owner.clone()]);
+    }
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    match api.create(&params, &mn).await {
+        Ok(_) => {
+            tracing::debug!(node = %job.node, "created MonitorNode");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.is_already_exists() => Ok(()),
+        Err(e) => Err(Error::kube(format!("create MonitorNode {}", job.node))(e)),
+    }
 }
 
 #[cfg(test)]
