@@ -48,8 +48,8 @@ impl AppliedState {
 /// The configuration the three jobs share.
 ///
 /// A reader-writer lock rather than a channel: the specification asks for one by name, and each
-/// reader (the sampler before each sample, the heartbeat before each write, `/metrics`) needs
-/// the value in force at that moment, not a queue of every change. The `changed` channel carries
+/// reader (the sampler before each sample, the heartbeat before each write) needs the value in
+/// force at that moment, not a queue of every change. The `changed` channel carries
 /// no data; it only wakes readers that sleep (the sampler's interval, the heartbeat's
 /// rewrite timer) so a change takes effect at once.
 #[derive(Debug)]

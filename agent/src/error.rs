@@ -23,14 +23,6 @@ pub enum Error {
         #[source]
         source: procfs::ProcError,
     },
-    /// A /proc file parsed but lacked what we need.
-    #[error("parse {path}: {reason}")]
-    Malformed {
-        /// The file.
-        path: PathBuf,
-        /// What was missing or odd.
-        reason: String,
-    },
     /// statvfs on the host root failed.
     #[error("statvfs {path}: {source}")]
     Statvfs {
