@@ -134,6 +134,9 @@ enum StreamEnd {
     Broken,
     /// The revision to resume from was compacted away: list again.
     Compacted,
+    /// etcd canceled the watch for another reason (e.g. a future revision after etcd was
+    /// replaced by an empty one): list again, after a pause in case it keeps happening.
+    Canceled,
 }
 
 /// Runs the watch until the process is stopped. Returns only on an error that retrying cannot
@@ -167,11 +170,15 @@ pub async fn run(etcd: &EtcdArgs, settings: WatchSettings, out: impl Write) -> R
         broken = matches!(end.why, StreamEnd::Broken);
         match end.why {
             StreamEnd::Broken => backoff.wait().await,
-            StreamEnd::Compacted => {
-                tracing::warn!(
-                    "revision {} was compacted: listing {HEARTBEAT_PREFIX} again",
-                    revision + 1
-                );
+            StreamEnd::Compacted | StreamEnd::Canceled => {
+                if matches!(end.why, StreamEnd::Compacted) {
+                    tracing::warn!(
+                        "revision {} was compacted: listing {HEARTBEAT_PREFIX} again",
+                        revision + 1
+                    );
+                } else {
+                    backoff.wait().await;
+                }
                 let list = list_retrying(&mut client, &mut backoff).await;
                 for (node, t) in tracker.relist(list.heartbeats, now()) {
                     printer.transition(&node, &t, list.revision)?;
@@ -259,10 +266,10 @@ async fn watch_from<W: Write>(
         }
         if resp.canceled() {
             tracing::warn!(
-                "watch {HEARTBEAT_PREFIX} canceled by etcd: {}; resuming",
+                "watch {HEARTBEAT_PREFIX} canceled by etcd: {}; listing it again",
                 resp.cancel_reason()
             );
-            return ended(StreamEnd::Broken, revision);
+            return ended(StreamEnd::Canceled, revision);
         }
         if first {
             first = false;
