@@ -196,7 +196,7 @@ impl Sample {
                 .as_ref()
                 .and_then(|d| d.root.as_ref())
                 .map(|r| round1(r.used_percent)),
-            load1: self.load.as_ref().map(|l| (l.one * 100.0).round() / 100.0),
+            load1: self.load.as_ref().map(|l| round1(l.one)),
         }
     }
 
