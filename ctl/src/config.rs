@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use etcd_client::{Client, GetOptions, KeyValue, Txn, TxnOp};
+use etcd_client::{Client, DeleteOptions, GetOptions, KeyValue, Txn, TxnOp};
 use nodepulse_crd::wire::{
     CONFIG_PREFIX, CONTROLLER_MANAGER, ConfigValue, HEARTBEAT_PREFIX, config_key,
     node_of_config_key, node_of_heartbeat_key, validate_node_name,
@@ -234,21 +234,38 @@ pub async fn set(
 }
 
 /// `config delete`: removes the keys (the agents fall back to the defaults).
-pub async fn delete(client: &mut Client, nodes: &[String], mut out: impl Write) -> Result<()> {
+pub async fn delete(
+    client: &mut Client,
+    nodes: &[String],
+    mut out: impl Write,
+    mut err: impl Write,
+) -> Result<()> {
     validate_nodes(nodes)?;
     for node in nodes {
         let key = config_key(node);
         let resp = client
-            .delete(key.as_str(), None)
+            .delete(key.as_str(), Some(DeleteOptions::new().with_prev_key()))
             .await
             .map_err(Error::etcd(format!("delete {key}")))?;
-        if resp.deleted() > 0 {
-            writeln!(
-                out,
-                "{key} deleted: the agent on {node} goes back to the defaults"
-            )?;
-        } else {
+        let Some(prev) = resp.prev_kvs().first() else {
             writeln!(out, "{key} did not exist: nothing to delete")?;
+            continue;
+        };
+        writeln!(
+            out,
+            "{key} deleted: the agent on {node} goes back to the defaults"
+        )?;
+        if let Some(prev) = ConfigValue::parse(prev.value())
+            .ok()
+            .filter(ConfigValue::is_managed)
+        {
+            let mc = prev.source.map_or("a MonitorConfig".to_string(), |s| {
+                format!("MonitorConfig {}", s.monitor_config)
+            });
+            writeln!(
+                err,
+                "note: {key} was written by {CONTROLLER_MANAGER} from {mc}; it writes the key again while {mc} selects {node}"
+            )?;
         }
     }
     Ok(())

@@ -88,7 +88,7 @@ pub async fn run(command: Command) -> Result<()> {
             config::validate_nodes(&args.nodes)?;
             within(args.timeout, &args.etcd, async {
                 let mut client = args.etcd.connect().await?;
-                config::delete(&mut client, &args.nodes, stdout.lock()).await
+                config::delete(&mut client, &args.nodes, stdout.lock(), std::io::stderr()).await
             })
             .await
         }

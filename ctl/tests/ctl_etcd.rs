@@ -197,6 +197,30 @@ async fn config_set_refuses_bad_values_writes_nothing_and_exits_2() {
     let out = ctl(&etcd, &["config", "delete", "worker-1"]);
     assert!(out.status.success());
     assert_eq!(config_keys(&mut client).await, vec![]);
+
+    // Deleting a managed key says the controller will write it again.
+    client
+        .put(
+            config_key("worker-1"),
+            r#"{"interval":7,"metrics":["cpu"],"managedBy":"nodepulse-controller","source":{"monitorConfig":"fast","generation":2}}"#,
+            None,
+        )
+        .await
+        .expect("put managed key");
+    let out = ctl(&etcd, &["config", "delete", "worker-1", "worker-9"]);
+    assert!(out.status.success());
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("/monitor/config/worker-9 did not exist"),
+        "{stdout}"
+    );
+    assert!(
+        text(&out.stderr)
+            .contains("it writes the key again while MonitorConfig fast selects worker-1"),
+        "{}",
+        text(&out.stderr)
+    );
+    assert_eq!(config_keys(&mut client).await, vec![]);
 }
 
 #[test]
