@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use testkit::{Line, Process, project_bin, repo_root};
+use testkit::{Line, Process, project_bin, repo_root, tool};
 
 /// The demo's heartbeat TTL, in seconds (`DEMO_TTL`).
 const TTL: u64 = 5;
@@ -49,6 +49,16 @@ fn agent_time(line: &str) -> jiff::Timestamp {
         .unwrap_or_else(|| panic!("no timestamp in {line:?}"))
 }
 
+/// The directory of etcd, etcdctl (and kube-apiserver), built first if this machine lacks them.
+fn tools_dir(k8s: bool) -> PathBuf {
+    let etcd = tool("etcd");
+    tool("etcdctl");
+    if k8s {
+        tool("kube-apiserver");
+    }
+    etcd.parent().expect("tools dir").to_path_buf()
+}
+
 fn bin_dir() -> PathBuf {
     // Both binaries the demo runs must exist; `make test` builds every binary first.
     project_bin("nodepulse-agent");
@@ -63,6 +73,7 @@ fn make_demo_plays_the_labs_scenario_within_its_deadlines() {
     let mut cmd = Command::new("bash");
     cmd.arg(repo_root().join("hack/demo.sh"))
         .env("NODEPULSE_BIN", bin_dir())
+        .env("NODEPULSE_TOOLS", tools_dir(false))
         .env("DEMO_TTL", TTL.to_string())
         .env_remove("DEMO_K8S")
         .env_remove("RUST_LOG");
@@ -160,6 +171,7 @@ fn ctrl_c_stops_everything_the_demo_started() {
     let mut cmd = Command::new("bash");
     cmd.arg(repo_root().join("hack/demo.sh"))
         .env("NODEPULSE_BIN", bin_dir())
+        .env("NODEPULSE_TOOLS", tools_dir(false))
         .env_remove("DEMO_K8S");
     let mut demo = Demo(Process::spawn("demo", cmd));
     demo.line(Duration::from_secs(60), "the agent alive", |l| {
@@ -194,6 +206,7 @@ fn demo_k8s_mode_shows_the_monitor_node_alive_then_dead() {
     let mut cmd = Command::new("bash");
     cmd.arg(repo_root().join("hack/demo.sh"))
         .env("NODEPULSE_BIN", bin_dir())
+        .env("NODEPULSE_TOOLS", tools_dir(true))
         .env("DEMO_K8S", "1")
         .env_remove("RUST_LOG")
         .env_remove("KUBECONFIG");
