@@ -50,7 +50,7 @@ pub struct Args {
     pub node_name: Option<String>,
 
     /// TTL of the heartbeat lease, in seconds: the node is seen dead this long after the agent dies.
-    #[arg(long, env = "NODEPULSE_HEARTBEAT_TTL", default_value_t = 10, value_parser = clap::value_parser!(u32).range(2..=300))]
+    #[arg(long, env = "NODEPULSE_HEARTBEAT_TTL", default_value = "10", value_parser = parse_ttl)]
     pub heartbeat_ttl: u32,
 
     /// Shortest time between two rewrites of the heartbeat value (liveness itself rides on the
@@ -77,6 +77,18 @@ pub struct Args {
     /// etcd connection.
     #[command(flatten)]
     pub etcd: EtcdArgs,
+}
+
+/// Parses a lease TTL: whole seconds, `10` or `10s`, 2 to 300.
+pub fn parse_ttl(s: &str) -> Result<u32, String> {
+    let d = parse_duration(s)?;
+    let secs = d.as_secs();
+    if d.subsec_nanos() != 0 || !(2..=300).contains(&secs) {
+        return Err(format!(
+            "{s:?}: the heartbeat TTL must be a whole number of seconds from 2 to 300"
+        ));
+    }
+    Ok(secs as u32)
 }
 
 /// Sets up logging: `RUST_LOG`-style filter (default info), text or JSON, colours only on a
@@ -195,4 +207,25 @@ pub async fn run(args: Args) -> Result<()> {
     let _ = heartbeat.await;
     server.abort();
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_takes_seconds_with_or_without_unit_within_range() {
+        assert_eq!(parse_ttl("10"), Ok(10));
+        assert_eq!(parse_ttl("3s"), Ok(3));
+        assert_eq!(parse_ttl("5m"), Ok(300));
+        for bad in ["1", "301", "2.5s", "500ms", "ten"] {
+            assert!(parse_ttl(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn node_name_flag_is_validated() {
+        assert_eq!(node_name(Some("worker-1")).unwrap(), "worker-1");
+        assert!(node_name(Some("Worker_1")).is_err());
+    }
 }
