@@ -56,6 +56,9 @@ pub struct HeartbeatList {
     pub heartbeats: Vec<(String, Heartbeat)>,
     /// The store revision of the read: watch from the next one.
     pub revision: i64,
+    /// The id of the etcd cluster that answered (a new id means etcd was rebuilt from scratch
+    /// and revisions started over).
+    pub cluster_id: u64,
 }
 
 /// Lists `/monitor/heartbeat/`. Values that are not agent heartbeats are skipped with a warning
@@ -66,11 +69,13 @@ pub async fn list_heartbeats(client: &mut Client) -> Result<HeartbeatList> {
         .await
         .map_err(Error::etcd(format!("list {HEARTBEAT_PREFIX}")))?;
     let revision = resp.header().map_or(0, |h| h.revision());
+    let cluster_id = resp.header().map_or(0, |h| h.cluster_id());
     let mut heartbeats: Vec<_> = resp.kvs().iter().filter_map(parse_heartbeat).collect();
     heartbeats.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(HeartbeatList {
         heartbeats,
         revision,
+        cluster_id,
     })
 }
 

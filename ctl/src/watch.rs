@@ -134,6 +134,8 @@ enum StreamEnd {
     Broken,
     /// The revision to resume from was compacted away: list again.
     Compacted,
+    /// etcd was rebuilt or restored: our revisions mean nothing there.
+    NewCluster,
     /// etcd canceled the watch for another reason (e.g. a future revision after etcd was
     /// replaced by an empty one): list again, after a pause in case it keeps happening.
     Canceled,
@@ -149,6 +151,7 @@ pub async fn run(etcd: &EtcdArgs, settings: WatchSettings, out: impl Write) -> R
 
     let first = list_retrying(&mut client, &mut backoff).await;
     let mut revision = first.revision;
+    let mut cluster_id = first.cluster_id;
     tracker.seed(first.heartbeats);
     printer.snapshot(tracker.alive_rows(), revision)?;
     let mut broken = false;
@@ -156,6 +159,7 @@ pub async fn run(etcd: &EtcdArgs, settings: WatchSettings, out: impl Write) -> R
     loop {
         let resume = Resume {
             start: revision + 1,
+            cluster_id,
             after_break: broken,
         };
         let end = watch_from(
@@ -170,20 +174,23 @@ pub async fn run(etcd: &EtcdArgs, settings: WatchSettings, out: impl Write) -> R
         broken = matches!(end.why, StreamEnd::Broken);
         match end.why {
             StreamEnd::Broken => backoff.wait().await,
-            StreamEnd::Compacted | StreamEnd::Canceled => {
-                if matches!(end.why, StreamEnd::Compacted) {
-                    tracing::warn!(
+            StreamEnd::Compacted | StreamEnd::Canceled | StreamEnd::NewCluster => {
+                match end.why {
+                    StreamEnd::Compacted => tracing::warn!(
                         "revision {} was compacted: listing {HEARTBEAT_PREFIX} again",
                         revision + 1
-                    );
-                } else {
-                    backoff.wait().await;
+                    ),
+                    StreamEnd::NewCluster => tracing::warn!(
+                        "etcd's revision went back below {revision} (rebuilt or restored from a backup): listing {HEARTBEAT_PREFIX} again"
+                    ),
+                    _ => backoff.wait().await,
                 }
                 let list = list_retrying(&mut client, &mut backoff).await;
                 for (node, t) in tracker.relist(list.heartbeats, now()) {
                     printer.transition(&node, &t, list.revision)?;
                 }
                 revision = list.revision;
+                cluster_id = list.cluster_id;
             }
         }
     }
@@ -209,6 +216,8 @@ async fn list_retrying(client: &mut Client, backoff: &mut Backoff) -> HeartbeatL
 struct Resume {
     /// The first revision wanted.
     start: i64,
+    /// The etcd cluster the revisions belong to.
+    cluster_id: u64,
     /// Whether the previous stream broke (then its recovery is worth a log line).
     after_break: bool,
 }
@@ -261,6 +270,15 @@ async fn watch_from<W: Write>(
                 return ended(StreamEnd::Broken, revision);
             }
         };
+        // A store's revision never goes back: a smaller one than we have seen, or another
+        // cluster id, means etcd was rebuilt (or restored from an older backup), and resuming at
+        // our revision would silently skip everything until the new store catches up.
+        if let Some(h) = resp.header() {
+            let other_cluster = h.cluster_id() != resume.cluster_id && resume.cluster_id != 0;
+            if other_cluster || h.revision() < start - 1 {
+                return ended(StreamEnd::NewCluster, revision);
+            }
+        }
         if resp.compact_revision() > 0 {
             return ended(StreamEnd::Compacted, revision);
         }

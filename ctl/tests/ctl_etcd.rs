@@ -439,3 +439,33 @@ async fn watch_started_while_etcd_is_down_waits_for_it() {
         l.ends_with("Node late Alive")
     });
 }
+
+#[tokio::test]
+async fn watch_relists_when_etcd_is_rebuilt_from_scratch() {
+    let mut etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    put_heartbeat(&mut client, "old", 600).await;
+    for i in 0..20 {
+        client
+            .put(format!("/pad/{i}"), "x", None)
+            .await
+            .expect("pad");
+    }
+    let w = watch(&etcd, &[]);
+    w.wait_for_line(Duration::from_secs(10), "the table", |l| {
+        l.starts_with("old")
+    });
+
+    // Same endpoint, empty data: a new cluster whose revisions start over below ours.
+    etcd.kill();
+    std::fs::remove_dir_all(etcd.data_dir()).expect("wipe etcd data");
+    etcd.restart();
+    let mut client = etcd.client().await;
+    put_heartbeat(&mut client, "new", 600).await;
+    w.wait_for_line(Duration::from_secs(15), "old Dead", |l| {
+        l.ends_with("Node old Dead (heartbeat expired)")
+    });
+    w.wait_for_line(Duration::from_secs(5), "new Alive", |l| {
+        l.ends_with("Node new Alive")
+    });
+}
