@@ -270,15 +270,6 @@ async fn watch_from<W: Write>(
                 return ended(StreamEnd::Broken, revision);
             }
         };
-        // A store's revision never goes back: a smaller one than we have seen, or another
-        // cluster id, means etcd was rebuilt (or restored from an older backup), and resuming at
-        // our revision would silently skip everything until the new store catches up.
-        if let Some(h) = resp.header() {
-            let other_cluster = h.cluster_id() != resume.cluster_id && resume.cluster_id != 0;
-            if other_cluster || h.revision() < start - 1 {
-                return ended(StreamEnd::NewCluster, revision);
-            }
-        }
         if resp.compact_revision() > 0 {
             return ended(StreamEnd::Compacted, revision);
         }
@@ -288,6 +279,16 @@ async fn watch_from<W: Write>(
                 resp.cancel_reason()
             );
             return ended(StreamEnd::Canceled, revision);
+        }
+        // (Checked after compaction: etcd's compaction notice carries revision 0.)
+        // A store's revision never goes back: a smaller one than we have seen, or another
+        // cluster id, means etcd was rebuilt (or restored from an older backup), and resuming at
+        // our revision would silently skip everything until the new store catches up.
+        if let Some(h) = resp.header() {
+            let other_cluster = h.cluster_id() != resume.cluster_id && resume.cluster_id != 0;
+            if other_cluster || (h.revision() > 0 && h.revision() < start - 1) {
+                return ended(StreamEnd::NewCluster, revision);
+            }
         }
         if first {
             first = false;
