@@ -179,13 +179,16 @@ pub async fn set(
 ) -> Result<()> {
     // Refuse bad flags before touching etcd: a refused change writes nothing.
     change.apply_to(None)?;
-    let nodes = match targets {
+    let mut nodes = match targets {
         Targets::Nodes(nodes) => {
             validate_nodes(&nodes)?;
             nodes
         }
         Targets::AllWithHeartbeat => nodes_with_heartbeat(client).await?,
     };
+    // etcd refuses a transaction that puts the same key twice.
+    nodes.sort();
+    nodes.dedup();
     let current = current_configs(client).await?;
 
     let mut writes = Vec::new();

@@ -150,6 +150,12 @@ async fn config_set_refuses_bad_values_writes_nothing_and_exits_2() {
         text(&out.stdout)
             .contains(r#"/monitor/config/worker-1 = {"interval":2,"metrics":["cpu","memory"]}"#)
     );
+    // The same node twice is written once.
+    let out = ctl(
+        &etcd,
+        &["config", "set", "worker-1", "worker-1", "--interval", "2"],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
     let out = ctl(&etcd, &["config", "set", "--all", "--interval", "5"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(
