@@ -63,6 +63,7 @@ pub struct LoadgenArgs {
 struct Counters {
     keepalives: AtomicU64,
     puts: AtomicU64,
+    lost: AtomicU64,
     errors: AtomicU64,
 }
 
@@ -105,7 +106,7 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         .max(1.0) as u64;
     for node in nodes {
         let counters = counters.clone();
-        tokio::spawn(node.keep_alive(period, rewrite_every, counters));
+        tokio::spawn(node.keep_alive(period, rewrite_every, args.ttl_seconds, counters));
     }
 
     let mut ticker = tokio::time::interval(Duration::from_secs(10));
@@ -118,9 +119,10 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
             counters.puts.load(Ordering::Relaxed),
         );
         println!(
-            "loadgen: {:.0} keep-alives/s, {:.0} puts/s, {} errors",
+            "loadgen: {:.0} keep-alives/s, {:.0} puts/s, leases lost so far: {}, errors: {}",
             (ka2 - ka) as f64 / 10.0,
             (puts2 - puts) as f64 / 10.0,
+            counters.lost.load(Ordering::Relaxed),
             counters.errors.load(Ordering::Relaxed)
         );
         (ka, puts) = (ka2, puts2);
@@ -140,18 +142,12 @@ struct SimulatedNode {
 
 impl SimulatedNode {
     async fn start(
-        mut client: Client,
+        client: Client,
         args: &LoadgenArgs,
         index: usize,
         started_at: Timestamp,
     ) -> Result<SimulatedNode> {
         let node = format!("{}{index}", args.prefix);
-        let key = heartbeat_key(&node);
-        let lease = client
-            .lease_grant(args.ttl_seconds as i64, None)
-            .await
-            .map_err(|e| Error::Etcd(format!("grant lease for {node}: {e}")))?
-            .id();
         let heartbeat = Heartbeat {
             node: node.clone(),
             agent_version: format!("loadgen-{}", env!("CARGO_PKG_VERSION")),
@@ -168,18 +164,10 @@ impl SimulatedNode {
             },
             usage: Some(random_usage()),
         };
-        client
-            .put(
-                key.as_str(),
-                heartbeat.to_json(),
-                Some(PutOptions::new().with_lease(lease)),
-            )
-            .await
-            .map_err(|e| Error::Etcd(format!("put {key}: {e}")))?;
-        let (keeper, responses) = client
-            .lease_keep_alive(lease)
-            .await
-            .map_err(|e| Error::Etcd(format!("keep-alive stream for {node}: {e}")))?;
+        let mut client = client;
+        let key = heartbeat_key(&node);
+        let (lease, keeper, responses) =
+            establish(&mut client, &key, &heartbeat, args.ttl_seconds).await?;
         Ok(SimulatedNode {
             client,
             node,
@@ -192,28 +180,46 @@ impl SimulatedNode {
     }
 
     /// Renews the lease every `period` and rewrites the value every `rewrite_every` renewals,
-    /// starting at a random phase so the load is spread evenly.
-    async fn keep_alive(mut self, period: Duration, rewrite_every: u64, counters: Arc<Counters>) {
+    /// starting at a random phase so the load is spread evenly. A lease that is lost (expired
+    /// while this process was starved, or a stream that broke) is replaced by a new one and the
+    /// key written again, as the agent does.
+    async fn keep_alive(
+        mut self,
+        period: Duration,
+        rewrite_every: u64,
+        ttl_seconds: u32,
+        counters: Arc<Counters>,
+    ) {
         let phase = rand::rng().random_range(0..period.as_millis().max(1) as u64);
         let mut tick: u64 = rand::rng().random_range(0..rewrite_every);
         tokio::time::sleep(Duration::from_millis(phase)).await;
         let mut ticker = tokio::time::interval(period);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let answer_within = Duration::from_secs(u64::from(ttl_seconds));
         loop {
             ticker.tick().await;
             tick += 1;
             let renewed = match self.keeper.keep_alive().await {
-                Ok(()) => matches!(self.responses.message().await, Ok(Some(r)) if r.ttl() > 0),
+                Ok(()) => matches!(
+                    tokio::time::timeout(answer_within, self.responses.message()).await,
+                    Ok(Ok(Some(r))) if r.ttl() > 0
+                ),
                 Err(_) => false,
             };
             if renewed {
                 counters.keepalives.fetch_add(1, Ordering::Relaxed);
             } else {
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-                eprintln!(
-                    "loadgen: keep-alive of {} (lease {:x}) failed",
-                    self.node, self.lease
-                );
+                counters.lost.fetch_add(1, Ordering::Relaxed);
+                match establish(&mut self.client, &self.key, &self.heartbeat, ttl_seconds).await {
+                    Ok((lease, keeper, responses)) => {
+                        (self.lease, self.keeper, self.responses) = (lease, keeper, responses);
+                    }
+                    Err(e) => {
+                        counters.errors.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("loadgen: {}: {e}", self.node);
+                    }
+                }
+                continue;
             }
             if tick.is_multiple_of(rewrite_every) {
                 self.heartbeat.updated_at = Timestamp::now();
@@ -233,6 +239,37 @@ impl SimulatedNode {
             }
         }
     }
+}
+
+/// Grants a lease, writes the heartbeat key on it and opens its keep-alive stream.
+async fn establish(
+    client: &mut Client,
+    key: &str,
+    heartbeat: &Heartbeat,
+    ttl_seconds: u32,
+) -> Result<(
+    i64,
+    etcd_client::LeaseKeeper,
+    etcd_client::LeaseKeepAliveStream,
+)> {
+    let lease = client
+        .lease_grant(i64::from(ttl_seconds), None)
+        .await
+        .map_err(|e| Error::Etcd(format!("grant lease for {key}: {e}")))?
+        .id();
+    client
+        .put(
+            key,
+            heartbeat.to_json(),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .map_err(|e| Error::Etcd(format!("put {key}: {e}")))?;
+    let (keeper, responses) = client
+        .lease_keep_alive(lease)
+        .await
+        .map_err(|e| Error::Etcd(format!("keep-alive stream for {key}: {e}")))?;
+    Ok((lease, keeper, responses))
 }
 
 /// Plausible usage figures, rounded to one decimal as the agent reports them, so that each
