@@ -33,6 +33,7 @@ struct Run {
     rss_max_mib: f64,
     cpu_percent: f64,
     api_writes_per_s: Option<f64>,
+    api_event_writes_per_s: Option<f64>,
     keepalives_per_s: Option<f64>,
     puts_per_s: Option<f64>,
     etcd_requests_per_s: Option<f64>,
@@ -184,6 +185,20 @@ async fn one(opts: &Options, start: Instant, n: usize) -> Result<Run> {
     };
     run.api_writes_per_s =
         rate(&api_before, &api_after, "apiserver_request_total", &writes).or(Some(0.0));
+    let event_writes = |s: &prom::Sample| {
+        s.label("resource") == Some("events")
+            && matches!(
+                s.label("verb"),
+                Some("POST" | "CREATE" | "PATCH" | "UPDATE")
+            )
+    };
+    run.api_event_writes_per_s = rate(
+        &api_before,
+        &api_after,
+        "apiserver_request_total",
+        &event_writes,
+    )
+    .or(Some(0.0));
     let keepalive = |s: &prom::Sample| s.label("grpc_method") == Some("LeaseKeepAlive");
     run.keepalives_per_s = rate(
         &etcd_before,
@@ -367,6 +382,11 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
         "≤ N/30",
     );
     add(
+        "API-server writes/s on events (the controller's transition Events), steady",
+        cell(&|r| opt(r.api_event_writes_per_s, "/s")),
+        "",
+    );
+    add(
         "etcd lease keep-alives/s, steady",
         cell(&|r| opt(r.keepalives_per_s, "/s")),
         "(N/s expected: one per node per second)",
@@ -436,8 +456,12 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
         agent's worst case (every 5 s, each with a change), and its lessor revokes up to 1,000 \
         expired leases a second, ten times what a 10% failure of 10,000 nodes needs. When the \
         whole machine is starved, keep-alives arrive late and leases expire (the \"leases lost\" \
-        row). What would move the figures: writing transitions ahead of usage refreshes (a \
-        priority queue in the controller) keeps failure detection flat in N; a longer \
+        row). Reading the controller's code for why Dead trails: every status write, usage refresh \
+        or transition, waits for one of 32 permits of one FIFO semaphore \
+        (`--max-concurrent-writes`), so a transition queues behind every refresh already \
+        waiting, and each transition also creates a Kubernetes Event (one more API write). What \
+        would move the figures: writing transitions ahead of usage refreshes (a priority queue \
+        in the controller) keeps failure detection flat in N; a longer \
         `--usage-write-interval` at large N cuts steady writes linearly; API-server CPU shortens \
         cold start; a longer TTL cuts keep-alives."
         .to_string();
