@@ -116,7 +116,8 @@ struct WriteJob {
 
 struct WriteOutcome {
     job: WriteJob,
-    result: Result<()>,
+    /// When the status was written (before the Events went out).
+    result: Result<Instant>,
 }
 
 /// Tuning of the status writer.
@@ -454,11 +455,11 @@ impl NodeTracker {
         };
         rec.in_flight = false;
         match result {
-            Ok(()) => {
+            Ok(written_at) => {
                 if let Some(seen) = job.dead_seen_at {
                     self.metrics
                         .dead_detection
-                        .observe(seen.elapsed().as_secs_f64());
+                        .observe((written_at - seen).as_secs_f64());
                 }
                 rec.written = Some(job.status);
                 rec.last_write = Some(Instant::now());
@@ -660,7 +661,11 @@ fn without_usage(status: &MonitorNodeStatus) -> MonitorNodeStatus {
 
 /// Applies the status through the status subresource, creating the MonitorNode first when it
 /// does not exist, then raises the Events of the transitions it carries.
-async fn write_status(api: &Api<MonitorNode>, recorder: &Recorder, job: &WriteJob) -> Result<()> {
+async fn write_status(
+    api: &Api<MonitorNode>,
+    recorder: &Recorder,
+    job: &WriteJob,
+) -> Result<Instant> {
     let patch = serde_json::json!({
         "apiVersion": "nodepulse.io/v1alpha1",
         "kind": "MonitorNode",
@@ -684,6 +689,7 @@ async fn write_status(api: &Api<MonitorNode>, recorder: &Recorder, job: &WriteJo
         }
         other => other.map_err(Error::kube(action()))?,
     };
+    let written_at = Instant::now();
     // A MonitorNode created before its Node object existed gets its owner once the Node shows up.
     if let Some(owner) = &job.owner
         && mn.owner_references().is_empty()
@@ -729,7 +735,7 @@ async fn write_status(api: &Api<MonitorNode>, recorder: &Recorder, job: &WriteJo
             tracing::warn!(node = %job.node, error = %e, "could not record Event {}", event.reason);
         }
     }
-    Ok(())
+    Ok(written_at)
 }
 
 /// Creates the MonitorNode, owned by its Node when one exists; one that already exists is fine.
