@@ -140,6 +140,9 @@ pub struct NodeTracker {
     records: HashMap<String, NodeRecord>,
     writes: FuturesUnordered<BoxFuture<'static, WriteOutcome>>,
     permits: Arc<Semaphore>,
+    /// Writes that carry no transition also take one of these, so at most half the permits go
+    /// to usage refreshes and a Dead status never queues behind a wave of them.
+    background_permits: Arc<Semaphore>,
 }
 
 impl NodeTracker {
@@ -152,7 +155,9 @@ impl NodeTracker {
         desired: watch::Receiver<Arc<DesiredConfigs>>,
         settings: StatusSettings,
     ) -> Self {
-        let permits = Arc::new(Semaphore::new(settings.max_concurrent_writes.max(1)));
+        let permits = Arc::new(Semaphore::new(settings.max_concurrent_writes.max(2)));
+        let background_permits =
+            Arc::new(Semaphore::new(settings.max_concurrent_writes.max(2) / 2));
         NodeTracker {
             api: Api::all(client),
             recorder,
@@ -163,6 +168,7 @@ impl NodeTracker {
             records: HashMap::new(),
             writes: FuturesUnordered::new(),
             permits,
+            background_permits,
         }
     }
 
@@ -440,8 +446,14 @@ impl NodeTracker {
         let api = self.api.clone();
         let recorder = self.recorder.clone();
         let permits = self.permits.clone();
+        let background = (job.events.is_empty() && job.dead_seen_at.is_none())
+            .then(|| self.background_permits.clone());
         self.metrics.status_writes.inc();
         self.writes.push(Box::pin(async move {
+            let _background = match background {
+                Some(b) => b.acquire_owned().await.ok(),
+                None => None,
+            };
             let _permit = permits.acquire_owned().await;
             let result = write_status(&api, &recorder, &job).await;
             WriteOutcome { job, result }
