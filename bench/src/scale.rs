@@ -409,7 +409,7 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
         "keep-alives + ≤ N/5 puts",
     );
     add(
-        "leases lost by the load generator up to the end of steady state (keep-alive not answered in time; re-granted)",
+        "failed lease renewals in the load generator up to the end of steady state (each followed by a new lease; > 0 means etcd or the machine was overloaded)",
         cell(&|r| r.leases_lost.to_string()),
         "0",
     );

@@ -22,8 +22,10 @@ fn every_benchmark_phase_produces_numbers() {
             "no section {heading:?} in:\n{report}"
         );
     }
+    // A phase that could not run says so at the start of a cell; reference rows (Kubernetes'
+    // own figures) say "not measured" inside theirs, and are fine.
     assert!(
-        !report.contains("not measured"),
+        !report.contains("| not measured:"),
         "a phase produced no figures:\n{report}"
     );
     assert!(
