@@ -8,7 +8,9 @@ use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use rand::Rng;
 
 /// etcd connection flags, shared by the agent, the controller and `nodepulsectl`.
-#[derive(Clone, Debug, clap::Args)]
+///
+/// `Debug` is written by hand so that the password never reaches a log line or a panic message.
+#[derive(Clone, clap::Args)]
 pub struct EtcdArgs {
     /// etcd endpoints, comma-separated (every member of a 3-member cluster, for failover).
     #[arg(
@@ -58,6 +60,20 @@ pub struct EtcdArgs {
     /// How long to wait for a TCP/TLS connection to an endpoint.
     #[arg(long = "etcd-dial-timeout", env = "NODEPULSE_ETCD_DIAL_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub dial_timeout: Duration,
+}
+
+impl std::fmt::Debug for EtcdArgs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdArgs")
+            .field("endpoints", &self.endpoints)
+            .field("ca_file", &self.ca_file)
+            .field("cert_file", &self.cert_file)
+            .field("key_file", &self.key_file)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("dial_timeout", &self.dial_timeout)
+            .finish()
+    }
 }
 
 /// Why a connection could not even be attempted (bad files or flags; etcd being away is not one).
@@ -213,6 +229,19 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn debug_output_redacts_the_password() {
+        let mut args = EtcdArgs::for_endpoint("http://127.0.0.1:2379");
+        args.username = Some("nodepulse-agent".into());
+        args.password = Some("hunter2-secret".into());
+        let debug = format!("{args:?} {args:#?}");
+        assert!(!debug.contains("hunter2-secret"), "{debug}");
+        assert!(
+            debug.contains("<redacted>") && debug.contains("nodepulse-agent"),
+            "{debug}"
+        );
+    }
 
     #[test]
     fn durations_parse() {
