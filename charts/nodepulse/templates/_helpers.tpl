@@ -141,20 +141,33 @@ app.kubernetes.io/part-of: nodepulse
 - name: NODEPULSE_ETCD_KEY_FILE
   value: /etc/nodepulse/etcd-tls/tls.key
 {{- end }}
-{{- if .Values.etcd.client.auth.enabled }}
+- name: RUST_LOG
+  value: {{ .Values.logLevel | quote }}
+{{- end }}
+
+{{/*
+etcd user name and password of one component, from its Secret (never a literal value in the pod
+spec); call with (dict "ctx" $ "component" "agent"|"controller"). Each component's Secret defaults
+to etcd.client.auth.secretName; give the agent and the controller their own least-privilege users
+(hack/etcd-roles.sh) with etcd.client.auth.agentSecretName / controllerSecretName.
+*/}}
+{{- define "nodepulse.etcdAuthEnv" -}}
+{{- $auth := .ctx.Values.etcd.client.auth }}
+{{- if $auth.enabled }}
+{{- $secret := $auth.secretName }}
+{{- if and (eq .component "agent") $auth.agentSecretName }}{{ $secret = $auth.agentSecretName }}{{ end }}
+{{- if and (eq .component "controller") $auth.controllerSecretName }}{{ $secret = $auth.controllerSecretName }}{{ end }}
 - name: NODEPULSE_ETCD_USERNAME
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.etcd.client.auth.secretName }}
+      name: {{ $secret }}
       key: username
 - name: NODEPULSE_ETCD_PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ .Values.etcd.client.auth.secretName }}
+      name: {{ $secret }}
       key: password
 {{- end }}
-- name: RUST_LOG
-  value: {{ .Values.logLevel | quote }}
 {{- end }}
 
 {{/* The etcd client TLS volume mount and volume, when enabled. */}}
