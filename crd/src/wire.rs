@@ -284,6 +284,10 @@ pub enum ConfigError {
     /// The metrics list is empty.
     #[error("metrics must name at least one of cpu, memory, disk, network, load")]
     NoMetrics,
+    /// A metric is named twice in the JSON list. Rejected rather than folded, so that etcd keys
+    /// follow the same rule as a MonitorConfig's `spec.metrics` (a set the API server checks).
+    #[error("metric {0:?} is listed twice")]
+    DuplicateMetric(String),
     /// A field this version does not know (a typo such as "intervall" would otherwise pass unseen).
     #[error("unknown field {0:?}: allowed fields are interval, metrics, managedBy, source")]
     UnknownField(String),
@@ -435,6 +439,10 @@ fn parse_metrics(v: Option<Value>) -> Result<MetricSet, ConfigError> {
             }),
         })
         .collect::<Result<Vec<_>, _>>()?;
+    let mut seen = BTreeSet::new();
+    if let Some(dup) = metrics.iter().find(|m| !seen.insert(**m)) {
+        return Err(ConfigError::DuplicateMetric(dup.as_str().to_string()));
+    }
     MetricSet::new(metrics)
 }
 
@@ -655,11 +663,15 @@ mod tests {
 
     #[test]
     fn lenient_where_harmless() {
-        // Whole floats, duplicates and explicit nulls are unambiguous.
-        let c =
-            parse(r#"{"interval":2.0,"metrics":["memory","cpu","cpu"],"managedBy":null}"#).unwrap();
+        // Whole floats, any order and explicit nulls are unambiguous.
+        let c = parse(r#"{"interval":2.0,"metrics":["memory","cpu"],"managedBy":null}"#).unwrap();
         assert_eq!(c.interval, 2);
         assert_eq!(c.metrics.to_vec(), vec![Metric::Cpu, Metric::Memory]);
+        // A metric named twice is a mistake the API server also refuses in a MonitorConfig.
+        assert_eq!(
+            parse(r#"{"interval":2,"metrics":["cpu","memory","cpu"]}"#),
+            Err(ConfigError::DuplicateMetric("cpu".into()))
+        );
         assert!(parse(r#"{"interval":3600,"metrics":["load"]}"#).is_ok());
         assert!(parse(r#"{"interval":1,"metrics":["network"]}"#).is_ok());
     }
