@@ -8,12 +8,14 @@
 
 mod apiserver;
 mod etcd;
+mod etcd_cluster;
 mod etcd_secure;
 mod process;
 mod tools;
 
 pub use apiserver::KubeApiserver;
 pub use etcd::Etcd;
+pub use etcd_cluster::EtcdCluster;
 pub use etcd_secure::{ClientTls, EtcdUsers, SecureEtcd, enable_etcd_auth, etcdctl_as, tls_env};
 pub use process::{Line, Process};
 pub use tools::{kubectl, project_bin, repo_root, tool};

@@ -1,0 +1,787 @@
+//! Faults (issue 8): real etcd members, a real kube-apiserver, the real controller and real
+//! agents, broken on purpose (SIGKILL, SIGSTOP, compaction). Each test asserts the outcome; where
+//! it asserts that something does NOT happen (no node Dead), a watch on the MonitorNodes records
+//! every state the API server ever held for them over the whole fault window, and the test
+//! asserts on that history, on the NodeDead Events and on the controller's log.
+//!
+//! The tests share one private API server (started once for this binary) and run one at a time:
+//! timing assertions on 2 cores should not compete with each other, and a controller of one test
+//! must not run while another test's controller does (each writes the MonitorNodes it sees from
+//! its own etcd). Node names are distinct per test, so what an earlier test left behind is never
+//! asserted on.
+//!
+//! TTLs are short (4 s) so that "longer than the TTL" takes seconds, not the 30 s of the issue.
+
+use std::collections::BTreeMap;
+use std::process::Command;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, ListParams};
+use kube::runtime::{WatchStreamExt, watcher};
+use nix::sys::signal::Signal;
+use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeStatus, NodeState};
+use nodepulse_crd::wire::{config_key, heartbeat_key};
+use testkit::{Etcd, EtcdCluster, KubeApiserver, Process, eventually, free_port, http_get};
+
+/// Heartbeat TTL of every agent here, in seconds.
+const TTL: u64 = 4;
+
+/// The API server of this test binary: CRDs installed, started on first use.
+fn api_server() -> &'static KubeApiserver {
+    static API: OnceLock<KubeApiserver> = OnceLock::new();
+    API.get_or_init(|| {
+        let api = KubeApiserver::start();
+        api.install_crds();
+        api
+    })
+}
+
+/// One test at a time (see the module doc).
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// A running agent and its HTTP address.
+struct Agent {
+    process: Process,
+    http: String,
+}
+
+/// The API server, the etcd endpoints of this test, and a client for the API server.
+struct Lab {
+    api: &'static KubeApiserver,
+    kube: kube::Client,
+    endpoints: String,
+    _serial: tokio::sync::MutexGuard<'static, ()>,
+}
+
+impl Lab {
+    async fn start(endpoints: String) -> Lab {
+        let serial = SERIAL.lock().await;
+        let api = tokio::task::spawn_blocking(api_server)
+            .await
+            .expect("start the API server");
+        Lab {
+            api,
+            kube: api.client().await,
+            endpoints,
+            _serial: serial,
+        }
+    }
+
+    /// The controller with leader election off (one replica: a test's faults are in etcd).
+    fn controller(&self, identity: &str) -> Process {
+        self.controller_with(identity, &["--leader-elect=false"])
+    }
+
+    fn controller_with(&self, identity: &str, extra: &[&str]) -> Process {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-controller"));
+        cmd.env("KUBECONFIG", &self.api.kubeconfig)
+            .env("RUST_LOG", "info")
+            .args(["--etcd-endpoints", &self.endpoints])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--leader-election-identity", identity])
+            .args(["--usage-write-interval", "5s"])
+            .args(extra);
+        Process::spawn(identity, cmd)
+    }
+
+    fn agent(&self, node: &str) -> Agent {
+        let http = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(testkit::project_bin("nodepulse-agent"));
+        cmd.env("RUST_LOG", "info")
+            .env_remove("NODE_NAME")
+            .args(["--node-name", node])
+            .args(["--heartbeat-ttl", &TTL.to_string()])
+            .args(["--heartbeat-min-interval", "500ms"])
+            .args(["--metrics-addr", &http])
+            .args(["--etcd-endpoints", &self.endpoints]);
+        Agent {
+            process: Process::spawn(node, cmd),
+            http,
+        }
+    }
+
+    async fn status(&self, node: &str) -> Option<MonitorNodeStatus> {
+        let api: Api<MonitorNode> = Api::all(self.kube.clone());
+        api.get_opt(node).await.ok().flatten()?.status
+    }
+
+    async fn wait_state(
+        &self,
+        node: &str,
+        state: NodeState,
+        within: Duration,
+    ) -> MonitorNodeStatus {
+        eventually(&format!("MonitorNode {node} {state:?}"), within, || async {
+            self.status(node).await.filter(|s| s.state == Some(state))
+        })
+        .await
+    }
+
+    /// Waits until `node`'s status says its agent runs `interval`.
+    async fn wait_interval(&self, node: &str, interval: u32, within: Duration) {
+        eventually(
+            &format!("MonitorNode {node} reporting interval {interval}"),
+            within,
+            || async {
+                let c = self.status(node).await?.config?;
+                (c.interval == interval).then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Events the controller raised on `node`'s MonitorNode with `reason`, counting repeats.
+    async fn event_count(&self, node: &str, reason: &str) -> i32 {
+        let api: Api<Event> = Api::namespaced(self.kube.clone(), "default");
+        let events = api.list(&ListParams::default()).await.expect("list events");
+        events
+            .items
+            .iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .filter(|e| {
+                e.regarding.as_ref().is_some_and(|r| {
+                    r.name.as_deref() == Some(node) && r.kind.as_deref() == Some("MonitorNode")
+                })
+            })
+            .map(|e| e.series.as_ref().map_or(1, |s| s.count))
+            .sum()
+    }
+
+    /// Starts recording every state the API server shows for `nodes`, and returns once the
+    /// recorder has seen each of them (so the record covers everything from now on).
+    async fn record(&self, nodes: &[&str]) -> History {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let recorded = seen.clone();
+        let wanted: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
+        let api: Api<MonitorNode> = Api::all(self.kube.clone());
+        let task = tokio::spawn(async move {
+            let stream = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .applied_objects();
+            futures::pin_mut!(stream);
+            while let Some(item) = stream.next().await {
+                let Ok(mn) = item else { continue };
+                let Some(name) = mn.metadata.name.clone() else {
+                    continue;
+                };
+                if !wanted.contains(&name) {
+                    continue;
+                }
+                let status = mn.status.unwrap_or_default();
+                recorded.lock().expect("history lock").push(Observed {
+                    node: name,
+                    state: status.state,
+                    reason: status.reason,
+                    interval: status.config.map(|c| c.interval),
+                });
+            }
+        });
+        let history = History {
+            seen,
+            task: Some(task),
+        };
+        for node in nodes {
+            eventually(
+                &format!("the recorder to see {node}"),
+                Duration::from_secs(10),
+                || async { (!history.states(node).is_empty()).then_some(()) },
+            )
+            .await;
+        }
+        history
+    }
+}
+
+/// One MonitorNode version the watch delivered.
+#[derive(Clone, Debug)]
+struct Observed {
+    node: String,
+    state: Option<NodeState>,
+    reason: Option<String>,
+    interval: Option<u32>,
+}
+
+/// Every version of some MonitorNodes, in the order the API server sent them.
+struct History {
+    seen: Arc<Mutex<Vec<Observed>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl History {
+    fn all(&self) -> Vec<Observed> {
+        self.seen.lock().expect("history lock").clone()
+    }
+
+    /// The states `node` went through, repeats collapsed.
+    fn states(&self, node: &str) -> Vec<Option<NodeState>> {
+        let mut out: Vec<Option<NodeState>> = Vec::new();
+        for o in self.all().into_iter().filter(|o| o.node == node) {
+            if out.last() != Some(&o.state) {
+                out.push(o.state);
+            }
+        }
+        out
+    }
+
+    /// Panics if any recorded version of any node was Dead.
+    fn assert_never_dead(&self, during: &str) {
+        let dead: Vec<Observed> = self
+            .all()
+            .into_iter()
+            .filter(|o| o.state == Some(NodeState::Dead))
+            .collect();
+        assert!(
+            dead.is_empty(),
+            "a node turned Dead during {during}: {dead:?}"
+        );
+    }
+}
+
+impl Drop for History {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// Puts a config value for `node`, retrying while etcd cannot take writes (election, no
+/// quorum), and returns the revision it got.
+async fn put_config(client: &etcd_client::Client, node: &str, interval: u32) -> i64 {
+    let value = serde_json::json!({"interval": interval, "metrics": ["cpu", "memory"]}).to_string();
+    eventually(
+        &format!("etcd to take {node}'s config"),
+        Duration::from_secs(30),
+        || {
+            let mut c = client.clone();
+            let value = value.clone();
+            async move {
+                let put = c.put(config_key(node), value, None);
+                let resp = tokio::time::timeout(Duration::from_secs(2), put)
+                    .await
+                    .ok()?
+                    .ok()?;
+                resp.header().map(|h| h.revision())
+            }
+        },
+    )
+    .await
+}
+
+/// A heartbeat value as an agent writes it, for nodes played by the test itself.
+fn fake_heartbeat(node: &str) -> String {
+    serde_json::json!({
+        "node": node, "agentVersion": "test", "state": "Running",
+        "startedAt": "2026-11-22T05:00:00Z", "updatedAt": "2026-11-22T05:00:00Z",
+        "ttlSeconds": 60, "config": {"revision": 0, "interval": 10, "metrics": ["cpu"]},
+    })
+    .to_string()
+}
+
+/// Waits, with `within` counted from `since`, for the agent's log to say it applied `interval`.
+fn wait_config_applied(
+    agent: &Agent,
+    from_line: usize,
+    interval: u32,
+    since: Instant,
+    within: Duration,
+) {
+    let left = within.saturating_sub(since.elapsed());
+    agent
+        .process
+        .wait_for_line_from(from_line, left, &format!("config -> {interval}s"), |l| {
+            l.contains("config updated:") && l.contains(&format!("-> {interval}s"))
+        });
+}
+
+/// The agent holds its lease (`/readyz` is 200 exactly then).
+fn lease_held(agent: &Agent) -> bool {
+    http_get(&agent.http, "/readyz").is_some_and(|(code, _)| code == 200)
+}
+
+/// Keeps watching for `window` (the recorder runs meanwhile), then checks that no node went
+/// Dead, no NodeDead Event was raised and the controller never logged a Dead transition.
+async fn assert_no_false_alarm(
+    lab: &Lab,
+    history: &History,
+    controller: &Process,
+    nodes: &[&str],
+    window: Duration,
+    during: &str,
+) {
+    // Watching is the point here: a lease not kept alive would expire within this window.
+    tokio::time::sleep(window).await;
+    history.assert_never_dead(during);
+    for node in nodes {
+        assert_eq!(
+            lab.event_count(node, "NodeDead").await,
+            0,
+            "NodeDead Event on {node} during {during}"
+        );
+        assert!(
+            !controller
+                .output_text()
+                .contains(&format!("Node {node} Dead")),
+            "the controller marked {node} Dead during {during}:\n{}",
+            controller.output_text()
+        );
+    }
+}
+
+/// etcd (one member) SIGKILLed and restarted after twice the TTL (the issue says 30 s; what
+/// matters is longer than the TTL, and 2×TTL keeps the suite fast): etcd keeps the leases and
+/// resets their TTL, so nothing turns Dead; heartbeats, the agents' config watches and the
+/// controller's heartbeat watch resume by themselves within 5 s of the return.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_restart_longer_than_the_ttl_raises_no_false_alarm() {
+    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
+        .await
+        .expect("start etcd");
+    let lab = Lab::start(etcd.endpoint.clone()).await;
+    let nodes = ["restart-1", "restart-2"];
+    let controller = lab.controller("faults-restart");
+    let agents: Vec<Agent> = nodes.iter().map(|n| lab.agent(n)).collect();
+    for node in nodes {
+        lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+            .await;
+    }
+    let history = lab.record(&nodes).await;
+    let marks: Vec<usize> = agents.iter().map(|a| a.process.line_count()).collect();
+    let controller_mark = controller.line_count();
+
+    tokio::task::block_in_place(|| etcd.kill());
+    // The outage itself: etcd stays down this long, on purpose.
+    tokio::time::sleep(Duration::from_secs(2 * TTL)).await;
+    tokio::task::block_in_place(|| etcd.restart());
+    let back = Instant::now();
+    println!("etcd back");
+
+    // A config change right after the return reaches the agent (its watch resumed).
+    let client = etcd.client().await;
+    let rev = put_config(&client, "restart-1", 2).await;
+    let within = Duration::from_secs(5);
+    for (agent, mark) in agents.iter().zip(&marks) {
+        let left = within.saturating_sub(back.elapsed());
+        agent
+            .process
+            .wait_for_line_from(*mark, left, "heartbeat resumed", |l| {
+                l.contains("heartbeat resumed: lease")
+            });
+    }
+    println!(
+        "heartbeats resumed {:?} after etcd's return",
+        back.elapsed()
+    );
+    wait_config_applied(&agents[0], marks[0], 2, back, within);
+    println!(
+        "config (revision {rev}) applied {:?} after etcd's return",
+        back.elapsed()
+    );
+    // The controller's heartbeat watch is back: it saw the heartbeat that reports the new
+    // config. The agent writes it at most 500 ms after applying, the controller at once.
+    lab.wait_interval(
+        "restart-1",
+        2,
+        within + Duration::from_secs(2) - back.elapsed().min(within),
+    )
+    .await;
+    println!("controller saw it {:?} after etcd's return", back.elapsed());
+    assert!(
+        controller.lines()[controller_mark..]
+            .iter()
+            .any(|l| l.text.contains("heartbeat watch interrupted")),
+        "the controller should have noticed the outage:\n{}",
+        controller.output_text()
+    );
+
+    // Past the reset TTL: the leases are really kept alive, not just left over.
+    assert_no_false_alarm(
+        &lab,
+        &history,
+        &controller,
+        &nodes,
+        Duration::from_secs(2 * TTL),
+        "the etcd restart",
+    )
+    .await;
+    for agent in &agents {
+        assert!(lease_held(agent), "{}", agent.process.output_text());
+    }
+    assert_eq!(
+        history.states("restart-1"),
+        vec![Some(NodeState::Alive)],
+        "{:?}",
+        history.all()
+    );
+}
+
+/// Three etcd members: SIGKILL the leader, then lose quorum for less than the TTL. Agents and
+/// controller know all three endpoints and carry on through the others; nothing turns Dead; a
+/// config change made during the election, and one after the quorum is back, both arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_cluster_leader_loss_and_quorum_loss_raise_no_false_alarm() {
+    let mut cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+        .await
+        .expect("start the etcd cluster");
+    let lab = Lab::start(cluster.endpoints_flag()).await;
+    let nodes = ["cluster-1", "cluster-2"];
+    let controller = lab.controller("faults-cluster");
+    let agents: Vec<Agent> = nodes.iter().map(|n| lab.agent(n)).collect();
+    for node in nodes {
+        lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+            .await;
+    }
+    let history = lab.record(&nodes).await;
+    let client = cluster.client().await;
+
+    // SIGKILL the leader; a config change made during the election still arrives.
+    let leader = tokio::task::block_in_place(|| cluster.wait_leader(Duration::from_secs(10)));
+    let mark = agents[0].process.line_count();
+    tokio::task::block_in_place(|| cluster.kill(leader));
+    let killed = Instant::now();
+    put_config(&client, "cluster-1", 2).await;
+    wait_config_applied(&agents[0], mark, 2, killed, Duration::from_secs(15));
+    lab.wait_interval("cluster-1", 2, Duration::from_secs(15))
+        .await;
+    println!(
+        "member {leader} killed; config arrived and reported {:?} later",
+        killed.elapsed()
+    );
+    assert_no_false_alarm(
+        &lab,
+        &history,
+        &controller,
+        &nodes,
+        Duration::from_secs(2 * TTL),
+        "the leader's loss",
+    )
+    .await;
+    for agent in &agents {
+        assert!(lease_held(agent), "{}", agent.process.output_text());
+    }
+    tokio::task::block_in_place(|| {
+        cluster.restart(leader);
+        cluster.wait_healthy(Duration::from_secs(30));
+    });
+
+    // Lose quorum (two members down) for less than the TTL, then bring them back.
+    let leader = tokio::task::block_in_place(|| cluster.wait_leader(Duration::from_secs(10)));
+    let other = (leader + 1) % 3;
+    let mark = agents[1].process.line_count();
+    tokio::task::block_in_place(|| {
+        cluster.kill(leader);
+        cluster.kill(other);
+    });
+    // The outage itself: shorter than the TTL, on purpose.
+    tokio::time::sleep(Duration::from_secs(TTL / 2)).await;
+    tokio::task::block_in_place(|| {
+        cluster.restart(leader);
+        cluster.restart(other);
+        cluster.wait_healthy(Duration::from_secs(30));
+    });
+    let back = Instant::now();
+    put_config(&client, "cluster-2", 3).await;
+    wait_config_applied(&agents[1], mark, 3, back, Duration::from_secs(10));
+    lab.wait_interval("cluster-2", 3, Duration::from_secs(10))
+        .await;
+    println!(
+        "quorum back; config arrived and reported {:?} later",
+        back.elapsed()
+    );
+    assert_no_false_alarm(
+        &lab,
+        &history,
+        &controller,
+        &nodes,
+        Duration::from_secs(2 * TTL),
+        "the quorum loss",
+    )
+    .await;
+    for agent in &agents {
+        assert!(lease_held(agent), "{}", agent.process.output_text());
+    }
+}
+
+/// Two controller replicas: SIGKILL the leader while the other waits. The other takes the Lease
+/// over, and a node that dies during the takeover is marked Dead exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
+    let etcd = tokio::task::spawn_blocking(Etcd::start)
+        .await
+        .expect("start etcd");
+    let lab = Lab::start(etcd.endpoint.clone()).await;
+    // A short Lease so that the takeover takes seconds (the default is 30 s).
+    let election = [
+        "--leader-election-namespace",
+        "default",
+        "--leader-election-lease-duration",
+        "5s",
+        "--leader-election-renew-grace",
+        "2s",
+    ];
+    let mut a = lab.controller_with("crash-a", &election);
+    a.wait_for_line(Duration::from_secs(30), "crash-a leads", |l| {
+        l.contains("became leader")
+    });
+    let b = lab.controller_with("crash-b", &election);
+    b.wait_for_line(Duration::from_secs(30), "crash-b waits", |l| {
+        l.contains("waiting to lead")
+    });
+    let nodes = ["crash-1", "crash-2"];
+    let mut agents: Vec<Agent> = nodes.iter().map(|n| lab.agent(n)).collect();
+    for node in nodes {
+        lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+            .await;
+    }
+    let history = lab.record(&nodes).await;
+    assert!(
+        !b.output_text().contains("became leader"),
+        "{}",
+        b.output_text()
+    );
+
+    // The leader crashes; crash-1's agent dies right after, during the takeover.
+    a.kill_hard();
+    let crashed = Instant::now();
+    agents[0].process.kill_hard();
+    b.wait_for_line(Duration::from_secs(30), "crash-b takes over", |l| {
+        l.contains("became leader")
+    });
+    println!("crash-b leads {:?} after the crash", crashed.elapsed());
+    let dead = lab
+        .wait_state("crash-1", NodeState::Dead, Duration::from_secs(30))
+        .await;
+    assert_eq!(dead.reason.as_deref(), Some("HeartbeatExpired"));
+    println!("crash-1 Dead {:?} after the crash", crashed.elapsed());
+    eventually(
+        "one NodeDead Event on crash-1",
+        Duration::from_secs(10),
+        || async { (lab.event_count("crash-1", "NodeDead").await >= 1).then_some(()) },
+    )
+    .await;
+    b.wait_for_line(Duration::from_secs(10), "crash-b's full reconcile", |l| {
+        l.contains("reconciled every MonitorNode")
+    });
+    // Another TTL of watching: a second Dead or Event would show up by now.
+    tokio::time::sleep(Duration::from_secs(TTL)).await;
+    assert_eq!(lab.event_count("crash-1", "NodeDead").await, 1);
+    let lines: Vec<_> = b
+        .lines()
+        .into_iter()
+        .filter(|l| l.text.contains("Node crash-1 Dead"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(
+        history.states("crash-1"),
+        vec![Some(NodeState::Alive), Some(NodeState::Dead)]
+    );
+    // The survivor was left alone.
+    assert_eq!(history.states("crash-2"), vec![Some(NodeState::Alive)]);
+    assert_eq!(lab.event_count("crash-2", "NodeDead").await, 0);
+    drop(agents);
+}
+
+/// An agent cut off from etcd (SIGSTOP) for longer than the TTL: Dead after the TTL; SIGCONT ->
+/// Alive within 2 s, on a new lease, and one heartbeat key on one lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn agent_cut_off_longer_than_the_ttl_is_dead_then_alive_on_a_new_lease() {
+    let etcd = tokio::task::spawn_blocking(Etcd::start)
+        .await
+        .expect("start etcd");
+    let lab = Lab::start(etcd.endpoint.clone()).await;
+    let node = "frozen-1";
+    let _controller = lab.controller("faults-frozen");
+    let agent = lab.agent(node);
+    lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+        .await;
+    let mut client = etcd.client().await;
+    let old_lease = client
+        .get(heartbeat_key(node), None)
+        .await
+        .expect("get heartbeat")
+        .kvs()
+        .first()
+        .expect("heartbeat key")
+        .lease();
+
+    agent.process.signal(Signal::SIGSTOP);
+    let stopped = Instant::now();
+    let dead = lab
+        .wait_state(node, NodeState::Dead, Duration::from_secs(TTL + 10))
+        .await;
+    let after = stopped.elapsed();
+    assert_eq!(dead.reason.as_deref(), Some("HeartbeatExpired"));
+    // Dead only once the lease ran out: at least the TTL minus the last keep-alive's period.
+    assert!(
+        after >= Duration::from_secs(TTL - TTL / 3),
+        "Dead {after:?} after SIGSTOP"
+    );
+    println!("Dead {after:?} after SIGSTOP");
+
+    let mark = agent.process.line_count();
+    agent.process.signal(Signal::SIGCONT);
+    let resumed = Instant::now();
+    lab.wait_state(node, NodeState::Alive, Duration::from_secs(2))
+        .await;
+    println!("Alive {:?} after SIGCONT", resumed.elapsed());
+    agent
+        .process
+        .wait_for_line_from(mark, Duration::from_secs(5), "a new lease", |l| {
+            l.contains("heartbeat lease lost; granted a new one")
+        });
+
+    let heartbeats = client
+        .get(
+            "/monitor/heartbeat/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .expect("list heartbeats");
+    let keys: Vec<(String, i64)> = heartbeats
+        .kvs()
+        .iter()
+        .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.lease()))
+        .collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+    let (key, new_lease) = keys[0].clone();
+    assert_eq!(key, heartbeat_key(node));
+    assert_ne!(new_lease, old_lease, "the heartbeat must be on a new lease");
+    let leases = client.leases().await.expect("list leases");
+    let ids: Vec<i64> = leases.leases().iter().map(|l| l.id()).collect();
+    assert_eq!(ids, vec![new_lease], "one live lease, the new one");
+    let ttl = client
+        .lease_time_to_live(
+            new_lease,
+            Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()),
+        )
+        .await
+        .expect("lease ttl");
+    assert_eq!(ttl.keys(), [heartbeat_key(node).into_bytes()]);
+}
+
+/// Watch compaction: the agent and the controller are frozen (SIGSTOP) while etcd restarts (so
+/// their watches break), changes are made and etcd is compacted at its latest revision; on
+/// SIGCONT their watches cannot resume from the revision they had, so they must re-list, and
+/// end up right: the agent on the latest config, the MonitorNodes matching the heartbeat keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn watch_compaction_while_away_both_relist_and_end_up_right() {
+    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
+        .await
+        .expect("start etcd");
+    let lab = Lab::start(etcd.endpoint.clone()).await;
+    let node = "compact-1";
+    let controller = lab.controller("faults-compact");
+    let agent = lab.agent(node);
+    let mut client = etcd.client().await;
+    let lease = client.lease_grant(60, None).await.expect("lease").id();
+    let on_lease = Some(etcd_client::PutOptions::new().with_lease(lease));
+    client
+        .put(
+            heartbeat_key("compact-gone"),
+            fake_heartbeat("compact-gone"),
+            on_lease.clone(),
+        )
+        .await
+        .expect("put heartbeat");
+    for n in [node, "compact-gone"] {
+        lab.wait_state(n, NodeState::Alive, Duration::from_secs(60))
+            .await;
+    }
+    put_config(&client, node, 5).await;
+    lab.wait_interval(node, 5, Duration::from_secs(15)).await;
+    let history = lab.record(&[node]).await;
+    let (agent_mark, controller_mark) = (agent.process.line_count(), controller.line_count());
+
+    // Away: both frozen, etcd restarted under them, changes they do not see, then compaction.
+    agent.process.signal(Signal::SIGSTOP);
+    controller.signal(Signal::SIGSTOP);
+    let frozen = Instant::now();
+    tokio::task::block_in_place(|| etcd.restart());
+    let mut client = etcd.client().await;
+    put_config(&client, node, 2).await;
+    put_config(&client, node, 3).await;
+    client
+        .lease_revoke(lease)
+        .await
+        .expect("revoke compact-gone's lease");
+    let lease = client.lease_grant(60, None).await.expect("lease").id();
+    let put = client
+        .put(
+            heartbeat_key("compact-new"),
+            fake_heartbeat("compact-new"),
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect("put heartbeat");
+    let latest = put.header().expect("header").revision();
+    let out = etcd.etcdctl(&["compact", &latest.to_string()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agent.process.signal(Signal::SIGCONT);
+    controller.signal(Signal::SIGCONT);
+    // The agent's lease survives: etcd reset its TTL when it restarted, and it is back within it.
+    assert!(
+        frozen.elapsed() < Duration::from_secs(TTL),
+        "frozen for {:?}, longer than the TTL",
+        frozen.elapsed()
+    );
+
+    // The agent found its revision compacted, read the key again and runs the latest config.
+    agent.process.wait_for_line_from(
+        agent_mark,
+        Duration::from_secs(15),
+        "the agent's config watch compacted",
+        |l| l.contains("config watch: revision") && l.contains("was compacted"),
+    );
+    wait_config_applied(
+        &agent,
+        agent_mark,
+        3,
+        Instant::now(),
+        Duration::from_secs(10),
+    );
+    lab.wait_interval(node, 3, Duration::from_secs(15)).await;
+    // The controller re-listed and now matches the keys: one gone, one new, the agent's alive.
+    let gone = lab
+        .wait_state("compact-gone", NodeState::Dead, Duration::from_secs(15))
+        .await;
+    println!("compact-gone: {:?}", gone.reason);
+    lab.wait_state("compact-new", NodeState::Alive, Duration::from_secs(15))
+        .await;
+    assert!(
+        controller.lines()[controller_mark..]
+            .iter()
+            .any(|l| l.text.contains("heartbeat watch interrupted")),
+        "{}",
+        controller.output_text()
+    );
+    assert_eq!(lab.event_count("compact-gone", "NodeDead").await, 1);
+    assert_no_false_alarm(
+        &lab,
+        &history,
+        &controller,
+        &[node],
+        Duration::from_secs(TTL),
+        "the compaction",
+    )
+    .await;
+    let intervals: Vec<Option<u32>> = history
+        .all()
+        .iter()
+        .filter(|o| o.node == node && o.state.is_some())
+        .map(|o| o.interval)
+        .collect();
+    assert_eq!(intervals.last(), Some(&Some(3)), "{:?}", history.all());
+    let reasons: BTreeMap<String, Option<String>> = history
+        .all()
+        .into_iter()
+        .map(|o| (o.node, o.reason))
+        .collect();
+    println!("last reasons: {reasons:?}");
+}
