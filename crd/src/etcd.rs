@@ -146,7 +146,10 @@ impl EtcdArgs {
             .with_keep_alive_while_idle(true)
             .with_tcp_keepalive(Duration::from_secs(10));
         if let (Some(user), Some(password)) = (&self.username, &self.password) {
-            opts = opts.with_user(user, password);
+            // etcd's simple tokens live in the server's memory: a restarted member (or one that
+            // expired the token) answers "invalid auth token" to the old one forever, so
+            // re-authenticate and retry instead of failing every call until our restart.
+            opts = opts.with_user(user, password).with_auto_token_refresh(true);
         }
         if self.ca_file.is_some() || self.cert_file.is_some() {
             let mut tls = TlsOptions::new();
