@@ -8,7 +8,7 @@ use etcd_client::{Client, EventType, WatchOptions};
 use nodepulse_crd::etcd::{Backoff, EtcdArgs};
 use nodepulse_crd::wire::{AppliedConfig, ConfigValue, MetricSet};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::error::{Error, Result};
 use crate::http::AgentMetrics;
@@ -350,6 +350,13 @@ impl ConfigWatcher {
             if resp.canceled() {
                 if resp.compact_revision() > 0 {
                     return WatchEnd::Compacted(resp.compact_revision());
+                }
+                // etcd checks a watch's permission inside the stream: a token a restarted etcd
+                // forgot cancels it ("permission denied") instead of failing the call, so the
+                // client's automatic re-authentication never fires. Refresh the token before the
+                // retry, or every retry is canceled the same way. Without credentials this is a no-op.
+                if let Err(e) = client.refresh_token().await {
+                    debug!("config watch: re-authenticate to etcd: {e}");
                 }
                 return WatchEnd::Lost(Error::StreamEnded(format!(
                     "{}: canceled by etcd ({})",
