@@ -129,7 +129,8 @@ impl HeartbeatLease {
 
         let mut config_changed = self.inputs.config.subscribe();
         let mut usage = self.inputs.usage.clone();
-        let every = Duration::from_secs(u64::from(self.ttl / 3).max(1));
+        // A third of the TTL: two keep-alives may be lost before the lease expires.
+        let every = Duration::from_millis(u64::from(self.ttl) * 1000 / 3);
         let ttl = Duration::from_secs(self.ttl.into());
         let mut next_keep_alive = Instant::now() + every;
         let mut last_ack = Instant::now();

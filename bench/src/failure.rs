@@ -238,7 +238,7 @@ async fn measure(opts: &Options, start: Instant, cluster: &Cluster) -> Result<Se
     s.analysis = format!(
         "What limits it: almost all of the time is the lease TTL. etcd checks for expired leases \
          every 500 ms, so a key vanishes between TTL and TTL + 0.5 s after the last keep-alive, \
-         and the agent renews every TTL/3 (whole seconds: 1 s here), so the last renewal was up to 1 s before the kill; the \
+         and the agent renews every TTL/3 (1.67 s here), so the last renewal was up to 1.67 s before the kill; the \
          part that is ours (delete event -> status written through the API server) is a single \
          server-side-apply status patch. A shorter TTL moves the total (at the price of more \
          keep-alives per second, about 3N / TTL), nothing in the controller would. Compared with \

@@ -96,10 +96,10 @@ pub async fn run(args: LoadgenArgs) -> Result<()> {
         .collect::<Result<_>>()?;
     println!("loadgen ready: {} nodes", nodes.len());
 
-    let period = Duration::from_secs(
-        args.keepalive_seconds
-            .unwrap_or((u64::from(args.ttl_seconds) / 3).max(1))
-            .max(1),
+    // The agent renews every TTL/3 (in milliseconds).
+    let period = args.keepalive_seconds.map_or(
+        Duration::from_millis(u64::from(args.ttl_seconds) * 1000 / 3),
+        |s| Duration::from_secs(s.max(1)),
     );
     let rewrite_every = (args.rewrite_seconds as f64 / period.as_secs_f64())
         .round()

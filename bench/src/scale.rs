@@ -328,8 +328,8 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
         .map_or(30, |r| r.window.as_secs());
     s.setup = format!(
         "Per N: a fresh etcd and kube-apiserver; two `loadgen` processes (90% and 10% of the \
-         nodes) each hold one lease (TTL {TTL_SECONDS} s, renewed every 1 s as the agent does: a \
-         third of the TTL in whole seconds) and one heartbeat key per node with a realistic Heartbeat JSON value, rewritten \
+         nodes) each hold one lease (TTL {TTL_SECONDS} s, renewed every 1.67 s as the agent does: a \
+         third of the TTL) and one heartbeat key per node with a realistic Heartbeat JSON value, rewritten \
          with new usage figures every 5 s per node (the agent's floor). Cold start: all \
          heartbeats exist, then the controller starts; the bench watches MonitorNodes until all N \
          are Alive. Steady state: a {window} s window after that. Mass failure: SIGKILL of the \
@@ -389,7 +389,7 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
     add(
         "etcd lease keep-alives/s, steady",
         cell(&|r| opt(r.keepalives_per_s, "/s")),
-        "(N/s expected: one per node per second)",
+        "(expected: 3N/TTL, one per node every 1.67 s)",
     );
     add(
         "etcd puts/s (Put + Txn requests), steady",
@@ -452,7 +452,7 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
         more than it absorbs, so the controller's write queue grows, cold start slows, and a Dead \
         status waits behind usage refreshes: that is what the \"etcd delete -> Dead\" row shows \
         when it grows with N while etcd deletes the keys on time. etcd is not the limit: keep-alives \
-        (one per node per second with a 5 s TTL) cost it a map update each, the rewrites are the \
+        (one per node every TTL/3 = 1.67 s) cost it a map update each, the rewrites are the \
         agent's worst case (every 5 s, each with a change), and its lessor revokes up to 1,000 \
         expired leases a second, ten times what a 10% failure of 10,000 nodes needs. When the \
         whole machine is starved, keep-alives arrive late and leases expire (the \"leases lost\" \
