@@ -780,3 +780,67 @@ fn chart_rbac_is_least_privilege_by_impersonation() {
     ]);
     assert_eq!(automount, "false");
 }
+
+#[test]
+fn with_auth_on_agent_and_controller_survive_an_etcd_restart_that_forgets_their_tokens() {
+    // etcd keeps its simple auth tokens in memory: after a restart every client's token is
+    // refused, and a client that does not re-authenticate is locked out for good.
+    let mut auth = AuthEtcd::start();
+    let api = apiserver(&["auth-restart"]);
+    let mut agent = agent("auth-restart", &auth.agent_conn(), Via::Env, "info");
+    let controller = controller(&api, &auth.controller_conn(), Via::Env, "info");
+    wait_alive(&api, "auth-restart");
+    let mark = agent.line_count();
+
+    auth.etcd.restart();
+    agent.wait_for_line_from(
+        mark,
+        DEADLINE,
+        "the config watch resumes after the restart",
+        |l| l.contains("config watch on") && l.contains("resumed"),
+    );
+    // A config change made after the restart reaches the agent over its (re-authenticated) watch.
+    let set = auth.as_controller(&[
+        "put",
+        "/monitor/config/auth-restart",
+        r#"{"interval":3,"metrics":["cpu"]}"#,
+    ]);
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    let applied = (0..300).any(|_| {
+        let ok =
+            heartbeat_lease(|x| auth.as_controller(x), "auth-restart").is_some_and(|(v, _)| {
+                serde_json::from_str::<serde_json::Value>(&v)
+                    .is_ok_and(|hb| hb["config"]["interval"].as_u64() == Some(3))
+            });
+        if !ok {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ok
+    });
+    assert!(
+        applied,
+        "the agent applies a config written after the restart:\n{}",
+        agent.output_text()
+    );
+    // The controller's watch works again too: it sees the agent die.
+    agent.kill_hard();
+    let dead = (0..300).any(|_| {
+        let out = api.kubectl(&[
+            "get",
+            "monitornode",
+            "auth-restart",
+            "-o",
+            "jsonpath={.status.state}",
+        ]);
+        let ok = text(&out.stdout).trim() == "Dead";
+        if !ok {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ok
+    });
+    assert!(
+        dead,
+        "the controller sees the agent die after the restart:\n{}",
+        controller.output_text()
+    );
+}
