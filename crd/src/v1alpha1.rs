@@ -128,12 +128,35 @@ pub struct AppliedConfigStatus {
 #[serde(rename_all = "camelCase")]
 pub struct MonitorConfigSpec {
     /// Nodes whose labels match; empty or absent selects every node.
+    // The API server checks what kube's LabelSelector schema leaves open, so a bad selector
+    // is refused at `kubectl apply` instead of surfacing later in the status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [
+        {
+            "rule": "!has(self.matchExpressions) || self.matchExpressions.all(e, e.operator in ['In', 'NotIn', 'Exists', 'DoesNotExist'])",
+            "message": "matchExpressions operator must be In, NotIn, Exists or DoesNotExist",
+        },
+        {
+            "rule": "!has(self.matchExpressions) || self.matchExpressions.all(e, !(e.operator in ['In', 'NotIn']) || (has(e.values) && size(e.values) > 0))",
+            "message": "matchExpressions with operator In or NotIn need at least one value",
+        },
+        {
+            "rule": "!has(self.matchExpressions) || self.matchExpressions.all(e, !(e.operator in ['Exists', 'DoesNotExist']) || !has(e.values) || size(e.values) == 0)",
+            "message": "matchExpressions with operator Exists or DoesNotExist take no values",
+        },
+    ]))]
     pub node_selector: Option<LabelSelector>,
     /// Nodes selected by name, in addition to the selector. When set without a selector, only
-    /// these nodes are selected.
+    /// these nodes are selected. Each must be a valid node name (a DNS-1123 subdomain).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(extend("x-kubernetes-list-type" = "set"))]
+    #[schemars(
+        length(max = 1000),
+        inner(
+            length(min = 1, max = 253),
+            regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
+        ),
+        extend("x-kubernetes-list-type" = "set")
+    )]
     pub node_names: Vec<String>,
     /// Sampling interval in seconds.
     #[schemars(range(min = 1, max = 3600))]
