@@ -135,11 +135,30 @@ pub fn ready_condition(report: &ConfigReport) -> (&'static str, &'static str, St
             ),
         );
     }
+    // Names of nodes that do not exist are not an error (the node may join later), but they
+    // are the likely reason a MonitorConfig selects fewer nodes than its author expected.
+    let unknown = if report.unknown_nodes.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "; spec.nodeNames names no existing node: {}",
+            report.unknown_nodes.join(", ")
+        )
+    };
+    if report.matched == 0 {
+        return (
+            "False",
+            "NoMatchingNodes",
+            format!(
+                "selects no node: neither its nodeSelector nor its nodeNames match a node{unknown}"
+            ),
+        );
+    }
     (
         "True",
         "Applied",
         format!(
-            "applied to {} of the {} nodes it selects (the others follow a higher-priority MonitorConfig)",
+            "applied to {} of the {} nodes it selects (the others follow a higher-priority MonitorConfig){unknown}",
             report.applied, report.matched
         ),
     )

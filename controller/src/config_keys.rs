@@ -30,6 +30,8 @@ pub struct ConfigReport {
     pub applied: u32,
     /// Why the spec cannot be applied at all.
     pub invalid: Option<String>,
+    /// Names in `spec.nodeNames` that are neither a Node nor a MonitorNode (yet).
+    pub unknown_nodes: Vec<String>,
     /// Nodes it wins whose key was written by hand, so the controller leaves it alone.
     pub blocked: Vec<String>,
     /// Nodes whose key could not be written.
@@ -109,6 +111,11 @@ impl ConfigKeys {
         for c in &compiled {
             let entry = report.entry(c.name.clone()).or_default();
             entry.matched = nodes.iter().filter(|(n, l)| c.selects(n, l)).count() as u32;
+            entry.unknown_nodes = c
+                .node_names()
+                .filter(|n| !nodes.contains_key(*n))
+                .cloned()
+                .collect();
         }
         let winners = winners(&compiled, &nodes);
         let current = self.current_keys().await?;

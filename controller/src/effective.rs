@@ -73,6 +73,11 @@ impl CompiledConfig {
         }
     }
 
+    /// The nodes it names in `spec.nodeNames`.
+    pub fn node_names(&self) -> impl Iterator<Item = &String> {
+        self.node_names.iter()
+    }
+
     /// Whether `self` wins over `other` for a node both select.
     fn beats(&self, other: &CompiledConfig) -> bool {
         (self.priority, std::cmp::Reverse(&self.name))

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions};
 use nodepulse_crd::etcd::Backoff;
-use nodepulse_crd::wire::{HEARTBEAT_PREFIX, Heartbeat, node_of_heartbeat_key};
+use nodepulse_crd::wire::{HEARTBEAT_PREFIX, Heartbeat, node_of_heartbeat_key, validate_node_name};
 use tokio::sync::mpsc;
 
 use crate::error::{Error, Result};
@@ -72,7 +72,7 @@ impl HeartbeatWatcher {
         let revision = list.header().map_or(0, |h| h.revision());
         let mut snapshot = BTreeMap::new();
         for kv in list.kvs() {
-            if let Some(node) = node_of_heartbeat_key(kv.key()) {
+            if let Some(node) = heartbeat_node(kv.key()) {
                 snapshot.insert(node.to_string(), parse(node, kv.value()));
             }
         }
@@ -133,7 +133,7 @@ impl HeartbeatWatcher {
             }
             for event in resp.events() {
                 let Some(kv) = event.kv() else { continue };
-                let Some(node) = node_of_heartbeat_key(kv.key()) else {
+                let Some(node) = heartbeat_node(kv.key()) else {
                     continue;
                 };
                 let node = node.to_string();
@@ -156,11 +156,33 @@ impl HeartbeatWatcher {
     }
 }
 
+/// The node of a key under the heartbeat prefix, or `None` (logged) for a key no agent writes:
+/// a nested path or a name that cannot be a node (and so could never be a MonitorNode).
+fn heartbeat_node(key: &[u8]) -> Option<&str> {
+    let shown = || {
+        String::from_utf8_lossy(key)
+            .chars()
+            .take(300)
+            .collect::<String>()
+    };
+    let Some(node) = node_of_heartbeat_key(key) else {
+        tracing::warn!(key = %shown(), "ignoring a key under the heartbeat prefix that is not /monitor/heartbeat/<node>");
+        return None;
+    };
+    if let Err(e) = validate_node_name(node) {
+        tracing::warn!(key = %shown(), error = %e, "ignoring a heartbeat key whose name cannot be a node");
+        return None;
+    }
+    Some(node)
+}
+
 fn parse(node: &str, value: &[u8]) -> Option<Heartbeat> {
     match Heartbeat::parse(value) {
         Ok(hb) => Some(hb),
         Err(e) => {
-            tracing::debug!(node, error = %e, "heartbeat value does not parse; the key alone says alive");
+            // Not written by an agent: the key exists, so the node counts as alive, but none
+            // of the value is used.
+            tracing::warn!(node, bytes = value.len(), error = %e, "heartbeat value does not parse; using the key alone (alive), ignoring the value");
             None
         }
     }

@@ -1,0 +1,389 @@
+//! Bad input end to end, with a real kube-apiserver, a real etcd, the real controller and a
+//! real agent:
+//! - invalid MonitorConfig specs are refused by the API server (schema and CEL rules);
+//! - what only the controller can judge (a selector that matches nothing, nodeNames of nodes
+//!   that do not exist) is reported in the MonitorConfig's Ready condition;
+//! - garbage under `/monitor/heartbeat/` is logged and ignored, and the controller keeps
+//!   serving the real agent's node (transitions still work afterwards).
+
+use std::process::Command;
+use std::time::Duration;
+
+use kube::api::Api;
+use nodepulse_crd::v1alpha1::{MonitorConfig, MonitorNode, NodeState};
+use nodepulse_crd::wire::HEARTBEAT_PREFIX;
+use serde_json::{Value, json};
+use testkit::{Etcd, KubeApiserver, Process, eventually, free_port, http_get, project_bin};
+
+struct Lab {
+    api: KubeApiserver,
+    etcd: Etcd,
+    kube: kube::Client,
+    controller: Process,
+    metrics: String,
+}
+
+impl Lab {
+    async fn start() -> Lab {
+        let (api, etcd) = tokio::task::spawn_blocking(|| {
+            let api = KubeApiserver::start();
+            api.install_crds();
+            (api, Etcd::start())
+        })
+        .await
+        .expect("start servers");
+        let kube = api.client().await;
+        let metrics = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-controller"));
+        cmd.env("KUBECONFIG", &api.kubeconfig)
+            .env("RUST_LOG", "info")
+            .args(["--etcd-endpoints", &etcd.endpoint])
+            .args(["--metrics-addr", &metrics])
+            .args(["--leader-election-namespace", "default"])
+            .args(["--leader-election-identity", "controller-0"]);
+        let controller = Process::spawn("controller", cmd);
+        Lab {
+            api,
+            etcd,
+            kube,
+            controller,
+            metrics,
+        }
+    }
+
+    fn agent(&self, node: &str) -> Process {
+        let mut cmd = Command::new(project_bin("nodepulse-agent"));
+        cmd.env("RUST_LOG", "info")
+            .args(["--node-name", node])
+            .args(["--heartbeat-ttl", "3"])
+            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--etcd-endpoints", &self.etcd.endpoint]);
+        Process::spawn(node, cmd)
+    }
+
+    /// `kubectl apply` of one manifest: Ok(stdout) or Err(stderr).
+    fn apply(&self, manifest: &Value) -> Result<String, String> {
+        let out = self
+            .api
+            .kubectl_stdin(&["apply", "-f", "-"], &manifest.to_string());
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    async fn state(&self, node: &str) -> Option<NodeState> {
+        let api: Api<MonitorNode> = Api::all(self.kube.clone());
+        api.get_opt(node).await.ok().flatten()?.status?.state
+    }
+
+    async fn wait_state(&self, node: &str, state: NodeState, within: Duration) {
+        eventually(&format!("MonitorNode {node} {state:?}"), within, || async {
+            (self.state(node).await == Some(state)).then_some(())
+        })
+        .await
+    }
+
+    /// The Ready condition (status, reason, message) of a MonitorConfig, once written.
+    async fn ready(&self, name: &str) -> Option<(String, String, String)> {
+        let api: Api<MonitorConfig> = Api::all(self.kube.clone());
+        let mc = api.get_opt(name).await.ok().flatten()?;
+        let c = mc
+            .status?
+            .conditions
+            .into_iter()
+            .find(|c| c.type_ == "Ready")?;
+        Some((c.status, c.reason, c.message))
+    }
+}
+
+fn monitor_config(name: &str, spec: Value) -> Value {
+    json!({
+        "apiVersion": "nodepulse.io/v1alpha1",
+        "kind": "MonitorConfig",
+        "metadata": {"name": name},
+        "spec": spec,
+    })
+}
+
+/// Invalid specs and a piece of the API server's answer for each.
+fn invalid_specs() -> Vec<(&'static str, Value, &'static str)> {
+    let expr = |op: &str, values: Option<Vec<&str>>| {
+        let mut e = json!({"key": "pool", "operator": op});
+        if let Some(v) = values {
+            e["values"] = json!(v);
+        }
+        json!({"interval": 2, "metrics": ["cpu"], "nodeSelector": {"matchExpressions": [e]}})
+    };
+    vec![
+        (
+            "interval 0",
+            json!({"interval": 0, "metrics": ["cpu"]}),
+            "spec.interval",
+        ),
+        (
+            "interval 3601",
+            json!({"interval": 3601, "metrics": ["cpu"]}),
+            "spec.interval",
+        ),
+        (
+            "interval -1",
+            json!({"interval": -1, "metrics": ["cpu"]}),
+            "spec.interval",
+        ),
+        (
+            "interval as a string",
+            json!({"interval": "2", "metrics": ["cpu"]}),
+            "spec.interval",
+        ),
+        (
+            "interval a fraction",
+            json!({"interval": 2.5, "metrics": ["cpu"]}),
+            "spec.interval",
+        ),
+        (
+            "interval missing",
+            json!({"metrics": ["cpu"]}),
+            "spec.interval",
+        ),
+        ("metrics missing", json!({"interval": 2}), "spec.metrics"),
+        (
+            "metrics empty",
+            json!({"interval": 2, "metrics": []}),
+            "spec.metrics",
+        ),
+        (
+            "unknown metric",
+            json!({"interval": 2, "metrics": ["gpu"]}),
+            "Unsupported value: \"gpu\"",
+        ),
+        (
+            "duplicate metric",
+            json!({"interval": 2, "metrics": ["cpu", "cpu"]}),
+            "Duplicate value",
+        ),
+        (
+            "metrics as a string",
+            json!({"interval": 2, "metrics": "cpu"}),
+            "spec.metrics",
+        ),
+        (
+            "priority as a string",
+            json!({"interval": 2, "metrics": ["cpu"], "priority": "high"}),
+            "spec.priority",
+        ),
+        (
+            "unknown field",
+            json!({"interval": 2, "metrics": ["cpu"], "intervall": 3}),
+            "intervall",
+        ),
+        (
+            "nodeNames in upper case",
+            json!({"interval": 2, "metrics": ["cpu"], "nodeNames": ["Worker-1"]}),
+            "spec.nodeNames[0]",
+        ),
+        (
+            "nodeNames with a slash",
+            json!({"interval": 2, "metrics": ["cpu"], "nodeNames": ["a/b"]}),
+            "spec.nodeNames[0]",
+        ),
+        (
+            "nodeNames empty string",
+            json!({"interval": 2, "metrics": ["cpu"], "nodeNames": [""]}),
+            "spec.nodeNames[0]",
+        ),
+        (
+            "nodeNames too long",
+            json!({"interval": 2, "metrics": ["cpu"], "nodeNames": ["a".repeat(254)]}),
+            "spec.nodeNames[0]",
+        ),
+        (
+            "nodeNames duplicate",
+            json!({"interval": 2, "metrics": ["cpu"], "nodeNames": ["w1", "w1"]}),
+            "Duplicate value",
+        ),
+        (
+            "selector operator Equals",
+            expr("Equals", Some(vec!["a"])),
+            "operator must be In, NotIn, Exists or DoesNotExist",
+        ),
+        (
+            "selector In without values",
+            expr("In", None),
+            "In or NotIn need at least one value",
+        ),
+        (
+            "selector NotIn with no values",
+            expr("NotIn", Some(vec![])),
+            "In or NotIn need at least one value",
+        ),
+        (
+            "selector Exists with values",
+            expr("Exists", Some(vec!["a"])),
+            "Exists or DoesNotExist take no values",
+        ),
+        (
+            "selector matchLabels not a map",
+            json!({"interval": 2, "metrics": ["cpu"], "nodeSelector": {"matchLabels": ["pool"]}}),
+            "matchLabels",
+        ),
+    ]
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ignored() {
+    let mut lab = Lab::start().await;
+    let node = json!({"apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": "worker-1", "labels": {"pool": "fast"}}});
+    lab.apply(&node).expect("create Node worker-1");
+    let mut agent = lab.agent("worker-1");
+    lab.wait_state("worker-1", NodeState::Alive, Duration::from_secs(60))
+        .await;
+
+    // 1. The API server refuses invalid specs; nothing is stored.
+    for (what, spec, want) in invalid_specs() {
+        let err = lab
+            .apply(&monitor_config("bad", spec.clone()))
+            .expect_err(&format!("{what} must be refused: {spec}"));
+        assert!(err.contains(want), "{what}: want {want:?} in:\n{err}");
+    }
+    let api: Api<MonitorConfig> = Api::all(lab.kube.clone());
+    assert!(api.get_opt("bad").await.expect("get").is_none());
+    // The same rules let valid selectors through.
+    let ok = json!({"interval": 2, "metrics": ["cpu"], "nodeSelector": {"matchExpressions": [
+        {"key": "pool", "operator": "In", "values": ["fast"]},
+        {"key": "gpu", "operator": "DoesNotExist"},
+    ]}, "nodeNames": ["worker-1", "ip-10-0-0-1.ec2.internal"]});
+    lab.apply(&monitor_config("fast", ok))
+        .expect("a valid spec is accepted");
+
+    // 2. What only the controller can judge is in the status.
+    let nowhere = json!({"interval": 5, "metrics": ["cpu"], "nodeSelector": {"matchLabels": {"pool": "gpu"}}});
+    let never = json!({"interval": 5, "metrics": ["cpu"], "nodeSelector": {
+        "matchLabels": {"pool": "fast"},
+        "matchExpressions": [{"key": "pool", "operator": "NotIn", "values": ["fast"]}],
+    }});
+    let ghosts = json!({"interval": 5, "metrics": ["cpu"], "nodeNames": ["ghost-1", "ghost-2"]});
+    for (name, spec) in [("nowhere", nowhere), ("never", never), ("ghosts", ghosts)] {
+        lab.apply(&monitor_config(name, spec)).expect("accepted");
+        let (status, reason, message) = eventually(
+            &format!("{name} reports it selects no node"),
+            Duration::from_secs(30),
+            || async { lab.ready(name).await.filter(|r| r.1 != "Applied") },
+        )
+        .await;
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("False", "NoMatchingNodes"),
+            "{name}: {message}"
+        );
+        if name == "ghosts" {
+            assert!(message.contains("ghost-1, ghost-2"), "{message}");
+        }
+    }
+    let (status, reason, message) = eventually("fast Ready", Duration::from_secs(30), || async {
+        lab.ready("fast").await
+    })
+    .await;
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("True", "Applied"),
+        "{message}"
+    );
+    assert!(message.contains("ip-10-0-0-1.ec2.internal"), "{message}");
+
+    // 3. Garbage under the heartbeat prefix: logged, ignored, nothing crashes.
+    let mut etcd = lab.etcd.client().await;
+    let huge = format!("{{\"node\":\"{}\"}}", "x".repeat(1 << 20));
+    let garbage: Vec<(Vec<u8>, Vec<u8>)> = vec![
+        (b"garbage-1".to_vec(), b"alive".to_vec()),
+        (
+            b"garbage-2".to_vec(),
+            br#"{"node":"garbage-2","ttlSeconds":"ten"}"#.to_vec(),
+        ),
+        (b"garbage-3".to_vec(), b"\xff\xfe\x00".to_vec()),
+        (b"garbage-4".to_vec(), huge.into_bytes()),
+        (b"garbage-5".to_vec(), b"".to_vec()),
+        (b"a/b".to_vec(), b"{}".to_vec()),
+        (b"Bad_Name".to_vec(), b"{}".to_vec()),
+        (b"".to_vec(), b"{}".to_vec()),
+        (b"\xff\xfe".to_vec(), b"{}".to_vec()),
+    ];
+    let from = lab.controller.line_count();
+    for (suffix, value) in &garbage {
+        let mut key = HEARTBEAT_PREFIX.as_bytes().to_vec();
+        key.extend_from_slice(suffix);
+        etcd.put(key, value.clone(), None)
+            .await
+            .expect("put garbage");
+    }
+    for (what, needle) in [
+        ("a nested path", "not /monitor/heartbeat/<node>"),
+        ("an invalid node name", "cannot be a node"),
+        (
+            "a value that does not parse",
+            "heartbeat value does not parse",
+        ),
+    ] {
+        lab.controller
+            .wait_for_line_from(from, Duration::from_secs(10), what, |l| l.contains(needle));
+    }
+    // Keys that cannot name a node never become MonitorNodes; the others count as alive
+    // (the key exists) without using their value.
+    for node in [
+        "garbage-1",
+        "garbage-2",
+        "garbage-3",
+        "garbage-4",
+        "garbage-5",
+    ] {
+        lab.wait_state(node, NodeState::Alive, Duration::from_secs(30))
+            .await;
+    }
+    let mns: Api<MonitorNode> = Api::all(lab.kube.clone());
+    let names: Vec<String> = mns
+        .list(&Default::default())
+        .await
+        .expect("list MonitorNodes")
+        .items
+        .into_iter()
+        .filter_map(|m| m.metadata.name)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "garbage-1",
+            "garbage-2",
+            "garbage-3",
+            "garbage-4",
+            "garbage-5",
+            "worker-1"
+        ],
+        "only keys that name a node become MonitorNodes"
+    );
+    let gm = mns.get("garbage-2").await.expect("garbage-2");
+    let gs = gm.status.expect("status");
+    assert!(
+        gs.agent_version.is_none() && gs.usage.is_none(),
+        "the value is not used: {gs:?}"
+    );
+
+    // The controller is still up and still serves the real node: transitions work.
+    assert!(lab.controller.is_running(), "controller exited");
+    assert!(http_get(&lab.metrics, "/healthz").is_some_and(|(code, _)| code == 200));
+    assert_eq!(lab.state("worker-1").await, Some(NodeState::Alive));
+    agent.kill_hard();
+    lab.wait_state("worker-1", NodeState::Dead, Duration::from_secs(20))
+        .await;
+    let _agent = lab.agent("worker-1");
+    lab.wait_state("worker-1", NodeState::Alive, Duration::from_secs(20))
+        .await;
+    // Deleting the garbage turns those nodes Dead like any vanished heartbeat.
+    etcd.delete("/monitor/heartbeat/garbage-1", None)
+        .await
+        .expect("delete");
+    lab.wait_state("garbage-1", NodeState::Dead, Duration::from_secs(20))
+        .await;
+    assert!(lab.controller.is_running(), "controller exited");
+}
