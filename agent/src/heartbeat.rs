@@ -23,6 +23,17 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long each step of a clean stop may take: a stop must not hang on a dead etcd.
 const STOP_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Retries after an etcd failure: doubling from 100 ms up to a third of the TTL (at most 5 s),
+/// like the keep-alives. etcd resets a lease's TTL when it comes back, so a retry pace slower
+/// than that would lose the lease of a short-TTL agent after an outage that etcd survived.
+fn retry_backoff(ttl: u32) -> Backoff {
+    let third = Duration::from_millis(u64::from(ttl) * 1000 / 3);
+    Backoff::new(
+        Duration::from_millis(100),
+        third.min(Duration::from_secs(5)),
+    )
+}
+
 /// What the heartbeat job needs from the rest of the agent.
 pub struct HeartbeatInputs {
     /// The configuration in force (read only).
@@ -77,7 +88,7 @@ impl HeartbeatLease {
             last_written: None,
             last_write_at: None,
             outage: false,
-            backoff: Backoff::default(),
+            backoff: retry_backoff(ttl),
         }
     }
 
