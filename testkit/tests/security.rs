@@ -844,3 +844,51 @@ fn with_auth_on_agent_and_controller_survive_an_etcd_restart_that_forgets_their_
         controller.output_text()
     );
 }
+
+#[test]
+fn tls_and_auth_together_agent_writes_heartbeats_and_is_refused_config_writes() {
+    // Production: client certificates for the channel, least-privilege users for the keys.
+    let etcd = SecureEtcd::start();
+    let users = enable_etcd_auth(&etcd.endpoint, Some(&etcd.tls));
+    let conn = |user: &str, password: &str| Conn {
+        endpoint: etcd.endpoint.clone(),
+        tls: Some(etcd.tls.clone()),
+        user: Some((user.to_string(), password.to_string())),
+    };
+    let agent_conn = conn(EtcdUsers::AGENT, &users.agent_password);
+    let controller_conn = conn(EtcdUsers::CONTROLLER, &users.controller_password);
+    let mut a = agent("tls-auth", &agent_conn, Via::Flags, "info");
+    let as_user = |user: &str, password: &str, args: &[&str]| {
+        etcdctl_as(&etcd.endpoint, Some(&etcd.tls), user, password, args)
+    };
+    wait_until("heartbeat over TLS with auth", DEADLINE, || {
+        heartbeat_lease(
+            |x| as_user(EtcdUsers::CONTROLLER, &users.controller_password, x),
+            "tls-auth",
+        )
+        .is_some_and(|(_, lease)| lease != 0)
+    });
+    ctl_lists(&controller_conn, Via::Env, &["tls-auth"]);
+    denied(
+        &as_user(
+            EtcdUsers::AGENT,
+            &users.agent_password,
+            &["put", "/monitor/config/tls-auth", "{}"],
+        ),
+        "agent user put /monitor/config/ over TLS",
+    );
+    let out = as_user(
+        EtcdUsers::CONTROLLER,
+        &users.controller_password,
+        &[
+            "put",
+            "/monitor/config/tls-auth",
+            r#"{"interval":2,"metrics":["cpu"]}"#,
+        ],
+    );
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    a.wait_for_line(DEADLINE, "the agent applies the config", |l| {
+        l.contains("config updated")
+    });
+    assert!(a.is_running());
+}
