@@ -216,7 +216,9 @@ impl ConfigWatcher {
 
     /// Runs until the task is dropped. Never returns an error: etcd being away is waited out.
     pub async fn run(self) {
-        let mut backoff = Backoff::default();
+        // At most 2.5 s between retries: a config change must reach the agent within 5 s of
+        // etcd's return, and a retry is due at most one cap after the last failure.
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(2500));
         let mut client = crate::connect_until_ok(&self.etcd, "config watch").await;
         // The next revision to watch from; None until the key has been read.
         let mut resume_from: Option<i64> = None;

@@ -51,7 +51,9 @@ impl HeartbeatWatcher {
     /// broken, revision compacted) waits with backoff and starts over with a new list, so no
     /// delete can slip through unnoticed. Returns only when the receiver is gone.
     pub async fn run(mut self) {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        // At most 2.5 s between retries: the watch must be back within 5 s of etcd's return,
+        // and a retry is due at most one cap after the last failure.
+        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_millis(2500));
         loop {
             match self.list_and_watch(&mut backoff).await {
                 Ok(()) => return,
