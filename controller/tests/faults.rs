@@ -443,6 +443,10 @@ async fn etcd_cluster_leader_loss_and_quorum_loss_raise_no_false_alarm() {
     tokio::task::block_in_place(|| cluster.kill(leader));
     let killed = Instant::now();
     put_config(&client, "cluster-1", 2).await;
+    println!(
+        "member {leader} killed; etcd took the config {:?} later",
+        killed.elapsed()
+    );
     wait_config_applied(&agents[0], mark, 2, killed, Duration::from_secs(15));
     lab.wait_interval("cluster-1", 2, Duration::from_secs(15))
         .await;
