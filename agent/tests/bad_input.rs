@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use nodepulse_crd::wire::ConfigValue;
 use serde_json::Value;
-use testkit::{Etcd, KubeApiserver, Process, eventually, free_port, http_get, project_bin};
+use testkit::{KubeApiserver, Process, eventually, free_port, http_get, project_bin};
 
 use bad_configs::bad_configs;
 use common::{put_config, start_agent};
@@ -38,13 +38,7 @@ fn config_applied(mn: &Value) -> Option<(String, String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_config_is_rejected_and_reported_while_the_last_good_one_stays() {
-    let (api, etcd) = tokio::task::spawn_blocking(|| {
-        let api = KubeApiserver::start();
-        api.install_crds();
-        (api, Etcd::start())
-    })
-    .await
-    .expect("start servers");
+    let (api, etcd) = testkit::start_apiserver_and_etcd().await;
     let mut cmd = Command::new(project_bin("nodepulse-controller"));
     cmd.env("KUBECONFIG", &api.kubeconfig)
         .env("RUST_LOG", "info")

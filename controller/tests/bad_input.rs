@@ -25,13 +25,7 @@ struct Lab {
 
 impl Lab {
     async fn start() -> Lab {
-        let (api, etcd) = tokio::task::spawn_blocking(|| {
-            let api = KubeApiserver::start();
-            api.install_crds();
-            (api, Etcd::start())
-        })
-        .await
-        .expect("start servers");
+        let (api, etcd) = testkit::start_apiserver_and_etcd().await;
         let kube = api.client().await;
         let metrics = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-controller"));

@@ -24,13 +24,7 @@ struct Lab {
 
 impl Lab {
     async fn start() -> Lab {
-        let (api, etcd) = tokio::task::spawn_blocking(|| {
-            let api = KubeApiserver::start();
-            api.install_crds();
-            (api, Etcd::start())
-        })
-        .await
-        .expect("start servers");
+        let (api, etcd) = testkit::start_apiserver_and_etcd().await;
         let kube = api.client().await;
         Lab { api, etcd, kube }
     }

@@ -86,3 +86,15 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A private kube-apiserver with the CRDs installed, and a separate etcd for nodepulse's keys,
+/// started off the async runtime (both block while they wait to be ready).
+pub async fn start_apiserver_and_etcd() -> (KubeApiserver, Etcd) {
+    tokio::task::spawn_blocking(|| {
+        let api = KubeApiserver::start();
+        api.install_crds();
+        (api, Etcd::start())
+    })
+    .await
+    .expect("start kube-apiserver and etcd")
+}
