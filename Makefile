@@ -14,8 +14,8 @@ deps: ## Install what a fresh machine lacks (protoc, clippy, rustfmt); idempoten
 	@bash hack/deps.sh
 
 .PHONY: tools
-tools: deps ## Build etcd, kube-apiserver and helm once into ~/.cache/nodepulse (test tooling)
-	@bash $(TOOLS) etcd kube-apiserver helm >/dev/null
+tools: deps ## Build etcd, kube-apiserver, kubectl and helm once into ~/.cache/nodepulse (test tooling)
+	@bash $(TOOLS) etcd kube-apiserver kubectl helm >/dev/null
 
 .PHONY: build
 build: deps ## Build every binary (debug)

@@ -25,7 +25,3 @@ if ! command -v go >/dev/null; then
   echo "deps: go not found; the test tooling (kube-apiserver, etcd, helm) is built with Go" >&2
   exit 1
 fi
-if ! command -v kubectl >/dev/null; then
-  echo "deps: kubectl not found on PATH" >&2
-  exit 1
-fi

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Builds the test tooling that no package ships, once per machine, from the Go module proxy:
-# kube-apiserver, etcd + etcdctl, helm and node_exporter. The product is Rust; this is only
-# what the tests, the demo and the benchmarks run against.
+# etcd + etcdctl, the Kubernetes components (kube-apiserver, kubectl, and for the local cluster
+# kubelet, kube-controller-manager, kube-scheduler, kube-proxy), helm and node_exporter. The
+# product is Rust; this is only what the tests, the demo and the benchmarks run against.
 #
 # Binaries land in $NODEPULSE_TOOLS (default ~/.cache/nodepulse/tools/bin), named <tool>-<version>,
 # with an unversioned symlink beside each. A second run finds them and returns at once.
 #
-# usage: hack/tools.sh [all|kube-apiserver|etcd|helm|node_exporter]...
+# usage: hack/tools.sh [all|etcd|kube-apiserver|kubectl|kubelet|kube-controller-manager|
+#                       kube-scheduler|kube-proxy|helm|node_exporter]...
 set -euo pipefail
 
 KUBERNETES_VERSION=${KUBERNETES_VERSION:-v1.34.4}   # matches k8s-openapi's v1_34 feature
@@ -25,11 +27,11 @@ export GOFLAGS=-mod=mod GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
 
 log() { echo "tools: $*" >&2; }
 
-# wrapper_build NAME VERSION MODULE@VER PACKAGE [go.mod extra lines]
+# wrapper_build NAME VERSION MODULE@VER PACKAGE [go.mod extra lines] [ldflags]
 # Builds PACKAGE (a main package inside a dependency) from a throwaway wrapper module, because
 # `go install pkg@version` refuses modules whose go.mod carries replace directives.
 wrapper_build() {
-  local name=$1 version=$2 require=$3 pkg=$4 extra=${5:-}
+  local name=$1 version=$2 require=$3 pkg=$4 extra=${5:-} ldflags=${6:-}
   local out="$BIN/$name-$version"
   if [[ -x $out ]]; then ln -sfn "$name-$version" "$BIN/$name"; return; fi
   log "building $name $version (first run on this machine; cached afterwards)"
@@ -47,14 +49,16 @@ GOMOD
   # dependencies at the versions the required module pins.
   printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$pkg" >tools.go
   go mod tidy
-  CGO_ENABLED=0 go build -trimpath -ldflags "-s -w" -o "$out.tmp" "$pkg"
+  CGO_ENABLED=0 go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp" "$pkg"
   mv "$out.tmp" "$out"
   ln -sfn "$name-$version" "$BIN/$name"
   log "built $out"
 }
 
-build_kube_apiserver() {
-  local minor=${KUBERNETES_VERSION#v1.}
+# build_kubernetes NAME: one Kubernetes component (kube-apiserver, kubectl, kubelet, ...) at
+# KUBERNETES_VERSION, all from the same pinned module graph.
+build_kubernetes() {
+  local name=$1 minor=${KUBERNETES_VERSION#v1.}
   local staging=v0.$minor
   # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with local paths,
   # which a dependent module ignores: pin each one to the matching published v0.x tag.
@@ -62,8 +66,15 @@ build_kube_apiserver() {
   gomod=$(cd "$WORK" && go mod download -json "k8s.io/kubernetes@$KUBERNETES_VERSION" | sed -n 's/.*"GoMod": "\(.*\)".*/\1/p')
   local replaces
   replaces=$(grep -E '^\s*k8s\.io/[a-z0-9-]+ v0\.0\.0\s*$' "$gomod" | awk -v v="$staging" '{print "replace " $1 " => " $1 " " v}' | sort -u)
-  wrapper_build kube-apiserver "$KUBERNETES_VERSION" "k8s.io/kubernetes@$KUBERNETES_VERSION" \
-    k8s.io/kubernetes/cmd/kube-apiserver "$replaces"
+  # Without these the binaries report v0.0.0, and Helm's kubeVersion checks and kubectl's version
+  # skew warnings see a cluster that does not exist.
+  local version_flags="" pkg
+  for pkg in k8s.io/component-base/version k8s.io/client-go/pkg/version; do
+    version_flags+=" -X $pkg.gitVersion=$KUBERNETES_VERSION -X $pkg.gitMajor=1 -X $pkg.gitMinor=${minor%%.*}"
+    version_flags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
+  done
+  local main=k8s.io/kubernetes/cmd/$name
+  wrapper_build "$name" "$KUBERNETES_VERSION" "k8s.io/kubernetes@$KUBERNETES_VERSION" "$main" "$replaces" "$version_flags"
 }
 
 build_etcd() {
@@ -81,10 +92,11 @@ build_node_exporter() {
 }
 
 targets=("$@")
-[[ ${#targets[@]} -eq 0 || ${targets[0]} == all ]] && targets=(etcd kube-apiserver helm node_exporter)
+[[ ${#targets[@]} -eq 0 || ${targets[0]} == all ]] && targets=(etcd kube-apiserver kubectl helm node_exporter)
 for t in "${targets[@]}"; do
   case $t in
-    kube-apiserver) build_kube_apiserver ;;
+    kube-apiserver | kubectl | kubelet | kube-controller-manager | kube-scheduler | kube-proxy)
+      build_kubernetes "$t" ;;
     etcd) build_etcd ;;
     helm) build_helm ;;
     node_exporter) build_node_exporter ;;

@@ -11,7 +11,7 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-/// A test tool built by `hack/tools.sh` (kube-apiserver, etcd, etcdctl, helm, node_exporter),
+/// A test tool built by `hack/tools.sh` (kube-apiserver, kubectl, etcd, etcdctl, helm, node_exporter),
 /// building it first if this machine has never done so. The cache lives outside the repository
 /// (`~/.cache/nodepulse/tools/bin`, or `$NODEPULSE_TOOLS`), so only the first run pays.
 pub fn tool(name: &str) -> PathBuf {
@@ -42,9 +42,9 @@ pub fn tool(name: &str) -> PathBuf {
     path
 }
 
-/// kubectl: the one on PATH.
+/// kubectl at the API server's version, built by `hack/tools.sh` like the server itself.
 pub fn kubectl() -> PathBuf {
-    PathBuf::from("kubectl")
+    tool("kubectl")
 }
 
 /// A binary of this workspace (`nodepulse-agent`, `nodepulse-controller`, `nodepulsectl`, ...),
