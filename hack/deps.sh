@@ -10,8 +10,9 @@ command -v flock >/dev/null || need_apt+=(util-linux)
 if ((${#need_apt[@]})); then
   echo "deps: apt-get install ${need_apt[*]}" >&2
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+  # Another install (or the machine's own updates) may hold dpkg's lock: wait for it.
+  apt-get -o DPkg::Lock::Timeout=600 update -qq
+  apt-get -o DPkg::Lock::Timeout=600 install -y -qq "${need_apt[@]}" >/dev/null
 fi
 
 if ! command -v cargo >/dev/null; then
