@@ -66,6 +66,11 @@ pub struct Args {
     #[arg(long, env = "NODEPULSE_HOST_ROOT", default_value = "/")]
     pub host_root: PathBuf,
 
+    /// Network devices left out of the node's figures (a regular expression; empty: none): the
+    /// virtual devices that carry pod traffic a physical interface counts too.
+    #[arg(long, env = "NODEPULSE_NETWORK_DEVICE_EXCLUDE", default_value = collect::network::DEFAULT_DEVICE_EXCLUDE, value_parser = collect::network::DeviceFilter::new)]
+    pub network_device_exclude: collect::network::DeviceFilter,
+
     /// Address of /metrics, /healthz and /readyz.
     #[arg(long, env = "NODEPULSE_METRICS_ADDR", default_value = "0.0.0.0:9101")]
     pub metrics_addr: SocketAddr,
@@ -169,7 +174,10 @@ pub async fn run(args: Args) -> Result<()> {
 
     let (usage_tx, usage_rx) = watch::channel(None);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sampler = collect::Sampler::new(collect::HostPaths::new(&args.proc_root, &args.host_root));
+    let sampler = collect::Sampler::new(
+        collect::HostPaths::new(&args.proc_root, &args.host_root)
+            .with_net_devices(args.network_device_exclude.clone()),
+    );
     let sampling = tokio::spawn(sampling::run(
         sampler,
         shared.clone(),

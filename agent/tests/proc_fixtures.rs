@@ -1,5 +1,7 @@
-//! The collectors on fixture /proc trees: a busy machine, an idle one, and one with odd devices
-//! (offline core, old kernel lines, partitions and stacked devices, counters touching the colon).
+//! The collectors on fixture /proc trees: a busy machine, an idle one, one with odd devices
+//! (offline core, old kernel lines, partitions and stacked devices, counters touching the colon),
+//! and the host's /proc as an agent pod sees it (`pod-on-node`: `net/dev` is the pod's own
+//! network namespace, `1/net/dev` the node's, with a CNI bridge, veths and a tunnel).
 //!
 //! Each tree's `expected.txt` is the golden description of what the parsers read from it.
 //! Regenerate after a deliberate change with `NODEPULSE_BLESS=1 cargo test -p nodepulse-agent
@@ -55,11 +57,26 @@ fn describe(tree: &Path) -> String {
         )
         .unwrap();
     }
-    for i in network::parse_net_dev(&read(tree, "net/dev")).expect("net/dev parses") {
+    // The file the sampler reads: PID 1's network namespace when the tree has one.
+    let net_dev = if tree.join("1/net/dev").exists() {
+        "1/net/dev"
+    } else {
+        "net/dev"
+    };
+    writeln!(out, "net file {net_dev}").unwrap();
+    let counted = network::DeviceFilter::default();
+    for i in network::parse_net_dev(&read(tree, net_dev)).expect("net/dev parses") {
         writeln!(
             out,
-            "net {} rx_bytes={} tx_bytes={} rx_packets={} tx_packets={} rx_errors={} tx_errors={}",
-            i.name, i.rx_bytes, i.tx_bytes, i.rx_packets, i.tx_packets, i.rx_errors, i.tx_errors
+            "net {} rx_bytes={} tx_bytes={} rx_packets={} tx_packets={} rx_errors={} tx_errors={} counted={}",
+            i.name,
+            i.rx_bytes,
+            i.tx_bytes,
+            i.rx_packets,
+            i.tx_packets,
+            i.rx_errors,
+            i.tx_errors,
+            counted.counts(&i.name)
         )
         .unwrap();
     }
@@ -100,7 +117,8 @@ fn busy_machine() {
         d.contains("load 7.85 6.2 5.01 runnable=9 tasks=1043"),
         "{d}"
     );
-    assert!(!d.contains("loop0") && !d.contains("net lo "), "{d}");
+    assert!(!d.contains("loop0"), "{d}");
+    assert!(d.contains("net lo ") && d.contains("counted=false"), "{d}");
     assert!(
         d.contains("disk sda1 ") && d.contains("whole_disk=false"),
         "{d}"
@@ -136,13 +154,138 @@ fn odd_devices() {
         d.contains("net eth0 rx_bytes=123456789012 tx_bytes=98765432109"),
         "{d}"
     );
-    assert!(d.contains("net br-3f2a1b4c5d6e "), "{d}");
-    assert!(!d.contains("net lo "), "{d}");
+    for (dev, counted) in [
+        ("eth0", true),
+        ("wlp0s20f3", true),
+        ("br-3f2a1b4c5d6e", false),
+        ("veth9c1a2b3", false),
+        ("lo", false),
+    ] {
+        let line = d
+            .lines()
+            .find(|l| l.starts_with(&format!("net {dev} ")))
+            .unwrap_or_else(|| panic!("{dev} missing: {d}"));
+        assert!(line.ends_with(&format!("counted={counted}")), "{line}");
+    }
+}
+
+#[test]
+fn pod_on_node_reads_the_nodes_namespace() {
+    let d = check_golden("pod-on-node");
+    assert!(d.contains("net file 1/net/dev"), "{d}");
+    // The node's eth0 (943 MB), not the pod's (33 KB).
+    assert!(d.contains("net eth0 rx_bytes=943718400 "), "{d}");
+    assert!(!d.contains("rx_bytes=33792 "), "{d}");
+}
+
+/// A copy of a fixture tree the test can rewrite between two samples.
+fn scratch_copy(name: &str) -> tempfile::TempDir {
+    fn copy(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    copy(&tree(name), dir.path());
+    dir
+}
+
+/// `net/dev` text with one line per `(device, rx_bytes, tx_bytes)`.
+fn net_dev(devices: &[(&str, u64, u64)]) -> String {
+    let mut text = String::from(
+        "Inter-|   Receive                                                |  Transmit\n \
+         face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n",
+    );
+    for (name, rx, tx) in devices {
+        writeln!(
+            text,
+            "{name:>6}: {rx} {} 0 0 0 0 0 0 {tx} {} 0 0 0 0 0 0",
+            rx / 1000,
+            tx / 1000
+        )
+        .unwrap();
+    }
+    text
+}
+
+#[test]
+fn node_traffic_is_counted_once_from_the_nodes_namespace() {
+    let dir = scratch_copy("pod-on-node");
+    let root = dir.path();
+    let write = |file: &str, devices: &[(&str, u64, u64)]| {
+        std::fs::write(root.join(file), net_dev(devices)).unwrap();
+    };
+    // A pod sends: its bytes cross veth, cni0 and flannel.1, then eth0. Only eth0 (and ens5)
+    // may count; the pod's own namespace (net/dev) moves too, and must not be read.
+    let node = |k: u64| {
+        vec![
+            ("lo", 1_000_000 * k, 1_000_000 * k),
+            ("eth0", 1_000_000 + 3_000 * k, 2_000_000 + 5_000 * k),
+            ("ens5", 100_000 + 7 * k, 100_000 + 11 * k),
+            ("cni0", 9_000_000 * k, 9_000_000 * k),
+            ("veth1a2b3c4d", 9_000_000 * k, 9_000_000 * k),
+            ("flannel.1", 9_000_000 * k, 9_000_000 * k),
+            ("docker0", 0, 0),
+        ]
+    };
+    let pod = |k: u64| vec![("lo", 0, 0), ("eth0", 70_000_000 * k, 70_000_000 * k)];
+    write("1/net/dev", &node(1));
+    write("net/dev", &pod(1));
+    let net: MetricSet = "network".parse().unwrap();
+    let mut sampler = Sampler::new(HostPaths::new(root, "/"));
+    assert!(sampler.sample(&net).errors.is_empty());
+    write("1/net/dev", &node(2));
+    write("net/dev", &pod(2));
+    let s = sampler.sample(&net);
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    let n = s.network.expect("network figures");
+    let names: Vec<&str> = n.interfaces.iter().map(|i| i.name.as_str()).collect();
+    assert_eq!(names, ["ens5", "eth0"], "{n:?}");
+    // Same elapsed time for every device: the sums are exactly eth0 + ens5, in the ratio of
+    // their deltas (3_007 received for 5_011 sent), whatever the clock says.
+    let rx = n.rx_bytes_per_sec.unwrap();
+    let tx = n.tx_bytes_per_sec.unwrap();
+    let per_if: f64 = n.interfaces.iter().map(|i| i.rx_bytes_per_sec).sum();
+    assert_eq!(rx, per_if);
+    assert!(rx > 0.0, "{n:?}");
+    assert!(
+        (rx / tx - 3_007.0 / 5_011.0).abs() < 1e-9,
+        "rx {rx} tx {tx}"
+    );
+}
+
+#[test]
+fn without_pid_1_the_own_namespace_is_read_and_an_empty_pattern_counts_every_device() {
+    let dir = scratch_copy("pod-on-node");
+    std::fs::remove_dir_all(dir.path().join("1")).unwrap();
+    let paths =
+        HostPaths::new(dir.path(), "/").with_net_devices(network::DeviceFilter::new("").unwrap());
+    let net: MetricSet = "network".parse().unwrap();
+    let mut sampler = Sampler::new(paths);
+    sampler.sample(&net);
+    let s = sampler.sample(&net);
+    assert!(s.errors.is_empty(), "{:?}", s.errors);
+    let names: Vec<&str> = s
+        .network
+        .as_ref()
+        .unwrap()
+        .interfaces
+        .iter()
+        .map(|i| i.name.as_str())
+        .collect();
+    assert_eq!(names, ["eth0", "lo"]);
 }
 
 #[test]
 fn a_sampler_on_each_tree_reads_everything_and_logs_one_line() {
-    for name in ["busy", "idle", "odd-devices"] {
+    for name in ["busy", "idle", "odd-devices", "pod-on-node"] {
         let paths = HostPaths::new(tree(name), "/");
         let first = collect::sample_all(&paths);
         assert!(first.errors.is_empty(), "{name}: {:?}", first.errors);

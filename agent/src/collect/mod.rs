@@ -19,22 +19,32 @@ use nodepulse_crd::wire::{Metric, MetricSet, UsageSummary};
 
 use crate::error::{Error, Result};
 
-/// Where the host's files are: `/proc` and `/` on a plain host, `/host/proc` and `/host` in a pod.
+/// Where the host's files are: `/proc` and `/` on a plain host, `/host/proc` and `/host` in a pod;
+/// and which of its network devices count.
 #[derive(Clone, Debug)]
 pub struct HostPaths {
     /// The proc filesystem (`--proc-root`).
     pub proc_root: PathBuf,
     /// The host's root filesystem, for its usage (`--host-root`).
     pub host_root: PathBuf,
+    /// The network devices whose traffic is the node's (`--network-device-exclude`).
+    pub net_devices: network::DeviceFilter,
 }
 
 impl HostPaths {
-    /// Paths under the given roots.
+    /// Paths under the given roots, the default network devices.
     pub fn new(proc_root: impl Into<PathBuf>, host_root: impl Into<PathBuf>) -> Self {
         HostPaths {
             proc_root: proc_root.into(),
             host_root: host_root.into(),
+            net_devices: network::DeviceFilter::default(),
         }
+    }
+
+    /// The same paths, counting the network devices `filter` keeps.
+    pub fn with_net_devices(mut self, filter: network::DeviceFilter) -> Self {
+        self.net_devices = filter;
+        self
     }
 
     fn read(&self, name: &str) -> Result<(PathBuf, String)> {
@@ -79,6 +89,8 @@ pub struct Sampler {
     prev_cpu: Option<cpu::CpuTimes>,
     prev_disk: Option<(Instant, Vec<disk::DiskCounters>)>,
     prev_net: Option<(Instant, Vec<network::InterfaceCounters>)>,
+    /// The agent's own network namespace is read because the node's was not readable; said once.
+    warned_own_netns: bool,
 }
 
 impl Sampler {
@@ -89,6 +101,7 @@ impl Sampler {
             prev_cpu: None,
             prev_disk: None,
             prev_net: None,
+            warned_own_netns: false,
         }
     }
 
@@ -157,10 +170,34 @@ impl Sampler {
         .map(|_| usage)
     }
 
+    /// The node's `net/dev`: PID 1's network namespace (`<proc>/1/net/dev`), not `net/dev`,
+    /// which is `self/net`, the reader's own: in a pod without `hostNetwork`, the pod's `eth0`.
+    /// A proc root without PID 1 (a bare fixture tree, a hardened mount) falls back to it, and
+    /// says so once.
+    fn node_net_dev(&mut self) -> Result<(PathBuf, String)> {
+        match self.paths.read("1/net/dev") {
+            Ok(found) => Ok(found),
+            Err(node_err) => match self.paths.read("net/dev") {
+                Ok(found) => {
+                    if !self.warned_own_netns {
+                        self.warned_own_netns = true;
+                        tracing::warn!(
+                            "network: {node_err}; reading {} instead, the agent's own network namespace (in a pod without hostNetwork, the pod's interfaces, not the node's)",
+                            found.0.display()
+                        );
+                    }
+                    Ok(found)
+                }
+                Err(_) => Err(node_err),
+            },
+        }
+    }
+
     fn network(&mut self) -> Result<network::NetworkUsage> {
-        let (path, text) = self.paths.read("net/dev")?;
+        let (path, text) = self.node_net_dev()?;
         let at = Instant::now();
-        let now = parsed(path, network::parse_net_dev(&text))?;
+        let mut now = parsed(path, network::parse_net_dev(&text))?;
+        now.retain(|i| self.paths.net_devices.counts(&i.name));
         let usage = match &self.prev_net {
             Some((t, prev)) => network::usage(Some(prev), &now, (at - *t).as_secs_f64()),
             None => network::usage(None, &now, 0.0),

@@ -1,8 +1,63 @@
-//! `network`: per-interface rx/tx bytes, packets and errors from `/proc/net/dev` (loopback
-//! left out).
+//! `network`: per-interface rx/tx bytes, packets and errors from the node's `net/dev`, the
+//! virtual devices left out.
+//!
+//! Which namespace: `<proc>/1/net/dev`, PID 1's, is the node's network namespace whether the
+//! agent runs on the machine itself or in a pod that mounts the host's `/proc` (a proc mount
+//! shows the PID namespace it was made in, the host's); `<proc>/net/dev` is `self/net`, the
+//! reader's own namespace, which in a pod is the pod's `eth0`.
+//!
+//! Which devices: on a Kubernetes node every byte a pod sends crosses its `veth*`, the bridge
+//! (`cni0`, `docker0`, `br-*`), perhaps a tunnel (`flannel.1`, `vxlan.calico`, `cilium_*`), and
+//! then the physical interface; summing them all counts pod traffic two or three times. So the
+//! figures leave out the devices [`DEFAULT_DEVICE_EXCLUDE`] names (`--network-device-exclude`,
+//! like node_exporter's `--collector.netdev.device-exclude`), in the sums and in the
+//! per-interface series alike.
 
 use procfs::FromBufRead;
 use procfs::net::InterfaceDeviceStatus;
+use regex::Regex;
+
+/// The devices left out by default: loopback, and the virtual devices of container runtimes,
+/// CNI plugins, tunnels and hypervisors, whose traffic is also counted on a physical device.
+pub const DEFAULT_DEVICE_EXCLUDE: &str = "^(lo|veth.*|cni.*|docker.*|br-.*|flannel.*|cali.*|cilium.*|vxlan.*|tunl.*|kube-.*|nodelocaldns|dummy.*|virbr.*|lxc.*|genev_sys.*|weave.*|tap.*)$";
+
+/// Which network devices count as the node's traffic: every device whose name the exclude
+/// pattern does not match (an empty pattern excludes nothing).
+#[derive(Clone, Debug)]
+pub struct DeviceFilter {
+    exclude: Option<Regex>,
+}
+
+impl DeviceFilter {
+    /// A filter leaving out the devices `pattern` matches (a regular expression, unanchored
+    /// like node_exporter's: anchor it with `^...$`); empty leaves out none.
+    pub fn new(pattern: &str) -> Result<Self, String> {
+        if pattern.is_empty() {
+            return Ok(DeviceFilter { exclude: None });
+        }
+        Regex::new(pattern)
+            .map(|re| DeviceFilter { exclude: Some(re) })
+            .map_err(|e| format!("network device exclude pattern {pattern:?}: {e}"))
+    }
+
+    /// Whether the device's traffic counts.
+    pub fn counts(&self, name: &str) -> bool {
+        self.exclude.as_ref().is_none_or(|re| !re.is_match(name))
+    }
+
+    /// The pattern, for the start-up log line (`""`: none).
+    pub fn pattern(&self) -> &str {
+        self.exclude.as_ref().map_or("", Regex::as_str)
+    }
+}
+
+impl Default for DeviceFilter {
+    fn default() -> Self {
+        DeviceFilter {
+            exclude: Some(Regex::new(DEFAULT_DEVICE_EXCLUDE).expect("the default pattern parses")),
+        }
+    }
+}
 
 /// One interface's cumulative counters.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,7 +108,7 @@ pub struct NetworkUsage {
     pub tx_bytes_per_sec: Option<f64>,
 }
 
-/// Parses the text of `/proc/net/dev`, loopback left out, sorted by name.
+/// Parses the text of `/proc/net/dev`, every device (loopback too), sorted by name.
 pub fn parse_net_dev(text: &str) -> Result<Vec<InterfaceCounters>, procfs::ProcError> {
     // Older kernels printed "%6s:%8lu", so once an interface had received 100 MB its byte count
     // touched the colon ("eth0:123456789") and a whitespace split sees one field too few.
@@ -74,7 +129,6 @@ pub fn parse_net_dev(text: &str) -> Result<Vec<InterfaceCounters>, procfs::ProcE
     let mut out: Vec<InterfaceCounters> = parsed
         .0
         .into_values()
-        .filter(|d| d.name != "lo")
         .map(|d| InterfaceCounters {
             name: d.name,
             rx_bytes: d.recv_bytes,
@@ -133,17 +187,70 @@ mod tests {
         face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n";
 
     #[test]
-    fn loopback_is_left_out_and_big_counters_touching_the_colon_parse() {
+    fn big_counters_touching_the_colon_parse() {
         let text = format!(
             "{HEADER}    lo: 1000 10 0 0 0 0 0 0 1000 10 0 0 0 0 0 0\n  \
              eth0:123456789012 900 1 0 0 0 0 0 5000 40 2 0 0 0 0 0\n"
         );
         let n = parse_net_dev(&text).unwrap();
-        assert_eq!(n.len(), 1);
+        assert_eq!(n.len(), 2);
         assert_eq!(n[0].name, "eth0");
         assert_eq!(n[0].rx_bytes, 123_456_789_012);
         assert_eq!(n[0].rx_errors, 1);
         assert_eq!(n[0].tx_errors, 2);
+        assert_eq!(n[1].name, "lo");
+    }
+
+    #[test]
+    fn the_default_filter_keeps_physical_devices_and_leaves_out_virtual_ones() {
+        let f = DeviceFilter::default();
+        for counted in [
+            "eth0",
+            "ens5",
+            "enp0s31f6",
+            "eno1",
+            "wlp0s20f3",
+            "bond0",
+            "em1",
+            "ib0",
+            "eth0.100",
+        ] {
+            assert!(f.counts(counted), "{counted} must count");
+        }
+        for left_out in [
+            "lo",
+            "veth9c1a2b3",
+            "cni0",
+            "docker0",
+            "br-3f2a1b4c5d6e",
+            "flannel.1",
+            "cali1234abcd",
+            "cilium_host",
+            "cilium_vxlan",
+            "vxlan.calico",
+            "tunl0",
+            "kube-ipvs0",
+            "kube-bridge",
+            "nodelocaldns",
+            "virbr0",
+            "lxc1a2b",
+            "genev_sys_6081",
+            "weave",
+            "tap0",
+        ] {
+            assert!(!f.counts(left_out), "{left_out} must be left out");
+        }
+    }
+
+    #[test]
+    fn an_empty_pattern_counts_everything_and_a_bad_one_is_refused() {
+        let all = DeviceFilter::new("").unwrap();
+        assert!(all.counts("lo") && all.counts("veth1"));
+        assert_eq!(all.pattern(), "");
+        let only_lo = DeviceFilter::new("^lo$").unwrap();
+        assert!(!only_lo.counts("lo") && only_lo.counts("lo2") && only_lo.counts("veth1"));
+        let err = DeviceFilter::new("^(lo").unwrap_err();
+        assert!(err.contains("^(lo"), "{err}");
     }
 
     #[test]
