@@ -6,7 +6,7 @@
 //! - [`config`] and [`config_keys`]: the MonitorConfig controller and the keys it writes;
 //! - [`effective`]: which MonitorConfig wins which node (pure);
 //! - [`inventory`]: the Node and MonitorNode caches;
-//! - [`leader`]: Lease-based leader election; [`metrics`]: `/metrics` and `/healthz`.
+//! - [`leader`]: Lease-based leader election; [`metrics`]: `/metrics`, `/healthz` and `/readyz`.
 #![deny(missing_docs)]
 
 pub mod config;
@@ -82,7 +82,7 @@ pub struct Args {
     #[arg(long, env = "NODEPULSE_CONFIG_RESYNC", default_value = "5m", value_parser = parse_duration)]
     pub config_resync: Duration,
 
-    /// Address of `/metrics` and `/healthz`.
+    /// Address of `/metrics`, `/healthz` and `/readyz`.
     #[arg(long, env = "NODEPULSE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     pub metrics_addr: SocketAddr,
 
@@ -94,9 +94,15 @@ pub struct Args {
 /// Runs the controller until SIGTERM/SIGINT.
 pub async fn run(args: Args) -> Result<()> {
     let metrics = Arc::new(Metrics::default());
-    let serve = tokio::spawn(metrics::serve(args.metrics_addr, metrics.clone()));
+    let ready = metrics::EtcdReadiness::default();
+    let serve = tokio::spawn(metrics::serve(
+        args.metrics_addr,
+        metrics.clone(),
+        ready.clone(),
+    ));
     let client = Client::try_default().await.map_err(Error::KubeConfig)?;
     let etcd = args.etcd.connect().await?;
+    ready.set(etcd.clone());
     tracing::info!(
         etcd = %args.etcd.endpoints_display(),
         version = env!("CARGO_PKG_VERSION"),

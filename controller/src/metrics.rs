@@ -1,7 +1,8 @@
-//! Prometheus metrics and the `/metrics` + `/healthz` endpoint.
+//! Prometheus metrics and the `/metrics`, `/healthz` (alive) and `/readyz` (etcd answers) endpoint.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -135,11 +136,56 @@ async fn healthz() -> impl IntoResponse {
     (StatusCode::OK, "ok\n")
 }
 
+/// How long `/readyz` waits for etcd's answer (the kubelet's probe gives up after 3 s).
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// The etcd connection `/readyz` checks: not ready before the controller has one, nor while
+/// etcd does not answer a quorum read. `/healthz` stays 200 meanwhile: a controller that
+/// cannot reach etcd is alive, and restarting it would not bring etcd back.
+#[derive(Clone, Default)]
+pub struct EtcdReadiness(Arc<OnceLock<etcd_client::Client>>);
+
+impl EtcdReadiness {
+    /// Records the controller's etcd client (the first one set stays).
+    pub fn set(&self, client: etcd_client::Client) {
+        let _ = self.0.set(client);
+    }
+
+    /// Whether etcd answers a linearizable read of one key (so: reachable, with a leader and
+    /// quorum, and our credentials accepted) within [`READY_TIMEOUT`].
+    async fn check(&self) -> std::result::Result<(), String> {
+        let Some(client) = self.0.get() else {
+            return Err("no etcd connection yet".into());
+        };
+        let mut client = client.clone();
+        let read = client.get(
+            nodepulse_crd::wire::HEARTBEAT_PREFIX,
+            Some(etcd_client::GetOptions::new().with_count_only()),
+        );
+        match tokio::time::timeout(READY_TIMEOUT, read).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("etcd: {e}")),
+            Err(_) => Err(format!("etcd did not answer within {READY_TIMEOUT:?}")),
+        }
+    }
+}
+
+async fn readyz(ready: EtcdReadiness) -> (StatusCode, String) {
+    match ready.check().await {
+        Ok(()) => (StatusCode::OK, "ok: etcd answers\n".into()),
+        Err(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
+    }
+}
+
 /// Serves `/metrics` and `/healthz` on `addr` until the process ends.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>) -> Result<()> {
+pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, ready: EtcdReadiness) -> Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
         .route("/healthz", get(healthz))
+        .route("/readyz", get(move || readyz(ready.clone())))
         .with_state(metrics);
     let listener = tokio::net::TcpListener::bind(addr)
         .await
