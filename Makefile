@@ -51,14 +51,32 @@ manifests: ## Render manifests/ from the Helm chart (1-replica etcd, and etcd-3-
 	bash hack/manifests.sh
 
 .PHONY: image
-IMAGE ?= nodepulse:dev
-image: ## Build the container image nodepulse:dev, or IMAGE=... (needs a Docker engine; none runs here: `make release` builds the same binaries)
-	@docker info >/dev/null 2>&1 || { echo "make image: no Docker engine reachable; the Dockerfile builds what \`make release\` builds" >&2; exit 1; }
-	docker build -t $(IMAGE) .
+IMAGE ?=
+image: release ## Build the image with buildah from the Dockerfile and `make release` (nodepulse:<appVersion>, or IMAGE=...); imported into the local cluster when it runs
+	IMAGE=$(IMAGE) bash hack/image.sh nodepulse
+
+.PHONY: cluster
+cluster: deps ## A one-node Kubernetes cluster on this machine, in network namespaces of its own; prints the KUBECONFIG
+	bash hack/cluster.sh up
+
+.PHONY: cluster-down
+cluster-down: ## Stop the local cluster and remove every process, mount, namespace and file it made
+	bash hack/cluster.sh down
+
+.PHONY: e2e-cluster
+e2e-cluster: release ## helm install the chart on the local cluster and check what a user sees (testkit/tests/cluster.rs)
+	bash hack/cluster.sh up
+	bash hack/image.sh all
+	$(CARGO) test -p testkit --test cluster -- --ignored --test-threads=1 --nocapture
 
 .PHONY: demo
-demo: tools build ## The lab's scenario on one machine: watcher, agent, config push, kill -9 (DEMO_K8S=1 adds the controller)
-	bash hack/demo.sh
+# Only what the demo runs: etcd and two binaries (debug: the quicker first build), plus
+# kube-apiserver, kubectl and the controller with DEMO_K8S=1. See README, "The two commands".
+DEMO_K8S ?= 0
+demo: deps ## The lab's scenario on one machine: watcher, agent, config push, kill -9 (DEMO_K8S=1 adds the controller)
+	@bash $(TOOLS) etcd $(if $(filter 1,$(DEMO_K8S)),kube-apiserver kubectl) >/dev/null
+	$(CARGO) build --bins -p nodepulse-agent -p nodepulsectl $(if $(filter 1,$(DEMO_K8S)),-p nodepulse-controller)
+	DEMO_K8S=$(DEMO_K8S) bash hack/demo.sh
 
 .PHONY: e2e
 e2e: tools build ## Only the end-to-end tests (real apiserver, etcd, agents, controller)

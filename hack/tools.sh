@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
 # Builds the test tooling that no package ships, once per machine, from the Go module proxy:
 # etcd + etcdctl, the Kubernetes components (kube-apiserver, kubectl, and for the local cluster
-# kubelet, kube-controller-manager, kube-scheduler, kube-proxy), helm and node_exporter. The
+# kubelet, kube-controller-manager, kube-scheduler, kube-proxy, coredns), helm and node_exporter. The
 # product is Rust; this is only what the tests, the demo and the benchmarks run against.
 #
 # Binaries land in $NODEPULSE_TOOLS (default ~/.cache/nodepulse/tools/bin), named <tool>-<version>,
 # with an unversioned symlink beside each. A second run finds them and returns at once.
 #
 # usage: hack/tools.sh [all|etcd|kube-apiserver|kubectl|kubelet|kube-controller-manager|
-#                       kube-scheduler|kube-proxy|helm|node_exporter]...
+#                       kube-scheduler|kube-proxy|coredns|helm|node_exporter]...
 set -euo pipefail
 
 KUBERNETES_VERSION=${KUBERNETES_VERSION:-v1.34.4}   # matches k8s-openapi's v1_34 feature
 ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 HELM_VERSION=${HELM_VERSION:-v3.20.2}
 NODE_EXPORTER_VERSION=${NODE_EXPORTER_VERSION:-v1.10.1}
+COREDNS_VERSION=${COREDNS_VERSION:-v1.14.7}
 
 CACHE=${NODEPULSE_CACHE:-$HOME/.cache/nodepulse}
 BIN=${NODEPULSE_TOOLS:-$CACHE/tools/bin}
@@ -91,6 +92,47 @@ build_node_exporter() {
     "github.com/prometheus/node_exporter@$NODE_EXPORTER_VERSION" github.com/prometheus/node_exporter
 }
 
+# CoreDNS for the local cluster (hack/cluster.sh), with only the plugins that cluster's Corefile
+# uses: CoreDNS's own main package links all ~60 plugins (cloud DNS providers and their SDKs);
+# a main of our own that sets dnsserver.Directives is CoreDNS's documented way to trim them, and
+# builds in a fraction of the time.
+build_coredns() {
+  local out="$BIN/coredns-$COREDNS_VERSION"
+  if [[ -x $out ]]; then ln -sfn "coredns-$COREDNS_VERSION" "$BIN/coredns"; return; fi
+  log "building coredns $COREDNS_VERSION (first run on this machine; cached afterwards)"
+  local dir="$WORK/coredns-$COREDNS_VERSION"
+  rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
+  printf 'module nodepulse.test/tools/coredns\n\ngo 1.24\n\nrequire github.com/coredns/coredns %s\n' \
+    "$COREDNS_VERSION" >go.mod
+  cat >main.go <<'GO'
+// CoreDNS with the plugins of hack/cluster.sh's Corefile only, in CoreDNS's plugin order.
+package main
+
+import (
+	"github.com/coredns/coredns/core/dnsserver"
+	"github.com/coredns/coredns/coremain"
+
+	_ "github.com/coredns/coredns/plugin/errors"
+	_ "github.com/coredns/coredns/plugin/health"
+	_ "github.com/coredns/coredns/plugin/kubernetes"
+	_ "github.com/coredns/coredns/plugin/log"
+	_ "github.com/coredns/coredns/plugin/ready"
+)
+
+func init() {
+	dnsserver.Directives = []string{"ready", "health", "errors", "log", "kubernetes"}
+}
+
+func main() { coremain.Run() }
+GO
+  go mod tidy
+  CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" \
+    -o "$out.tmp" .
+  mv "$out.tmp" "$out"
+  ln -sfn "coredns-$COREDNS_VERSION" "$BIN/coredns"
+  log "built $out"
+}
+
 targets=("$@")
 [[ ${#targets[@]} -eq 0 || ${targets[0]} == all ]] && targets=(etcd kube-apiserver kubectl helm node_exporter)
 for t in "${targets[@]}"; do
@@ -100,6 +142,7 @@ for t in "${targets[@]}"; do
     etcd) build_etcd ;;
     helm) build_helm ;;
     node_exporter) build_node_exporter ;;
+    coredns) build_coredns ;;
     *) echo "unknown tool: $t" >&2; exit 2 ;;
   esac
 done
