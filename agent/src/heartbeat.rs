@@ -1,18 +1,28 @@
-//! Job 1: the heartbeat key `/monitor/heartbeat/<node>`, bound to a lease we keep alive.
+//! The heartbeat key `/monitor/heartbeat/<node>`, bound to a lease we keep alive.
 //!
 //! Liveness rides on the lease keep-alive, which costs etcd almost nothing; the key's value is
 //! rewritten only when it has something new to say, and at most every `--heartbeat-min-interval`.
+//! Renewals never wait for a value write: a put stuck behind a slow etcd disk runs beside them.
+//!
+//! A clean stop does not revoke the lease: it marks the value Stopping and lets the lease run out.
+//! An agent replaced within the TTL (a rolling update, a deleted pod) takes the key over on a
+//! lease of its own before the old one expires, so its node never shows Dead; an agent that does
+//! not come back leaves its node Dead (agent stopped) one TTL later.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper, PutOptions};
+use etcd_client::{
+    Client, Compare, CompareOp, EventType, LeaseKeepAliveStream, LeaseKeeper, PutOptions,
+    PutResponse, Txn, TxnOp, WatchStream,
+};
 use jiff::Timestamp;
 use nodepulse_crd::etcd::{Backoff, EtcdArgs};
 use nodepulse_crd::wire::{AgentState, Heartbeat, UsageSummary, heartbeat_key};
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::config::SharedConfig;
 use crate::error::{Error, Result};
@@ -20,8 +30,22 @@ use crate::http::AgentMetrics;
 
 /// How long one etcd call may take before we treat the connection as gone.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long each step of a clean stop may take: a stop must not hang on a dead etcd.
+/// How long the Stopping write of a clean stop may take: a stop must not hang on a dead etcd.
 const STOP_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// A value write in flight: the value (with `updated_at` cleared) and etcd's answer.
+type PendingPut =
+    Pin<Box<dyn Future<Output = (Heartbeat, Result<PutResponse, etcd_client::Error>)> + Send>>;
+
+/// Whether etcd answered that the lease does not exist (expired or revoked).
+fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::NotFound,
+        // etcd-client reports a keep-alive on a missing lease with its own error and text.
+        etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
+        _ => false,
+    }
+}
 
 /// Retries after an etcd failure: doubling from 100 ms up to a third of the TTL (at most 5 s),
 /// like the keep-alives. etcd resets a lease's TTL when it comes back, so a retry pace slower
@@ -44,7 +68,7 @@ pub struct HeartbeatInputs {
     pub metrics: Arc<AgentMetrics>,
 }
 
-/// Keeps `/monitor/heartbeat/<node>` alive through a lease, and revokes it on a clean stop.
+/// Keeps `/monitor/heartbeat/<node>` alive through a lease, and marks it Stopping on a clean stop.
 pub struct HeartbeatLease {
     node: String,
     key: String,
@@ -93,7 +117,7 @@ impl HeartbeatLease {
     }
 
     /// Keeps the heartbeat alive until `stop` turns true, then marks the value Stopping and
-    /// revokes the lease. etcd being away is waited out, never an error.
+    /// leaves the lease to expire. etcd being away is waited out, never an error.
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         tokio::select! {
             _ = self.keep_alive_forever() => {}
@@ -130,7 +154,7 @@ impl HeartbeatLease {
     /// One stretch of holding the lease: establish it, then keep it alive and rewrite the value
     /// when there is news. Returns why it ended.
     async fn session(&mut self, client: &mut Client) -> Error {
-        let (mut keeper, mut stream) = match self.establish(client).await {
+        let (mut keeper, mut stream, mut own_key) = match self.establish(client).await {
             Ok(k) => k,
             Err(e) => return e,
         };
@@ -145,7 +169,11 @@ impl HeartbeatLease {
         let ttl = Duration::from_secs(self.ttl.into());
         let mut next_keep_alive = Instant::now() + every;
         let mut last_ack = Instant::now();
-        let mut pending = false;
+        // The key goes on the new (or resumed) lease at once.
+        self.last_written = None;
+        self.last_write_at = None;
+        let mut pending = true;
+        let mut put: Option<PendingPut> = None;
         let (mut config_open, mut usage_open) = (true, true);
         loop {
             let write_at = self
@@ -179,6 +207,19 @@ impl HeartbeatLease {
                         what: format!("keep lease {:x} alive", keeper.id()), source
                     },
                 },
+                msg = own_key.message() => match msg {
+                    Ok(Some(r)) => {
+                        if r.events().iter().any(|e| e.event_type() == EventType::Delete) {
+                            // Deleted by hand while our lease lives: put it back now.
+                            warn!("heartbeat: {} was deleted while lease {:x} lives; writing it again", self.key, keeper.id());
+                            self.last_written = None;
+                            self.last_write_at = None;
+                            pending = true;
+                        }
+                    }
+                    Ok(None) => return Error::StreamEnded(format!("watch on {} closed by etcd", self.key)),
+                    Err(source) => return Error::Etcd { what: format!("watch {}", self.key), source },
+                },
                 r = config_changed.changed(), if config_open => {
                     config_open = r.is_ok();
                     pending = true;
@@ -187,32 +228,52 @@ impl HeartbeatLease {
                     usage_open = r.is_ok();
                     pending = true;
                 }
-                _ = sleep_until(write_at), if pending => {
+                _ = sleep_until(write_at), if pending && put.is_none() => {
                     pending = false;
-                    if let Err(e) = self.write_if_new(client, AgentState::Running).await {
-                        return e;
+                    put = self.start_put(client, AgentState::Running);
+                }
+                (value, result) = async { put.as_mut().expect("guarded by is_some").await }, if put.is_some() => {
+                    put = None;
+                    self.last_write_at = Some(Instant::now());
+                    match result {
+                        Ok(_) => self.last_written = Some(value),
+                        Err(e) if is_lease_not_found(&e) => return Error::LeaseLost(keeper.id()),
+                        Err(e) => {
+                            // The lease is what keeps the node alive; the value is tried again
+                            // after the usual pause, and the keep-alives tell whether etcd is gone.
+                            debug!("heartbeat: put {} failed: {e}; trying again", self.key);
+                            pending = true;
+                        }
                     }
                 }
             }
         }
     }
 
-    /// Gets a live lease with the key on it: the one we held if etcd still has it, else a new
-    /// one. Returns the keep-alive stream.
+    /// Gets a live lease: the one we held if etcd still has it, else a new one. Returns its
+    /// keep-alive stream and a watch on our key (to repair a key deleted by hand). The value is
+    /// written by the caller, beside the keep-alives.
     async fn establish(
         &mut self,
         client: &mut Client,
-    ) -> Result<(LeaseKeeper, LeaseKeepAliveStream)> {
+    ) -> Result<(LeaseKeeper, LeaseKeepAliveStream, WatchStream)> {
+        let watch = timeout(CALL_TIMEOUT, client.watch(self.key.as_str(), None))
+            .await
+            .map_err(|_| Error::Timeout {
+                what: format!("watch {}", self.key),
+                after: CALL_TIMEOUT,
+            })?
+            .map_err(|source| Error::Etcd {
+                what: format!("watch {}", self.key),
+                source,
+            })?;
         if let Some(id) = self.lease {
             match timeout(CALL_TIMEOUT, client.lease_keep_alive(id)).await {
-                Ok(Ok(kept)) => {
-                    // The key may have been deleted by hand meanwhile: put it once again.
-                    self.last_written = None;
-                    self.write_if_new(client, AgentState::Running).await?;
+                Ok(Ok((keeper, stream))) => {
                     info!("heartbeat resumed: lease {id:x} still alive");
-                    return Ok(kept);
+                    return Ok((keeper, stream, watch));
                 }
-                Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m.contains("not found") => {
+                Ok(Err(e)) if is_lease_not_found(&e) => {
                     self.lease = None;
                     self.lease_lost = true;
                 }
@@ -240,8 +301,6 @@ impl HeartbeatLease {
             .map_err(|source| Error::Etcd { what, source })?;
         let id = granted.id();
         self.lease = Some(id);
-        self.last_written = None;
-        self.write_if_new(client, AgentState::Running).await?;
         if self.lease_lost {
             self.inputs.metrics.lease_regrants.inc();
             info!(
@@ -253,14 +312,16 @@ impl HeartbeatLease {
         } else {
             info!("heartbeat lease granted: id {id:x}, ttl {}s", granted.ttl());
         }
+        // The keep-alive stream first: the put that attaches the key may be slow.
         let what = format!("keep lease {id:x} alive");
-        timeout(CALL_TIMEOUT, client.lease_keep_alive(id))
+        let (keeper, stream) = timeout(CALL_TIMEOUT, client.lease_keep_alive(id))
             .await
             .map_err(|_| Error::Timeout {
                 what: what.clone(),
                 after: CALL_TIMEOUT,
             })?
-            .map_err(|source| Error::Etcd { what, source })
+            .map_err(|source| Error::Etcd { what, source })?;
+        Ok((keeper, stream, watch))
     }
 
     /// The value to write now.
@@ -277,69 +338,58 @@ impl HeartbeatLease {
         }
     }
 
-    /// Puts the value on the lease if it differs from the last one written.
-    async fn write_if_new(&mut self, client: &mut Client, state: AgentState) -> Result<()> {
-        let Some(lease) = self.lease else {
-            return Ok(());
-        };
+    /// Starts putting the value on the lease if it differs from the last one written.
+    fn start_put(&self, client: &Client, state: AgentState) -> Option<PendingPut> {
+        let lease = self.lease?;
         let value = self.value(state);
         let mut comparable = value.clone();
         comparable.updated_at = self.started_at;
         if self.last_written.as_ref() == Some(&comparable) {
-            return Ok(());
+            return None;
         }
-        let what = format!("put {} on lease {lease:x}", self.key);
-        let put = client.put(
-            self.key.as_str(),
-            value.to_json(),
-            Some(PutOptions::new().with_lease(lease)),
-        );
-        match timeout(CALL_TIMEOUT, put).await {
-            Ok(Ok(_)) => {
-                self.last_written = Some(comparable);
-                self.last_write_at = Some(Instant::now());
-                Ok(())
-            }
-            Ok(Err(source)) if source.to_string().contains("lease not found") => {
-                Err(Error::LeaseLost(lease))
-            }
-            Ok(Err(source)) => Err(Error::Etcd { what, source }),
-            Err(_) => Err(Error::Timeout {
-                what,
-                after: CALL_TIMEOUT,
-            }),
-        }
+        let (mut client, key) = (client.clone(), self.key.clone());
+        Some(Box::pin(async move {
+            let put = client
+                .put(
+                    key,
+                    value.to_json(),
+                    Some(PutOptions::new().with_lease(lease)),
+                )
+                .await;
+            (comparable, put)
+        }))
     }
 
-    /// The clean stop: say Stopping in the value, then revoke the lease so the key goes at once
-    /// (a reader can tell this from a death, where the key just expires).
+    /// The clean stop: say Stopping in the value, if the key is still on our lease (another
+    /// incarnation of this agent may have taken it over already), and leave the lease to expire.
     async fn stop(&mut self) {
         let (Some(client), Some(lease)) = (self.client.clone(), self.lease) else {
-            info!("stopping: no heartbeat lease held (etcd unreachable), nothing to revoke");
+            info!("stopping: no heartbeat lease held (etcd unreachable), nothing to mark");
             return;
         };
         let mut client = client;
-        self.last_written = None;
-        let marked = timeout(
-            STOP_TIMEOUT,
-            self.write_if_new(&mut client, AgentState::Stopping),
-        )
-        .await;
-        let revoked = timeout(STOP_TIMEOUT, client.lease_revoke(lease)).await;
-        match (marked, revoked) {
-            (Ok(Ok(())), Ok(Ok(_))) => {
-                info!("stopping: heartbeat marked stopping, lease revoked");
-            }
-            (_, Ok(Ok(_))) => {
-                info!("stopping: lease {lease:x} revoked (marking the heartbeat stopping failed)")
-            }
-            (_, Ok(Err(e))) => warn!(
-                "stopping: could not revoke lease {lease:x}: {e}; the heartbeat key expires within {}s",
-                self.ttl
+        let value = self.value(AgentState::Stopping);
+        let txn = Txn::new()
+            .when([Compare::lease(self.key.as_str(), CompareOp::Equal, lease)])
+            .and_then([TxnOp::put(
+                self.key.as_str(),
+                value.to_json(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let ttl = self.ttl;
+        match timeout(STOP_TIMEOUT, client.txn(txn)).await {
+            Ok(Ok(r)) if r.succeeded() => info!(
+                "stopping: heartbeat marked stopping; lease {lease:x} expires within {ttl}s unless a new agent takes over"
             ),
-            (_, Err(_)) => warn!(
-                "stopping: etcd did not answer the lease revoke within {STOP_TIMEOUT:?}; the heartbeat key expires within {}s",
-                self.ttl
+            Ok(Ok(_)) => info!(
+                "stopping: {} is no longer on lease {lease:x} (taken over or deleted); left as it is",
+                self.key
+            ),
+            Ok(Err(e)) => warn!(
+                "stopping: could not mark the heartbeat stopping: {e}; it expires within {ttl}s"
+            ),
+            Err(_) => warn!(
+                "stopping: etcd did not answer within {STOP_TIMEOUT:?}; the heartbeat expires within {ttl}s"
             ),
         }
         self.inputs.metrics.set_lease_held(false);

@@ -145,7 +145,8 @@ pub(crate) async fn connect_until_ok(etcd: &EtcdArgs, job: &str) -> Client {
 }
 
 /// Runs the agent until SIGTERM or SIGINT, then stops cleanly (heartbeat marked Stopping, lease
-/// revoked). Fails only on bad flags or an unusable metrics address, never because etcd is away.
+/// left to expire). Fails only on bad flags or an unusable metrics address, never because etcd is
+/// away.
 pub async fn run(args: Args) -> Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
 

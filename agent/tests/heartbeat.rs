@@ -1,5 +1,5 @@
-//! Job 1 end to end: the heartbeat key comes with the agent and goes with it, by lease expiry
-//! after a crash and at once after a clean stop.
+//! The heartbeat end to end: the key comes with the agent and goes with it by lease expiry, after
+//! a crash and after a clean stop alike; an agent replaced within the TTL keeps its node alive.
 
 mod common;
 
@@ -13,7 +13,7 @@ use testkit::{Etcd, eventually, http_get};
 use common::{heartbeat, start_agent};
 
 #[tokio::test]
-async fn heartbeat_appears_within_2s_and_sigterm_marks_stopping_then_revokes() {
+async fn heartbeat_appears_within_2s_and_sigterm_marks_it_stopping() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
     let started = Instant::now();
@@ -66,40 +66,33 @@ async fn heartbeat_appears_within_2s_and_sigterm_marks_stopping_then_revokes() {
         assert!(body.contains(name), "{name} missing from /metrics:\n{body}");
     }
 
-    // Watch the key, then stop the agent cleanly.
+    // Watch the key, then stop the agent cleanly: the value says Stopping, the lease stays.
     let mut events = client
         .watch(heartbeat_key("worker-1"), Some(WatchOptions::new()))
         .await
         .expect("watch heartbeat");
     events.message().await.expect("watch created");
-    let signalled = Instant::now();
     agent.process.signal(Signal::SIGTERM);
-    let mut last_value: Option<Heartbeat> = None;
-    let deleted_after = loop {
+    let stopping = loop {
         let resp = tokio::time::timeout(Duration::from_secs(3), events.message())
             .await
             .expect("a watch event within 3 s")
             .expect("watch stream")
             .expect("watch open");
-        let mut deleted = None;
-        for e in resp.events() {
-            match e.event_type() {
-                EventType::Put => {
-                    last_value = Some(Heartbeat::parse(e.kv().unwrap().value()).unwrap());
-                }
-                EventType::Delete => deleted = Some(signalled.elapsed()),
-            }
-        }
-        if let Some(d) = deleted {
-            break d;
+        let put = resp.events().iter().find_map(|e| {
+            assert_eq!(
+                e.event_type(),
+                EventType::Put,
+                "the key stays after a clean stop"
+            );
+            let hb = Heartbeat::parse(e.kv()?.value()).ok()?;
+            (hb.state == AgentState::Stopping).then_some((hb, e.kv()?.lease()))
+        });
+        if let Some(p) = put {
+            break p;
         }
     };
-    assert!(
-        deleted_after <= Duration::from_secs(1),
-        "key deleted {deleted_after:?} after SIGTERM"
-    );
-    let last = last_value.expect("the agent rewrote the value before revoking");
-    assert_eq!(last.state, AgentState::Stopping);
+    assert_eq!(stopping.1, lease, "marked Stopping on its own lease");
     let status = agent
         .process
         .wait_exit(Duration::from_secs(5))
@@ -108,8 +101,161 @@ async fn heartbeat_appears_within_2s_and_sigterm_marks_stopping_then_revokes() {
     agent
         .process
         .wait_for_line(Duration::from_secs(1), "stop line", |l| {
-            l.contains("stopping: heartbeat marked stopping, lease revoked")
+            l.contains("stopping: heartbeat marked stopping; lease ")
+                && l.contains("expires within 10s unless a new agent takes over")
         });
+    assert!(
+        heartbeat(&mut client, "worker-1").await.is_some(),
+        "the key outlives the process until its lease expires"
+    );
+}
+
+/// An agent stopped for good: its key expires one TTL after the stop, Stopping to the end.
+#[tokio::test]
+async fn a_clean_stop_for_good_expires_the_key_after_the_ttl() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let mut agent = start_agent(&etcd, "worker-5", &["--heartbeat-ttl", "3"]);
+    eventually("heartbeat key", Duration::from_secs(5), || {
+        let mut c = client.clone();
+        async move { heartbeat(&mut c, "worker-5").await }
+    })
+    .await;
+    let stopped = Instant::now();
+    agent.process.signal(Signal::SIGTERM);
+    agent
+        .process
+        .wait_exit(Duration::from_secs(5))
+        .expect("agent exits after SIGTERM");
+    let (last, _) = heartbeat(&mut client, "worker-5")
+        .await
+        .expect("key still there right after the stop");
+    assert_eq!(last.state, AgentState::Stopping);
+    eventually("the key to expire", Duration::from_secs(6), || {
+        let mut c = client.clone();
+        async move { heartbeat(&mut c, "worker-5").await.is_none().then_some(()) }
+    })
+    .await;
+    let gone = stopped.elapsed();
+    assert!(
+        gone >= Duration::from_millis(1500),
+        "gone {gone:?} after the stop: the lease was not left to expire"
+    );
+}
+
+/// A rolling update: the old agent stops cleanly, a new one starts within the TTL. The key is
+/// never deleted (so the node never shows Dead), and ends on the new agent's lease.
+#[tokio::test]
+async fn an_agent_replaced_within_the_ttl_never_lets_the_key_go() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let mut old = start_agent(&etcd, "worker-6", &["--heartbeat-ttl", "3"]);
+    let (_, old_lease) = eventually("heartbeat key", Duration::from_secs(5), || {
+        let mut c = client.clone();
+        async move { heartbeat(&mut c, "worker-6").await }
+    })
+    .await;
+    let mut events = client
+        .watch(heartbeat_key("worker-6"), Some(WatchOptions::new()))
+        .await
+        .expect("watch heartbeat");
+    events.message().await.expect("watch created");
+    old.process.signal(Signal::SIGTERM);
+    old.process
+        .wait_exit(Duration::from_secs(5))
+        .expect("old agent exits");
+    let new = start_agent(&etcd, "worker-6", &["--heartbeat-ttl", "3"]);
+    let new_lease = eventually("the new agent's key", Duration::from_secs(5), || {
+        let mut c = client.clone();
+        async move {
+            let (hb, lease) = heartbeat(&mut c, "worker-6").await?;
+            (hb.state == AgentState::Running && lease != old_lease).then_some(lease)
+        }
+    })
+    .await;
+    // Past the old lease's expiry: still there, still on the new lease.
+    let outlive = Instant::now() + Duration::from_secs(5);
+    while let Ok(resp) = tokio::time::timeout_at(outlive.into(), events.message()).await {
+        let resp = resp.expect("watch stream").expect("watch open");
+        for e in resp.events() {
+            assert_eq!(
+                e.event_type(),
+                EventType::Put,
+                "the key was deleted during the replacement:\n{}",
+                new.process.output_text()
+            );
+        }
+    }
+    let (hb, lease) = heartbeat(&mut client, "worker-6")
+        .await
+        .expect("key present");
+    assert_eq!((hb.state, lease), (AgentState::Running, new_lease));
+}
+
+/// A stopping agent leaves alone a key that another incarnation has taken over.
+#[tokio::test]
+async fn a_stopping_agent_does_not_touch_a_key_it_no_longer_holds() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let agent = start_agent(&etcd, "worker-7", &["--heartbeat-ttl", "3"]);
+    eventually("heartbeat key", Duration::from_secs(5), || {
+        let mut c = client.clone();
+        async move { heartbeat(&mut c, "worker-7").await }
+    })
+    .await;
+    // Another incarnation's value on another lease.
+    let other = client.lease_grant(30, None).await.expect("grant").id();
+    client
+        .put(
+            heartbeat_key("worker-7"),
+            "{\"other\":true}",
+            Some(etcd_client::PutOptions::new().with_lease(other)),
+        )
+        .await
+        .expect("put");
+    agent.process.signal(Signal::SIGTERM);
+    agent
+        .process
+        .wait_for_line(Duration::from_secs(5), "left as it is", |l| {
+            l.contains("is no longer on lease") && l.contains("left as it is")
+        });
+    let resp = client
+        .get(heartbeat_key("worker-7"), None)
+        .await
+        .expect("get");
+    let kv = resp
+        .kvs()
+        .first()
+        .expect("the other incarnation's key is still there");
+    assert_eq!((kv.value(), kv.lease()), (&b"{\"other\":true}"[..], other));
+}
+
+/// `etcdctl del` of the key while the agent runs: written again within a third of the TTL.
+#[tokio::test]
+async fn a_key_deleted_by_hand_is_written_again_within_a_third_of_the_ttl() {
+    let etcd = Etcd::start();
+    let client = etcd.client().await;
+    let agent = start_agent(&etcd, "worker-8", &["--heartbeat-ttl", "6"]);
+    let (_, lease) = eventually("heartbeat key", Duration::from_secs(5), || {
+        let mut c = client.clone();
+        async move { heartbeat(&mut c, "worker-8").await }
+    })
+    .await;
+    let out = etcd.etcdctl(&["del", &heartbeat_key("worker-8")]);
+    assert!(out.status.success(), "{out:?}");
+    let deleted = Instant::now();
+    let (_, back_on) = eventually("the key back", Duration::from_secs(2), || {
+        let mut c = client.clone();
+        async move { heartbeat(&mut c, "worker-8").await }
+    })
+    .await;
+    assert!(
+        deleted.elapsed() <= Duration::from_secs(2),
+        "back after {:?}; {}",
+        deleted.elapsed(),
+        agent.process.output_text()
+    );
+    assert_eq!(back_on, lease, "rewritten on the same live lease");
 }
 
 #[tokio::test]
@@ -189,7 +335,9 @@ async fn a_lease_revoked_behind_the_agents_back_is_granted_again() {
 async fn a_dead_endpoint_in_the_list_is_failed_over() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    let dead = format!("http://127.0.0.1:{}", testkit::free_port());
+    // A reserved port nothing listens on, and nothing else may bind while it is held.
+    let nothing_there = testkit::ReservedPort::new();
+    let dead = format!("http://{}", nothing_there.addr());
     let endpoints = format!("{dead},{}", etcd.endpoint);
     let agent = common::start_agent_at(&endpoints, "worker-4", &[]);
     eventually(

@@ -7,6 +7,12 @@ use std::time::Duration;
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use rand::Rng;
 
+/// The HTTP/2 ping period: twice etcd's default `--grpc-keepalive-min-time` (5 s), so that
+/// jitter never makes a ping look too early to the server, and grpc-go's own floor for clients.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
+/// How long a ping may go unanswered before the connection counts as dead.
+pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// etcd connection flags, shared by the agent, the controller and `nodepulsectl`.
 ///
 /// `Debug` is written by hand so that the password never reaches a log line or a panic message.
@@ -137,14 +143,22 @@ impl EtcdArgs {
         self.endpoints.join(",")
     }
 
-    /// Builds etcd-client's options: HTTP/2 keep-alive pings so that a dead connection (a killed
-    /// etcd, a cut network) fails the streams on it within seconds instead of hanging forever.
+    /// Builds etcd-client's options.
+    ///
+    /// - HTTP/2 keep-alive pings, so that a dead connection (a killed etcd, a cut network) fails
+    ///   the streams on it within seconds instead of hanging forever. Every [`KEEP_ALIVE`], and
+    ///   only while a stream is open: etcd answers pings more frequent than its
+    ///   `--grpc-keepalive-min-time` (5 s by default), or any ping on an idle connection, with a
+    ///   GOAWAY after two strikes, which would drop every watch and lease stream on it.
+    /// - `require_leader`: a member cut off from its peers fails our streams instead of serving
+    ///   a watch that never delivers, so the client moves to a member with a leader.
     pub fn connect_options(&self) -> Result<ConnectOptions, ConnectError> {
         let mut opts = ConnectOptions::new()
             .with_connect_timeout(self.dial_timeout)
-            .with_keep_alive(Duration::from_secs(3), Duration::from_secs(2))
-            .with_keep_alive_while_idle(true)
-            .with_tcp_keepalive(Duration::from_secs(10));
+            .with_keep_alive(KEEP_ALIVE, KEEP_ALIVE_TIMEOUT)
+            .with_keep_alive_while_idle(false)
+            .with_tcp_keepalive(Duration::from_secs(10))
+            .with_require_leader(true);
         if let (Some(user), Some(password)) = (&self.username, &self.password) {
             // etcd's simple tokens live in the server's memory: a restarted member (or one that
             // expired the token) answers "invalid auth token" to the old one forever, so

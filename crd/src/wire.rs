@@ -453,7 +453,7 @@ pub enum AgentState {
     /// Sampling and keeping its lease alive.
     #[default]
     Running,
-    /// Received SIGTERM/SIGINT and is about to revoke its lease.
+    /// Received SIGTERM/SIGINT: its lease runs out unless a new agent takes the key over.
     Stopping,
 }
 

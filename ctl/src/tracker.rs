@@ -19,7 +19,7 @@ pub enum DeathReason {
     /// The key vanished without the agent saying goodbye: its lease expired (or someone deleted
     /// the key by hand: etcd's delete event does not tell the two apart).
     HeartbeatExpired,
-    /// The agent's last value said `Stopping`: a clean shutdown revoked the lease.
+    /// The agent's last value said `Stopping`: it shut down cleanly and nobody took over.
     AgentStopped,
 }
 
