@@ -115,8 +115,8 @@ make_pki() {
 
 # kubeconfig NAME SERVER: a kubeconfig with the certificate NAME, embedded so the file stands alone.
 kubeconfig() {
-  local name=$1 server=$2 out=$STATE/$1.kubeconfig
-  cat >"$out" <<EOF
+  local name=$1 server=$2 out=${3:-$STATE/$1.kubeconfig}
+  put "$out" <<EOF
 apiVersion: v1
 kind: Config
 clusters:
@@ -134,19 +134,26 @@ contexts:
   context: {cluster: nodepulse, user: $name}
 current-context: nodepulse
 EOF
-  chmod 600 "$out"
+}
+
+# put FILE: stdin into FILE (mode 600), only when it differs: kube-proxy exits when its
+# configuration file changes, and a healthy `up` must not disturb anything.
+put() {
+  local tmp
+  tmp=$(mktemp "$1.XXXXXX")
+  cat >"$tmp"
+  chmod 600 "$tmp"
+  if cmp -s "$tmp" "$1"; then rm -f "$tmp"; else mv "$tmp" "$1"; fi
 }
 
 write_config() {
   mkdir -p "$LOGS" "$STATE/cni" "$STATE/etcd" "$STATE/kubelet" "$STATE/containerd" "$STATE/volumes"
   local inside=https://$NODE_IP:6443 n
-  for n in controller-manager scheduler kube-proxy coredns kubelet admin; do kubeconfig "$n" "$inside"; done
+  for n in controller-manager scheduler kube-proxy coredns kubelet; do kubeconfig "$n" "$inside"; done
   # What people and tests use on the machine: the forwarder on loopback.
-  kubeconfig admin "https://127.0.0.1:$API_PORT"
-  mv "$STATE/admin.kubeconfig" "$KUBECONFIG_OUT"
-  kubeconfig admin "$inside"   # and the same identity from inside the node
+  kubeconfig admin "https://127.0.0.1:$API_PORT" "$KUBECONFIG_OUT"
 
-  cat >"$STATE/containerd.toml" <<EOF
+  put "$STATE/containerd.toml" <<EOF
 # containerd of the nodepulse test cluster: its own socket, root and state, so it never meets
 # another containerd on this machine.
 version = 2
@@ -179,7 +186,7 @@ EOF
 
   # ptp rather than bridge: every pod packet is routed through the node's own stack, so
   # kube-proxy's rules see pod-to-service-to-pod traffic without br_netfilter games.
-  cat >"$STATE/cni/10-nodepulse.conflist" <<EOF
+  put "$STATE/cni/10-nodepulse.conflist" <<EOF
 {
   "cniVersion": "0.4.0",
   "name": "nodepulse",
@@ -199,9 +206,9 @@ EOF
 EOF
 
   # Pods whose dnsPolicy is Default get this; ClusterFirst pods get CoreDNS on the node IP.
-  echo "nameserver $NODE_IP" >"$STATE/resolv.conf"
+  echo "nameserver $NODE_IP" | put "$STATE/resolv.conf"
 
-  cat >"$STATE/kubelet.yaml" <<EOF
+  put "$STATE/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 authentication:
@@ -230,7 +237,7 @@ imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%}
 EOF
 
-  cat >"$STATE/kube-proxy.yaml" <<EOF
+  put "$STATE/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: $STATE/kube-proxy.kubeconfig}
@@ -240,6 +247,7 @@ clusterCIDR: $POD_CIDR
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
 oomScoreAdj: 0
+nodePortAddresses: [primary]
 # The conntrack table size and timeouts are the machine's (global) settings: leave them alone.
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
 EOF
@@ -247,7 +255,7 @@ EOF
   # CoreDNS runs as a process of the node, not as a pod: it needs no image and is up before the
   # node is Ready, and it is platform, not product. No cache plugin: a cached NXDOMAIN would keep
   # a new StatefulSet member's name unresolvable to its peers for ~30 s.
-  cat >"$STATE/Corefile" <<EOF
+  put "$STATE/Corefile" <<EOF
 .:53 {
     errors
     ready 127.0.0.1:8181
@@ -291,7 +299,7 @@ init_pid() {
   unshare_pid=$(<"$STATE/node.pid")
   [[ -d /proc/$unshare_pid && $(readlink "/proc/$unshare_pid/exe" || true) == */unshare ]] || return 1
   local child
-  child=$(cat "/proc/$unshare_pid/task/$unshare_pid/children" 2>/dev/null | awk '{print $1}')
+  child=$(awk '{print $1}' "/proc/$unshare_pid/task/$unshare_pid/children" 2>/dev/null)
   [[ -n $child ]] || return 1
   echo "$child"
 }
@@ -333,22 +341,23 @@ node_up() {
   # The node's cgroup root, in every v1 hierarchy (the kubelet requires it to exist).
   local h
   for h in /sys/fs/cgroup/*/; do
-    [[ $(stat -f -c %T "$h") == cgroupfs ]] && mkdir -p "$h$CGROUP"
+    if [[ $(stat -f -c %T "$h") == cgroupfs ]]; then mkdir -p "$h$CGROUP"; fi
   done
 }
 
 # --- daemons --------------------------------------------------------------------------------
 
-# pids_of EXE: host PIDs of the node's processes running EXE.
+# pids_of EXE: host PIDs of the node's processes running EXE (two `find`s, not a fork per PID).
 pids_of() {
-  local want=$1 init ns p
+  local want=$1 init ns pids
   init=$(init_pid) || return 0
   ns=$(readlink "/proc/$init/ns/pid")
-  for p in /proc/[0-9]*; do
-    [[ $(readlink "$p/ns/pid" 2>/dev/null) == "$ns" && $(readlink "$p/exe" 2>/dev/null) == "$want" ]] &&
-      echo "${p#/proc/}"
-  done
-  return 0
+  pids=$(find /proc/[0-9]*/ns/pid -maxdepth 0 -printf '%p %l\n' 2>/dev/null |
+    awk -v ns="$ns" '$2 == ns { split($1, p, "/"); print "/proc/" p[3] "/exe" }')
+  [[ -n $pids ]] || return 0
+  # shellcheck disable=SC2086 # one path per PID
+  find $pids -maxdepth 0 -printf '%p %l\n' 2>/dev/null |
+    awk -v want="$want" '$2 == want { split($1, p, "/"); print p[3] }'
 }
 
 exe_of() { if [[ $1 == containerd ]]; then echo /usr/bin/containerd; else readlink -f "$BIN/$1"; fi; }
@@ -518,12 +527,12 @@ down() {
   if [[ -s $STATE/node.pid ]]; then
     local u
     u=$(<"$STATE/node.pid")
-    [[ $(readlink "/proc/$u/exe" 2>/dev/null || true) == */unshare ]] && kill -KILL "$u" 2>/dev/null || true
+    if [[ $(readlink "/proc/$u/exe" 2>/dev/null || true) == */unshare ]]; then kill -KILL "$u" 2>/dev/null || true; fi
   fi
   if [[ -s $STATE/forwarder.pid ]]; then
     local f
     f=$(<"$STATE/forwarder.pid")
-    grep -qa "TCP-LISTEN:$API_PORT" "/proc/$f/cmdline" 2>/dev/null && kill "$f" || true
+    if grep -qa "TCP-LISTEN:$API_PORT" "/proc/$f/cmdline" 2>/dev/null; then kill "$f" || true; fi
   fi
   local ns
   for ns in "$NETNS" "$UPLINK_NETNS"; do
@@ -536,10 +545,10 @@ down() {
   [[ -e $STATE/made-var-lib-cni ]] && rm -rf /var/lib/cni
   # The kubelet's cgroups (pods, QoS classes), deepest first, now that nothing runs in them.
   local h
-  for h in /sys/fs/cgroup/*/$CGROUP; do
-    [[ -d $h ]] && find "$h" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  for h in /sys/fs/cgroup/*/"$CGROUP"; do
+    if [[ -d $h ]]; then find "$h" -depth -type d -exec rmdir {} + 2>/dev/null || true; fi
   done
-  for h in /sys/fs/cgroup/*/$CGROUP; do
+  for h in /sys/fs/cgroup/*/"$CGROUP"; do
     [[ -d $h ]] && die "cgroup $h still in use"
   done
   # kubelet volume directories can be left read-only mounted only inside the (gone) namespace,

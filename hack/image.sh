@@ -143,7 +143,10 @@ build_nodepulse() {
 # import_image NAME: into the cluster's containerd, when it runs and lacks this very image.
 import_image() {
   local ref id sock=$CLUSTER/containerd.sock
-  [[ -S $sock ]] && ctr --address "$sock" version >/dev/null 2>&1 || { log "cluster not running: $1 not imported"; return; }
+  if ! [[ -S $sock ]] || ! ctr --address "$sock" version >/dev/null 2>&1; then
+    log "cluster not running: $1 not imported"
+    return
+  fi
   ref=$(ref "$1")
   id=$(bh inspect --type image --format '{{.FromImageID}}' "$ref")
   local stamp=$CLUSTER/imported/${ref//[\/:]/_}
