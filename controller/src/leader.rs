@@ -1,11 +1,19 @@
 //! Leader election over a `coordination.k8s.io/v1` Lease (kube-lease-manager): only the replica
 //! holding the Lease runs the reconcilers, so two replicas never write at once.
+//!
+//! kube-lease-manager keeps saying "leader" while its renewals fail for any reason other than a
+//! conflict (the API server unreachable, say), and a standby takes the Lease once it expires. So
+//! the leader also checks the Lease itself ([`LeaseFence`]) and stops writing before the Lease it
+//! last saw renewed can expire: a replica cut off from the API server, but not from etcd, never
+//! fights its successor over the config keys with stale caches.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::Client;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::jiff::{self, Timestamp};
+use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use nodepulse_crd::etcd::parse_duration;
 
@@ -82,7 +90,7 @@ where
         name: LEASE_NAME.into(),
         source,
     };
-    let manager = LeaseManagerBuilder::new(client, LEASE_NAME)
+    let manager = LeaseManagerBuilder::new(client.clone(), LEASE_NAME)
         .with_namespace(&args.namespace)
         .with_identity(&identity)
         .with_duration(args.lease_duration.as_secs().max(2))
@@ -106,6 +114,12 @@ where
             r = became_leader => if let Err(e) = r { break Err(e) },
             () = &mut shutdown => break Ok(()),
         }
+        // Write only once the Lease itself says so, with time left on it.
+        let mut fence = LeaseFence::new(&client, &args.namespace, &identity, args.lease_duration);
+        tokio::select! {
+            () = fence.confirm() => {}
+            () = &mut shutdown => break Ok(()),
+        }
         tracing::info!(identity, "became leader");
         metrics.leader.set(1);
         let lost = async {
@@ -121,6 +135,10 @@ where
                 metrics.leader.set(0);
                 tracing::warn!(identity, "lost the leader Lease; stopped writing, waiting to lead again");
             }
+            why = fence.expired() => {
+                metrics.leader.set(0);
+                tracing::warn!(identity, "{why}; stopped writing, waiting to lead again");
+            }
             () = &mut shutdown => break Ok(()),
         }
     };
@@ -133,4 +151,77 @@ where
     }
     metrics.leader.set(0);
     result
+}
+
+/// The leader's own view of its Lease: the latest renewal it has seen, and so the moment it must
+/// stop writing. Times are this replica's clock: the holder writes `renewTime` itself.
+struct LeaseFence {
+    api: Api<Lease>,
+    identity: String,
+    duration: Duration,
+    /// When to stop: the last renewal seen, plus the Lease duration, less a margin for the
+    /// time a write already under way may take.
+    until: Timestamp,
+}
+
+impl LeaseFence {
+    fn new(client: &Client, namespace: &str, identity: &str, duration: Duration) -> Self {
+        LeaseFence {
+            api: Api::namespaced(client.clone(), namespace),
+            identity: identity.to_string(),
+            duration,
+            until: Timestamp::UNIX_EPOCH,
+        }
+    }
+
+    /// How often the Lease is read: a few times per Lease duration.
+    fn period(&self) -> Duration {
+        (self.duration / 6).clamp(Duration::from_millis(500), Duration::from_secs(5))
+    }
+
+    /// Reads the Lease: `Ok(true)` when we hold it (and `until` moved on), `Ok(false)` when
+    /// another replica does, `Err` when the API server did not answer.
+    async fn check(&mut self) -> Result<bool, kube::Error> {
+        let lease = self.api.get(LEASE_NAME).await?;
+        let spec = lease.spec.unwrap_or_default();
+        if spec.holder_identity.as_deref() != Some(self.identity.as_str()) {
+            return Ok(false);
+        }
+        if let Some(renewed) = spec.renew_time {
+            let margin = (self.duration / 10).max(Duration::from_secs(1));
+            let left = self.duration.saturating_sub(margin);
+            self.until = renewed.0 + jiff::SignedDuration::try_from(left).unwrap_or_default();
+        }
+        Ok(true)
+    }
+
+    /// Returns once the Lease says we hold it with time left.
+    async fn confirm(&mut self) {
+        loop {
+            if matches!(self.check().await, Ok(true)) && Timestamp::now() < self.until {
+                return;
+            }
+            tokio::time::sleep(self.period()).await;
+        }
+    }
+
+    /// Returns why writing must stop: the Lease is another's, or its last renewal we could see
+    /// is about to run out (renewals failing, the API server out of reach).
+    async fn expired(&mut self) -> String {
+        loop {
+            tokio::time::sleep(self.period()).await;
+            match tokio::time::timeout(self.period(), self.check()).await {
+                Ok(Ok(false)) => return "the leader Lease is held by another replica".into(),
+                Ok(Ok(true)) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "read the leader Lease"),
+                Err(_) => tracing::debug!("read the leader Lease: no answer"),
+            }
+            if Timestamp::now() >= self.until {
+                return format!(
+                    "no renewal of the leader Lease seen for {}s: it may expire before the next one",
+                    self.duration.as_secs()
+                );
+            }
+        }
+    }
 }

@@ -38,7 +38,7 @@ pub enum LivenessReason {
     HeartbeatSeen,
     /// The key vanished without the agent saying it was stopping: its lease expired.
     HeartbeatExpired,
-    /// The agent said it was stopping, then revoked its lease.
+    /// The agent said it was stopping, and no agent took the key over before its lease expired.
     AgentStopped,
 }
 
@@ -219,7 +219,7 @@ impl NodeTracker {
                 let (reason, message) = if stopping {
                     (
                         LivenessReason::AgentStopped,
-                        "the agent stopped and revoked its lease".to_string(),
+                        "the agent stopped and no agent took over within its TTL".to_string(),
                     )
                 } else {
                     let ttl = last
@@ -357,6 +357,7 @@ impl NodeTracker {
             && without_usage(written) == without_usage(&status)
             && rec.pending_events.is_empty()
             && (written.usage.is_some() || status.usage.is_none())
+            && !from_an_earlier_run(written, rec.heartbeat.as_ref())
         {
             rec.usage_dirty = *written != status;
             rec.usage_moved = usage_moved(written.usage.as_ref(), status.usage.as_ref());
@@ -671,6 +672,46 @@ fn without_usage(status: &MonitorNodeStatus) -> MonitorNodeStatus {
     }
 }
 
+/// Whether the written status describes an earlier run of the node's agent than the heartbeat
+/// now seen (a reinstall, a replaced pod): its figures and heartbeat time are another agent's,
+/// so they are replaced at once rather than after the usage interval. Both times come from the
+/// same node's clock.
+fn from_an_earlier_run(written: &MonitorNodeStatus, heartbeat: Option<&Heartbeat>) -> bool {
+    match (&written.last_heartbeat_time, heartbeat) {
+        (Some(Time(seen)), Some(hb)) => *seen < hb.started_at,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod earlier_run_tests {
+    use super::*;
+
+    #[test]
+    fn a_status_older_than_the_agents_start_is_from_an_earlier_run() {
+        let hb: Heartbeat = serde_json::from_value(serde_json::json!({
+            "node": "worker-1", "agentVersion": "0.1.0", "state": "Running",
+            "startedAt": "2026-12-01T10:00:00Z", "updatedAt": "2026-12-01T10:00:05Z",
+            "ttlSeconds": 10, "config": {"revision": 0, "interval": 10, "metrics": ["cpu"]}
+        }))
+        .expect("a heartbeat");
+        let at = |t: &str| MonitorNodeStatus {
+            last_heartbeat_time: Some(Time(t.parse().expect("a time"))),
+            ..MonitorNodeStatus::default()
+        };
+        // The previous release's agent wrote this status before the new agent started.
+        assert!(from_an_earlier_run(&at("2026-12-01T09:40:00Z"), Some(&hb)));
+        // This agent's own earlier value: a usage refresh, which waits for the interval.
+        assert!(!from_an_earlier_run(&at("2026-12-01T10:00:00Z"), Some(&hb)));
+        assert!(!from_an_earlier_run(&at("2026-12-01T10:00:05Z"), Some(&hb)));
+        assert!(!from_an_earlier_run(
+            &MonitorNodeStatus::default(),
+            Some(&hb)
+        ));
+        assert!(!from_an_earlier_run(&at("2026-12-01T09:40:00Z"), None));
+    }
+}
+
 /// Applies the status through the status subresource, creating the MonitorNode first when it
 /// does not exist, then raises the Events of the transitions it carries.
 async fn write_status(
@@ -731,7 +772,10 @@ async fn write_status(
             },
             reason: match t.state {
                 NodeState::Alive => "NodeAlive",
-                _ => "NodeDead",
+                // A death's reason is the status's (HeartbeatExpired, AgentStopped): the
+                // recorder folds Events with the same reason and action into one series under
+                // the first message, so a clean stop after an expiry read "heartbeat expired".
+                _ => t.reason.as_str(),
             }
             .into(),
             note: Some(format!(

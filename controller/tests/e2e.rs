@@ -135,11 +135,11 @@ impl Lab {
 }
 
 impl Lab {
-    /// NodeAlive and NodeDead counts of worker-1..3, in that order.
+    /// NodeAlive and HeartbeatExpired counts of worker-1..3, in that order.
     async fn transition_events(&self) -> Vec<i32> {
         let mut out = Vec::new();
         for node in ["worker-1", "worker-2", "worker-3"] {
-            for reason in ["NodeAlive", "NodeDead"] {
+            for reason in ["NodeAlive", "HeartbeatExpired"] {
                 out.push(self.event_count(node, reason).await);
             }
         }
@@ -230,7 +230,8 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     assert_eq!(status.ttl_seconds, Some(3));
     assert!(status.agent_version.is_some());
 
-    // SIGKILL worker-2's agent -> Dead within TTL + 2 s, with a NodeDead Event; restart -> Alive.
+    // SIGKILL worker-2's agent -> Dead within TTL + 2 s, with a HeartbeatExpired Event; restart
+    // -> Alive.
     agents.get_mut("worker-2").expect("agent").kill_hard();
     let killed = Instant::now();
     let dead = lab
@@ -242,13 +243,13 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         l.contains("Node worker-2 Dead (heartbeat expired)")
     });
     eventually(
-        "NodeDead Event on worker-2",
+        "HeartbeatExpired Event on worker-2",
         Duration::from_secs(10),
-        || async { (lab.event_count("worker-2", "NodeDead").await >= 1).then_some(()) },
+        || async { (lab.event_count("worker-2", "HeartbeatExpired").await >= 1).then_some(()) },
     )
     .await;
     let describe = lab.api.kubectl_ok(&["describe", "monitornode", "worker-2"]);
-    assert!(describe.contains("NodeDead"), "{describe}");
+    assert!(describe.contains("HeartbeatExpired"), "{describe}");
     agents.insert("worker-2", lab.agent("worker-2"));
     lab.wait_state("worker-2", NodeState::Alive, Duration::from_secs(30))
         .await;
@@ -405,7 +406,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     );
     assert_eq!(dead.reason.as_deref(), Some("HeartbeatExpired"));
     eventually(
-        "NodeDead Event on worker-3",
+        "HeartbeatExpired Event on worker-3",
         Duration::from_secs(10),
         || async {
             let now = lab.transition_events().await;
@@ -432,10 +433,11 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         "spurious transitions:\n{output}"
     );
 
-    // A clean stop: the agent says it is stopping before revoking its lease.
+    // A clean stop for good: the agent says it is stopping, and no agent takes over within the
+    // TTL (3 s), so the node ends Dead with the reason it gave.
     agents["worker-1"].signal(Signal::SIGTERM);
     let stopped = lab
-        .wait_state("worker-1", NodeState::Dead, Duration::from_secs(10))
+        .wait_state("worker-1", NodeState::Dead, Duration::from_secs(3 + 5))
         .await;
     assert_eq!(stopped.reason.as_deref(), Some("AgentStopped"));
     controller.wait_for_line(Duration::from_secs(5), "agent stopped", |l| {

@@ -2,7 +2,8 @@
 //! agents, broken on purpose (SIGKILL, SIGSTOP, compaction). Each test asserts the outcome; where
 //! it asserts that something does NOT happen (no node Dead), a watch on the MonitorNodes records
 //! every state the API server ever held for them over the whole fault window, and the test
-//! asserts on that history, on the NodeDead Events and on the controller's log.
+//! asserts on that history, on the Dead Events (HeartbeatExpired, AgentStopped) and on the
+//! controller's log.
 //!
 //! The tests share one private API server (started once for this binary) and run one at a time:
 //! timing assertions on 2 cores should not compete with each other, and a controller of one test
@@ -303,7 +304,8 @@ fn lease_held(agent: &Agent) -> bool {
 }
 
 /// Keeps watching for `window` (the recorder runs meanwhile), then checks that no node went
-/// Dead, no NodeDead Event was raised and the controller never logged a Dead transition.
+/// Dead, no Dead Event (HeartbeatExpired, AgentStopped) was raised and the controller never
+/// logged a Dead transition.
 async fn assert_no_false_alarm(
     lab: &Lab,
     history: &History,
@@ -317,9 +319,10 @@ async fn assert_no_false_alarm(
     history.assert_never_dead(during);
     for node in nodes {
         assert_eq!(
-            lab.event_count(node, "NodeDead").await,
+            lab.event_count(node, "HeartbeatExpired").await
+                + lab.event_count(node, "AgentStopped").await,
             0,
-            "NodeDead Event on {node} during {during}"
+            "Dead Event on {node} during {during}"
         );
         assert!(
             !controller
@@ -561,9 +564,9 @@ async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
     assert_eq!(dead.reason.as_deref(), Some("HeartbeatExpired"));
     println!("crash-1 Dead {:?} after the crash", crashed.elapsed());
     eventually(
-        "one NodeDead Event on crash-1",
+        "one HeartbeatExpired Event on crash-1",
         Duration::from_secs(10),
-        || async { (lab.event_count("crash-1", "NodeDead").await >= 1).then_some(()) },
+        || async { (lab.event_count("crash-1", "HeartbeatExpired").await >= 1).then_some(()) },
     )
     .await;
     b.wait_for_line(Duration::from_secs(10), "crash-b's full reconcile", |l| {
@@ -571,7 +574,7 @@ async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
     });
     // Another TTL of watching: a second Dead or Event would show up by now.
     tokio::time::sleep(Duration::from_secs(TTL)).await;
-    assert_eq!(lab.event_count("crash-1", "NodeDead").await, 1);
+    assert_eq!(lab.event_count("crash-1", "HeartbeatExpired").await, 1);
     let lines: Vec<_> = b
         .lines()
         .into_iter()
@@ -584,7 +587,7 @@ async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
     );
     // The survivor was left alone.
     assert_eq!(history.states("crash-2"), vec![Some(NodeState::Alive)]);
-    assert_eq!(lab.event_count("crash-2", "NodeDead").await, 0);
+    assert_eq!(lab.event_count("crash-2", "HeartbeatExpired").await, 0);
     drop(agents);
 }
 
@@ -765,7 +768,7 @@ async fn watch_compaction_while_away_both_relist_and_end_up_right() {
         "{}",
         controller.output_text()
     );
-    assert_eq!(lab.event_count("compact-gone", "NodeDead").await, 1);
+    assert_eq!(lab.event_count("compact-gone", "HeartbeatExpired").await, 1);
     assert_no_false_alarm(
         &lab,
         &history,

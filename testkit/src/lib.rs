@@ -11,6 +11,7 @@ mod etcd;
 mod etcd_cluster;
 mod etcd_secure;
 mod process;
+mod proxy;
 mod tools;
 
 pub use apiserver::KubeApiserver;
@@ -18,6 +19,7 @@ pub use etcd::Etcd;
 pub use etcd_cluster::EtcdCluster;
 pub use etcd_secure::{ClientTls, EtcdUsers, SecureEtcd, enable_etcd_auth, etcdctl_as, tls_env};
 pub use process::{Line, Process};
+pub use proxy::TcpProxy;
 pub use tools::{kubectl, project_bin, repo_root, tool};
 
 use std::future::Future;
