@@ -833,3 +833,137 @@ fn rendered_agent_and_controller_command_lines_run_the_real_binaries() {
     drop(agent);
     drop(controller);
 }
+
+/// One container of a pod template, by name.
+fn container<'a>(workload: &'a Value, key: &str, name: &str) -> &'a Value {
+    workload["spec"]["template"]["spec"][key]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{key} rendered"))
+        .iter()
+        .find(|c| c["name"].as_str() == Some(name))
+        .unwrap_or_else(|| panic!("no {key} entry {name}"))
+}
+
+#[test]
+fn chart_defaults_run_on_a_real_node() {
+    // Issue 15: what a first install on a real node ran into, each checked on the render.
+    let objects = render(&[]);
+    let ds = object(&objects, "DaemonSet", "nodepulse-agent");
+    let deploy = object(&objects, "Deployment", "nodepulse-controller");
+    let sts = object(&objects, "StatefulSet", "etcd");
+
+    // Logs a person reads by default.
+    for workload in [ds, deploy] {
+        let args = container_args(workload);
+        assert!(args.contains(&"--log-format=text".to_string()), "{args:?}");
+    }
+    let json = render(&["--set", "logFormat=json"]);
+    assert!(
+        container_args(object(&json, "DaemonSet", "nodepulse-agent"))
+            .contains(&"--log-format=json".to_string())
+    );
+
+    // The host's / without HostToContainer: it fails on hosts whose / is a private mount.
+    let root_mount = |ds: &Value| {
+        container(ds, "containers", "agent")["volumeMounts"]
+            .as_sequence()
+            .expect("mounts")
+            .iter()
+            .find(|m| m["mountPath"].as_str() == Some("/host/root"))
+            .expect("/host/root mounted")["mountPropagation"]
+            .as_str()
+            .map(str::to_string)
+    };
+    assert_eq!(root_mount(ds).as_deref(), Some("None"));
+    let shared = render(&["--set", "agent.hostRootMountPropagation=HostToContainer"]);
+    assert_eq!(
+        root_mount(object(&shared, "DaemonSet", "nodepulse-agent")).as_deref(),
+        Some("HostToContainer")
+    );
+    let chart = chart();
+    let chart = chart.to_str().expect("utf-8 path");
+    let bad = helm(&[
+        "template",
+        "nodepulse",
+        chart,
+        "--set",
+        "agent.hostRootMountPropagation=Bidirectional",
+    ]);
+    assert!(!bad.status.success(), "Bidirectional must be refused");
+    assert!(
+        text(&bad.stderr).contains("hostRootMountPropagation"),
+        "{}",
+        text(&bad.stderr)
+    );
+
+    // Readiness follows etcd, liveness only the process.
+    let controller = container(deploy, "containers", "controller");
+    assert_eq!(
+        controller["livenessProbe"]["httpGet"]["path"].as_str(),
+        Some("/healthz")
+    );
+    assert_eq!(
+        controller["readinessProbe"]["httpGet"]["path"].as_str(),
+        Some("/readyz")
+    );
+
+    // One agent at a time, no surge (two agents on one node would both write its heartbeat).
+    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxUnavailable"].as_u64(), Some(1));
+    assert_eq!(rolling["maxSurge"].as_u64(), Some(0));
+
+    // The etcd namespace, and so the PVCs in it, outlive `helm uninstall`; restricted by default.
+    let ns = object(&objects, "Namespace", "etcd");
+    assert_eq!(
+        ns["metadata"]["annotations"]["helm.sh/resource-policy"].as_str(),
+        Some("keep")
+    );
+    assert_eq!(
+        ns["metadata"]["labels"]["pod-security.kubernetes.io/enforce"].as_str(),
+        Some("restricted")
+    );
+    let pod = &sts["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["securityContext"]["fsGroupChangePolicy"].as_str(),
+        Some("OnRootMismatch")
+    );
+    assert!(
+        pod["initContainers"].is_null(),
+        "no root init container by default"
+    );
+
+    // hostPath PVs ignore fsGroup: the opt-in init container chowns the volume's root, as root
+    // with CAP_CHOWN only; etcd itself stays 65532, and the namespace allows root (baseline).
+    let hostpath = render(&["-f", &ci_values("etcd-hostpath-values.yaml")]);
+    let sts = object(&hostpath, "StatefulSet", "etcd");
+    let init = container(sts, "initContainers", "volume-permissions");
+    let cmd: Vec<&str> = init["command"]
+        .as_sequence()
+        .expect("command")
+        .iter()
+        .map(|c| c.as_str().expect("string"))
+        .collect();
+    assert_eq!(cmd, ["chown", "65532:65532", "/var/run/etcd"]);
+    let sc = &init["securityContext"];
+    assert_eq!(sc["runAsUser"].as_u64(), Some(0));
+    assert_eq!(sc["allowPrivilegeEscalation"].as_bool(), Some(false));
+    assert_eq!(sc["capabilities"]["drop"][0].as_str(), Some("ALL"));
+    assert_eq!(
+        sc["capabilities"]["add"].as_sequence().map(Vec::len),
+        Some(1)
+    );
+    assert_eq!(sc["capabilities"]["add"][0].as_str(), Some("CHOWN"));
+    assert_eq!(
+        init["volumeMounts"][0]["mountPath"].as_str(),
+        Some("/var/run/etcd")
+    );
+    let pod = &sts["spec"]["template"]["spec"];
+    assert_eq!(pod["securityContext"]["runAsUser"].as_u64(), Some(65532));
+    assert!(container(sts, "containers", "etcd")["securityContext"]["runAsUser"].is_null());
+    assert_eq!(
+        object(&hostpath, "Namespace", "etcd")["metadata"]["labels"]
+            ["pod-security.kubernetes.io/enforce"]
+            .as_str(),
+        Some("baseline")
+    );
+}
