@@ -1,7 +1,9 @@
 //! The heartbeat key `/monitor/heartbeat/<node>`, bound to a lease we keep alive.
 //!
 //! Liveness rides on the lease keep-alive, which costs etcd almost nothing; the key's value is
-//! rewritten only when it has something new to say, and at most every `--heartbeat-min-interval`.
+//! rewritten only when it has something new to say, and at most every `--heartbeat-min-interval`;
+//! with nothing new, every `--heartbeat-max-interval` all the same, so that its `updatedAt` says
+//! the agent is there even at an hour's sampling interval.
 //! Renewals never wait for a value write: a put stuck behind a slow etcd disk runs beside them.
 //!
 //! A clean stop does not revoke the lease: it marks the value Stopping and lets the lease run out.
@@ -9,6 +11,7 @@
 //! lease of its own before the old one expires, so its node never shows Dead; an agent that does
 //! not come back leaves its node Dead (agent stopped) one TTL later.
 
+use std::ops::RangeInclusive;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,7 +76,8 @@ pub struct HeartbeatLease {
     node: String,
     key: String,
     ttl: u32,
-    min_interval: Duration,
+    /// Value rewrites: at most every `start()` (news waits), at least every `end()` (no news).
+    rewrite: RangeInclusive<Duration>,
     etcd: EtcdArgs,
     inputs: HeartbeatInputs,
     started_at: Timestamp,
@@ -90,11 +94,12 @@ pub struct HeartbeatLease {
 }
 
 impl HeartbeatLease {
-    /// A heartbeat for `node` with a lease of `ttl` seconds.
+    /// A heartbeat for `node` with a lease of `ttl` seconds, its value rewritten within the
+    /// `rewrite` range of intervals.
     pub fn new(
         node: &str,
         ttl: u32,
-        min_interval: Duration,
+        rewrite: RangeInclusive<Duration>,
         etcd: EtcdArgs,
         inputs: HeartbeatInputs,
     ) -> Self {
@@ -102,7 +107,7 @@ impl HeartbeatLease {
             node: node.to_string(),
             key: heartbeat_key(node),
             ttl,
-            min_interval,
+            rewrite,
             etcd,
             inputs,
             started_at: Timestamp::now(),
@@ -178,7 +183,10 @@ impl HeartbeatLease {
         loop {
             let write_at = self
                 .last_write_at
-                .map_or_else(Instant::now, |t| t + self.min_interval);
+                .map_or_else(Instant::now, |t| t + *self.rewrite.start());
+            let refresh_at = self
+                .last_write_at
+                .map_or_else(Instant::now, |t| t + *self.rewrite.end());
             tokio::select! {
                 _ = sleep_until(next_keep_alive) => {
                     next_keep_alive += every;
@@ -226,6 +234,11 @@ impl HeartbeatLease {
                 }
                 r = usage.changed(), if usage_open => {
                     usage_open = r.is_ok();
+                    pending = true;
+                }
+                _ = sleep_until(refresh_at), if !pending && put.is_none() => {
+                    // Nothing new for a while: the same value with a fresh `updatedAt`.
+                    self.last_written = None;
                     pending = true;
                 }
                 _ = sleep_until(write_at), if pending && put.is_none() => {

@@ -58,6 +58,11 @@ pub struct Args {
     #[arg(long, env = "NODEPULSE_HEARTBEAT_MIN_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat_min_interval: Duration,
 
+    /// Longest time between two rewrites of the heartbeat value, news or not, so that its
+    /// `updatedAt` (a MonitorNode's LAST-HEARTBEAT) stays recent at long sampling intervals.
+    #[arg(long, env = "NODEPULSE_HEARTBEAT_MAX_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub heartbeat_max_interval: Duration,
+
     /// Where the host's proc filesystem is mounted (/host/proc in a pod).
     #[arg(long, env = "NODEPULSE_PROC_ROOT", default_value = "/proc")]
     pub proc_root: PathBuf,
@@ -193,7 +198,7 @@ pub async fn run(args: Args) -> Result<()> {
         heartbeat::HeartbeatLease::new(
             &node,
             args.heartbeat_ttl,
-            args.heartbeat_min_interval,
+            args.heartbeat_min_interval..=args.heartbeat_max_interval,
             args.etcd.clone(),
             heartbeat::HeartbeatInputs {
                 config: shared.clone(),

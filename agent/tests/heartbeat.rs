@@ -361,3 +361,60 @@ async fn a_dead_endpoint_in_the_list_is_failed_over() {
             l.contains(&format!("(revision {rev})"))
         });
 }
+
+/// At an hour's sampling interval there is no news to write, yet the value's `updatedAt` (the
+/// MonitorNode's LAST-HEARTBEAT) is refreshed every `--heartbeat-max-interval`.
+#[tokio::test]
+async fn with_nothing_new_the_value_is_refreshed_every_max_interval() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    common::put_config(
+        &mut client,
+        "worker-9",
+        r#"{"interval": 3600, "metrics": ["load"]}"#,
+    )
+    .await;
+    let mut events = client
+        .watch(heartbeat_key("worker-9"), Some(WatchOptions::new()))
+        .await
+        .expect("watch heartbeat");
+    events.message().await.expect("watch created");
+    let agent = start_agent(
+        &etcd,
+        "worker-9",
+        &[
+            "--heartbeat-ttl",
+            "3",
+            "--heartbeat-min-interval",
+            "500ms",
+            "--heartbeat-max-interval",
+            "2s",
+        ],
+    );
+    let mut writes: Vec<Heartbeat> = Vec::new();
+    while writes.len() < 5 {
+        let resp = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .unwrap_or_else(|_| panic!("a write within 5 s:\n{}", agent.process.output_text()))
+            .expect("watch stream")
+            .expect("watch open");
+        for e in resp.events() {
+            assert_eq!(e.event_type(), EventType::Put);
+            writes.push(Heartbeat::parse(e.kv().expect("kv").value()).expect("parses"));
+        }
+    }
+    // The first writes (at most three) carry the start, the config and the first sample; the
+    // last two are refreshes.
+    let (a, b) = (&writes[3], &writes[4]);
+    let gap = b.updated_at.duration_since(a.updated_at);
+    assert!(
+        gap >= jiff::SignedDuration::from_millis(1500)
+            && gap <= jiff::SignedDuration::from_millis(3500),
+        "refreshes {gap:?} apart: {writes:#?}"
+    );
+    let same = |hb: &Heartbeat| Heartbeat {
+        updated_at: hb.started_at,
+        ..hb.clone()
+    };
+    assert_eq!(same(a), same(b), "a refresh carries the same value");
+}
