@@ -907,10 +907,22 @@ fn chart_defaults_run_on_a_real_node() {
         Some("/readyz")
     );
 
-    // One agent at a time, no surge (two agents on one node would both write its heartbeat).
+    // A first install surges (no old agent exists) so that helm --wait, which waits for
+    // nodes - maxUnavailable ready pods, waits for every agent; upgrades go one node at a time
+    // without surge (two agents on one node would both write its heartbeat key).
     let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+    assert_eq!(rolling["maxUnavailable"].as_u64(), Some(0));
+    assert_eq!(rolling["maxSurge"].as_u64(), Some(1));
+    let upgrade = render(&["--is-upgrade"]);
+    let upgraded = object(&upgrade, "DaemonSet", "nodepulse-agent");
+    let rolling = &upgraded["spec"]["updateStrategy"]["rollingUpdate"];
     assert_eq!(rolling["maxUnavailable"].as_u64(), Some(1));
     assert_eq!(rolling["maxSurge"].as_u64(), Some(0));
+    let own = render(&["--set", "agent.updateStrategy.type=OnDelete"]);
+    assert_eq!(
+        object(&own, "DaemonSet", "nodepulse-agent")["spec"]["updateStrategy"]["type"].as_str(),
+        Some("OnDelete")
+    );
 
     // The etcd namespace, and so the PVCs in it, outlive `helm uninstall`; restricted by default.
     let ns = object(&objects, "Namespace", "etcd");
