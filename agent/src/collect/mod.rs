@@ -119,7 +119,11 @@ impl Sampler {
             let result = match m {
                 Metric::Cpu => self.cpu().map(|v| s.cpu = v),
                 Metric::Memory => self.memory().map(|v| s.memory = Some(v)),
-                Metric::Disk => self.disk().map(|v| s.disk = Some(v)),
+                // The device rates stand even when the root filesystem could not be measured.
+                Metric::Disk => self.disk().and_then(|(v, root_err)| {
+                    s.disk = Some(v);
+                    root_err.map_or(Ok(()), Err)
+                }),
                 Metric::Network => self.network().map(|v| s.network = Some(v)),
                 Metric::Load => self.load().map(|v| s.load = Some(v)),
             };
@@ -127,6 +131,17 @@ impl Sampler {
             if let Err(e) = result {
                 s.errors.push((m, e));
             }
+        }
+        // A metric switched off forgets its counters: switched on again, its first rate would
+        // otherwise average over the whole time it was off.
+        if !metrics.contains(Metric::Cpu) {
+            self.prev_cpu = None;
+        }
+        if !metrics.contains(Metric::Disk) {
+            self.prev_disk = None;
+        }
+        if !metrics.contains(Metric::Network) {
+            self.prev_net = None;
         }
         s.duration = started.elapsed();
         s
@@ -150,7 +165,8 @@ impl Sampler {
         parsed(path, load::parse_loadavg(&text))
     }
 
-    fn disk(&mut self) -> Result<disk::DiskUsage> {
+    /// The device rates and root filesystem usage, and why the latter is missing if it is.
+    fn disk(&mut self) -> Result<(disk::DiskUsage, Option<Error>)> {
         let (_, text) = self.paths.read("diskstats")?;
         let at = Instant::now();
         let now = disk::parse_diskstats(&text);
@@ -163,11 +179,11 @@ impl Sampler {
         // A missing host root (a pod without the hostPath mount) must not hide the device
         // figures: report the rest and the error separately.
         let usage = disk::usage(devices, had_previous, root.as_ref().ok().cloned());
-        root.map_err(|source| Error::Statvfs {
+        let root_err = root.err().map(|source| Error::Statvfs {
             path: self.paths.host_root.clone(),
             source,
-        })
-        .map(|_| usage)
+        });
+        Ok((usage, root_err))
     }
 
     /// The node's `net/dev`: PID 1's network namespace (`<proc>/1/net/dev`), not `net/dev`,
@@ -313,6 +329,58 @@ fn rate(bytes_per_sec: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const STAT: &str = include_str!("../../tests/fixtures/proc/idle/stat");
+    const STAT_LATER: &str = include_str!("../../tests/fixtures/proc/busy/stat");
+    const DISKSTATS: &str = "   8       0 sda 10 0 2048 0 10 0 4096 0 0 0 0 0 0 0 0 0 0\n";
+
+    fn proc_tree(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).expect("write fixture");
+        }
+        dir
+    }
+
+    #[test]
+    fn an_unmeasurable_root_filesystem_keeps_the_disk_rates() {
+        let proc = proc_tree(&[("diskstats", DISKSTATS)]);
+        let mut sampler = Sampler::new(HostPaths::new(proc.path(), "/nonexistent-host-root"));
+        let disk = MetricSet::new([Metric::Disk]).expect("a set");
+        sampler.sample(&disk);
+        let s = sampler.sample(&disk);
+        let d = s.disk.as_ref().expect("device figures kept");
+        assert!(d.root.is_none());
+        assert!(d.read_bytes_per_sec.is_some() && d.write_bytes_per_sec.is_some());
+        assert!(matches!(
+            s.errors.as_slice(),
+            [(Metric::Disk, Error::Statvfs { .. })]
+        ));
+        let line = s.log_line(&disk);
+        assert!(
+            line.starts_with("sample disk=error rd=0.0MiB/s wr=0.0MiB/s"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_metric_switched_off_and_on_starts_its_rates_afresh() {
+        let proc = proc_tree(&[
+            ("stat", STAT),
+            ("meminfo", "MemTotal: 1000 kB\nMemAvailable: 500 kB\n"),
+        ]);
+        let mut sampler = Sampler::new(HostPaths::new(proc.path(), "/"));
+        let cpu = MetricSet::new([Metric::Cpu]).expect("a set");
+        let memory = MetricSet::new([Metric::Memory]).expect("a set");
+        let first = sampler.sample(&cpu);
+        assert!(first.errors.is_empty(), "{:?}", first.errors);
+        sampler.sample(&memory);
+        std::fs::write(proc.path().join("stat"), STAT_LATER).expect("rewrite stat");
+        // Back on: no rate averaged over the time cpu was off; one from the next sample on.
+        let back = sampler.sample(&cpu);
+        assert!(back.errors.is_empty() && back.cpu.is_none(), "{back:?}");
+        assert!(sampler.sample(&cpu).cpu.is_some());
+    }
 
     #[test]
     fn rates_pick_a_readable_unit() {
