@@ -6,7 +6,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use testkit::{Etcd, Process, free_port, project_bin};
+use testkit::{Etcd, Process, project_bin};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -23,7 +23,7 @@ async fn main() {
         "--etcd-endpoints",
         &etcd.endpoint,
     ])
-    .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())]);
+    .args(["--metrics-addr", "127.0.0.1:0"]);
     let agent = Process::spawn("agent", cmd);
     agent.wait_for_line(Duration::from_secs(10), "lease granted", |l| {
         l.contains("heartbeat lease granted")

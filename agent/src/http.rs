@@ -398,11 +398,18 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
     }
 }
 
-/// Binds the listener (so a taken port fails the start, not later).
+/// Binds the listener (so a taken port fails the start, not later), and logs the address it got:
+/// with `--metrics-addr 127.0.0.1:0` the system picks a free port, and this line is how a
+/// person, `hack/demo.sh` or a test learns which.
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
-    tokio::net::TcpListener::bind(addr)
+    let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| Error::Listen { addr, source })
+        .map_err(|source| Error::Listen { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| Error::Listen { addr, source })?;
+    tracing::info!("serving /metrics, /healthz and /readyz on {bound}");
+    Ok(listener)
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.

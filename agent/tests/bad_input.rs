@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use nodepulse_crd::wire::ConfigValue;
 use serde_json::Value;
-use testkit::{KubeApiserver, Process, eventually, free_port, http_get, project_bin};
+use testkit::{KubeApiserver, Process, eventually, http_get, project_bin};
 
 use bad_configs::bad_configs;
 use common::{put_config, start_agent};
@@ -43,7 +43,7 @@ async fn every_bad_config_is_rejected_and_reported_while_the_last_good_one_stays
     cmd.env("KUBECONFIG", &api.kubeconfig)
         .env("RUST_LOG", "info")
         .args(["--etcd-endpoints", &etcd.endpoint])
-        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-addr", "127.0.0.1:0"])
         .args(["--leader-election-namespace", "default"])
         .args(["--leader-election-identity", "controller-0"]);
     let _controller = Process::spawn("controller", cmd);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use etcd_client::Client;
 use nodepulse_crd::wire::{Heartbeat, config_key, heartbeat_key};
-use testkit::{Etcd, Process, free_port};
+use testkit::{Etcd, Process};
 
 /// A running agent and the address of its HTTP endpoint.
 pub struct Agent {
@@ -24,17 +24,18 @@ pub fn start_agent(etcd: &Etcd, node: &str, extra: &[&str]) -> Agent {
     start_agent_at(&etcd.endpoint, node, extra)
 }
 
-/// Starts `nodepulse-agent` for `node` against the comma-separated `endpoints`.
+/// Starts `nodepulse-agent` for `node` against the comma-separated `endpoints`, and waits until
+/// its HTTP endpoint listens (on a port the system picked: the agent logs which).
 pub fn start_agent_at(endpoints: &str, node: &str, extra: &[&str]) -> Agent {
-    let http = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-agent"));
     cmd.args(["--node-name", node])
         .args(["--etcd-endpoints", endpoints])
-        .args(["--metrics-addr", &http])
+        .args(["--metrics-addr", "127.0.0.1:0"])
         .args(extra)
         .env("RUST_LOG", "info")
         .env_remove("NODE_NAME");
     let process = Process::spawn(&format!("agent-{node}"), cmd);
+    let http = process.wait_for_serving_addr(Duration::from_secs(30));
     Agent {
         process,
         http,

@@ -5,14 +5,14 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use testkit::{Etcd, Process, eventually, free_port};
+use testkit::{Etcd, Process, eventually};
 
 use common::heartbeat;
 
 fn agent(etcd: &Etcd, args: &[&str], node_env: Option<&str>) -> Process {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-agent"));
     cmd.args(["--etcd-endpoints", &etcd.endpoint])
-        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-addr", "127.0.0.1:0"])
         .args(args)
         .env_remove("NODE_NAME");
     if let Some(n) = node_env {

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use kube::Api;
 use kube::runtime::watcher;
 use nodepulse_crd::v1alpha1::{MonitorNode, NodeState};
-use testkit::{Etcd, KubeApiserver, Process, free_port, http_get};
+use testkit::{Etcd, KubeApiserver, Process, http_get};
 
 use crate::{Error, Result};
 
@@ -65,6 +65,31 @@ pub async fn wait_http(addr: &str, path: &str, timeout: Duration) -> Result<()> 
     }
 }
 
+/// The address a binary of ours started with `--metrics-addr 127.0.0.1:0` serves on, from its
+/// `serving /metrics ... on <addr>` log line, once `path` answers there.
+pub async fn wait_serving(process: &Process, path: &str, timeout: Duration) -> Result<String> {
+    let deadline = Instant::now() + timeout;
+    let addr = loop {
+        if let Some(addr) = process.serving_addr() {
+            break addr;
+        }
+        if Instant::now() > deadline {
+            return Err(Error::Timeout(format!(
+                "no `serving /metrics ... on <addr>` line in {timeout:?}; output:\n{}",
+                process.output_text()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    wait_http(
+        &addr,
+        path,
+        deadline.saturating_duration_since(Instant::now()),
+    )
+    .await?;
+    Ok(addr)
+}
+
 /// A running `nodepulse-agent`.
 pub struct Agent {
     /// The child process (its log lines, with arrival times).
@@ -78,16 +103,15 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent for `node` against `etcd_endpoint`, with JSON logs.
     pub async fn start(etcd_endpoint: &str, node: &str, ttl_seconds: u32) -> Result<Agent> {
-        let metrics_addr = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(bin("nodepulse-agent")?);
         cmd.args(["--node-name", node])
             .args(["--heartbeat-ttl", &ttl_seconds.to_string()])
             .args(["--etcd-endpoints", etcd_endpoint])
-            .args(["--metrics-addr", &metrics_addr])
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--log-format", "json"])
             .env("RUST_LOG", "info");
         let process = Process::spawn(&format!("agent {node}"), cmd);
-        wait_http(&metrics_addr, "/metrics", Duration::from_secs(20)).await?;
+        let metrics_addr = wait_serving(&process, "/metrics", Duration::from_secs(20)).await?;
         Ok(Agent {
             process,
             metrics_addr,
@@ -121,16 +145,15 @@ pub async fn start_controller(
     apiserver: &KubeApiserver,
     extra: &[&str],
 ) -> Result<(Process, String)> {
-    let metrics_addr = format!("127.0.0.1:{}", free_port());
     let mut cmd = Command::new(bin("nodepulse-controller")?);
     cmd.args(["--etcd-endpoints", &etcd.endpoint])
-        .args(["--metrics-addr", &metrics_addr])
+        .args(["--metrics-addr", "127.0.0.1:0"])
         .args(["--leader-election-namespace", "default"])
         .args(extra)
         .env("KUBECONFIG", &apiserver.kubeconfig)
         .env("RUST_LOG", "info");
     let process = Process::spawn("controller", cmd);
-    wait_http(&metrics_addr, "/metrics", Duration::from_secs(30)).await?;
+    let metrics_addr = wait_serving(&process, "/metrics", Duration::from_secs(30)).await?;
     Ok((process, metrics_addr))
 }
 

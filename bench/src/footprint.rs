@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use nodepulse_crd::wire::config_key;
-use testkit::{Process, free_port, tool};
+use testkit::{Process, ReservedPort, tool};
 
 use crate::cluster::{Agent, get, start_etcd, wait_http};
 use crate::proc_usage::{self, UsageSeries};
@@ -74,7 +74,9 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
         .await
         .map_err(|e| Error::Etcd(format!("put {}: {e}", config_key(node))))?;
 
-    let ne_addr = format!("127.0.0.1:{}", free_port());
+    // node_exporter logs its configured address, not the bound one: a reserved port.
+    let ne_port = ReservedPort::new();
+    let ne_addr = ne_port.addr();
     let mut cmd = Command::new(tool("node_exporter"));
     cmd.arg(format!("--web.listen-address={ne_addr}"))
         .arg("--collector.disable-defaults")

@@ -180,7 +180,8 @@ async fn readyz(ready: EtcdReadiness) -> (StatusCode, String) {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` until the process ends.
+/// Serves `/metrics` and `/healthz` on `addr` (port 0: one the system picks, logged) until the
+/// process ends.
 pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, ready: EtcdReadiness) -> Result<()> {
     let app = Router::new()
         .route("/metrics", get(metrics_handler))
@@ -190,7 +191,12 @@ pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, ready: EtcdReadiness
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|source| Error::Metrics { addr, source })?;
-    tracing::info!(%addr, "serving /metrics and /healthz");
+    // The real address: with `--metrics-addr 127.0.0.1:0` the system picks the port, and this
+    // line is how a person, `hack/demo.sh` or a test learns which.
+    let bound = listener
+        .local_addr()
+        .map_err(|source| Error::Metrics { addr, source })?;
+    tracing::info!("serving /metrics and /healthz on {bound}");
     axum::serve(listener, app)
         .await
         .map_err(|source| Error::Metrics { addr, source })

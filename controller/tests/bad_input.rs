@@ -13,7 +13,7 @@ use kube::api::Api;
 use nodepulse_crd::v1alpha1::{MonitorConfig, MonitorNode, NodeState};
 use nodepulse_crd::wire::HEARTBEAT_PREFIX;
 use serde_json::{Value, json};
-use testkit::{Etcd, KubeApiserver, Process, eventually, free_port, http_get, project_bin};
+use testkit::{Etcd, KubeApiserver, Process, eventually, http_get, project_bin};
 
 struct Lab {
     api: KubeApiserver,
@@ -27,15 +27,15 @@ impl Lab {
     async fn start() -> Lab {
         let (api, etcd) = testkit::start_apiserver_and_etcd().await;
         let kube = api.client().await;
-        let metrics = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-controller"));
         cmd.env("KUBECONFIG", &api.kubeconfig)
             .env("RUST_LOG", "info")
             .args(["--etcd-endpoints", &etcd.endpoint])
-            .args(["--metrics-addr", &metrics])
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--leader-election-namespace", "default"])
             .args(["--leader-election-identity", "controller-0"]);
         let controller = Process::spawn("controller", cmd);
+        let metrics = controller.wait_for_serving_addr(Duration::from_secs(30));
         Lab {
             api,
             etcd,
@@ -50,7 +50,7 @@ impl Lab {
         cmd.env("RUST_LOG", "info")
             .args(["--node-name", node])
             .args(["--heartbeat-ttl", "3"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--etcd-endpoints", &self.etcd.endpoint]);
         Process::spawn(node, cmd)
     }

@@ -13,7 +13,7 @@ use kube::api::{Api, ListParams};
 use nix::sys::signal::Signal;
 use nodepulse_crd::v1alpha1::{MonitorConfig, MonitorNode, MonitorNodeStatus, NodeState};
 use nodepulse_crd::wire::{ConfigValue, config_key, heartbeat_key};
-use testkit::{Etcd, KubeApiserver, Process, eventually, free_port, http_get, project_bin};
+use testkit::{Etcd, KubeApiserver, Process, eventually, http_get, project_bin};
 
 /// An API server with the CRDs, an etcd for the heartbeats and configs, and clients for both.
 struct Lab {
@@ -31,12 +31,13 @@ impl Lab {
 
     /// Starts the controller; `identity` names it in the leader Lease (a restart with the same
     /// identity takes the Lease back at once, as a restarted container of the same pod does).
-    fn controller(&self, identity: &str, metrics_port: u16) -> Process {
+    /// Its `/metrics` listens on a port the system picks: `Process::wait_for_serving_addr`.
+    fn controller(&self, identity: &str) -> Process {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-controller"));
         cmd.env("KUBECONFIG", &self.api.kubeconfig)
             .env("RUST_LOG", "info")
             .args(["--etcd-endpoints", &self.etcd.endpoint])
-            .args(["--metrics-addr", &format!("127.0.0.1:{metrics_port}")])
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--leader-election-namespace", "default"])
             .args(["--leader-election-identity", identity])
             .args(["--usage-write-interval", "5s"]);
@@ -48,7 +49,7 @@ impl Lab {
         cmd.env("RUST_LOG", "info")
             .args(["--node-name", node])
             .args(["--heartbeat-ttl", "3"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--etcd-endpoints", &self.etcd.endpoint]);
         Process::spawn(node, cmd)
     }
@@ -174,8 +175,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     lab.node("worker-1", &[("nodepulse.io/pool", "fast")]);
     lab.node("worker-2", &[("nodepulse.io/pool", "slow")]);
     lab.node("worker-3", &[("nodepulse.io/pool", "slow")]);
-    let metrics_port = free_port();
-    let mut controller = lab.controller("controller-0", metrics_port);
+    let mut controller = lab.controller("controller-0");
     let mut agents: BTreeMap<&str, Process> = ["worker-1", "worker-2", "worker-3"]
         .into_iter()
         .map(|n| (n, lab.agent(n)))
@@ -395,7 +395,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         Some(NodeState::Alive),
         "nobody may have written while the controller was down"
     );
-    let controller = lab.controller("controller-0", metrics_port);
+    let controller = lab.controller("controller-0");
     let started = Instant::now();
     let dead = lab
         .wait_state("worker-3", NodeState::Dead, Duration::from_secs(5))
@@ -445,7 +445,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     });
 
     // /metrics and /healthz.
-    let addr = format!("127.0.0.1:{metrics_port}");
+    let addr = controller.wait_for_serving_addr(Duration::from_secs(30));
     let (code, body) = http_get(&addr, "/healthz").expect("healthz answers");
     assert_eq!(code, 200, "{body}");
     let body = eventually("node gauges", Duration::from_secs(5), || async {
@@ -489,7 +489,7 @@ async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
     assert!(out.status.success());
     let hand_before = lab.raw_key(&config_key("hand-1")).await.expect("hand key");
     let elsewhere_before = lab.raw_key(&config_key("elsewhere")).await.expect("key");
-    let mut controller = lab.controller("controller-a", free_port());
+    let mut controller = lab.controller("controller-a");
 
     lab.apply(&monitor_config_yaml(
         "team-a",
@@ -577,17 +577,18 @@ async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn only_the_leader_writes_and_a_standby_takes_over() {
     let lab = Lab::start().await;
-    let (port_a, port_b) = (free_port(), free_port());
-    let mut a = lab.controller("replica-a", port_a);
-    let leader_metric = |port: u16| {
-        http_get(&format!("127.0.0.1:{port}"), "/metrics")
+    let mut a = lab.controller("replica-a");
+    let addr_a = a.wait_for_serving_addr(Duration::from_secs(30));
+    let leader_metric = |addr: &str| {
+        http_get(addr, "/metrics")
             .is_some_and(|(_, body)| body.lines().any(|l| l == "nodepulse_controller_leader 1"))
     };
     eventually("replica-a leads", Duration::from_secs(30), || async {
-        leader_metric(port_a).then_some(())
+        leader_metric(&addr_a).then_some(())
     })
     .await;
-    let b = lab.controller("replica-b", port_b);
+    let b = lab.controller("replica-b");
+    let addr_b = b.wait_for_serving_addr(Duration::from_secs(30));
     b.wait_for_line(Duration::from_secs(20), "waiting to lead", |l| {
         l.contains("waiting to lead")
     });
@@ -609,15 +610,15 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     lab.wait_state("standby-1", NodeState::Alive, Duration::from_secs(20))
         .await;
     assert!(
-        !leader_metric(port_b),
-        "replica-b must stand by ({port_a} vs {port_b}):\n{}",
+        !leader_metric(&addr_b),
+        "replica-b must stand by ({addr_a} vs {addr_b}):\n{}",
         b.output_text()
     );
     eventually(
         "replica-a counts one node alive",
         Duration::from_secs(5),
         || async {
-            http_get(&format!("127.0.0.1:{port_a}"), "/metrics").filter(|(_, body)| {
+            http_get(&addr_a, "/metrics").filter(|(_, body)| {
                 body.lines()
                     .any(|l| l == "nodepulse_controller_nodes{state=\"alive\"} 1")
             })
@@ -651,7 +652,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn liveness_survives_an_etcd_restart_and_late_nodes_become_owners() {
     let mut lab = Lab::start().await;
-    let _controller = lab.controller("controller-r", free_port());
+    let _controller = lab.controller("controller-r");
     let mut agent = lab.agent("solo-1");
     lab.wait_state("solo-1", NodeState::Alive, Duration::from_secs(30))
         .await;

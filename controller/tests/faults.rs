@@ -25,7 +25,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use nix::sys::signal::Signal;
 use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeStatus, NodeState};
 use nodepulse_crd::wire::{config_key, heartbeat_key};
-use testkit::{Etcd, EtcdCluster, KubeApiserver, Process, eventually, free_port, http_get};
+use testkit::{Etcd, EtcdCluster, KubeApiserver, Process, eventually, http_get};
 
 /// Heartbeat TTL of every agent here, in seconds.
 const TTL: u64 = 4;
@@ -81,7 +81,7 @@ impl Lab {
         cmd.env("KUBECONFIG", &self.api.kubeconfig)
             .env("RUST_LOG", "info")
             .args(["--etcd-endpoints", &self.endpoints])
-            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--leader-election-identity", identity])
             .args(["--usage-write-interval", "5s"])
             .args(extra);
@@ -89,19 +89,17 @@ impl Lab {
     }
 
     fn agent(&self, node: &str) -> Agent {
-        let http = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(testkit::project_bin("nodepulse-agent"));
         cmd.env("RUST_LOG", "info")
             .env_remove("NODE_NAME")
             .args(["--node-name", node])
             .args(["--heartbeat-ttl", &TTL.to_string()])
             .args(["--heartbeat-min-interval", "500ms"])
-            .args(["--metrics-addr", &http])
+            .args(["--metrics-addr", "127.0.0.1:0"])
             .args(["--etcd-endpoints", &self.endpoints]);
-        Agent {
-            process: Process::spawn(node, cmd),
-            http,
-        }
+        let process = Process::spawn(node, cmd);
+        let http = process.wait_for_serving_addr(Duration::from_secs(30));
+        Agent { process, http }
     }
 
     async fn status(&self, node: &str) -> Option<MonitorNodeStatus> {

@@ -231,7 +231,9 @@ async fn config_set_refuses_bad_values_writes_nothing_and_exits_2() {
 
 #[test]
 fn an_unreachable_etcd_is_exit_code_1() {
-    let port = testkit::free_port();
+    // Reserved, never bound: nothing can listen there while the test holds it.
+    let nothing_there = testkit::ReservedPort::new();
+    let port = nothing_there.port();
     let out = Command::new(project_bin("nodepulsectl"))
         .args(["nodes", "--timeout", "2s", "--etcd-endpoints"])
         .arg(format!("http://127.0.0.1:{port}"))

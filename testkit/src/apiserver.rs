@@ -1,4 +1,4 @@
-//! A real kube-apiserver (with its own etcd) on free loopback ports: serving certificates,
+//! A real kube-apiserver (with its own etcd) on reserved loopback ports: serving certificates,
 //! service-account keys, an admin token and a kubeconfig, all generated per instance.
 
 use std::path::{Path, PathBuf};
@@ -9,9 +9,10 @@ use std::time::Duration;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
 use crate::etcd::Etcd;
+use crate::ports::ReservedPort;
 use crate::process::Process;
+use crate::scratch_dir;
 use crate::tools::{kubectl, repo_root, tool};
-use crate::{free_port, scratch_dir};
 
 const ADMIN_TOKEN: &str = "nodepulse-testkit-admin";
 
@@ -24,6 +25,7 @@ pub struct KubeApiserver {
     pub kubeconfig: PathBuf,
     dir: tempfile::TempDir,
     _process: Process,
+    _port: ReservedPort,
     _etcd: Etcd,
 }
 
@@ -32,7 +34,9 @@ impl KubeApiserver {
     pub fn start() -> KubeApiserver {
         let etcd = Etcd::start();
         let dir = scratch_dir("apiserver");
-        let port = free_port();
+        // kube-apiserver refuses `--secure-port=0`: a reserved port (see `crate::ports`).
+        let reserved = ReservedPort::new();
+        let port = reserved.port();
         let url = format!("https://127.0.0.1:{port}");
         let pki = write_pki(dir.path());
         let tokens = dir.path().join("tokens.csv");
@@ -85,6 +89,7 @@ impl KubeApiserver {
             kubeconfig,
             dir,
             _process: process,
+            _port: reserved,
             _etcd: etcd,
         };
         let deadline = std::time::Instant::now() + Duration::from_secs(120);

@@ -1,36 +1,47 @@
-//! A real etcd server on free loopback ports, in a temporary data directory.
+//! A real etcd server on a reserved loopback port, in a temporary data directory.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use crate::ports::ReservedPort;
 use crate::process::Process;
 use crate::tools::tool;
-use crate::{free_port, http_get, scratch_dir, wait_until};
+use crate::{http_get, scratch_dir, wait_until};
+
+/// The peer URL of a single member: a unix socket named `peer:1` in the member's working
+/// directory (etcd wants `host:port` even for a socket). A single member never dials it, but
+/// etcd always listens for peers, and a socket in the scratch directory cannot collide.
+pub(crate) const PEER_SOCKET_URL: &str = "unix://peer:1";
 
 /// A single-member etcd cluster owned by one test.
 pub struct Etcd {
     /// `http://127.0.0.1:<port>`.
     pub endpoint: String,
-    client_port: u16,
-    peer_port: u16,
+    client_port: ReservedPort,
     data_dir: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     process: Option<Process>,
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        // The server goes before its port reservation does.
+        self.kill();
+    }
 }
 
 impl Etcd {
     /// Starts etcd and waits until it answers `/health`.
     pub fn start() -> Etcd {
         let dir = scratch_dir("etcd");
-        let client_port = free_port();
-        let peer_port = free_port();
+        // A reserved port, not port 0: a restarted etcd must come back on the same endpoint.
+        let client_port = ReservedPort::new();
         let mut etcd = Etcd {
-            endpoint: format!("http://127.0.0.1:{client_port}"),
+            endpoint: format!("http://{}", client_port.addr()),
             client_port,
-            peer_port,
             data_dir: dir.path().join("data"),
-            _dir: dir,
+            dir,
             process: None,
         };
         etcd.launch();
@@ -38,21 +49,22 @@ impl Etcd {
     }
 
     fn launch(&mut self) {
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer = PEER_SOCKET_URL;
         let mut cmd = Command::new(tool("etcd"));
-        cmd.args(["--name", "testkit"])
+        cmd.current_dir(self.dir.path())
+            .args(["--name", "testkit"])
             .arg("--data-dir")
             .arg(&self.data_dir)
             .args(["--listen-client-urls", &self.endpoint])
             .args(["--advertise-client-urls", &self.endpoint])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--listen-peer-urls", peer])
+            .args(["--initial-advertise-peer-urls", peer])
             .args(["--initial-cluster", &format!("testkit={peer}")])
             .args(["--log-level", "warn"])
             // Tests check behaviour, not durability across power loss.
             .arg("--unsafe-no-fsync");
         self.process = Some(Process::spawn("etcd", cmd));
-        let health = format!("127.0.0.1:{}", self.client_port);
+        let health = self.client_port.addr();
         wait_until("etcd /health", Duration::from_secs(30), || {
             http_get(&health, "/health")
                 .is_some_and(|(status, body)| status == 200 && body.contains("\"health\":\"true\""))
@@ -66,7 +78,7 @@ impl Etcd {
         }
     }
 
-    /// Starts the server again on the same ports and data directory.
+    /// Starts the server again on the same port and data directory.
     pub fn restart(&mut self) {
         self.kill();
         self.launch();

@@ -1,30 +1,41 @@
 //! A real three-member (or n-member) etcd cluster on loopback, for failover tests: members can be
 //! SIGKILLed one by one and started again on the same ports and data.
+//!
+//! Members talk to each other over unix sockets in the cluster's scratch directory (every member
+//! runs there, and etcd wants `unix://<host>:<port>`, so member `m0` listens on the socket file
+//! `m0:2380`): each member's peer URL must be known before any starts, and a socket file cannot
+//! collide with anything outside the directory. Client ports are [`ReservedPort`]s: they must
+//! survive a member's restart, because the agents and controllers under test keep them.
 
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use crate::ports::ReservedPort;
 use crate::process::Process;
 use crate::tools::tool;
-use crate::{free_port, http_get, scratch_dir, wait_until};
+use crate::{http_get, scratch_dir, wait_until};
 
 struct Member {
-    name: String,
-    client_port: u16,
-    peer_port: u16,
-    data_dir: PathBuf,
+    // Declared first, so dropped first: the server goes before its port reservation does.
     process: Option<Process>,
+    name: String,
+    client_port: ReservedPort,
+    data_dir: PathBuf,
 }
 
 impl Member {
     fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        format!("http://{}", self.client_port.addr())
+    }
+
+    fn peer_url(&self) -> String {
+        format!("unix://{}:2380", self.name)
     }
 
     fn healthy(&self) -> bool {
-        http_get(&format!("127.0.0.1:{}", self.client_port), "/health")
+        http_get(&self.client_port.addr(), "/health")
             .is_some_and(|(status, body)| status == 200 && body.contains("\"health\":\"true\""))
     }
 }
@@ -33,7 +44,7 @@ impl Member {
 pub struct EtcdCluster {
     members: Vec<Member>,
     initial_cluster: String,
-    _dir: tempfile::TempDir,
+    scratch: tempfile::TempDir,
 }
 
 impl EtcdCluster {
@@ -42,22 +53,21 @@ impl EtcdCluster {
         let dir = scratch_dir("etcd-cluster");
         let members: Vec<Member> = (0..n)
             .map(|i| Member {
-                name: format!("m{i}"),
-                client_port: free_port(),
-                peer_port: free_port(),
-                data_dir: dir.path().join(format!("m{i}")),
                 process: None,
+                name: format!("m{i}"),
+                client_port: ReservedPort::new(),
+                data_dir: dir.path().join(format!("m{i}")),
             })
             .collect();
         let initial_cluster = members
             .iter()
-            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .map(|m| format!("{}={}", m.name, m.peer_url()))
             .collect::<Vec<_>>()
             .join(",");
         let mut cluster = EtcdCluster {
             members,
             initial_cluster,
-            _dir: dir,
+            scratch: dir,
         };
         for i in 0..n {
             cluster.launch(i);
@@ -69,9 +79,11 @@ impl EtcdCluster {
     fn launch(&mut self, i: usize) {
         let m = &self.members[i];
         let client = m.endpoint();
-        let peer = format!("http://127.0.0.1:{}", m.peer_port);
+        let peer = m.peer_url();
         let mut cmd = Command::new(tool("etcd"));
-        cmd.args(["--name", &m.name])
+        // The peer sockets are relative to the working directory: the same one for every member.
+        cmd.current_dir(self.dir())
+            .args(["--name", &m.name])
             .arg("--data-dir")
             .arg(&m.data_dir)
             .args(["--listen-client-urls", &client])
@@ -86,6 +98,10 @@ impl EtcdCluster {
             .arg("--unsafe-no-fsync");
         let name = format!("etcd-{}", m.name);
         self.members[i].process = Some(Process::spawn(&name, cmd));
+    }
+
+    fn dir(&self) -> &Path {
+        self.scratch.path()
     }
 
     /// Every member's client URL, `http://127.0.0.1:<port>`, in member order.
@@ -159,7 +175,7 @@ impl EtcdCluster {
     pub fn restart(&mut self, i: usize) {
         self.kill(i);
         self.launch(i);
-        let addr = format!("127.0.0.1:{}", self.members[i].client_port);
+        let addr = self.members[i].client_port.addr();
         wait_until(
             &format!("etcd member {i} listening"),
             Duration::from_secs(30),

@@ -10,9 +10,11 @@ use rcgen::{
     Issuer, KeyPair,
 };
 
+use crate::etcd::PEER_SOCKET_URL;
+use crate::ports::ReservedPort;
 use crate::process::Process;
 use crate::tools::{repo_root, tool};
-use crate::{free_port, http_get, scratch_dir, wait_until};
+use crate::{http_get, scratch_dir, wait_until};
 
 /// Client-side TLS files: the CA that signed etcd's serving certificate, and a client
 /// certificate/key signed by the same CA.
@@ -37,6 +39,7 @@ pub struct SecureEtcd {
     pub foreign: ClientTls,
     dir: tempfile::TempDir,
     _process: Process,
+    _ports: [ReservedPort; 2],
 }
 
 impl SecureEtcd {
@@ -50,23 +53,25 @@ impl SecureEtcd {
         let (server_cert, server_key, tls) = write_pki(&pki, "");
         let (_, _, foreign) = write_pki(&pki, "foreign-");
 
-        let client_port = free_port();
-        let peer_port = free_port();
-        let metrics_port = free_port();
-        let endpoint = format!("https://127.0.0.1:{client_port}");
-        let peer = format!("http://127.0.0.1:{peer_port}");
+        // Reserved ports rather than port 0: etcd's built-in gRPC gateway dials the configured
+        // client address, which must therefore be the real one (see `crate::ports`).
+        let client_port = ReservedPort::new();
+        let metrics_port = ReservedPort::new();
+        let endpoint = format!("https://{}", client_port.addr());
+        let peer = PEER_SOCKET_URL;
         let mut cmd = Command::new(tool("etcd"));
-        cmd.args(["--name", "testkit"])
+        cmd.current_dir(dir.path())
+            .args(["--name", "testkit"])
             .arg("--data-dir")
             .arg(dir.path().join("data"))
             .args(["--listen-client-urls", &endpoint])
             .args(["--advertise-client-urls", &endpoint])
-            .args(["--listen-peer-urls", &peer])
-            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--listen-peer-urls", peer])
+            .args(["--initial-advertise-peer-urls", peer])
             .args(["--initial-cluster", &format!("testkit={peer}")])
             .args([
                 "--listen-metrics-urls",
-                &format!("http://127.0.0.1:{metrics_port}"),
+                &format!("http://{}", metrics_port.addr()),
             ])
             .arg("--cert-file")
             .arg(&server_cert)
@@ -78,7 +83,7 @@ impl SecureEtcd {
             .args(["--log-level", "warn"])
             .arg("--unsafe-no-fsync");
         let process = Process::spawn("etcd-tls", cmd);
-        let health = format!("127.0.0.1:{metrics_port}");
+        let health = metrics_port.addr();
         wait_until("TLS etcd /health", Duration::from_secs(30), || {
             http_get(&health, "/health")
                 .is_some_and(|(status, body)| status == 200 && body.contains("\"health\":\"true\""))
@@ -89,6 +94,7 @@ impl SecureEtcd {
             foreign,
             dir,
             _process: process,
+            _ports: [client_port, metrics_port],
         }
     }
 

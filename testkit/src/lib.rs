@@ -1,4 +1,9 @@
-//! The test harness: real servers on free loopback ports, torn down with the test.
+//! The test harness: real servers on loopback, torn down with the test.
+//!
+//! No port is ever picked, freed and then handed to a server (another process may bind it in
+//! between): the project's binaries bind `127.0.0.1:0` and the harness reads the bound address
+//! from their output ([`Process::wait_for_serving_addr`]); etcd and kube-apiserver get a
+//! [`ReservedPort`], held under a lock outside the kernel's ephemeral range (see `ports.rs`).
 //!
 //! - [`Etcd`]: a real etcd (built once by `hack/tools.sh` from the Go module proxy);
 //! - [`KubeApiserver`]: a real kube-apiserver with its own etcd, certificates and kubeconfig, and
@@ -10,6 +15,7 @@ mod apiserver;
 mod etcd;
 mod etcd_cluster;
 mod etcd_secure;
+mod ports;
 mod process;
 mod proxy;
 mod tools;
@@ -18,22 +24,15 @@ pub use apiserver::KubeApiserver;
 pub use etcd::Etcd;
 pub use etcd_cluster::EtcdCluster;
 pub use etcd_secure::{ClientTls, EtcdUsers, SecureEtcd, enable_etcd_auth, etcdctl_as, tls_env};
+pub use ports::ReservedPort;
 pub use process::{Line, Process};
 pub use proxy::TcpProxy;
 pub use tools::{kubectl, project_bin, repo_root, tool};
 
 use std::future::Future;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
-
-/// A TCP port on 127.0.0.1 that was free a moment ago.
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("bind an ephemeral loopback port")
-        .port()
-}
 
 /// A temporary directory, removed on drop.
 pub fn scratch_dir(what: &str) -> tempfile::TempDir {

@@ -66,11 +66,20 @@ impl Process {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        // SAFETY: prctl and sigaction are async-signal-safe; nothing else runs between fork and
+        // exec.
         unsafe {
             cmd.pre_exec(|| {
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
-                    .map_err(|e| std::io::Error::from_raw_os_error(e as i32))
+                    .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+                // A test binary started in the background by a script (`make test &`) inherits
+                // SIGINT ignored, and a child shell could then neither trap nor receive it: the
+                // children run as if started from a terminal.
+                for sig in [Signal::SIGINT, Signal::SIGQUIT] {
+                    nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl)
+                        .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+                }
+                Ok(())
             });
         }
         let program = format!("{:?}", cmd.get_program());
@@ -170,6 +179,27 @@ impl Process {
         self.wait_for_line_from(0, timeout, what, pred).1
     }
 
+    /// The address in this process's `serving /metrics ... on <addr>` line, if it printed one
+    /// yet (non-blocking twin of [`Process::wait_for_serving_addr`]).
+    pub fn serving_addr(&self) -> Option<String> {
+        let lines = self.output.lines.lock().expect("lines lock");
+        lines
+            .iter()
+            .find_map(|l| serving_addr(&l.text).map(str::to_string))
+    }
+
+    /// The address one of the project's binaries started with `--metrics-addr 127.0.0.1:0`
+    /// serves on: waits for its `serving /metrics ... on <addr>` line (text or JSON logs) and
+    /// returns `<addr>`, e.g. `127.0.0.1:40123`.
+    pub fn wait_for_serving_addr(&self, timeout: Duration) -> String {
+        let line = self.wait_for_line(timeout, "serving /metrics ... on <addr>", |l| {
+            serving_addr(l).is_some()
+        });
+        serving_addr(&line.text)
+            .expect("matched a serving line")
+            .to_string()
+    }
+
     /// The number of lines printed so far (a cursor for `wait_for_line_from`).
     pub fn line_count(&self) -> usize {
         self.output.lines.lock().expect("lines lock").len()
@@ -206,10 +236,44 @@ impl Process {
     }
 }
 
+/// The address in a `serving /metrics[, /healthz and /readyz] on <addr>` log line.
+fn serving_addr(line: &str) -> Option<&str> {
+    let rest = &line[line.find("serving /metrics")?..];
+    let addr = rest.rsplit_once(" on ")?.1;
+    let addr = addr.split(|c: char| c == '"' || c.is_whitespace()).next()?;
+    addr.parse::<std::net::SocketAddr>().ok().map(|_| addr)
+}
+
 impl Drop for Process {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
             self.kill_hard();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::serving_addr;
+
+    #[test]
+    fn serving_addr_reads_text_and_json_log_lines() {
+        assert_eq!(
+            serving_addr(
+                "2026-12-01T21:37:02.599265Z  INFO serving /metrics, /healthz and /readyz on 127.0.0.1:40123"
+            ),
+            Some("127.0.0.1:40123")
+        );
+        assert_eq!(
+            serving_addr(
+                r#"{"timestamp":"x","level":"INFO","fields":{"message":"serving /metrics and /healthz on 127.0.0.1:8080"}}"#
+            ),
+            Some("127.0.0.1:8080")
+        );
+        assert_eq!(
+            serving_addr("serving /metrics and /healthz on 127.0.0.1:0x"),
+            None
+        );
+        assert_eq!(serving_addr("agent started: node worker-1"), None);
     }
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_yaml::Value;
 use testkit::{
-    KubeApiserver, Process, free_port, http_get, repo_root, scratch_dir, tool, wait_until,
+    KubeApiserver, Process, ReservedPort, http_get, repo_root, scratch_dir, tool, wait_until,
 };
 
 /// The chart's directory.
@@ -580,11 +580,12 @@ fn dockerfile_builds_and_copies_what_make_release_builds() {
     }
 }
 
-/// Ports one loopback etcd member listens on, standing in for a pod's 2379/2380/2381.
+/// Ports one loopback etcd member listens on, standing in for a pod's 2379/2380/2381: reserved
+/// (every member's peer URL must be known before any starts, so port 0 cannot do).
 struct MemberPorts {
-    client: u16,
-    peer: u16,
-    metrics: u16,
+    client: ReservedPort,
+    peer: ReservedPort,
+    metrics: ReservedPort,
 }
 
 /// Rewrites one rendered etcd flag for member `me` on loopback: pod DNS names and 0.0.0.0
@@ -598,13 +599,13 @@ fn loopback_flag(flag: &str, me: usize, ports: &[MemberPorts], data_dir: &Path) 
     for (i, p) in ports.iter().enumerate() {
         let host = format!("etcd-{i}.etcd-service.etcd.svc.cluster.local");
         flag = flag
-            .replace(&format!("{host}:2379"), &format!("127.0.0.1:{}", p.client))
-            .replace(&format!("{host}:2380"), &format!("127.0.0.1:{}", p.peer));
+            .replace(&format!("{host}:2379"), &p.client.addr())
+            .replace(&format!("{host}:2380"), &p.peer.addr());
     }
     let mine = &ports[me];
-    flag.replace("0.0.0.0:2379", &format!("127.0.0.1:{}", mine.client))
-        .replace("0.0.0.0:2380", &format!("127.0.0.1:{}", mine.peer))
-        .replace("0.0.0.0:2381", &format!("127.0.0.1:{}", mine.metrics))
+    flag.replace("0.0.0.0:2379", &mine.client.addr())
+        .replace("0.0.0.0:2380", &mine.peer.addr())
+        .replace("0.0.0.0:2381", &mine.metrics.addr())
 }
 
 #[test]
@@ -628,9 +629,9 @@ fn three_member_etcd_command_line_from_the_chart_forms_a_cluster() {
 
     let ports: Vec<MemberPorts> = (0..3)
         .map(|_| MemberPorts {
-            client: free_port(),
-            peer: free_port(),
-            metrics: free_port(),
+            client: ReservedPort::new(),
+            peer: ReservedPort::new(),
+            metrics: ReservedPort::new(),
         })
         .collect();
     let dirs: Vec<_> = (0..3).map(|_| scratch_dir("etcd-member")).collect();
@@ -654,7 +655,7 @@ fn three_member_etcd_command_line_from_the_chart_forms_a_cluster() {
 
     // Each member's probes answer on the plain metrics port once the cluster has formed.
     for (i, p) in ports.iter().enumerate() {
-        let addr = format!("127.0.0.1:{}", p.metrics);
+        let addr = p.metrics.addr();
         let member = &members[i];
         wait_until(
             &format!("etcd-{i} /readyz"),
@@ -669,7 +670,7 @@ fn three_member_etcd_command_line_from_the_chart_forms_a_cluster() {
         );
     }
 
-    let endpoint = format!("http://127.0.0.1:{}", ports[0].client);
+    let endpoint = format!("http://{}", ports[0].client.addr());
     let mut table = String::new();
     wait_until(
         "etcdctl member list: three members started",
@@ -769,15 +770,14 @@ fn rendered_agent_and_controller_command_lines_run_the_real_binaries() {
         "nodepulse",
         node,
     );
-    let agent_port = free_port();
     let agent_cmd = local_command(ds, "nodepulse-agent", &agent_env, |s| {
         s.replace(in_cluster_etcd, &etcd.endpoint)
             .replace("/host/proc", "/proc")
             .replace("/host/root", "/")
-            .replace("0.0.0.0:9101", &format!("127.0.0.1:{agent_port}"))
+            .replace("0.0.0.0:9101", "127.0.0.1:0")
     });
     let agent = Process::spawn("agent", agent_cmd);
-    let agent_addr = format!("127.0.0.1:{agent_port}");
+    let agent_addr = agent.wait_for_serving_addr(Duration::from_secs(60));
     for path in ["/healthz", "/readyz"] {
         wait_until(
             &format!("the agent's {path} (TESTKIT_VERBOSE=1 shows its output)"),
@@ -810,13 +810,12 @@ fn rendered_agent_and_controller_command_lines_run_the_real_binaries() {
         "KUBECONFIG".into(),
         server.kubeconfig.to_string_lossy().into_owned(),
     ));
-    let controller_port = free_port();
     let controller_cmd = local_command(deploy, "nodepulse-controller", &controller_env, |s| {
         s.replace(in_cluster_etcd, &etcd.endpoint)
-            .replace("0.0.0.0:8080", &format!("127.0.0.1:{controller_port}"))
+            .replace("0.0.0.0:8080", "127.0.0.1:0")
     });
     let controller = Process::spawn("controller", controller_cmd);
-    let controller_addr = format!("127.0.0.1:{controller_port}");
+    let controller_addr = controller.wait_for_serving_addr(Duration::from_secs(60));
     wait_until("the controller's /healthz", Duration::from_secs(60), || {
         http_get(&controller_addr, "/healthz").is_some_and(|(s, _)| s == 200)
     });

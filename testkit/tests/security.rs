@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_yaml::Value;
 use testkit::{
     ClientTls, Etcd, EtcdUsers, KubeApiserver, Process, SecureEtcd, enable_etcd_auth, etcdctl_as,
-    free_port, project_bin, repo_root, scratch_dir, tool, wait_until,
+    project_bin, repo_root, scratch_dir, tool, wait_until,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -87,7 +87,7 @@ fn agent(node: &str, conn: &Conn, via: Via, log: &str) -> Process {
         .env_remove("NODE_NAME")
         .args(["--node-name", node])
         .args(["--heartbeat-ttl", "3"])
-        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())]);
+        .args(["--metrics-addr", "127.0.0.1:0"]);
     conn.apply(&mut cmd, via);
     Process::spawn(&format!("agent-{node}"), cmd)
 }
@@ -96,7 +96,7 @@ fn controller(api: &KubeApiserver, conn: &Conn, via: Via, log: &str) -> Process 
     let mut cmd = Command::new(project_bin("nodepulse-controller"));
     cmd.env("KUBECONFIG", &api.kubeconfig)
         .env("RUST_LOG", log)
-        .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-addr", "127.0.0.1:0"])
         .args(["--leader-election-namespace", "default"])
         .args(["--leader-election-identity", "security-test"])
         .args(["--usage-write-interval", "5s"]);
