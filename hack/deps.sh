@@ -6,6 +6,7 @@ set -euo pipefail
 need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)   # etcd-client's build script
 command -v openssl >/dev/null || need_apt+=(openssl)
+# flock: hack/tools.sh builds one tool at a time, hack/demo.sh reserves its ports.
 command -v flock >/dev/null || need_apt+=(util-linux)
 if ((${#need_apt[@]})); then
   echo "deps: apt-get install ${need_apt[*]}" >&2
@@ -23,6 +24,6 @@ rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup comp
 rustup component list --installed 2>/dev/null | grep -q '^rustfmt' || rustup component add rustfmt
 
 if ! command -v go >/dev/null; then
-  echo "deps: go not found; the test tooling (kube-apiserver, etcd, helm) is built with Go" >&2
+  echo "deps: go not found; the test tooling (etcd, kube-apiserver, kubectl, helm) is built with Go" >&2
   exit 1
 fi

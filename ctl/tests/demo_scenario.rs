@@ -49,12 +49,13 @@ fn agent_time(line: &str) -> jiff::Timestamp {
         .unwrap_or_else(|| panic!("no timestamp in {line:?}"))
 }
 
-/// The directory of etcd, etcdctl (and kube-apiserver), built first if this machine lacks them.
+/// The directory of etcd, etcdctl (and kube-apiserver, kubectl), built first if this machine lacks them.
 fn tools_dir(k8s: bool) -> PathBuf {
     let etcd = tool("etcd");
     tool("etcdctl");
     if k8s {
         tool("kube-apiserver");
+        tool("kubectl");
     }
     etcd.parent().expect("tools dir").to_path_buf()
 }
