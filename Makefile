@@ -27,7 +27,7 @@ release: deps ## Build the release binaries the image ships
 
 .PHONY: test
 test: tools build ## Unit and integration tests against a real etcd and kube-apiserver
-	$(CARGO) test --workspace
+	$(CARGO) test --workspace --no-fail-fast
 
 .PHONY: lint
 lint: deps ## cargo fmt --check, clippy -D warnings, helm lint --strict
