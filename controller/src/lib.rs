@@ -6,7 +6,8 @@
 //! - [`config`] and [`config_keys`]: the MonitorConfig controller and the keys it writes;
 //! - [`effective`]: which MonitorConfig wins which node (pure);
 //! - [`inventory`]: the Node and MonitorNode caches;
-//! - [`leader`]: Lease-based leader election; [`metrics`]: `/metrics`, `/healthz` and `/readyz`.
+//! - [`leader`]: Lease-based leader election; [`metrics`]: `/metrics`, `/healthz` and `/readyz`;
+//! - [`removal`]: `--on-uninstall`, the chart's pre-delete hook.
 #![deny(missing_docs)]
 
 pub mod config;
@@ -17,6 +18,7 @@ pub mod inventory;
 pub mod leader;
 pub mod liveness;
 pub mod metrics;
+pub mod removal;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -89,10 +91,31 @@ pub struct Args {
     /// Log format.
     #[arg(long, env = "NODEPULSE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Run as the chart's pre-delete hook, then exit: scale the Deployment `--deployment-name`
+    /// (in the leader-election namespace) to zero, wait until no replica holds the Lease, and
+    /// mark every MonitorNode Unknown (ControllerRemoved), since nothing will update them.
+    #[arg(long, requires = "deployment_name")]
+    pub on_uninstall: bool,
+
+    /// The controller's own Deployment, for `--on-uninstall`.
+    #[arg(long, env = "NODEPULSE_DEPLOYMENT_NAME")]
+    pub deployment_name: Option<String>,
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
 pub async fn run(args: Args) -> Result<()> {
+    if let (true, Some(deployment)) = (args.on_uninstall, &args.deployment_name) {
+        let client = Client::try_default().await.map_err(Error::KubeConfig)?;
+        removal::run_on_uninstall(
+            &client,
+            &args.leader.namespace,
+            deployment,
+            args.leader.lease_duration,
+        )
+        .await;
+        return Ok(());
+    }
     let metrics = Arc::new(Metrics::default());
     let ready = metrics::EtcdReadiness::default();
     let serve = tokio::spawn(metrics::serve(

@@ -977,4 +977,36 @@ fn chart_defaults_run_on_a_real_node() {
             .as_str(),
         Some("baseline")
     );
+
+    // helm uninstall: a pre-delete hook stops the controller and marks the MonitorNodes Unknown,
+    // with the controller's ServiceAccount, allowed to patch its own Deployment and no other.
+    let job = object(&objects, "Job", "nodepulse-controller-uninstall");
+    assert_eq!(
+        job["metadata"]["annotations"]["helm.sh/hook"].as_str(),
+        Some("pre-delete")
+    );
+    let pod = &job["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["serviceAccountName"].as_str(),
+        Some("nodepulse-controller")
+    );
+    let args = container_args(job);
+    assert!(
+        args.contains(&"--on-uninstall".to_string())
+            && args.contains(&"--deployment-name=nodepulse-controller".to_string()),
+        "{args:?}"
+    );
+    let role = object(&objects, "Role", "nodepulse-controller-leader-election");
+    let rule = role["rules"]
+        .as_sequence()
+        .expect("rules")
+        .iter()
+        .find(|r| r["resources"][0].as_str() == Some("deployments"))
+        .expect("a rule on deployments");
+    assert_eq!(
+        rule["resourceNames"][0].as_str(),
+        Some("nodepulse-controller")
+    );
+    let off = render(&["--set", "controller.markNodesUnknownOnUninstall=false"]);
+    assert!(!kinds(&off).contains("Job"));
 }
