@@ -4,17 +4,13 @@
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use etcd_client::{Client, EventType, WatchOptions};
-use nodepulse_crd::etcd::{Backoff, EtcdArgs};
+use nodepulse_crd::etcd::EtcdArgs;
+use nodepulse_crd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
 use nodepulse_crd::wire::{AppliedConfig, ConfigValue, MetricSet};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::error::{Error, Result};
 use crate::http::AgentMetrics;
-
-/// How long one etcd call may take before we treat the connection as gone.
-const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The configuration in force, and what the agent reports about it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -181,14 +177,6 @@ pub fn transition(current: &AppliedState, event: KeyEvent<'_>) -> Transition {
     }
 }
 
-/// Why a watch stream ended.
-enum WatchEnd {
-    /// The revision to resume from was compacted away: read the key again.
-    Compacted(i64),
-    /// The connection or the stream failed: resume from the last revision seen.
-    Lost(Error),
-}
-
 /// Reads `/monitor/config/<node>` at start, then watches it, applying each change to the shared
 /// configuration.
 pub struct ConfigWatcher {
@@ -214,189 +202,43 @@ impl ConfigWatcher {
         }
     }
 
-    /// Runs until the task is dropped. Never returns an error: etcd being away is waited out.
+    /// Runs until the task is dropped. Never returns an error: etcd being away is waited out
+    /// (the shared watcher resumes from the last revision, and reads the key again after a
+    /// compaction or when etcd was rebuilt).
     pub async fn run(self) {
-        // At most 2.5 s between retries: a config change must reach the agent within 5 s of
-        // etcd's return, and a retry is due at most one cap after the last failure.
-        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(2500));
-        let mut client = crate::connect_until_ok(&self.etcd, "config watch").await;
-        // The next revision to watch from; None until the key has been read.
-        let mut resume_from: Option<i64> = None;
-        let mut outage = false;
+        let client = crate::connect_until_ok(&self.etcd, "config watch").await;
+        let mut watcher = EtcdWatcher::new(
+            client,
+            self.key.as_str(),
+            WatcherSettings::key("config watch"),
+        );
         loop {
-            let from = match resume_from {
-                Some(r) => r,
-                None => match self.read_key(&mut client).await {
-                    Ok(r) => r + 1,
-                    Err(e) => {
-                        if !outage {
-                            warn!("config: cannot read {}: {e}; retrying", self.key);
-                            outage = true;
-                        }
-                        backoff.wait().await;
-                        continue;
-                    }
-                },
-            };
-            resume_from = Some(from);
-            match self
-                .watch_from(
-                    &mut client,
-                    from,
-                    &mut resume_from,
-                    &mut outage,
-                    &mut backoff,
-                )
-                .await
-            {
-                WatchEnd::Compacted(oldest) => {
-                    info!(
-                        "config watch: revision {from} was compacted (oldest kept is {oldest}); reading {} again",
-                        self.key
-                    );
-                    resume_from = None;
-                }
-                WatchEnd::Lost(e) => {
-                    if !outage {
-                        warn!(
-                            "config watch on {} lost: {e}; resuming from revision {}",
-                            self.key,
-                            resume_from.unwrap_or(from)
-                        );
-                        outage = true;
-                    }
-                    backoff.wait().await;
-                }
-            }
+            let event = watcher.next().await;
+            self.on_event(event);
         }
     }
 
-    /// Reads the key and applies what it holds. Returns the store revision read at.
-    async fn read_key(&self, client: &mut Client) -> Result<i64> {
-        let what = format!("read {}", self.key);
-        let resp = tokio::time::timeout(CALL_TIMEOUT, client.get(self.key.as_str(), None))
-            .await
-            .map_err(|_| Error::Timeout {
-                what: what.clone(),
-                after: CALL_TIMEOUT,
-            })?
-            .map_err(|source| Error::Etcd { what, source })?;
-        let store_revision = resp.header().map_or(0, |h| h.revision());
-        match resp.kvs().first() {
-            Some(kv) => self.apply(KeyEvent::Put {
-                value: kv.value(),
-                revision: kv.mod_revision(),
+    /// What one event of the key does to the configuration.
+    fn on_event(&self, event: WatchEvent) {
+        match event {
+            WatchEvent::Listed { revision, kvs } => match kvs.first() {
+                Some(kv) => self.apply(KeyEvent::Put {
+                    value: &kv.value,
+                    revision: kv.mod_revision,
+                }),
+                // No key: defaults. A key deleted while we were not watching (after a
+                // compaction, or on a rebuilt etcd) also means defaults.
+                None if self.shared.current().revision != 0 => {
+                    self.apply(KeyEvent::Deleted { revision })
+                }
+                None => {}
+            },
+            WatchEvent::Put(kv) => self.apply(KeyEvent::Put {
+                value: &kv.value,
+                revision: kv.mod_revision,
             }),
-            // No key: defaults. A key deleted while we were not watching (only possible after a
-            // compaction) also means defaults.
-            None if self.shared.current().revision != 0 => self.apply(KeyEvent::Deleted {
-                revision: store_revision,
-            }),
-            None => {}
-        }
-        Ok(store_revision)
-    }
-
-    async fn watch_from(
-        &self,
-        client: &mut Client,
-        from: i64,
-        resume_from: &mut Option<i64>,
-        outage: &mut bool,
-        backoff: &mut Backoff,
-    ) -> WatchEnd {
-        let what = || format!("watch {} from revision {from}", self.key);
-        // Progress notifications keep the resume revision moving while the key is quiet, so a
-        // resume after a long outage does not replay from a revision compacted long ago.
-        let options = WatchOptions::new()
-            .with_start_revision(from)
-            .with_progress_notify();
-        let mut stream = match tokio::time::timeout(
-            CALL_TIMEOUT,
-            client.watch(self.key.as_str(), Some(options)),
-        )
-        .await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(source)) => {
-                return WatchEnd::Lost(Error::Etcd {
-                    what: what(),
-                    source,
-                });
-            }
-            Err(_) => {
-                return WatchEnd::Lost(Error::Timeout {
-                    what: what(),
-                    after: CALL_TIMEOUT,
-                });
-            }
-        };
-        loop {
-            // HTTP/2 keep-alive (EtcdArgs::connect) fails this stream within seconds when etcd
-            // dies, so this await cannot hang on a dead connection.
-            let resp = match stream.message().await {
-                Ok(Some(r)) => r,
-                Ok(None) => {
-                    return WatchEnd::Lost(Error::StreamEnded(format!(
-                        "{}: stream closed by etcd",
-                        what()
-                    )));
-                }
-                Err(source) => {
-                    return WatchEnd::Lost(Error::Etcd {
-                        what: what(),
-                        source,
-                    });
-                }
-            };
-            if resp.canceled() {
-                if resp.compact_revision() > 0 {
-                    return WatchEnd::Compacted(resp.compact_revision());
-                }
-                // etcd checks a watch's permission inside the stream: a token a restarted etcd
-                // forgot cancels it ("permission denied") instead of failing the call, so the
-                // client's automatic re-authentication never fires. Refresh the token before the
-                // retry, or every retry is canceled the same way. Without credentials this is a no-op.
-                if let Err(e) = client.refresh_token().await {
-                    debug!("config watch: re-authenticate to etcd: {e}");
-                }
-                return WatchEnd::Lost(Error::StreamEnded(format!(
-                    "{}: canceled by etcd ({})",
-                    what(),
-                    resp.cancel_reason()
-                )));
-            }
-            if resp.created() {
-                if *outage {
-                    info!(
-                        "config watch on {} resumed from revision {}",
-                        self.key,
-                        resume_from.unwrap_or(from)
-                    );
-                    *outage = false;
-                }
-                backoff.reset();
-                continue;
-            }
-            if resp.events().is_empty() {
-                // A progress notification: everything up to the header's revision was sent.
-                if let Some(h) = resp.header() {
-                    *resume_from = Some(resume_from.unwrap_or(from).max(h.revision() + 1));
-                }
-                continue;
-            }
-            for event in resp.events() {
-                let Some(kv) = event.kv() else { continue };
-                let revision = kv.mod_revision();
-                match event.event_type() {
-                    EventType::Put => self.apply(KeyEvent::Put {
-                        value: kv.value(),
-                        revision,
-                    }),
-                    EventType::Delete => self.apply(KeyEvent::Deleted { revision }),
-                }
-                *resume_from = Some(revision + 1);
-            }
+            WatchEvent::Delete { revision, .. } => self.apply(KeyEvent::Deleted { revision }),
+            WatchEvent::Interrupted => {}
         }
     }
 

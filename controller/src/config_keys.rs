@@ -6,12 +6,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp, WatchOptions};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use futures::channel::mpsc;
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 use nodepulse_crd::etcd::Backoff;
 use nodepulse_crd::v1alpha1::MonitorConfig;
+use nodepulse_crd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
 use nodepulse_crd::wire::{CONFIG_PREFIX, ConfigValue, config_key, node_of_config_key};
 use tokio::sync::{Mutex, Notify, watch};
 
@@ -299,68 +300,20 @@ impl ConfigKeys {
 
     /// Watches `/monitor/config/` so a key changed or deleted by hand is noticed at once.
     pub async fn watch_keys(self: Arc<Self>) -> Result<()> {
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(5));
+        let settings = WatcherSettings {
+            keys_only: true,
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_secs(5)),
+            ..WatcherSettings::prefix("config key watch")
+        };
+        let mut watcher = EtcdWatcher::new(self.etcd.clone(), CONFIG_PREFIX, settings);
         loop {
-            if let Err(e) = self.watch_keys_once(&mut backoff).await {
-                tracing::warn!(error = %e, "config key watch interrupted; re-listing after backoff");
-                backoff.wait().await;
-            }
-        }
-    }
-
-    async fn watch_keys_once(&self, backoff: &mut Backoff) -> Result<()> {
-        let mut etcd = self.etcd.clone();
-        let list = etcd
-            .get(
-                CONFIG_PREFIX,
-                Some(GetOptions::new().with_prefix().with_keys_only()),
-            )
-            .await
-            .map_err(Error::etcd(format!("list {CONFIG_PREFIX}")))?;
-        let revision = list.header().map_or(0, |h| h.revision());
-        let mut stream = etcd
-            .watch(
-                CONFIG_PREFIX,
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_start_revision(revision + 1),
-                ),
-            )
-            .await
-            .map_err(Error::etcd(format!("watch {CONFIG_PREFIX}")))?;
-        // Anything may have changed while the watch was down.
-        self.keys_changed.notify_one();
-        backoff.reset();
-        loop {
-            match stream.message().await {
-                Ok(Some(resp)) if resp.canceled() || resp.compact_revision() > 0 => {
-                    return Err(Error::WatchEnded {
-                        prefix: CONFIG_PREFIX,
-                        reason: format!(
-                            "cancelled ({}), compacted up to {}",
-                            resp.cancel_reason(),
-                            resp.compact_revision()
-                        ),
-                    });
+            match watcher.next().await {
+                // Anything may have changed while the watch was down; every change is a reason
+                // to sync (the sync reads the keys itself).
+                WatchEvent::Listed { .. } | WatchEvent::Put(_) | WatchEvent::Delete { .. } => {
+                    self.keys_changed.notify_one()
                 }
-                Ok(Some(resp)) => {
-                    if !resp.events().is_empty() {
-                        self.keys_changed.notify_one();
-                    }
-                }
-                Ok(None) => {
-                    return Err(Error::WatchEnded {
-                        prefix: CONFIG_PREFIX,
-                        reason: "stream closed".into(),
-                    });
-                }
-                Err(e) => {
-                    return Err(Error::WatchEnded {
-                        prefix: CONFIG_PREFIX,
-                        reason: e.to_string(),
-                    });
-                }
+                WatchEvent::Interrupted => {}
             }
         }
     }

@@ -4,12 +4,11 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, EventType, GetOptions, WatchOptions};
+use etcd_client::Client;
 use nodepulse_crd::etcd::Backoff;
+use nodepulse_crd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
 use nodepulse_crd::wire::{HEARTBEAT_PREFIX, Heartbeat, node_of_heartbeat_key, validate_node_name};
 use tokio::sync::mpsc;
-
-use crate::error::{Error, Result};
 
 /// What the heartbeat prefix says about the nodes.
 #[derive(Debug)]
@@ -33,6 +32,11 @@ pub enum LivenessEvent {
         /// When the delete event arrived, to measure how fast the status follows.
         seen_at: Instant,
     },
+    /// The watch broke: until the next snapshot, the controller cannot see the heartbeats.
+    Interrupted {
+        /// When it broke.
+        since: Instant,
+    },
 }
 
 /// Lists and watches `/monitor/heartbeat/`, forever.
@@ -47,115 +51,60 @@ impl HeartbeatWatcher {
         HeartbeatWatcher { etcd, events }
     }
 
-    /// Lists, then watches from the list's revision + 1; on any failure (etcd away, stream
-    /// broken, revision compacted) waits with backoff and starts over with a new list, so no
-    /// delete can slip through unnoticed. Returns only when the receiver is gone.
-    pub async fn run(mut self) {
-        // At most 2.5 s between retries: the watch must be back within 5 s of etcd's return,
-        // and a retry is due at most one cap after the last failure.
-        let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_millis(2500));
+    /// Lists, then watches from the list's revision + 1; after any failure (etcd away, stream
+    /// broken, revision compacted, etcd rebuilt) lists again, so no delete can slip through
+    /// unnoticed. Returns only when the receiver is gone.
+    pub async fn run(self) {
+        let settings = WatcherSettings {
+            // The controller trusts a fresh list, not its memory of the events.
+            relist_after_break: true,
+            backoff: Backoff::new(Duration::from_millis(200), Duration::from_millis(2500)),
+            ..WatcherSettings::prefix("heartbeat watch")
+        };
+        let mut watcher = EtcdWatcher::new(self.etcd, HEARTBEAT_PREFIX, settings);
         loop {
-            match self.list_and_watch(&mut backoff).await {
-                Ok(()) => return,
-                Err(e) => {
-                    tracing::warn!(error = %e, "heartbeat watch interrupted; re-listing after backoff");
-                    backoff.wait().await;
-                }
-            }
-        }
-    }
-
-    async fn list_and_watch(&mut self, backoff: &mut Backoff) -> Result<()> {
-        let list = self
-            .etcd
-            .get(HEARTBEAT_PREFIX, Some(GetOptions::new().with_prefix()))
-            .await
-            .map_err(Error::etcd(format!("list {HEARTBEAT_PREFIX}")))?;
-        let revision = list.header().map_or(0, |h| h.revision());
-        let mut snapshot = BTreeMap::new();
-        for kv in list.kvs() {
-            if let Some(node) = heartbeat_node(kv.key()) {
-                snapshot.insert(node.to_string(), parse(node, kv.value()));
-            }
-        }
-        tracing::debug!(revision, nodes = snapshot.len(), "listed heartbeats");
-        let mut stream = self
-            .etcd
-            .watch(
-                HEARTBEAT_PREFIX,
-                Some(
-                    WatchOptions::new()
-                        .with_prefix()
-                        .with_prev_key()
-                        .with_start_revision(revision + 1),
-                ),
-            )
-            .await
-            .map_err(Error::etcd(format!(
-                "watch {HEARTBEAT_PREFIX} from revision {}",
-                revision + 1
-            )))?;
-        // The snapshot goes out only once the watch is in place, so nothing falls in between.
-        if self
-            .events
-            .send(LivenessEvent::Snapshot(snapshot))
-            .await
-            .is_err()
-        {
-            return Ok(());
-        }
-        backoff.reset();
-        loop {
-            let resp = match stream.message().await {
-                Ok(Some(resp)) => resp,
-                Ok(None) => {
-                    return Err(Error::WatchEnded {
-                        prefix: HEARTBEAT_PREFIX,
-                        reason: "stream closed".into(),
-                    });
-                }
-                Err(e) => {
-                    return Err(Error::WatchEnded {
-                        prefix: HEARTBEAT_PREFIX,
-                        reason: e.to_string(),
-                    });
-                }
+            let Some(event) = liveness_event(watcher.next().await) else {
+                continue;
             };
-            if resp.compact_revision() > 0 {
-                return Err(Error::WatchEnded {
-                    prefix: HEARTBEAT_PREFIX,
-                    reason: format!("revision compacted up to {}", resp.compact_revision()),
-                });
-            }
-            if resp.canceled() {
-                return Err(Error::WatchEnded {
-                    prefix: HEARTBEAT_PREFIX,
-                    reason: format!("cancelled by etcd: {}", resp.cancel_reason()),
-                });
-            }
-            for event in resp.events() {
-                let Some(kv) = event.kv() else { continue };
-                let Some(node) = heartbeat_node(kv.key()) else {
-                    continue;
-                };
-                let node = node.to_string();
-                let liveness = match event.event_type() {
-                    EventType::Put => LivenessEvent::Put {
-                        heartbeat: parse(&node, kv.value()),
-                        node,
-                    },
-                    EventType::Delete => LivenessEvent::Delete {
-                        last: event.prev_kv().and_then(|prev| parse(&node, prev.value())),
-                        node,
-                        seen_at: Instant::now(),
-                    },
-                };
-                if self.events.send(liveness).await.is_err() {
-                    return Ok(());
-                }
+            if self.events.send(event).await.is_err() {
+                return;
             }
         }
     }
+}
+
+/// What one watch event says about the nodes (`None`: nothing, e.g. a key no agent writes).
+fn liveness_event(event: WatchEvent) -> Option<LivenessEvent> {
+    Some(match event {
+        WatchEvent::Listed { revision, kvs } => {
+            let mut snapshot = BTreeMap::new();
+            for kv in &kvs {
+                if let Some(node) = heartbeat_node(&kv.key) {
+                    snapshot.insert(node.to_string(), parse(node, &kv.value));
+                }
+            }
+            tracing::debug!(revision, nodes = snapshot.len(), "listed heartbeats");
+            LivenessEvent::Snapshot(snapshot)
+        }
+        WatchEvent::Put(kv) => {
+            let node = heartbeat_node(&kv.key)?.to_string();
+            LivenessEvent::Put {
+                heartbeat: parse(&node, &kv.value),
+                node,
+            }
+        }
+        WatchEvent::Delete { key, prev, .. } => {
+            let node = heartbeat_node(&key)?.to_string();
+            LivenessEvent::Delete {
+                last: prev.and_then(|prev| parse(&node, &prev.value)),
+                node,
+                seen_at: Instant::now(),
+            }
+        }
+        WatchEvent::Interrupted => LivenessEvent::Interrupted {
+            since: Instant::now(),
+        },
+    })
 }
 
 /// The node of a key under the heartbeat prefix, or `None` (logged) for a key no agent writes:

@@ -18,7 +18,7 @@ use nodepulse_crd::etcd::Backoff;
 use nodepulse_crd::v1alpha1::{
     AppliedConfigStatus, MonitorNode, MonitorNodeSpec, MonitorNodeStatus, NodeState,
 };
-use nodepulse_crd::wire::{AgentState, ConfigValue, Heartbeat, UsageSummary};
+use nodepulse_crd::wire::{AgentState, ConfigValue, HEARTBEAT_PREFIX, Heartbeat, UsageSummary};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use crate::FIELD_MANAGER;
@@ -40,6 +40,9 @@ pub enum LivenessReason {
     HeartbeatExpired,
     /// The agent said it was stopping, and no agent took the key over before its lease expired.
     AgentStopped,
+    /// The controller has had no working watch on the heartbeats for longer than the node's
+    /// TTL (etcd down, a partition): it cannot tell, like a Node's `NodeStatusUnknown`.
+    EtcdUnreachable,
 }
 
 impl LivenessReason {
@@ -49,6 +52,7 @@ impl LivenessReason {
             LivenessReason::HeartbeatSeen => "HeartbeatSeen",
             LivenessReason::HeartbeatExpired => "HeartbeatExpired",
             LivenessReason::AgentStopped => "AgentStopped",
+            LivenessReason::EtcdUnreachable => "EtcdUnreachable",
         }
     }
 
@@ -58,6 +62,7 @@ impl LivenessReason {
             LivenessReason::HeartbeatSeen => "heartbeat seen",
             LivenessReason::HeartbeatExpired => "heartbeat expired",
             LivenessReason::AgentStopped => "agent stopped",
+            LivenessReason::EtcdUnreachable => "etcd unreachable",
         }
     }
 }
@@ -68,7 +73,7 @@ pub fn transition_line(node: &str, state: NodeState, reason: LivenessReason) -> 
     match state {
         NodeState::Alive => format!("Node {node} Alive"),
         NodeState::Dead => format!("Node {node} Dead ({})", reason.words()),
-        NodeState::Unknown => format!("Node {node} Unknown"),
+        NodeState::Unknown => format!("Node {node} Unknown ({})", reason.words()),
     }
 }
 
@@ -102,6 +107,9 @@ struct NodeRecord {
     dead_seen_at: Option<Instant>,
     /// A write was started to give the MonitorNode its Node as owner.
     owner_requested: bool,
+    /// Unknown since an outage, its key listed again but not yet proven live: Alive at this
+    /// instant if its key is still there (its lease then outlived a full TTL after the list).
+    vouch_at: Option<Instant>,
 }
 
 struct WriteJob {
@@ -143,6 +151,8 @@ pub struct NodeTracker {
     /// Writes that carry no transition also take one of these, so at most half the permits go
     /// to usage refreshes and a Dead status never queues behind a wave of them.
     background_permits: Arc<Semaphore>,
+    /// Since when the heartbeat watch has been down (from the start until the first list).
+    blind_since: Option<Instant>,
 }
 
 impl NodeTracker {
@@ -169,6 +179,7 @@ impl NodeTracker {
             writes: FuturesUnordered::new(),
             permits,
             background_permits,
+            blind_since: Some(Instant::now()),
         }
     }
 
@@ -190,6 +201,8 @@ impl NodeTracker {
                     }
                 }
                 _ = tick.tick() => {
+                    self.mark_unknown_while_blind();
+                    self.vouch_due();
                     self.flush_due();
                     self.update_gauges();
                 }
@@ -200,6 +213,9 @@ impl NodeTracker {
     async fn handle(&mut self, event: LivenessEvent) {
         match event {
             LivenessEvent::Snapshot(heartbeats) => self.reconcile_all(heartbeats).await,
+            LivenessEvent::Interrupted { since } => {
+                self.blind_since.get_or_insert(since);
+            }
             LivenessEvent::Put { node, heartbeat } => {
                 self.observe_alive(&node, heartbeat);
                 self.consider_write(&node);
@@ -230,6 +246,7 @@ impl NodeTracker {
                         format!("the heartbeat lease expired{ttl}: no keep-alive from the agent"),
                     )
                 };
+                rec.vouch_at = None;
                 if rec.state != Some(NodeState::Dead) {
                     rec.dead_seen_at = Some(seen_at);
                     transition(&self.metrics, &node, rec, NodeState::Dead, reason, message);
@@ -249,14 +266,7 @@ impl NodeTracker {
         let now = Instant::now();
         for (name, status) in &listed {
             let rec = self.records.entry(name.clone()).or_default();
-            if let Some(status) = status {
-                rec.state = status.state;
-                rec.reason = status.reason.clone();
-                rec.message = status.message.clone();
-                rec.last_transition = status.last_transition_time.clone();
-            }
-            rec.written = Some(status.clone().unwrap_or_default());
-            rec.last_write.get_or_insert(now);
+            adopt_listed(rec, status.as_ref(), now);
         }
         // MonitorNodes deleted behind our back: forget what we knew, so a live node's is recreated.
         for (name, rec) in self.records.iter_mut() {
@@ -270,10 +280,25 @@ impl NodeTracker {
         let names: BTreeSet<String> = listed.keys().chain(heartbeats.keys()).cloned().collect();
         for name in &names {
             match heartbeats.get(name) {
-                Some(hb) => self.observe_alive(name, hb.clone()),
+                Some(hb) => {
+                    let rec = self.records.entry(name.clone()).or_default();
+                    if is_blind_unknown(rec) && !proves_life(rec, hb.as_ref()) {
+                        // etcd resets every lease's TTL when it comes back, so a key present
+                        // now says nothing yet: a dead node's key vanishes within a TTL, a live
+                        // agent writes its value again. Until either, the node stays Unknown.
+                        let ttl = Duration::from_secs(ttl_of(rec).into());
+                        if hb.is_some() {
+                            rec.heartbeat = hb.clone();
+                        }
+                        rec.vouch_at = Some(now + ttl + VOUCH_MARGIN);
+                    } else {
+                        self.observe_alive(name, hb.clone());
+                    }
+                }
                 None => {
                     let rec = self.records.entry(name.clone()).or_default();
-                    if rec.state == Some(NodeState::Alive) {
+                    rec.vouch_at = None;
+                    if rec.state == Some(NodeState::Alive) || is_blind_unknown(rec) {
                         transition(
                             &self.metrics,
                             name,
@@ -289,6 +314,7 @@ impl NodeTracker {
             self.consider_write(name);
         }
         self.records.retain(|name, _| names.contains(name));
+        self.blind_since = None;
         tracing::info!(
             heartbeats = heartbeats.len(),
             monitor_nodes = listed.len(),
@@ -330,6 +356,7 @@ impl NodeTracker {
                 None => "the heartbeat key exists".to_string(),
             };
             rec.dead_seen_at = None;
+            rec.vouch_at = None;
             transition(
                 &self.metrics,
                 node,
@@ -338,6 +365,62 @@ impl NodeTracker {
                 LivenessReason::HeartbeatSeen,
                 message,
             );
+        }
+    }
+
+    /// While the heartbeat watch is down: every Alive node whose TTL has passed since then goes
+    /// Unknown, since a node may have died meanwhile without the controller seeing it. Dead
+    /// nodes stay Dead: nothing suggests their lease came back.
+    fn mark_unknown_while_blind(&mut self) {
+        let Some(since) = self.blind_since else {
+            return;
+        };
+        let blind = since.elapsed();
+        let due: Vec<String> = self
+            .records
+            .iter()
+            .filter(|(_, rec)| rec.state == Some(NodeState::Alive))
+            .filter(|(_, rec)| blind > Duration::from_secs(ttl_of(rec).into()))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            let Some(rec) = self.records.get_mut(&name) else {
+                continue;
+            };
+            let message = format!(
+                "the controller has had no working watch on {HEARTBEAT_PREFIX} for {:.0}s, longer than the node's {}s TTL: it cannot tell whether the node is alive",
+                blind.as_secs_f64(),
+                ttl_of(rec)
+            );
+            rec.vouch_at = None;
+            transition(
+                &self.metrics,
+                &name,
+                rec,
+                NodeState::Unknown,
+                LivenessReason::EtcdUnreachable,
+                message,
+            );
+            self.consider_write(&name);
+        }
+    }
+
+    /// Unknown nodes whose key outlived a full TTL after the watch came back: their lease is
+    /// kept alive, so they are Alive.
+    fn vouch_due(&mut self) {
+        if self.blind_since.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .records
+            .iter()
+            .filter(|(_, rec)| rec.vouch_at.is_some_and(|at| at <= now))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            self.observe_alive(&name, None);
+            self.consider_write(&name);
         }
     }
 
@@ -547,6 +630,57 @@ fn transition(
         reason,
         message,
     });
+}
+
+/// How long after the watch's return a node whose key stayed there is vouched for.
+const VOUCH_MARGIN: Duration = Duration::from_secs(1);
+
+/// The node's heartbeat TTL in seconds, as last reported (10, the agent's default, if never).
+fn ttl_of(rec: &NodeRecord) -> u32 {
+    rec.heartbeat
+        .as_ref()
+        .map(|hb| hb.ttl_seconds)
+        .or_else(|| rec.written.as_ref().and_then(|w| w.ttl_seconds))
+        .unwrap_or(10)
+}
+
+/// Unknown because the controller could not see etcd (not for another reason).
+fn is_blind_unknown(rec: &NodeRecord) -> bool {
+    rec.state == Some(NodeState::Unknown)
+        && rec.reason.as_deref() == Some(LivenessReason::EtcdUnreachable.as_str())
+}
+
+/// Whether a heartbeat listed after an outage was written after the last one seen before it:
+/// then its agent ran after the controller lost sight of it.
+fn proves_life(rec: &NodeRecord, listed: Option<&Heartbeat>) -> bool {
+    let Some(listed) = listed else {
+        return false;
+    };
+    let before = rec.heartbeat.as_ref().map(|hb| hb.updated_at).or_else(|| {
+        rec.written
+            .as_ref()
+            .and_then(|w| w.last_heartbeat_time.as_ref())
+            .map(|t| t.0)
+    });
+    before.is_some_and(|before| listed.updated_at > before)
+}
+
+/// Takes the API server's view of a node into its record on a re-list. A transition of ours
+/// still being written (or waiting for a retry) is newer than what the list returned: then the
+/// record keeps its state, or the re-list would undo a transition whose Event is on its way and
+/// raise it a second time.
+fn adopt_listed(rec: &mut NodeRecord, status: Option<&MonitorNodeStatus>, now: Instant) {
+    let ours_pending = rec.in_flight || !rec.pending_events.is_empty();
+    if let Some(status) = status
+        && !ours_pending
+    {
+        rec.state = status.state;
+        rec.reason = status.reason.clone();
+        rec.message = status.message.clone();
+        rec.last_transition = status.last_transition_time.clone();
+    }
+    rec.written = Some(status.cloned().unwrap_or_default());
+    rec.last_write.get_or_insert(now);
 }
 
 /// The full status a node's record calls for. Fields the record does not know (after a re-list,
@@ -772,6 +906,7 @@ async fn write_status(
             },
             reason: match t.state {
                 NodeState::Alive => "NodeAlive",
+                NodeState::Unknown => "NodeStatusUnknown",
                 // A death's reason is the status's (HeartbeatExpired, AgentStopped): the
                 // recorder folds Events with the same reason and action into one series under
                 // the first message, so a clean stop after an expiry read "heartbeat expired".
@@ -839,6 +974,49 @@ mod tests {
                 ..Default::default()
             }),
         }
+    }
+
+    #[test]
+    fn a_relist_does_not_undo_a_transition_being_written() {
+        // A Dead transition is being written (its Event goes out with it) when a re-list
+        // returns the MonitorNode as it was before: still Alive.
+        let mut rec = NodeRecord {
+            state: Some(NodeState::Dead),
+            reason: Some("HeartbeatExpired".into()),
+            in_flight: true,
+            ..Default::default()
+        };
+        let listed = MonitorNodeStatus {
+            state: Some(NodeState::Alive),
+            reason: Some("HeartbeatSeen".into()),
+            ..Default::default()
+        };
+        adopt_listed(&mut rec, Some(&listed), Instant::now());
+        // Taking the listed Alive would make the absent key a second Dead, and a second Event.
+        assert_eq!(rec.state, Some(NodeState::Dead));
+        assert_eq!(rec.reason.as_deref(), Some("HeartbeatExpired"));
+        // Nothing of ours pending: the API server's view is taken.
+        rec.in_flight = false;
+        adopt_listed(&mut rec, Some(&listed), Instant::now());
+        assert_eq!(rec.state, Some(NodeState::Alive));
+    }
+
+    #[test]
+    fn only_a_heartbeat_written_after_the_outage_proves_life() {
+        let before = heartbeat(10, 1.0);
+        let rec = NodeRecord {
+            state: Some(NodeState::Unknown),
+            reason: Some("EtcdUnreachable".into()),
+            heartbeat: Some(before.clone()),
+            ..Default::default()
+        };
+        assert!(is_blind_unknown(&rec));
+        assert!(!proves_life(&rec, Some(&before)));
+        assert!(!proves_life(&rec, None));
+        let mut after = before.clone();
+        after.updated_at = "2026-11-22T05:00:09Z".parse().unwrap();
+        assert!(proves_life(&rec, Some(&after)));
+        assert_eq!(ttl_of(&rec), 3);
     }
 
     #[test]

@@ -2,11 +2,13 @@
 //!
 //! - [`v1alpha1`]: the `MonitorNode` and `MonitorConfig` custom resources;
 //! - [`wire`]: the etcd keys and JSON values the agent, the controller and `nodepulsectl` share;
-//! - [`etcd`]: how all three connect to etcd (flags, TLS, keep-alive, retry backoff).
+//! - [`etcd`]: how all three connect to etcd (flags, TLS, keep-alive, retry backoff);
+//! - [`watch`]: the one list-and-watch of etcd keys all three use.
 #![deny(missing_docs)]
 
 pub mod etcd;
 pub mod v1alpha1;
+pub mod watch;
 pub mod wire;
 
 use kube::CustomResourceExt;

@@ -1,0 +1,219 @@
+//! The shared list-and-watch (`nodepulse_crd::watch`) against a real etcd: what it delivers,
+//! and when it lists again (compaction, a rebuilt etcd) or resumes (a plain restart).
+//!
+//! Here rather than in the `crd` crate because the harness (`testkit`) depends on `crd`.
+
+use std::time::Duration;
+
+use etcd_client::{Client, CompactionOptions};
+use nodepulse_crd::etcd::{Backoff, EtcdArgs};
+use nodepulse_crd::watch::{EtcdWatcher, Kv, WatchEvent, WatcherSettings};
+use testkit::Etcd;
+
+const PREFIX: &str = "/w/";
+
+fn settings() -> WatcherSettings {
+    WatcherSettings {
+        backoff: Backoff::new(Duration::from_millis(50), Duration::from_millis(500)),
+        ..WatcherSettings::prefix("test watch")
+    }
+}
+
+async fn client(etcd: &Etcd) -> Client {
+    EtcdArgs::for_endpoint(etcd.endpoint.clone())
+        .connect()
+        .await
+        .expect("connect")
+}
+
+/// The next event within 15 s.
+async fn next(w: &mut EtcdWatcher) -> WatchEvent {
+    tokio::time::timeout(Duration::from_secs(15), w.next())
+        .await
+        .expect("an event within 15 s")
+}
+
+/// The next event that is not `Interrupted`, and whether an `Interrupted` came first.
+async fn next_after_outage(w: &mut EtcdWatcher) -> (bool, WatchEvent) {
+    let mut interrupted = false;
+    loop {
+        match next(w).await {
+            WatchEvent::Interrupted => {
+                assert!(!interrupted, "one Interrupted per outage");
+                interrupted = true;
+            }
+            other => return (interrupted, other),
+        }
+    }
+}
+
+/// Puts, retrying while a restarted etcd is still being reconnected to.
+async fn put_retrying(c: &Client, key: &str) {
+    testkit::eventually(&format!("put {key}"), Duration::from_secs(15), || {
+        let mut c = c.clone();
+        async move { c.put(key, "1", None).await.ok().map(|_| ()) }
+    })
+    .await;
+}
+
+/// After a re-list that may or may not have caught `key`: whether the list had it, else the
+/// next event is its Put.
+async fn listed_or_next(w: &mut EtcdWatcher, kvs: &[Kv], key: &str) {
+    if !keys(kvs).iter().any(|k| k == key) {
+        assert_eq!(put_key(&next(w).await), key);
+    }
+}
+
+fn keys(kvs: &[Kv]) -> Vec<String> {
+    kvs.iter()
+        .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
+        .collect()
+}
+
+fn put_key(event: &WatchEvent) -> String {
+    match event {
+        WatchEvent::Put(kv) => String::from_utf8_lossy(&kv.key).into_owned(),
+        other => panic!("expected a Put, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_then_delivers_puts_and_deletes_with_the_previous_value() {
+    let etcd = tokio::task::spawn_blocking(Etcd::start)
+        .await
+        .expect("etcd");
+    let mut c = client(&etcd).await;
+    c.put("/w/a", "1", None).await.expect("put");
+    c.put("/other", "x", None).await.expect("put");
+    let mut w = EtcdWatcher::new(c.clone(), PREFIX, settings());
+    let WatchEvent::Listed { revision, kvs } = next(&mut w).await else {
+        panic!("Listed first")
+    };
+    assert_eq!(keys(&kvs), ["/w/a"]);
+    assert_eq!(revision, 3);
+    c.put("/w/b", "2", None).await.expect("put");
+    assert_eq!(put_key(&next(&mut w).await), "/w/b");
+    c.delete("/w/a", None).await.expect("delete");
+    match next(&mut w).await {
+        WatchEvent::Delete {
+            key,
+            prev,
+            revision,
+        } => {
+            assert_eq!(key, b"/w/a");
+            assert_eq!(prev.expect("prev value").value, b"1");
+            assert_eq!(revision, 5);
+        }
+        other => panic!("expected a Delete, got {other:?}"),
+    }
+    assert_eq!(w.revision(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_interrupts_once_then_resumes_without_a_list() {
+    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
+        .await
+        .expect("etcd");
+    let c = client(&etcd).await;
+    let mut w = EtcdWatcher::new(c.clone(), PREFIX, settings());
+    assert!(matches!(next(&mut w).await, WatchEvent::Listed { .. }));
+    c.clone().put("/w/a", "1", None).await.expect("put");
+    assert_eq!(put_key(&next(&mut w).await), "/w/a");
+    tokio::task::block_in_place(|| etcd.restart());
+    put_retrying(&c, "/w/after").await;
+    let (interrupted, event) = next_after_outage(&mut w).await;
+    assert!(interrupted, "the outage is reported");
+    assert_eq!(put_key(&event), "/w/after", "resumed, not re-listed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relist_after_break_lists_again_after_a_restart() {
+    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
+        .await
+        .expect("etcd");
+    let c = client(&etcd).await;
+    let relisting = WatcherSettings {
+        relist_after_break: true,
+        ..settings()
+    };
+    let mut w = EtcdWatcher::new(c.clone(), PREFIX, relisting);
+    assert!(matches!(next(&mut w).await, WatchEvent::Listed { .. }));
+    tokio::task::block_in_place(|| etcd.restart());
+    put_retrying(&c, "/w/after").await;
+    let (interrupted, event) = next_after_outage(&mut w).await;
+    assert!(interrupted);
+    match event {
+        WatchEvent::Listed { kvs, .. } => listed_or_next(&mut w, &kvs, "/w/after").await,
+        other => panic!("expected a Listed, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_revision_means_a_new_list_with_the_changes_missed() {
+    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
+        .await
+        .expect("etcd");
+    let mut c = client(&etcd).await;
+    c.put("/w/gone", "1", None).await.expect("put");
+    let mut w = EtcdWatcher::new(c.clone(), PREFIX, settings());
+    assert!(matches!(next(&mut w).await, WatchEvent::Listed { .. }));
+    // Away (not polled) while etcd restarts, the keys change and the history is compacted.
+    tokio::task::block_in_place(|| etcd.restart());
+    let mut c = client(&etcd).await;
+    c.delete("/w/gone", None).await.expect("delete");
+    let rev = c
+        .put("/w/born", "1", None)
+        .await
+        .expect("put")
+        .header()
+        .expect("header")
+        .revision();
+    c.compact(rev, Some(CompactionOptions::new().with_physical()))
+        .await
+        .expect("compact");
+    let (_, event) = next_after_outage(&mut w).await;
+    match event {
+        WatchEvent::Listed { revision, kvs } => {
+            assert_eq!(keys(&kvs), ["/w/born"]);
+            assert_eq!(revision, rev);
+        }
+        other => panic!("expected a Listed after the compaction, got {other:?}"),
+    }
+}
+
+/// etcd's data lost and etcd restarted empty on the same address: it would accept a watch from
+/// our (future) revision and stay silent; the watcher sees the revision went back and lists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuilt_etcd_means_a_new_list_not_a_silent_watch() {
+    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
+        .await
+        .expect("etcd");
+    let mut c = client(&etcd).await;
+    for i in 0..50 {
+        c.put(format!("/w/old-{i}"), "x", None).await.expect("put");
+    }
+    let mut w = EtcdWatcher::new(c.clone(), PREFIX, settings());
+    let WatchEvent::Listed {
+        revision: before, ..
+    } = next(&mut w).await
+    else {
+        panic!("Listed first")
+    };
+    tokio::task::block_in_place(|| {
+        etcd.kill();
+        std::fs::remove_dir_all(etcd.data_dir()).expect("remove the data directory");
+        etcd.restart();
+    });
+    put_retrying(&c, "/w/new").await;
+    let (_, event) = next_after_outage(&mut w).await;
+    match event {
+        WatchEvent::Listed { revision, kvs } => {
+            assert!(revision < before, "{revision} < {before}");
+            assert!(keys(&kvs).iter().all(|k| k == "/w/new"), "{kvs:?}");
+            listed_or_next(&mut w, &kvs, "/w/new").await;
+        }
+        other => panic!("expected a Listed on the rebuilt etcd, got {other:?}"),
+    }
+    c.put("/w/next", "1", None).await.expect("put");
+    assert_eq!(put_key(&next(&mut w).await), "/w/next");
+}
