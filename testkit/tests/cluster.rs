@@ -452,23 +452,26 @@ fn watch_monitornode() -> Process {
     p
 }
 
-/// The total count of Events of `reason` on the MonitorNode (a merged Event counts each time).
-fn event_count(reason: &str) -> u64 {
+/// How many times the MonitorNode's Events recorded it Dead (a merged Event counts each time):
+/// the Warning Events whose message says `Node <name> Dead`, whatever their reason.
+fn dead_event_count() -> u64 {
     let out = kube_ok(&[
         "get",
         "events",
         "-A",
         "--field-selector",
-        &format!("involvedObject.name={NODE},reason={reason}"),
+        &format!("involvedObject.kind=MonitorNode,involvedObject.name={NODE},type=Warning"),
         "-o",
         "json",
     ]);
     let v: serde_json::Value = serde_json::from_str(&out).expect("events JSON");
+    let dead = format!("Node {NODE} Dead");
     v["items"]
         .as_array()
         .map(|items| {
             items
                 .iter()
+                .filter(|e| e["message"].as_str().is_some_and(|m| m.contains(&dead)))
                 .map(|e| {
                     e["series"]["count"]
                         .as_u64()
@@ -903,7 +906,7 @@ fn c6_controller_failover_records_a_death_once() {
             !leader.is_empty()
         },
     );
-    let dead_before = event_count("HeartbeatExpired") + event_count("AgentStopped");
+    let dead_before = dead_event_count();
     kube_ok(&["delete", "pod", "-n", "nodepulse", &leader, "--wait=false"]);
     let killed = kill_node();
     let mut new_leader = String::new();
@@ -929,16 +932,14 @@ fn c6_controller_failover_records_a_death_once() {
         killed.elapsed().as_secs_f64()
     );
     // Give a second recording every chance to show up before counting.
-    wait_until(
-        "the Dead event (HeartbeatExpired or AgentStopped)",
-        Duration::from_secs(10),
-        || (event_count("HeartbeatExpired") + event_count("AgentStopped")) > dead_before,
-    );
+    wait_until("the Dead event", Duration::from_secs(10), || {
+        dead_event_count() > dead_before
+    });
     let settle = Instant::now();
     while settle.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(250));
     }
-    let recorded = (event_count("HeartbeatExpired") + event_count("AgentStopped")) - dead_before;
+    let recorded = dead_event_count() - dead_before;
     revive_node();
     wait_state("Alive", Duration::from_secs(90));
     assert_eq!(
