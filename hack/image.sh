@@ -5,7 +5,9 @@
 #   hack/image.sh nodepulse   the repository's Dockerfile, with the binaries of `make release`
 #   hack/image.sh etcd        etcd + etcdctl from hack/tools.sh, named as the chart expects
 #   hack/image.sh pause       the pod sandbox image, from the pause.c of the pinned Kubernetes
-#   hack/image.sh all         the three
+#   hack/image.sh busybox     Debian's busybox-static, for the chart's etcd.volumePermissions
+#                             init container (hostPath volumes ignore fsGroup)
+#   hack/image.sh all         the four
 #   hack/image.sh ref NAME    print the image reference NAME is built as
 #
 # No registry is reachable here, so the base image is made from Debian packages too: libc6 and
@@ -67,15 +69,26 @@ ref() {
     etcd) echo "quay.io/coreos/etcd:$(etcd_version)" ;;
     pause) pause_ref ;;
     base) base_ref ;;
+    busybox) busybox_ref ;;
     *) echo "unknown image: $1" >&2; exit 2 ;;
   esac
 }
 
 DEBS=(libc6 libgcc-s1 ca-certificates netbase)
 
+# The candidate versions of the Debian packages the images are made of ("pkg=version" lines),
+# read once: apt-cache takes seconds.
+CANDIDATES=
+load_candidates() {
+  [[ -n $CANDIDATES ]] && return
+  CANDIDATES=$(apt-cache policy "${DEBS[@]}" busybox-static |
+    awk '/^[^ ].*:$/ { pkg = substr($1, 1, length($1) - 1) } /^  Candidate: / { print pkg "=" $2 }')
+}
+
 base_ref() {
+  load_candidates
   local versions
-  versions=$(for p in "${DEBS[@]}"; do apt-cache policy "$p" | sed -n "s/^  Candidate: /$p=/p"; done)
+  versions=$(grep -v '^busybox-static=' <<<"$CANDIDATES")
   echo "localhost/nodepulse/base-cc:bookworm-$(echo "$versions" | sha256sum | cut -c1-12)"
 }
 
@@ -112,6 +125,31 @@ build_pause() {
   gcc -Os -Wall -Werror -static -DVERSION="v${ref##*:}-nodepulse" \
     -o "$dir/pause" "$(kubernetes_src)/build/pause/linux/pause.c"
   bh bud --layers --pull=never --network none -f "$ROOT/hack/cluster/pause.Dockerfile" -t "$ref" "$dir" >&2
+}
+
+# Tagged with Debian's upstream version of busybox (1:1.35.0-4+b3 -> 1.35.0).
+busybox_ref() {
+  load_candidates
+  local v
+  v=$(sed -n 's/^busybox-static=\([0-9]*:\)\{0,1\}\([0-9.]*\).*/\2/p' <<<"$CANDIDATES")
+  echo "localhost/nodepulse/busybox:$v"
+}
+
+build_busybox() {
+  local ref
+  ref=$(busybox_ref)
+  have_image "$ref" && return
+  log "busybox image $ref from Debian's busybox-static"
+  local dir=$WORK/busybox
+  rm -rf "$dir" && mkdir -p "$dir/debs" "$dir/rootfs"
+  (cd "$dir/debs" && apt-get download busybox-static >/dev/null)
+  dpkg -x "$dir"/debs/busybox-static_*.deb "$dir/rootfs"
+  local applet
+  for applet in $("$dir/rootfs/bin/busybox" --list); do
+    [[ -e $dir/rootfs/bin/$applet ]] || ln -s busybox "$dir/rootfs/bin/$applet"
+  done
+  rm -rf "$dir/rootfs/usr/share"
+  bh bud --layers --pull=never --network none -f "$ROOT/hack/cluster/busybox.Dockerfile" -t "$ref" "$dir" >&2
 }
 
 build_etcd() {
@@ -163,13 +201,21 @@ import_image() {
   mkdir -p "$CLUSTER/imported" && echo "$id" >"$stamp"
 }
 
+# Read the candidates here, in the main shell, for everything that needs them (not `ref pause`,
+# which hack/cluster.sh asks on every `up`): the functions run in $(...) would each read again.
+case ${1:-}/${2:-} in
+  ref/pause | ref/nodepulse | ref/etcd) ;;
+  *) load_candidates ;;
+esac
+
 case ${1:-} in
   ref) ref "${2:?usage: hack/image.sh ref NAME}" ;;
   pause) build_pause; import_image pause ;;
   etcd) build_etcd; import_image etcd ;;
+  busybox) build_busybox; import_image busybox ;;
   nodepulse) build_nodepulse; import_image nodepulse; ref nodepulse ;;
   all)
-    build_pause; build_etcd; build_nodepulse
-    import_image pause; import_image etcd; import_image nodepulse ;;
-  *) echo "usage: hack/image.sh nodepulse|etcd|pause|all|ref NAME" >&2; exit 2 ;;
+    build_pause; build_etcd; build_busybox; build_nodepulse
+    import_image pause; import_image etcd; import_image busybox; import_image nodepulse ;;
+  *) echo "usage: hack/image.sh nodepulse|etcd|pause|busybox|all|ref NAME" >&2; exit 2 ;;
 esac

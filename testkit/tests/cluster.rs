@@ -345,19 +345,43 @@ fn uninstall() {
     );
 }
 
+/// What this platform decides: its volumes are hostPath PersistentVolumes, which ignore
+/// fsGroup, so etcd's data directory needs the chart's `etcd.volumePermissions` init container,
+/// with the busybox image `hack/image.sh` builds (no registry here).
+fn platform_values() -> Vec<String> {
+    let out = run({
+        let mut c = Command::new("bash");
+        c.arg(repo_root().join("hack/image.sh"))
+            .args(["ref", "busybox"]);
+        c
+    });
+    let busybox = text(&out.stdout).trim().to_string();
+    let (repo, tag) = busybox.rsplit_once(':').expect("busybox image reference");
+    vec![
+        "--set".into(),
+        "etcd.volumePermissions.enabled=true".into(),
+        "--set".into(),
+        format!("etcd.volumePermissions.image.repository={repo}"),
+        "--set".into(),
+        format!("etcd.volumePermissions.image.tag={tag}"),
+    ]
+}
+
 /// `helm install --wait` of the chart with `extra` values, after recycling the volumes.
 fn install(extra: &[&str]) {
     uninstall();
     cluster_sh_ok(&["volumes", "3"]);
     let chart = chart();
+    let platform = platform_values();
     let mut args = vec![
         "install",
         RELEASE,
         chart.as_str(),
         "--wait",
         "--timeout",
-        "300s",
+        "180s",
     ];
+    args.extend(platform.iter().map(String::as_str));
     args.extend_from_slice(extra);
     let t = Instant::now();
     helm_ok(&args);
