@@ -923,10 +923,14 @@ fn chart_defaults_run_on_a_real_node() {
         Some("OnDelete")
     );
 
-    // The etcd namespace, and so the PVCs in it, outlive `helm uninstall`; restricted by default.
+    // The etcd namespace, and so the PVCs in it, go with the release unless asked to stay;
+    // restricted by default.
     let ns = object(&objects, "Namespace", "etcd");
+    assert!(ns["metadata"]["annotations"]["helm.sh/resource-policy"].is_null());
+    let kept = render(&["--set", "etcd.namespace.keepOnUninstall=true"]);
     assert_eq!(
-        ns["metadata"]["annotations"]["helm.sh/resource-policy"].as_str(),
+        object(&kept, "Namespace", "etcd")["metadata"]["annotations"]["helm.sh/resource-policy"]
+            .as_str(),
         Some("keep")
     );
     assert_eq!(
