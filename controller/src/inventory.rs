@@ -13,7 +13,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, watcher as watch};
 use kube::{Client, ResourceExt};
 use nodepulse_crd::v1alpha1::MonitorNode;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch as signal};
 
 use crate::effective::Labels;
 use crate::error::{Error, Result};
@@ -24,6 +24,8 @@ pub struct Inventory {
     nodes: Store<PartialObjectMeta<Node>>,
     monitor_nodes: Store<PartialObjectMeta<MonitorNode>>,
     changed: Arc<Notify>,
+    /// The same signal for any number of listeners: a counter of changes.
+    changes: Arc<signal::Sender<u64>>,
 }
 
 /// The tasks that keep an [`Inventory`] filled; run them for as long as it is used.
@@ -41,6 +43,7 @@ impl Inventory {
             nodes,
             monitor_nodes,
             changed: Arc::new(Notify::new()),
+            changes: Arc::new(signal::channel(0).0),
         };
         let node_stream = reflector::reflector(
             node_writer,
@@ -92,6 +95,17 @@ impl Inventory {
         out
     }
 
+    /// The names of the Node objects in the cache.
+    pub fn node_names(&self) -> impl Iterator<Item = String> + use<> {
+        self.nodes.state().into_iter().map(|n| n.name_any())
+    }
+
+    /// A receiver that sees every change [`Inventory::changed`] signals, for a listener of its
+    /// own (that one wakes a single waiter).
+    pub fn watch_changes(&self) -> signal::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// The Node object named `name`, if the cache has one.
     pub fn node(&self, name: &str) -> Option<Arc<PartialObjectMeta<Node>>> {
         self.nodes.get(&ObjectRef::new(name))
@@ -110,6 +124,7 @@ impl Inventory {
     fn notify(&self) {
         // One stored permit: a change between two waits is not lost.
         self.changed.notify_one();
+        self.changes.send_modify(|n| *n += 1);
     }
 }
 

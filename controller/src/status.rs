@@ -43,6 +43,8 @@ pub enum LivenessReason {
     /// The controller has had no working watch on the heartbeats for longer than the node's
     /// TTL (etcd down, a partition): it cannot tell, like a Node's `NodeStatusUnknown`.
     EtcdUnreachable,
+    /// A Node whose agent has never written a heartbeat (not scheduled there, not started).
+    NoHeartbeat,
 }
 
 impl LivenessReason {
@@ -53,6 +55,7 @@ impl LivenessReason {
             LivenessReason::HeartbeatExpired => "HeartbeatExpired",
             LivenessReason::AgentStopped => "AgentStopped",
             LivenessReason::EtcdUnreachable => "EtcdUnreachable",
+            LivenessReason::NoHeartbeat => "NoHeartbeat",
         }
     }
 
@@ -63,6 +66,7 @@ impl LivenessReason {
             LivenessReason::HeartbeatExpired => "heartbeat expired",
             LivenessReason::AgentStopped => "agent stopped",
             LivenessReason::EtcdUnreachable => "etcd unreachable",
+            LivenessReason::NoHeartbeat => "no heartbeat yet",
         }
     }
 }
@@ -146,6 +150,8 @@ pub struct NodeTracker {
     desired: watch::Receiver<Arc<DesiredConfigs>>,
     settings: StatusSettings,
     records: HashMap<String, NodeRecord>,
+    /// Signals a change in the set of Node objects.
+    node_changes: watch::Receiver<u64>,
     writes: FuturesUnordered<BoxFuture<'static, WriteOutcome>>,
     permits: Arc<Semaphore>,
     /// Writes that carry no transition also take one of these, so at most half the permits go
@@ -171,6 +177,7 @@ impl NodeTracker {
         NodeTracker {
             api: Api::all(client),
             recorder,
+            node_changes: inventory.watch_changes(),
             inventory,
             metrics,
             desired,
@@ -194,6 +201,7 @@ impl NodeTracker {
                     None => return Err(Error::TaskStopped("heartbeat watcher")),
                 },
                 Some(outcome) = self.writes.next(), if !self.writes.is_empty() => self.finish(outcome),
+                Ok(()) = self.node_changes.changed() => self.list_unseen_nodes(),
                 Ok(()) = self.desired.changed() => {
                     let names: Vec<String> = self.records.keys().cloned().collect();
                     for name in names {
@@ -315,11 +323,44 @@ impl NodeTracker {
         }
         self.records.retain(|name, _| names.contains(name));
         self.blind_since = None;
+        self.list_unseen_nodes();
         tracing::info!(
             heartbeats = heartbeats.len(),
             monitor_nodes = listed.len(),
             "reconciled every MonitorNode against the heartbeat keys"
         );
+    }
+
+    /// Every Node has a MonitorNode: one whose agent has never written a heartbeat is listed
+    /// `Unknown` (`NoHeartbeat`), so that `kubectl get monitornodes` shows the whole cluster.
+    /// Its record goes with its Node (the MonitorNode itself goes through its owner reference).
+    fn list_unseen_nodes(&mut self) {
+        if self.blind_since.is_some() {
+            // The heartbeats are not known right now: "never seen" cannot be told.
+            return;
+        }
+        let nodes: BTreeSet<String> = self.inventory.node_names().collect();
+        for name in &nodes {
+            if self.records.get(name).is_some_and(|r| r.state.is_some()) {
+                continue;
+            }
+            let rec = self.records.entry(name.clone()).or_default();
+            transition(
+                &self.metrics,
+                name,
+                rec,
+                NodeState::Unknown,
+                LivenessReason::NoHeartbeat,
+                "no agent has written a heartbeat for this node: is one scheduled and running there?"
+                    .into(),
+            );
+            self.consider_write(name);
+        }
+        self.records.retain(|name, rec| {
+            nodes.contains(name)
+                || rec.heartbeat.is_some()
+                || rec.reason.as_deref() != Some(LivenessReason::NoHeartbeat.as_str())
+        });
     }
 
     async fn list_monitor_nodes(&self) -> BTreeMap<String, Option<MonitorNodeStatus>> {

@@ -35,12 +35,12 @@ pub enum NodeState {
     category = "monitoring",
     status = "MonitorNodeStatus",
     doc = "Liveness and latest usage of one node, as its nodepulse agent reports them through etcd.",
-    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.state"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.state","description":"Alive: a heartbeat on a live lease. Dead: the lease expired (reason HeartbeatExpired or AgentStopped). Unknown: nodepulse cannot tell (reason EtcdUnreachable, NoHeartbeat or ControllerRemoved)"}"#,
     printcolumn = r#"{"name":"CPU%","type":"number","jsonPath":".status.usage.cpuPercent"}"#,
     printcolumn = r#"{"name":"Memory%","type":"number","jsonPath":".status.usage.memoryPercent"}"#,
     printcolumn = r#"{"name":"Disk%","type":"number","jsonPath":".status.usage.diskPercent"}"#,
     printcolumn = r#"{"name":"Interval","type":"integer","jsonPath":".status.config.interval","description":"Sampling interval in seconds"}"#,
-    printcolumn = r#"{"name":"Last-Heartbeat","type":"date","jsonPath":".status.lastHeartbeatTime"}"#,
+    printcolumn = r#"{"name":"Last-Heartbeat","type":"date","jsonPath":".status.lastHeartbeatTime","description":"When the agent last rewrote its heartbeat value (on news, and at least every minute); liveness itself is the lease: read Status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.reason","priority":1}"#,
     printcolumn = r#"{"name":"Agent","type":"string","jsonPath":".status.agentVersion","priority":1}"#
@@ -55,7 +55,8 @@ pub struct MonitorNodeStatus {
     /// Alive, Dead or Unknown.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<NodeState>,
-    /// Machine-readable cause of the state: HeartbeatSeen, HeartbeatExpired, AgentStopped.
+    /// Machine-readable cause of the state: HeartbeatSeen (Alive); HeartbeatExpired or
+    /// AgentStopped (Dead); EtcdUnreachable, NoHeartbeat or ControllerRemoved (Unknown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// A sentence for people.
