@@ -112,7 +112,7 @@ struct NodeRecord {
     /// A write was started to give the MonitorNode its Node as owner.
     owner_requested: bool,
     /// Unknown since an outage, its key listed again but not yet proven live: Alive at this
-    /// instant if its key is still there (its lease then outlived a full TTL after the list).
+    /// instant if its key is still there (its lease then outlived any extension etcd gave it).
     vouch_at: Option<Instant>,
 }
 
@@ -159,6 +159,9 @@ pub struct NodeTracker {
     background_permits: Arc<Semaphore>,
     /// Since when the heartbeat watch has been down (from the start until the first list).
     blind_since: Option<Instant>,
+    /// The MonitorNodes were read from the API server at least once (by a heartbeat snapshot,
+    /// or, when etcd is away from the start, so that they can be marked Unknown).
+    adopted: bool,
 }
 
 impl NodeTracker {
@@ -187,6 +190,7 @@ impl NodeTracker {
             permits,
             background_permits,
             blind_since: Some(Instant::now()),
+            adopted: false,
         }
     }
 
@@ -209,6 +213,7 @@ impl NodeTracker {
                     }
                 }
                 _ = tick.tick() => {
+                    self.adopt_while_blind().await;
                     self.mark_unknown_while_blind();
                     self.vouch_due();
                     self.flush_due();
@@ -298,7 +303,7 @@ impl NodeTracker {
                         if hb.is_some() {
                             rec.heartbeat = hb.clone();
                         }
-                        rec.vouch_at = Some(now + ttl + VOUCH_MARGIN);
+                        rec.vouch_at = Some(now + 2 * ttl + VOUCH_MARGIN);
                     } else {
                         self.observe_alive(name, hb.clone());
                     }
@@ -324,6 +329,7 @@ impl NodeTracker {
         self.records.retain(|name, _| names.contains(name));
         self.blind_since = None;
         self.list_unseen_nodes();
+        self.adopted = true;
         tracing::info!(
             heartbeats = heartbeats.len(),
             monitor_nodes = listed.len(),
@@ -409,6 +415,28 @@ impl NodeTracker {
         }
     }
 
+    /// A controller started while etcd is away has no records to mark Unknown: once blind for
+    /// the shortest TTL, it reads the MonitorNodes the API server holds (their TTL is in them).
+    async fn adopt_while_blind(&mut self) {
+        let Some(since) = self.blind_since else {
+            return;
+        };
+        if self.adopted || since.elapsed() < Duration::from_secs(MIN_TTL) {
+            return;
+        }
+        self.adopted = true;
+        let listed = self.list_monitor_nodes().await;
+        let now = Instant::now();
+        for (name, status) in &listed {
+            let rec = self.records.entry(name.clone()).or_default();
+            adopt_listed(rec, status.as_ref(), now);
+        }
+        tracing::info!(
+            monitor_nodes = listed.len(),
+            "no heartbeat list yet: read the MonitorNodes, to say Unknown for those etcd cannot vouch for"
+        );
+    }
+
     /// While the heartbeat watch is down: every Alive node whose TTL has passed since then goes
     /// Unknown, since a node may have died meanwhile without the controller seeing it. Dead
     /// nodes stay Dead: nothing suggests their lease came back.
@@ -446,8 +474,8 @@ impl NodeTracker {
         }
     }
 
-    /// Unknown nodes whose key outlived a full TTL after the watch came back: their lease is
-    /// kept alive, so they are Alive.
+    /// Unknown nodes whose key outlived twice their TTL after the watch came back: their lease
+    /// is kept alive, so they are Alive.
     fn vouch_due(&mut self) {
         if self.blind_since.is_some() {
             return;
@@ -673,7 +701,12 @@ fn transition(
     });
 }
 
-/// How long after the watch's return a node whose key stayed there is vouched for.
+/// The agent's shortest heartbeat TTL, in seconds.
+const MIN_TTL: u64 = 2;
+
+/// A node whose key stays there after the watch's return is vouched for after twice its TTL
+/// and this margin: etcd extends every lease when a leader takes over (a restart, an election),
+/// by an election timeout on top of the TTL, so a dead node's key may outlive one TTL.
 const VOUCH_MARGIN: Duration = Duration::from_secs(1);
 
 /// The node's heartbeat TTL in seconds, as last reported (10, the agent's default, if never).

@@ -410,3 +410,52 @@ async fn etcd_away_longer_than_the_ttl_is_unknown_then_each_node_its_true_state(
     assert!(!controller.output_text().contains("Node unknown-live Dead"));
     drop(agents);
 }
+
+/// Item 5, the controller's side: a controller (re)started while etcd is away has never had a
+/// working watch; past the TTL it says Unknown for the MonitorNodes the API server shows Alive,
+/// instead of leaving a stale Alive, and once etcd is back the live node is Alive again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_started_while_etcd_is_away_says_unknown_then_alive() {
+    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
+        .await
+        .expect("start etcd");
+    let lab = Lab::start(etcd.endpoint.clone()).await;
+    let node = "blind-start";
+    let mut first = lab.controller("truth-blind-1");
+    let _agent = lab.agent(node);
+    lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+        .await;
+    let history = lab.record(&[node]).await;
+
+    first.kill_hard();
+    tokio::task::block_in_place(|| etcd.kill());
+    let second = lab.controller("truth-blind-2");
+    let started = Instant::now();
+    let s = lab
+        .wait_state(node, NodeState::Unknown, Duration::from_secs(TTL + 10))
+        .await;
+    assert_eq!(s.reason.as_deref(), Some("EtcdUnreachable"), "{s:?}");
+    println!(
+        "Unknown {:?} after a controller started without etcd",
+        started.elapsed()
+    );
+
+    tokio::task::block_in_place(|| etcd.restart());
+    let back = Instant::now();
+    lab.wait_state(node, NodeState::Alive, Duration::from_secs(TTL + 5))
+        .await;
+    println!("Alive {:?} after etcd's return", back.elapsed());
+    assert_eq!(
+        history.states(node),
+        vec![
+            Some(NodeState::Alive),
+            Some(NodeState::Unknown),
+            Some(NodeState::Alive)
+        ]
+    );
+    assert!(
+        !second.output_text().contains(&format!("Node {node} Dead")),
+        "{}",
+        second.output_text()
+    );
+}
