@@ -89,6 +89,10 @@ pub struct HeartbeatLease {
     /// The last value written, with `updated_at` cleared, to tell whether there is news.
     last_written: Option<Heartbeat>,
     last_write_at: Option<Instant>,
+    /// The start of a newer agent for this node that holds the key on a lease of its own (a
+    /// rolling update with surge, a pod replaced while this one stops): this one stops writing
+    /// the key so that the two do not move it back and forth between their leases.
+    superseded_by: Option<Timestamp>,
     outage: bool,
     backoff: Backoff,
 }
@@ -116,6 +120,7 @@ impl HeartbeatLease {
             lease_lost: false,
             last_written: None,
             last_write_at: None,
+            superseded_by: None,
             outage: false,
             backoff: retry_backoff(ttl),
         }
@@ -217,12 +222,21 @@ impl HeartbeatLease {
                 },
                 msg = own_key.message() => match msg {
                     Ok(Some(r)) => {
-                        if r.events().iter().any(|e| e.event_type() == EventType::Delete) {
-                            // Deleted by hand while our lease lives: put it back now.
-                            warn!("heartbeat: {} was deleted while lease {:x} lives; writing it again", self.key, keeper.id());
-                            self.last_written = None;
-                            self.last_write_at = None;
-                            pending = true;
+                        for e in r.events() {
+                            let Some(kv) = e.kv() else { continue };
+                            if e.event_type() == EventType::Delete {
+                                // Deleted by hand, or a newer agent's lease expired: while our
+                                // lease lives, the node is alive; put the key back now.
+                                warn!("heartbeat: {} was deleted while lease {:x} lives; writing it again", self.key, keeper.id());
+                                self.superseded_by = None;
+                                self.last_written = None;
+                                self.last_write_at = None;
+                                pending = true;
+                            } else if kv.lease() != keeper.id() && self.notice_other_agent(kv.value()) {
+                                // An older agent wrote over ours: take the key back now.
+                                self.last_written = None;
+                                pending = true;
+                            }
                         }
                     }
                     Ok(None) => return Error::StreamEnded(format!("watch on {} closed by etcd", self.key)),
@@ -236,12 +250,12 @@ impl HeartbeatLease {
                     usage_open = r.is_ok();
                     pending = true;
                 }
-                _ = sleep_until(refresh_at), if !pending && put.is_none() => {
+                _ = sleep_until(refresh_at), if !pending && put.is_none() && self.superseded_by.is_none() => {
                     // Nothing new for a while: the same value with a fresh `updatedAt`.
                     self.last_written = None;
                     pending = true;
                 }
-                _ = sleep_until(write_at), if pending && put.is_none() => {
+                _ = sleep_until(write_at), if pending && put.is_none() && self.superseded_by.is_none() => {
                     pending = false;
                     put = self.start_put(client, AgentState::Running);
                 }
@@ -349,6 +363,25 @@ impl HeartbeatLease {
             config: self.inputs.config.current().to_wire(),
             usage: self.inputs.usage.borrow().clone(),
         }
+    }
+
+    /// Another lease's value appeared on our key: yield to it if its agent started after us.
+    /// Returns whether it is an older agent's, whose write should be undone.
+    fn notice_other_agent(&mut self, value: &[u8]) -> bool {
+        let Ok(other) = Heartbeat::parse(value) else {
+            return false;
+        };
+        if other.started_at > self.started_at {
+            if self.superseded_by != Some(other.started_at) {
+                info!(
+                    "heartbeat: a newer agent (started {}) holds {}; this one stops writing it",
+                    other.started_at, self.key
+                );
+                self.superseded_by = Some(other.started_at);
+            }
+            return false;
+        }
+        other.started_at < self.started_at && self.superseded_by.is_none()
     }
 
     /// Starts putting the value on the lease if it differs from the last one written.

@@ -418,3 +418,58 @@ async fn with_nothing_new_the_value_is_refreshed_every_max_interval() {
     };
     assert_eq!(same(a), same(b), "a refresh carries the same value");
 }
+
+/// Two agents for one node at once (a rolling update with surge): the newer one holds the key,
+/// the older stops writing it, and when the older one stops the key is never deleted.
+#[tokio::test]
+async fn of_two_agents_for_one_node_the_newer_holds_the_key() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    let ttl = ["--heartbeat-ttl", "3", "--heartbeat-min-interval", "500ms"];
+    let mut old = start_agent(&etcd, "worker-10", &ttl);
+    let (_, old_lease) = eventually("the old agent's key", Duration::from_secs(5), || {
+        let mut c = client.clone();
+        async move { heartbeat(&mut c, "worker-10").await }
+    })
+    .await;
+    let new = start_agent(&etcd, "worker-10", &ttl);
+    old.process
+        .wait_for_line(Duration::from_secs(10), "the old one yields", |l| {
+            l.contains("a newer agent (started ") && l.contains("this one stops writing it")
+        });
+    let new_lease = eventually("the new agent's key", Duration::from_secs(5), || {
+        let mut c = client.clone();
+        async move {
+            let (_, lease) = heartbeat(&mut c, "worker-10").await?;
+            (lease != old_lease).then_some(lease)
+        }
+    })
+    .await;
+    let mut events = client
+        .watch(heartbeat_key("worker-10"), Some(WatchOptions::new()))
+        .await
+        .expect("watch heartbeat");
+    events.message().await.expect("watch created");
+    old.process.signal(Signal::SIGTERM);
+    old.process
+        .wait_exit(Duration::from_secs(5))
+        .expect("old agent exits");
+    // Past the old lease's expiry: every write is the new agent's, and none is a delete.
+    let until = Instant::now() + Duration::from_secs(5);
+    while let Ok(resp) = tokio::time::timeout_at(until.into(), events.message()).await {
+        let resp = resp.expect("watch stream").expect("watch open");
+        for e in resp.events() {
+            let lease = e.kv().map(|kv| kv.lease());
+            assert!(
+                e.event_type() == EventType::Put && lease == Some(new_lease),
+                "{:?} on lease {lease:?} (new {new_lease:x}, old {old_lease:x}):\n{}",
+                e.event_type(),
+                new.process.output_text()
+            );
+        }
+    }
+    let (hb, lease) = heartbeat(&mut client, "worker-10")
+        .await
+        .expect("key present");
+    assert_eq!((hb.state, lease), (AgentState::Running, new_lease));
+}
