@@ -175,7 +175,7 @@ pub async fn run(args: Args) -> Result<()> {
         args.etcd.endpoints_display(),
         args.proc_root.display(),
         args.host_root.display(),
-        args.metrics_addr
+        listener.local_addr().unwrap_or(args.metrics_addr)
     );
 
     let (usage_tx, usage_rx) = watch::channel(None);
