@@ -906,15 +906,19 @@ fn chart_defaults_run_on_a_real_node() {
         Some("/readyz")
     );
 
-    // A first install surges (no old agent exists) so that helm --wait, which waits for
-    // nodes - maxUnavailable ready pods, waits for every agent; upgrades go one node at a time
-    // without surge (two agents on one node would both write its heartbeat key).
-    let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
-    assert_eq!(rolling["maxUnavailable"].as_u64(), Some(0));
-    assert_eq!(rolling["maxSurge"].as_u64(), Some(1));
-    let upgrade = render(&["--is-upgrade"]);
-    let upgraded = object(&upgrade, "DaemonSet", "nodepulse-agent");
-    let rolling = &upgraded["spec"]["updateStrategy"]["rollingUpdate"];
+    // The new agent starts before the old one stops (the old one yields the heartbeat key), so
+    // helm --wait, which waits for nodes - maxUnavailable ready pods, waits for every agent, on
+    // install and upgrade alike; on the host's network two agents cannot share the port.
+    for args in [&[][..], &["--is-upgrade"][..]] {
+        let rendered = render(args);
+        let ds = object(&rendered, "DaemonSet", "nodepulse-agent");
+        let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
+        assert_eq!(rolling["maxUnavailable"].as_u64(), Some(0), "{args:?}");
+        assert_eq!(rolling["maxSurge"].as_u64(), Some(1), "{args:?}");
+    }
+    let host = render(&["--set", "agent.hostNetwork=true"]);
+    let host_ds = object(&host, "DaemonSet", "nodepulse-agent");
+    let rolling = &host_ds["spec"]["updateStrategy"]["rollingUpdate"];
     assert_eq!(rolling["maxUnavailable"].as_u64(), Some(1));
     assert_eq!(rolling["maxSurge"].as_u64(), Some(0));
     let own = render(&["--set", "agent.updateStrategy.type=OnDelete"]);
