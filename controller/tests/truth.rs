@@ -462,3 +462,122 @@ async fn a_controller_started_while_etcd_is_away_says_unknown_then_alive() {
         second.output_text()
     );
 }
+
+/// A loopback TCP proxy that can freeze: bytes stop flowing both ways, connections stay open
+/// (a blackholed network: no reset, no close, nothing).
+struct FreezingProxy {
+    addr: std::net::SocketAddr,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FreezingProxy {
+    fn start(target: std::net::SocketAddr) -> FreezingProxy {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let frozen = Arc::new(AtomicBool::new(false));
+        let frozen2 = frozen.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = std::net::TcpStream::connect(target) else {
+                    continue;
+                };
+                for (from, to) in [(&client, &server), (&server, &client)] {
+                    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+                        continue;
+                    };
+                    let frozen = frozen2.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 16 * 1024];
+                        while let Ok(n) = from.read(&mut buf) {
+                            while frozen.load(Ordering::SeqCst) {
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            if n == 0 || to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        FreezingProxy { addr, frozen }
+    }
+
+    fn set_frozen(&self, frozen: bool) {
+        self.frozen
+            .store(frozen, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Item 5, a partition between the controller and etcd that says nothing (no reset, no close:
+/// packets just stop): the controller notices within seconds (a progress request etcd does not
+/// answer), says Unknown once blind for longer than the TTL, and Alive again, never Dead, when
+/// the network comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_partition_from_etcd_is_unknown_within_seconds_of_the_ttl() {
+    let etcd = tokio::task::spawn_blocking(Etcd::start)
+        .await
+        .expect("start etcd");
+    let target: std::net::SocketAddr = etcd
+        .endpoint
+        .trim_start_matches("http://")
+        .parse()
+        .expect("etcd address");
+    let proxy = FreezingProxy::start(target);
+    // The agent reaches etcd directly; only the controller is behind the proxy.
+    let lab = Lab::start(format!("http://{}", proxy.addr)).await;
+    let node = "silent-1";
+    let controller = lab.controller("truth-silent");
+    let agent_lab_endpoints = etcd.endpoint.clone();
+    let mut cmd = Command::new(testkit::project_bin("nodepulse-agent"));
+    cmd.env("RUST_LOG", "info")
+        .env_remove("NODE_NAME")
+        .args(["--node-name", node])
+        .args(["--heartbeat-ttl", &TTL.to_string()])
+        .args(["--heartbeat-min-interval", "500ms"])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .args(["--etcd-endpoints", &agent_lab_endpoints]);
+    let _agent = Process::spawn(node, cmd);
+    lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+        .await;
+    let history = lab.record(&[node]).await;
+
+    proxy.set_frozen(true);
+    let cut = Instant::now();
+    let s = lab
+        .wait_state(node, NodeState::Unknown, Duration::from_secs(TTL + 8))
+        .await;
+    assert_eq!(s.reason.as_deref(), Some("EtcdUnreachable"), "{s:?}");
+    let unknown_after = cut.elapsed();
+    println!("Unknown {unknown_after:?} after the silent partition (TTL {TTL}s)");
+    // The progress request (every 2 s, 3 s to answer) finds the watch dead within about 5 s;
+    // the HTTP/2 keep-alive alone would take up to 15 s.
+    assert!(
+        unknown_after < Duration::from_secs(TTL + 7),
+        "Unknown only {unknown_after:?} after the cut"
+    );
+    proxy.set_frozen(false);
+    let healed = Instant::now();
+    lab.wait_state(node, NodeState::Alive, Duration::from_secs(30))
+        .await;
+    println!("Alive {:?} after the network came back", healed.elapsed());
+    assert_eq!(
+        history.states(node),
+        vec![
+            Some(NodeState::Alive),
+            Some(NodeState::Unknown),
+            Some(NodeState::Alive)
+        ]
+    );
+    assert!(
+        !controller
+            .output_text()
+            .contains(&format!("Node {node} Dead")),
+        "{}",
+        controller.output_text()
+    );
+}
