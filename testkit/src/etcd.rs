@@ -2,12 +2,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::ports::ReservedPort;
 use crate::process::Process;
 use crate::tools::tool;
-use crate::{http_get, scratch_dir, wait_until};
+use crate::{http_get, scratch_dir};
 
 /// The peer URL of a single member: a unix socket named `peer:1` in the member's working
 /// directory (etcd wants `host:port` even for a socket). A single member never dials it, but
@@ -63,12 +63,20 @@ impl Etcd {
             .args(["--log-level", "warn"])
             // Tests check behaviour, not durability across power loss.
             .arg("--unsafe-no-fsync");
-        self.process = Some(Process::spawn("etcd", cmd));
+        let mut process = Process::spawn("etcd", cmd);
         let health = self.client_port.addr();
-        wait_until("etcd /health", Duration::from_secs(30), || {
-            http_get(&health, "/health")
-                .is_some_and(|(status, body)| status == 200 && body.contains("\"health\":\"true\""))
-        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !http_get(&health, "/health")
+            .is_some_and(|(status, body)| status == 200 && body.contains("\"health\":\"true\""))
+        {
+            assert!(
+                process.is_running() && Instant::now() < deadline,
+                "etcd on {health} not healthy (exited, or 30 s passed); its output:\n{}",
+                process.output_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.process = Some(process);
     }
 
     /// SIGKILLs the server (the data directory stays).
