@@ -797,7 +797,9 @@ fn with_auth_on_agent_and_controller_survive_an_etcd_restart_that_forgets_their_
         mark,
         DEADLINE,
         "the config watch resumes after the restart",
-        |l| l.contains("config watch on") && l.contains("resumed"),
+        // `config watch (<key>) back after 0.7s: resumed from revision N` (or `listed at
+        // revision N`, when etcd canceled the watch for the forgotten token).
+        |l| l.contains("config watch (") && l.contains(" back after "),
     );
     // A config change made after the restart reaches the agent over its (re-authenticated) watch.
     let set = auth.as_controller(&[
