@@ -111,7 +111,7 @@ build_base() {
   printf 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n' >"$r/etc/group"
   chown 65532:65532 "$r/home/nonroot"
   rm -rf "$r/usr/share/doc" "$r/usr/share/man" "$r/usr/share/lintian"
-  bh bud --layers --pull=never --network none -f "$ROOT/hack/cluster/base.Dockerfile" -t "$ref" "$dir" >&2
+  bh bud --quiet --layers --pull=never --network none -f "$ROOT/hack/cluster/base.Dockerfile" -t "$ref" "$dir" >&2
 }
 
 build_pause() {
@@ -124,7 +124,7 @@ build_pause() {
   # The upstream Makefile's flags: a static binary, so the image needs nothing else.
   gcc -Os -Wall -Werror -static -DVERSION="v${ref##*:}-nodepulse" \
     -o "$dir/pause" "$(kubernetes_src)/build/pause/linux/pause.c"
-  bh bud --layers --pull=never --network none -f "$ROOT/hack/cluster/pause.Dockerfile" -t "$ref" "$dir" >&2
+  bh bud --quiet --layers --pull=never --network none -f "$ROOT/hack/cluster/pause.Dockerfile" -t "$ref" "$dir" >&2
 }
 
 # Tagged with Debian's upstream version of busybox (1:1.35.0-4+b3 -> 1.35.0).
@@ -149,7 +149,7 @@ build_busybox() {
     [[ -e $dir/rootfs/bin/$applet ]] || ln -s busybox "$dir/rootfs/bin/$applet"
   done
   rm -rf "$dir/rootfs/usr/share"
-  bh bud --layers --pull=never --network none -f "$ROOT/hack/cluster/busybox.Dockerfile" -t "$ref" "$dir" >&2
+  bh bud --quiet --layers --pull=never --network none -f "$ROOT/hack/cluster/busybox.Dockerfile" -t "$ref" "$dir" >&2
 }
 
 build_etcd() {
@@ -160,7 +160,7 @@ build_etcd() {
   cp "$(readlink -f "$TOOLS/etcd")" "$dir/etcd"
   cp "$(readlink -f "$TOOLS/etcdctl")" "$dir/etcdctl"
   log "etcd image $ref"
-  bh bud --layers --pull=never --network none --build-arg "BASE_IMAGE=$(base_ref)" \
+  bh bud --quiet --layers --pull=never --network none --build-arg "BASE_IMAGE=$(base_ref)" \
     -f "$ROOT/hack/cluster/etcd.Dockerfile" -t "$ref" "$dir" >&2
 }
 
@@ -174,7 +174,7 @@ build_nodepulse() {
     cp "$RELEASE_DIR/$bin" "$dir/"
   done
   log "nodepulse image $ref from the Dockerfile (BINARIES=prebuilt: the binaries of \`make release\`)"
-  bh bud --layers --pull=never --network none --build-arg "RUNTIME_IMAGE=$(base_ref)" \
+  bh bud --quiet --layers --pull=never --network none --build-arg "RUNTIME_IMAGE=$(base_ref)" \
     --build-arg BINARIES=prebuilt -f "$ROOT/Dockerfile" -t "$ref" "$dir" >&2
 }
 

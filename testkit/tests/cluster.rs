@@ -321,12 +321,21 @@ fn release_installed() -> bool {
     helm(&["status", RELEASE]).status.success()
 }
 
-/// Uninstalls the release and waits until its namespaces are gone, so the next install starts
-/// from nothing (and its volumes are recycled).
+/// Uninstalls the release and deletes what the chart keeps past it (the etcd namespace with its
+/// volume claims, `helm.sh/resource-policy: keep`), so that the next install starts from nothing
+/// and its volumes are recycled.
 fn uninstall() {
     if release_installed() {
         helm_ok(&["uninstall", RELEASE, "--wait", "--timeout", "120s"]);
     }
+    kube_ok(&[
+        "delete",
+        "namespace",
+        "etcd",
+        "nodepulse",
+        "--ignore-not-found",
+        "--wait=false",
+    ]);
     wait_until(
         "namespaces etcd and nodepulse gone",
         Duration::from_secs(120),
