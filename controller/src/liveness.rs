@@ -59,9 +59,6 @@ impl HeartbeatWatcher {
             // The controller trusts a fresh list, not its memory of the events.
             relist_after_break: true,
             backoff: Backoff::new(Duration::from_millis(200), Duration::from_millis(2500)),
-            // Whether the controller can see the heartbeats decides Unknown: a connection cut
-            // without a word must show within seconds, not after the keep-alive timeout.
-            progress_every: Some(Duration::from_secs(2)),
             ..WatcherSettings::prefix("heartbeat watch")
         };
         let mut watcher = EtcdWatcher::new(self.etcd, HEARTBEAT_PREFIX, settings);

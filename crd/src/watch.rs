@@ -88,15 +88,7 @@ pub struct WatcherSettings {
     pub backoff: Backoff,
     /// How long a list, or the creation of a watch, may take before the connection counts as gone.
     pub call_timeout: Duration,
-    /// When set, a watch quiet this long asks etcd for a progress report, and one left
-    /// unanswered for [`PROGRESS_ANSWER_TIMEOUT`] counts as broken: a connection cut without a
-    /// word (a blackholed network) shows within seconds instead of after the HTTP/2 keep-alive
-    /// timeout. For a watcher that must know promptly that it is blind (the controller's).
-    pub progress_every: Option<Duration>,
 }
-
-/// How long etcd may take to answer a progress request (see [`WatcherSettings::progress_every`]).
-pub const PROGRESS_ANSWER_TIMEOUT: Duration = Duration::from_secs(3);
 
 impl WatcherSettings {
     /// A prefix watch resuming after breaks, retrying at most every 2.5 s.
@@ -110,7 +102,6 @@ impl WatcherSettings {
             // and a retry is due at most one cap after the last failure.
             backoff: Backoff::new(Duration::from_millis(100), Duration::from_millis(2500)),
             call_timeout: Duration::from_secs(5),
-            progress_every: None,
         }
     }
 
@@ -241,10 +232,6 @@ pub struct EtcdWatcher {
     pause_before_list: bool,
     /// The last attempt failed: wait a backoff before the next one.
     backoff_due: bool,
-    /// When the watch stream last delivered anything (a response, or its creation).
-    last_heard: Instant,
-    /// When a progress report was asked for and not answered yet.
-    progress_asked: Option<Instant>,
     pending: VecDeque<WatchEvent>,
 }
 
@@ -263,8 +250,6 @@ impl EtcdWatcher {
             outage: None,
             pause_before_list: false,
             backoff_due: false,
-            last_heard: Instant::now(),
-            progress_asked: None,
             pending: VecDeque::new(),
         }
     }
@@ -330,34 +315,7 @@ impl EtcdWatcher {
         let Some(stream) = self.stream.as_mut() else {
             return Ok(());
         };
-        let message = match self.settings.progress_every {
-            None => stream.message().await,
-            Some(every) => {
-                let wake = match self.progress_asked {
-                    Some(asked) => asked + PROGRESS_ANSWER_TIMEOUT,
-                    None => self.last_heard + every,
-                };
-                tokio::select! {
-                    message = stream.message() => message,
-                    () = tokio::time::sleep_until(wake.into()) => {
-                        if self.progress_asked.is_some() {
-                            return Err(Failure(format!(
-                                "no answer from etcd to a progress request within {PROGRESS_ANSWER_TIMEOUT:?}"
-                            )));
-                        }
-                        stream
-                            .request_progress()
-                            .await
-                            .map_err(|e| Failure(format!("request progress: {e}")))?;
-                        self.progress_asked = Some(Instant::now());
-                        return Ok(());
-                    }
-                }
-            }
-        };
-        self.last_heard = Instant::now();
-        self.progress_asked = None;
-        let resp = match message {
+        let resp = match stream.message().await {
             Ok(Some(resp)) => resp,
             Ok(None) => return Err(Failure("stream closed by etcd".into())),
             Err(e) => {
@@ -478,8 +436,6 @@ impl EtcdWatcher {
         .await
         .map_err(|_| Failure(format!("{what} timed out after {timeout:?}")))??;
         let (stream, resp) = opened;
-        self.last_heard = Instant::now();
-        self.progress_asked = None;
         let verdict = judge(&ResponseFacts::of(&resp), seen, cluster_id);
         if let Verdict::Canceled { reason } = &verdict
             && self.must_list

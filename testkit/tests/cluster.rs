@@ -326,6 +326,16 @@ fn release_installed() -> bool {
 /// and its volumes are recycled.
 fn uninstall() {
     if release_installed() {
+        // The tests' MonitorConfig outlives the release (a cluster-scoped object): delete it while
+        // the controller is there to remove its finalizer.
+        let _ = kube(&[
+            "delete",
+            "monitorconfig",
+            "e2e-fast",
+            "--ignore-not-found",
+            "--timeout",
+            "30s",
+        ]);
         helm_ok(&["uninstall", RELEASE, "--wait", "--timeout", "120s"]);
     }
     kube_ok(&[
@@ -400,10 +410,11 @@ fn install(extra: &[&str]) {
     );
 }
 
-/// The default release (1 etcd member, 2 controllers), installed once for the tests that need it.
+/// The default release (1 etcd member, 2 controllers): installed afresh by the first test of a
+/// run that needs it (whatever an earlier run left), again when a test replaced it.
 fn ensure_release() {
-    static ONCE: Mutex<bool> = Mutex::new(false);
-    let mut done = ONCE.lock().unwrap_or_else(|e| e.into_inner());
+    static FRESH: Mutex<bool> = Mutex::new(false);
+    let mut fresh = FRESH.lock().unwrap_or_else(|e| e.into_inner());
     let has_one_member = || {
         release_installed()
             && kube(&[
@@ -418,11 +429,9 @@ fn ensure_release() {
             .stdout
                 == b"1"
     };
-    if !*done || !has_one_member() {
-        if !has_one_member() {
-            install(&[]);
-        }
-        *done = true;
+    if !*fresh || !has_one_member() {
+        install(&[]);
+        *fresh = true;
     }
 }
 
@@ -730,7 +739,15 @@ fn c3_monitornode_alive_with_the_nodes_figures() {
     assert!(row.split_whitespace().nth(1) == Some("Alive"), "{row}");
 
     // The status figures (written every usageWriteInterval) against /proc now.
-    let status = monitornode_status().expect("status");
+    let mut status = serde_json::Value::Null;
+    wait_until(
+        "the MonitorNode's usage figures",
+        Duration::from_secs(60),
+        || {
+            status = monitornode_status().unwrap_or_default();
+            status["usage"]["memoryPercent"].is_f64()
+        },
+    );
     let usage = &status["usage"];
     let mem = usage["memoryPercent"].as_f64().expect("memoryPercent");
     let disk = usage["diskPercent"].as_f64().expect("diskPercent");
