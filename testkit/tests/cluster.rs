@@ -526,8 +526,10 @@ fn dead_event_count() -> u64 {
 }
 
 /// Kills the node's kubelet and agent together: to the rest of the cluster the node is gone
-/// (a node that lost power would look the same to nodepulse). Returns when both are dead.
-fn kill_node() -> Instant {
+/// (a node that lost power would look the same to nodepulse). The node comes back when the
+/// returned guard is dropped (`hack/cluster.sh up` restarts what is missing; the kubelet then
+/// restarts the agent), also when the test fails, so that the next test finds a node.
+fn kill_node() -> DeadNode {
     let kubelets = node_pids("/kubelet-v1.34.4");
     let agents = node_pids("/nodepulse-agent");
     assert!(!kubelets.is_empty(), "the kubelet runs");
@@ -541,12 +543,47 @@ fn kill_node() -> Instant {
         Duration::from_secs(10),
         || node_pids("/kubelet-v1.34.4").is_empty() && node_pids("/nodepulse-agent").is_empty(),
     );
-    at
+    DeadNode { at }
 }
 
-/// Brings the kubelet back (`hack/cluster.sh up` heals what is missing); it restarts the agent.
-fn revive_node() {
-    cluster_sh_ok(&["up"]);
+/// A node killed by [`kill_node`]; revived on drop.
+struct DeadNode {
+    at: Instant,
+}
+
+impl Drop for DeadNode {
+    fn drop(&mut self) {
+        let _ = cluster_sh(&["up"]);
+    }
+}
+
+/// The agent's container frozen (cgroup v1 freezer): the process stops dead, no keep-alive, no
+/// goodbye, exactly as a hung node looks to etcd, while the kubelet keeps running (and keeps
+/// handling the other pods). Thawed on drop, also when the test fails.
+struct FrozenAgent {
+    state: PathBuf,
+}
+
+impl FrozenAgent {
+    fn freeze() -> FrozenAgent {
+        let agents = node_pids("/nodepulse-agent");
+        assert_eq!(agents.len(), 1, "one agent process on the node: {agents:?}");
+        let cgroups =
+            std::fs::read_to_string(format!("/proc/{}/cgroup", agents[0])).expect("its cgroups");
+        let path = cgroups
+            .lines()
+            .find_map(|l| l.split_once(":freezer:").map(|(_, p)| p.to_string()))
+            .expect("a freezer cgroup (cgroup v1)");
+        let state = PathBuf::from(format!("/sys/fs/cgroup/freezer{path}/freezer.state"));
+        std::fs::write(&state, "FROZEN").expect("freeze the agent");
+        FrozenAgent { state }
+    }
+}
+
+impl Drop for FrozenAgent {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.state, "THAWED");
+    }
 }
 
 /// One `sample ...` line of the agent, parsed as a person reads it.
@@ -896,7 +933,8 @@ fn c4_sigkill_of_the_agent_is_not_a_node_death() {
 fn c5_node_death_then_return() {
     ensure_release();
     wait_state("Alive", Duration::from_secs(60));
-    let killed = kill_node();
+    let dead = kill_node();
+    let killed = dead.at;
     wait_until(
         &format!("MonitorNode {NODE} Dead"),
         TTL + Duration::from_secs(2),
@@ -916,7 +954,7 @@ fn c5_node_death_then_return() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    revive_node();
+    drop(dead);
     let back = wait_state("Alive", Duration::from_secs(90));
     eprintln!(
         "Alive again {:.1}s after the kubelet returned",
@@ -925,7 +963,9 @@ fn c5_node_death_then_return() {
 }
 
 /// `kubectl delete pod` of the controller leader (2 replicas): the other takes the Lease over,
-/// and a node death during the takeover is recorded once.
+/// and a node death during the takeover is recorded once. The death here is the agent's cgroup
+/// frozen, not the kubelet killed: on one node the kubelet is the one that stops the deleted
+/// leader, and without it the old leader would keep its Lease and nothing would be taken over.
 #[test]
 #[ignore = "needs the cluster of hack/cluster.sh: make e2e-cluster"]
 fn c6_controller_failover_records_a_death_once() {
@@ -958,7 +998,8 @@ fn c6_controller_failover_records_a_death_once() {
     );
     let dead_before = dead_event_count();
     kube_ok(&["delete", "pod", "-n", "nodepulse", &leader, "--wait=false"]);
-    let killed = kill_node();
+    let frozen = FrozenAgent::freeze();
+    let killed = Instant::now();
     let mut new_leader = String::new();
     wait_until(
         "another controller takes the Lease over",
@@ -990,7 +1031,7 @@ fn c6_controller_failover_records_a_death_once() {
         std::thread::sleep(Duration::from_millis(250));
     }
     let recorded = dead_event_count() - dead_before;
-    revive_node();
+    drop(frozen);
     wait_state("Alive", Duration::from_secs(90));
     assert_eq!(
         recorded, 1,
