@@ -178,16 +178,21 @@ impl EtcdArgs {
         Ok(opts)
     }
 
-    /// Connects once. The channel underneath is lazy and balanced over every endpoint: it
-    /// reconnects by itself and fails over to another member when one goes away.
+    /// Connects once. The channel underneath is lazy and talks to one member at a time: it
+    /// reconnects by itself and moves to the next member when one is unreachable or has no
+    /// leader ([`crate::failover`]).
     pub async fn connect(&self) -> Result<Client, ConnectError> {
         let opts = self.connect_options()?;
-        Client::connect(&self.endpoints, Some(opts))
-            .await
-            .map_err(|source| ConnectError::Etcd {
-                endpoints: self.endpoints_display(),
-                source,
-            })
+        Client::connect_with_balanced_channel(
+            &self.endpoints,
+            Some(opts),
+            crate::failover::FailoverChannel,
+        )
+        .await
+        .map_err(|source| ConnectError::Etcd {
+            endpoints: self.endpoints_display(),
+            source,
+        })
     }
 }
 

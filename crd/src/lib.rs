@@ -7,6 +7,7 @@
 #![deny(missing_docs)]
 
 pub mod etcd;
+pub mod failover;
 pub mod v1alpha1;
 pub mod watch;
 pub mod wire;
