@@ -18,7 +18,7 @@ use tokio::sync::{Mutex, Notify, watch};
 
 use crate::effective::{CompiledConfig, same_value, winners};
 use crate::error::{Error, Result};
-use crate::inventory::Inventory;
+use crate::inventory::{Inventory, StoreReady};
 use crate::metrics::Metrics;
 use crate::status::DesiredConfigs;
 
@@ -55,6 +55,7 @@ pub struct ConfigKeys {
     etcd: Client,
     inventory: Inventory,
     configs: Store<MonitorConfig>,
+    configs_ready: StoreReady,
     metrics: Arc<Metrics>,
     /// The value the controller last wrote per node, to tell a hand edit from a spec change.
     written: Mutex<HashMap<String, ConfigValue>>,
@@ -69,12 +70,14 @@ impl ConfigKeys {
         etcd: Client,
         inventory: Inventory,
         configs: Store<MonitorConfig>,
+        configs_ready: StoreReady,
         metrics: Arc<Metrics>,
         desired: watch::Sender<Arc<DesiredConfigs>>,
     ) -> Self {
         ConfigKeys {
             etcd,
             inventory,
+            configs_ready,
             configs,
             metrics,
             written: Mutex::new(HashMap::new()),
@@ -87,8 +90,8 @@ impl ConfigKeys {
     /// MonitorConfig being deleted) and reports what it did for each MonitorConfig.
     pub async fn sync(&self, excluding: Option<&str>) -> Result<SyncReport> {
         // A sync over half-filled caches would delete the keys of nodes it has not seen yet.
-        self.configs
-            .wait_until_ready()
+        self.configs_ready
+            .wait()
             .await
             .map_err(|_| Error::CacheNeverReady("MonitorConfig"))?;
         self.inventory.wait_until_ready().await?;

@@ -18,11 +18,56 @@ use tokio::sync::{Notify, watch as signal};
 use crate::effective::Labels;
 use crate::error::{Error, Result};
 
+/// Whether a reflector's store holds a full list, for any number of waiters.
+///
+/// kube-runtime's `Store::wait_until_ready` wakes only the last of several tasks waiting at the
+/// same time (one oneshot receiver, one waker): the others wait forever. That stalled the
+/// MonitorConfig reconciler beside the config key sync after a leader takeover, so every wait
+/// goes through one task per store and a watch channel instead.
+#[derive(Clone)]
+pub struct StoreReady(signal::Receiver<bool>);
+
+impl StoreReady {
+    /// Starts the one task that waits on `store`; it ends with the store's writer.
+    pub fn of<K>(store: Store<K>) -> Self
+    where
+        K: kube::Resource + Clone + Send + Sync + 'static,
+        K::DynamicType: std::hash::Hash + Eq + Clone + Send + Sync,
+    {
+        let (ready, rx) = signal::channel(false);
+        tokio::spawn(async move {
+            if store.wait_until_ready().await.is_ok() {
+                let _ = ready.send(true);
+            }
+        });
+        StoreReady(rx)
+    }
+
+    /// Resolves once the store is ready; `Err` when its writer went away first.
+    pub async fn wait(&self) -> std::result::Result<(), ()> {
+        let mut rx = self.0.clone();
+        rx.wait_for(|ready| *ready)
+            .await
+            .map(|_| ())
+            .map_err(|_| ())
+    }
+}
+
+/// Readiness told by whoever sees the store's first list end (the reflector stream's
+/// `InitDone`), for a store that something else already waits on.
+impl From<signal::Receiver<bool>> for StoreReady {
+    fn from(ready: signal::Receiver<bool>) -> Self {
+        StoreReady(ready)
+    }
+}
+
 /// Read access to the Node and MonitorNode caches.
 #[derive(Clone)]
 pub struct Inventory {
     nodes: Store<PartialObjectMeta<Node>>,
     monitor_nodes: Store<PartialObjectMeta<MonitorNode>>,
+    nodes_ready: StoreReady,
+    monitor_nodes_ready: StoreReady,
     changed: Arc<Notify>,
     /// The same signal for any number of listeners: a counter of changes.
     changes: Arc<signal::Sender<u64>>,
@@ -40,6 +85,8 @@ impl Inventory {
         let (nodes, node_writer) = reflector::store();
         let (monitor_nodes, mn_writer) = reflector::store();
         let inventory = Inventory {
+            nodes_ready: StoreReady::of(nodes.clone()),
+            monitor_nodes_ready: StoreReady::of(monitor_nodes.clone()),
             nodes,
             monitor_nodes,
             changed: Arc::new(Notify::new()),
@@ -70,12 +117,12 @@ impl Inventory {
 
     /// Waits until both caches hold a full list.
     pub async fn wait_until_ready(&self) -> Result<()> {
-        self.nodes
-            .wait_until_ready()
+        self.nodes_ready
+            .wait()
             .await
             .map_err(|_| Error::CacheNeverReady("Node"))?;
-        self.monitor_nodes
-            .wait_until_ready()
+        self.monitor_nodes_ready
+            .wait()
             .await
             .map_err(|_| Error::CacheNeverReady("MonitorNode"))
     }

@@ -25,12 +25,15 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use futures::channel::mpsc as futures_mpsc;
 use kube::Client;
 use kube::api::Api;
+use kube::runtime::WatchStreamExt;
 use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
+use kube::runtime::reflector::{self, reflector};
+use kube::runtime::watcher::{self, watcher};
 use nodepulse_crd::etcd::{EtcdArgs, parse_duration};
 use nodepulse_crd::v1alpha1::MonitorConfig;
 use tokio::sync::{mpsc, watch};
@@ -38,7 +41,7 @@ use tokio::sync::{mpsc, watch};
 pub use error::{Error, Result};
 
 use crate::config_keys::ConfigKeys;
-use crate::inventory::Inventory;
+use crate::inventory::{Inventory, StoreReady};
 use crate::leader::LeaderArgs;
 use crate::liveness::HeartbeatWatcher;
 use crate::metrics::Metrics;
@@ -153,14 +156,29 @@ async fn run_reconcilers(
 ) -> Result<()> {
     let (inventory, drivers) = Inventory::new(&client);
     let (desired_tx, desired_rx) = watch::channel(Arc::new(DesiredConfigs::new()));
-    let controller = Controller::new(
-        Api::<MonitorConfig>::all(client.clone()),
-        watcher::Config::default(),
-    );
+    // The MonitorConfig cache, and its readiness told by the reflector's own end of the first
+    // list: the Controller already waits on the store itself (see `StoreReady`).
+    let (configs, configs_writer) = reflector::store();
+    let (configs_ready, configs_ready_rx) = watch::channel(false);
+    let config_events = reflector(
+        configs_writer,
+        watcher(
+            Api::<MonitorConfig>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .default_backoff(),
+    )
+    .inspect(move |event| {
+        if matches!(event, Ok(watcher::Event::InitDone)) {
+            let _ = configs_ready.send(true);
+        }
+    });
+    let controller = Controller::for_stream(config_events.applied_objects(), configs.clone());
     let keys = Arc::new(ConfigKeys::new(
         etcd.clone(),
         inventory.clone(),
-        controller.store(),
+        configs,
+        StoreReady::from(configs_ready_rx),
         metrics.clone(),
         desired_tx,
     ));
