@@ -18,6 +18,7 @@ mod etcd_secure;
 mod ports;
 mod process;
 mod proxy;
+mod slow_etcd;
 mod tools;
 
 pub use apiserver::KubeApiserver;
@@ -27,6 +28,7 @@ pub use etcd_secure::{ClientTls, EtcdUsers, SecureEtcd, enable_etcd_auth, etcdct
 pub use ports::ReservedPort;
 pub use process::{Line, Process};
 pub use proxy::TcpProxy;
+pub use slow_etcd::SlowEtcd;
 pub use tools::{kubectl, project_bin, repo_root, tool};
 
 use std::future::Future;
