@@ -206,7 +206,7 @@ impl ConfigWatcher {
     /// (the shared watcher resumes from the last revision, and reads the key again after a
     /// compaction or when etcd was rebuilt).
     pub async fn run(self) {
-        let client = crate::connect_until_ok(&self.etcd, "config watch").await;
+        let client = self.etcd.connect_retrying("config watch").await;
         let mut watcher = EtcdWatcher::new(
             client,
             self.key.as_str(),

@@ -137,7 +137,7 @@ impl HeartbeatLease {
     }
 
     async fn keep_alive_forever(&mut self) {
-        let client = crate::connect_until_ok(&self.etcd, "heartbeat").await;
+        let client = self.etcd.connect_retrying("heartbeat").await;
         self.client = Some(client.clone());
         loop {
             let mut client = client.clone();

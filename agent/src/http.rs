@@ -4,11 +4,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::StatusCode;
 use axum::routing::get;
+use nodepulse_crd::runtime::{healthz, openmetrics, serve_admin};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
@@ -362,33 +360,8 @@ impl Collector for NodeFigures {
     }
 }
 
-#[derive(Clone)]
-struct AppState {
-    metrics: Arc<AgentMetrics>,
-    registry: Arc<Registry>,
-}
-
-async fn serve_metrics(State(s): State<AppState>) -> impl IntoResponse {
-    let mut body = String::new();
-    match prometheus_client::encoding::text::encode(&mut body, &s.registry) {
-        Ok(()) => (
-            StatusCode::OK,
-            [(
-                header::CONTENT_TYPE,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            )],
-            body,
-        ),
-        Err(_) => (
-            StatusCode::INTERNAL_SERVER_ERROR,
-            [(header::CONTENT_TYPE, "text/plain")],
-            "encoding the metrics failed\n".to_string(),
-        ),
-    }
-}
-
-async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
-    if s.metrics.lease_held() {
+async fn readyz(metrics: Arc<AgentMetrics>) -> (StatusCode, &'static str) {
+    if metrics.lease_held() {
         (StatusCode::OK, "ok: heartbeat lease held\n")
     } else {
         (
@@ -398,18 +371,11 @@ async fn readyz(State(s): State<AppState>) -> (StatusCode, &'static str) {
     }
 }
 
-/// Binds the listener (so a taken port fails the start, not later), and logs the address it got:
-/// with `--metrics-addr 127.0.0.1:0` the system picks a free port, and this line is how a
-/// person, `hack/demo.sh` or a test learns which.
+/// Binds the listener now, so that a taken port fails the start rather than later.
 pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener> {
-    let listener = tokio::net::TcpListener::bind(addr)
+    tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|source| Error::Listen { addr, source })?;
-    let bound = listener
-        .local_addr()
-        .map_err(|source| Error::Listen { addr, source })?;
-    tracing::info!("serving /metrics, /healthz and /readyz on {bound}");
-    Ok(listener)
+        .map_err(|source| Error::Listen { addr, source })
 }
 
 /// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
@@ -418,16 +384,16 @@ pub async fn serve(
     metrics: Arc<AgentMetrics>,
     registry: Registry,
 ) {
-    let state = AppState {
-        metrics,
-        registry: Arc::new(registry),
-    };
-    let app = Router::new()
-        .route("/metrics", get(serve_metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .with_state(state);
-    if let Err(e) = axum::serve(listener, app).await {
+    let registry = Arc::new(registry);
+    let routes = vec![
+        (
+            "/metrics",
+            get(move || std::future::ready(openmetrics(&registry))),
+        ),
+        ("/healthz", get(healthz)),
+        ("/readyz", get(move || readyz(metrics.clone()))),
+    ];
+    if let Err(e) = serve_admin(listener, routes).await {
         tracing::error!("metrics endpoint stopped: {e}");
     }
 }

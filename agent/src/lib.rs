@@ -20,22 +20,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use etcd_client::Client;
-use nodepulse_crd::etcd::{Backoff, EtcdArgs, parse_duration};
+use nodepulse_crd::etcd::{EtcdArgs, parse_duration};
+use nodepulse_crd::runtime::{LogFormat, ShutdownSignals};
 use nodepulse_crd::wire::validate_node_name;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::info;
 
 pub use error::{Error, Result};
-
-/// Log line format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// One human-readable line per event (what `kubectl logs` shows).
-    Text,
-    /// One JSON object per line, for log pipelines.
-    Json,
-}
 
 /// The agent's flags; each one can also be set through the environment variable named.
 #[derive(Clone, Debug, clap::Parser)]
@@ -101,21 +92,6 @@ pub fn parse_ttl(s: &str) -> Result<u32, String> {
     Ok(secs as u32)
 }
 
-/// Sets up logging: `RUST_LOG`-style filter (default info), text or JSON, colours only on a
-/// terminal.
-pub fn init_tracing(format: LogFormat) {
-    use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false);
-    match format {
-        LogFormat::Text => builder.with_ansi(std::io::stdout().is_terminal()).init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 /// The node name: `--node-name` (or `NODE_NAME`), else the hostname, lowercased as the kubelet
 /// does.
 pub fn node_name(flag: Option<&str>) -> Result<String> {
@@ -130,37 +106,15 @@ pub fn node_name(flag: Option<&str>) -> Result<String> {
     Ok(name)
 }
 
-/// Connects to etcd, retrying with backoff for as long as it takes (etcd being away is never a
-/// reason to stop).
-pub(crate) async fn connect_until_ok(etcd: &EtcdArgs, job: &str) -> Client {
-    let mut backoff = Backoff::default();
-    let mut warned = false;
-    loop {
-        match etcd.connect().await {
-            Ok(c) => return c,
-            Err(e) => {
-                if !warned {
-                    warn!("{job}: {e}; retrying");
-                    warned = true;
-                }
-                backoff.wait().await;
-            }
-        }
-    }
-}
-
 /// Runs the agent until SIGTERM or SIGINT, then stops cleanly (heartbeat marked Stopping, lease
 /// left to expire). Fails only on bad flags or an unusable metrics address, never because etcd is
 /// away.
 pub async fn run(args: Args) -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-
     let node = node_name(args.node_name.as_deref())?;
     // Fail now on unreadable TLS files rather than retrying forever.
     args.etcd.connect_options()?;
     let listener = http::bind(args.metrics_addr).await?;
-    let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signals)?;
+    let mut signals = ShutdownSignals::install().map_err(Error::Signals)?;
 
     let (metrics, registry) = http::AgentMetrics::new();
     let shared = config::SharedConfig::new(config::AppliedState::default());
@@ -209,10 +163,7 @@ pub async fn run(args: Args) -> Result<()> {
         .run(stop_rx),
     );
 
-    let signal_name = tokio::select! {
-        _ = sigterm.recv() => "SIGTERM",
-        _ = sigint.recv() => "SIGINT",
-    };
+    let signal_name = signals.recv().await;
     info!("{signal_name} received: stopping");
     sampling.abort();
     watcher.abort();

@@ -1,10 +1,11 @@
 //! nodepulse-agent: parse flags, set up logging, run the library.
 
 use clap::Parser;
+use nodepulse_crd::runtime::{LogStream, init_logging};
 
 fn main() -> std::process::ExitCode {
     let args = nodepulse_agent::Args::parse();
-    nodepulse_agent::init_tracing(args.log_format);
+    init_logging(args.log_format, LogStream::Stdout, false);
     // One thread is plenty for three light jobs and keeps the footprint small; /proc reads go to
     // the blocking pool.
     let runtime = tokio::runtime::Builder::new_current_thread()

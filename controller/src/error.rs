@@ -58,6 +58,10 @@ pub enum Error {
         source: kube_lease_manager::LeaseManagerError,
     },
 
+    /// The SIGTERM/SIGINT handlers could not be installed.
+    #[error("install the signal handlers: {0}")]
+    Signals(#[source] std::io::Error),
+
     /// The metrics endpoint could not be served.
     #[error("serve metrics on {addr}: {source}")]
     Metrics {

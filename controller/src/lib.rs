@@ -35,6 +35,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, reflector};
 use kube::runtime::watcher::{self, watcher};
 use nodepulse_crd::etcd::{EtcdArgs, parse_duration};
+use nodepulse_crd::runtime::{LogFormat, ShutdownSignals};
 use nodepulse_crd::v1alpha1::MonitorConfig;
 use tokio::sync::{mpsc, watch};
 
@@ -49,15 +50,6 @@ use crate::status::{DesiredConfigs, NodeTracker, StatusSettings};
 
 /// The one field manager of every write the controller makes.
 pub const FIELD_MANAGER: &str = "nodepulse-controller";
-
-/// Log line format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line, for log pipelines.
-    Json,
-}
 
 /// nodepulse-controller: node liveness from etcd heartbeats into MonitorNode status, and
 /// MonitorConfigs into etcd config keys.
@@ -119,13 +111,16 @@ pub async fn run(args: Args) -> Result<()> {
         .await;
         return Ok(());
     }
+    let mut signals = ShutdownSignals::install().map_err(Error::Signals)?;
     let metrics = Arc::new(Metrics::default());
     let ready = metrics::EtcdReadiness::default();
-    let serve = tokio::spawn(metrics::serve(
-        args.metrics_addr,
-        metrics.clone(),
-        ready.clone(),
-    ));
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .map_err(|source| Error::Metrics {
+            addr: args.metrics_addr,
+            source,
+        })?;
+    let serve = tokio::spawn(metrics::serve(listener, metrics.clone(), ready.clone()));
     let client = Client::try_default().await.map_err(Error::KubeConfig)?;
     let etcd = args.etcd.connect().await?;
     ready.set(etcd.clone());
@@ -135,10 +130,14 @@ pub async fn run(args: Args) -> Result<()> {
         "nodepulse-controller starting"
     );
     let work = || run_reconcilers(client.clone(), etcd.clone(), &args, metrics.clone());
+    let shutdown = async move {
+        signals.recv().await;
+        tracing::info!("shutting down");
+    };
     let result = tokio::select! {
-        r = leader::run_as_leader(client.clone(), &args.leader, metrics.clone(), shutdown_signal(), work) => r,
+        r = leader::run_as_leader(client.clone(), &args.leader, metrics.clone(), shutdown, work) => r,
         r = serve => match r {
-            Ok(Err(e)) => Err(e),
+            Ok(Err(source)) => Err(Error::Metrics { addr: args.metrics_addr, source }),
             _ => Err(Error::TaskStopped("metrics server")),
         },
     };
@@ -223,20 +222,4 @@ async fn run_reconcilers(
         r = keys.clone().run_sync_loop(refresh_tx, args.config_resync) => r,
         r = keys.clone().watch_keys() => r,
     }
-}
-
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
-    tracing::info!("shutting down");
 }

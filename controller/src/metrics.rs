@@ -1,14 +1,11 @@
 //! Prometheus metrics and the `/metrics`, `/healthz` (alive) and `/readyz` (etcd answers) endpoint.
 
-use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
+use axum::http::StatusCode;
 use axum::routing::get;
+use nodepulse_crd::runtime::{healthz, openmetrics, serve_admin};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -16,7 +13,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::error::{Error, Result};
+use tokio::net::TcpListener;
 
 /// A node liveness state, as a metric label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -112,28 +109,6 @@ impl Metrics {
             .get_or_create(&ReconcilerLabel { reconciler })
             .inc();
     }
-
-    /// The registry in the Prometheus text format.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
-        out
-    }
-}
-
-async fn metrics_handler(State(metrics): State<Arc<Metrics>>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        metrics.encode(),
-    )
-}
-
-async fn healthz() -> impl IntoResponse {
-    (StatusCode::OK, "ok\n")
 }
 
 /// How long `/readyz` waits for etcd's answer (the kubelet's probe gives up after 3 s).
@@ -180,24 +155,19 @@ async fn readyz(ready: EtcdReadiness) -> (StatusCode, String) {
     }
 }
 
-/// Serves `/metrics` and `/healthz` on `addr` (port 0: one the system picks, logged) until the
-/// process ends.
-pub async fn serve(addr: SocketAddr, metrics: Arc<Metrics>, ready: EtcdReadiness) -> Result<()> {
-    let app = Router::new()
-        .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(move || readyz(ready.clone())))
-        .with_state(metrics);
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .map_err(|source| Error::Metrics { addr, source })?;
-    // The real address: with `--metrics-addr 127.0.0.1:0` the system picks the port, and this
-    // line is how a person, `hack/demo.sh` or a test learns which.
-    let bound = listener
-        .local_addr()
-        .map_err(|source| Error::Metrics { addr, source })?;
-    tracing::info!("serving /metrics and /healthz on {bound}");
-    axum::serve(listener, app)
-        .await
-        .map_err(|source| Error::Metrics { addr, source })
+/// Serves `/metrics`, `/healthz` and `/readyz` on `listener` until the process ends.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    ready: EtcdReadiness,
+) -> std::io::Result<()> {
+    let routes = vec![
+        (
+            "/metrics",
+            get(move || std::future::ready(openmetrics(&metrics.registry))),
+        ),
+        ("/healthz", get(healthz)),
+        ("/readyz", get(move || readyz(ready.clone()))),
+    ];
+    serve_admin(listener, routes).await
 }

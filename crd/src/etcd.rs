@@ -194,6 +194,27 @@ impl EtcdArgs {
             source,
         })
     }
+
+    /// Connects, retrying with backoff for as long as it takes: etcd being away (or refusing a
+    /// login until it is back) is never a reason for a long-running loop to stop. Warns once, as
+    /// `<job>: <error>; retrying`. Call [`EtcdArgs::connect_options`] first to fail at once on
+    /// unreadable TLS files.
+    pub async fn connect_retrying(&self, job: &str) -> Client {
+        let mut backoff = Backoff::default();
+        let mut warned = false;
+        loop {
+            match self.connect().await {
+                Ok(client) => return client,
+                Err(e) => {
+                    if !warned {
+                        tracing::warn!("{job}: {e}; retrying");
+                        warned = true;
+                    }
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, ConnectError> {

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
 use nodepulse_crd::etcd::{EtcdArgs, parse_duration};
+use nodepulse_crd::runtime::LogFormat;
 
 use crate::OutputFormat;
 use crate::error::EXIT_CODES_HELP;
@@ -30,15 +31,6 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
-}
-
-/// Diagnostics format.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum LogFormat {
-    /// One readable line per event.
-    Text,
-    /// One JSON object per event.
-    Json,
 }
 
 /// The subcommands.

@@ -16,8 +16,7 @@ pub mod watch;
 use std::future::Future;
 use std::time::Duration;
 
-use etcd_client::Client;
-use nodepulse_crd::etcd::{Backoff, ConnectError, EtcdArgs};
+use nodepulse_crd::etcd::EtcdArgs;
 
 use crate::cli::{Command, ConfigCommand};
 use crate::error::{Error, Result};
@@ -110,20 +109,4 @@ async fn within<T>(
                 etcd.endpoints_display()
             )))
         })
-}
-
-/// Connects, retrying with backoff while etcd refuses (auth needs a live server); fails only on
-/// what retrying cannot fix, such as an unreadable certificate file.
-pub async fn connect_retrying(etcd: &EtcdArgs) -> Result<Client> {
-    let mut backoff = Backoff::default();
-    loop {
-        match etcd.connect().await {
-            Ok(client) => return Ok(client),
-            Err(e @ ConnectError::ReadFile { .. }) => return Err(e.into()),
-            Err(e) => {
-                tracing::warn!("{e}; retrying");
-                backoff.wait().await;
-            }
-        }
-    }
 }

@@ -11,10 +11,10 @@ use nodepulse_crd::watch::{EtcdWatcher, Kv, WatchEvent, WatcherSettings};
 use nodepulse_crd::wire::{HEARTBEAT_PREFIX, Heartbeat, node_of_heartbeat_key};
 use serde::Serialize;
 
+use crate::OutputFormat;
 use crate::error::Result;
 use crate::nodes::{NodeRow, now, render_table};
 use crate::tracker::{NodeTracker, Transition};
-use crate::{OutputFormat, connect_retrying};
 
 /// How `watch` prints.
 #[derive(Clone, Copy, Debug)]
@@ -132,7 +132,9 @@ impl<W: Write> EventPrinter<W> {
 /// fix (bad TLS files, stdout closed).
 pub async fn run(etcd: &EtcdArgs, settings: WatchSettings, out: impl Write) -> Result<()> {
     let mut printer = EventPrinter { out, settings };
-    let client = connect_retrying(etcd).await?;
+    // Unreadable TLS files fail now; etcd being away is waited for.
+    etcd.connect_options()?;
+    let client = etcd.connect_retrying("watch").await;
     let mut tracker = NodeTracker::default();
     let watch = WatcherSettings {
         backoff: Backoff::default(),
