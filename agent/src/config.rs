@@ -31,13 +31,7 @@ impl AppliedState {
 
     /// The part of the heartbeat value that describes the configuration.
     pub fn to_wire(&self) -> AppliedConfig {
-        AppliedConfig {
-            revision: self.revision,
-            interval: self.value.interval,
-            metrics: self.value.metrics.to_vec(),
-            source: self.value.source.clone(),
-            error: self.error.clone(),
-        }
+        AppliedConfig::new(&self.value, self.revision, self.error.clone())
     }
 }
 

@@ -91,7 +91,7 @@ async fn a_new_interval_is_logged_within_1s_and_sets_the_pace() {
     .await
     .0;
     assert_eq!(hb.config.interval, 2);
-    assert_eq!(hb.config.metrics, [Metric::Cpu, Metric::Memory]);
+    assert_eq!(hb.config.metrics.to_vec(), [Metric::Cpu, Metric::Memory]);
     let (_, body) = http_get(&agent.http, "/metrics").expect("/metrics");
     assert!(
         body.contains(&format!("nodepulse_agent_config_revision {revision}")),
@@ -249,7 +249,7 @@ async fn malformed_values_are_rejected_whole_and_reported() {
             "the last good config stays applied"
         );
         assert_eq!(hb.config.interval, 3);
-        assert_eq!(hb.config.metrics, [Metric::Cpu, Metric::Load]);
+        assert_eq!(hb.config.metrics.to_vec(), [Metric::Cpu, Metric::Load]);
         assert!(agent.process.is_running(), "{shown} stopped the agent");
     }
 

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{EventType, WatchOptions};
 use nix::sys::signal::Signal;
-use nodepulse_crd::wire::{AgentState, Heartbeat, heartbeat_key};
+use nodepulse_crd::wire::{AgentState, Heartbeat, MetricSet, heartbeat_key};
 use testkit::{Etcd, eventually, http_get};
 
 use common::{heartbeat, start_agent};
@@ -28,7 +28,7 @@ async fn heartbeat_appears_within_2s_and_sigterm_marks_it_stopping() {
     assert_eq!(hb.state, AgentState::Running);
     assert_eq!(hb.ttl_seconds, 10);
     assert_eq!(hb.config.interval, 10);
-    assert_eq!(hb.config.metrics.len(), 5);
+    assert_eq!(hb.config.metrics, MetricSet::all());
     assert_ne!(lease, 0, "the key is bound to a lease");
     agent
         .process

@@ -11,7 +11,7 @@ use etcd_client::{Client, PutOptions};
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use nodepulse_crd::wire::{
-    AgentState, AppliedConfig, Heartbeat, Metric, UsageSummary, heartbeat_key,
+    AgentState, AppliedConfig, Heartbeat, MetricSet, UsageSummary, heartbeat_key,
 };
 use rand::Rng;
 
@@ -158,7 +158,7 @@ impl SimulatedNode {
             config: AppliedConfig {
                 revision: 0,
                 interval: 10,
-                metrics: Metric::ALL.to_vec(),
+                metrics: MetricSet::all(),
                 source: None,
                 error: None,
             },

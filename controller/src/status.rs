@@ -774,23 +774,12 @@ fn compute_status(rec: &mut NodeRecord, desired: Option<&ConfigValue>) -> Monito
         status.agent_version = Some(hb.agent_version.clone());
         status.ttl_seconds = Some(hb.ttl_seconds);
         status.usage = hb.usage.clone();
-        status.config = Some(AppliedConfigStatus {
-            interval: hb.config.interval,
-            metrics: hb.config.metrics.clone(),
-            revision: hb.config.revision,
-            monitor_config: hb.config.source.as_ref().map(|s| s.monitor_config.clone()),
-            in_sync: None,
-            error: hb.config.error.clone(),
-        });
+        status.config = Some(AppliedConfigStatus::from(&hb.config));
     }
     let default = ConfigValue::default();
     let desired = desired.unwrap_or(&default);
     if let Some(config) = status.config.as_mut() {
-        let mut applied = config.metrics.clone();
-        applied.sort();
-        applied.dedup();
-        config.in_sync =
-            Some(config.interval == desired.interval && applied == desired.metrics.to_vec());
+        config.in_sync = Some(config.runs(desired));
     }
 
     let previous = std::mem::take(&mut status.conditions);
@@ -1026,7 +1015,7 @@ async fn create_monitor_node(api: &Api<MonitorNode>, job: &WriteJob) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nodepulse_crd::wire::{AppliedConfig, Metric};
+    use nodepulse_crd::wire::{AppliedConfig, MetricSet};
 
     fn heartbeat(interval: u32, cpu: f64) -> Heartbeat {
         Heartbeat {
@@ -1039,7 +1028,7 @@ mod tests {
             config: AppliedConfig {
                 revision: 0,
                 interval,
-                metrics: Metric::ALL.to_vec(),
+                metrics: MetricSet::all(),
                 source: None,
                 error: None,
             },

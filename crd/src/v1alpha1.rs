@@ -8,7 +8,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::wire::{Metric, UsageSummary};
+use crate::wire::{AppliedConfig, ConfigValue, Metric, MetricSet, UsageSummary};
 
 /// API group of every nodepulse resource.
 pub const GROUP: &str = "nodepulse.io";
@@ -93,7 +93,8 @@ pub struct AppliedConfigStatus {
     /// Sampling interval in seconds.
     pub interval: u32,
     /// Metrics collected.
-    pub metrics: Vec<Metric>,
+    #[schemars(with = "Vec<Metric>")]
+    pub metrics: MetricSet,
     /// etcd revision of the config key applied (0: defaults).
     #[serde(default)]
     pub revision: i64,
@@ -106,6 +107,27 @@ pub struct AppliedConfigStatus {
     /// Why the agent rejected its last config value, if it did.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+impl From<&AppliedConfig> for AppliedConfigStatus {
+    /// What the agent reports, not yet compared with the desired config (`in_sync` unset).
+    fn from(applied: &AppliedConfig) -> Self {
+        AppliedConfigStatus {
+            interval: applied.interval,
+            metrics: applied.metrics.clone(),
+            revision: applied.revision,
+            monitor_config: applied.source.as_ref().map(|s| s.monitor_config.clone()),
+            in_sync: None,
+            error: applied.error.clone(),
+        }
+    }
+}
+
+impl AppliedConfigStatus {
+    /// Whether the agent runs the interval and metrics `desired` asks for.
+    pub fn runs(&self, desired: &ConfigValue) -> bool {
+        self.interval == desired.interval && self.metrics == desired.metrics
+    }
 }
 
 /// Desired sampling settings for the nodes it selects.

@@ -166,6 +166,13 @@ impl MetricSet {
     }
 }
 
+impl Default for MetricSet {
+    /// All five, as an agent collects when no config key exists.
+    fn default() -> Self {
+        MetricSet::all()
+    }
+}
+
 impl TryFrom<Vec<Metric>> for MetricSet {
     type Error = ConfigError;
     fn try_from(v: Vec<Metric>) -> Result<Self, ConfigError> {
@@ -466,13 +473,27 @@ pub struct AppliedConfig {
     /// Sampling interval in seconds.
     pub interval: u32,
     /// What the agent collects.
-    pub metrics: Vec<Metric>,
+    pub metrics: MetricSet,
     /// The MonitorConfig the applied value came from, when the controller wrote it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source: Option<ConfigSource>,
     /// Why the last config value was rejected, if it was; cleared by the next good one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+impl AppliedConfig {
+    /// What an agent reports while it runs `value`, read from the config key at `revision` (0
+    /// on the defaults); `error` says why a later value was rejected, if one was.
+    pub fn new(value: &ConfigValue, revision: i64, error: Option<String>) -> Self {
+        AppliedConfig {
+            revision,
+            interval: value.interval,
+            metrics: value.metrics.clone(),
+            source: value.source.clone(),
+            error,
+        }
+    }
 }
 
 /// The latest usage figures, rounded to one decimal; absent when the metric is not collected.
@@ -725,7 +746,7 @@ mod tests {
             config: AppliedConfig {
                 revision: 41,
                 interval: 2,
-                metrics: vec![Metric::Cpu, Metric::Memory],
+                metrics: "cpu,memory".parse().unwrap(),
                 source: None,
                 error: Some("interval 0 is out of range".into()),
             },

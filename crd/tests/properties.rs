@@ -3,7 +3,7 @@
 
 use nodepulse_crd::wire::{
     AgentState, AppliedConfig, CONTROLLER_MANAGER, ConfigSource, ConfigValue, Heartbeat, Metric,
-    UsageSummary,
+    MetricSet, UsageSummary,
 };
 use proptest::prelude::*;
 use serde_json::{Value, json};
@@ -140,7 +140,7 @@ fn valid_heartbeat() -> impl Strategy<Value = Heartbeat> {
                     config: AppliedConfig {
                         revision,
                         interval,
-                        metrics,
+                        metrics: MetricSet::new(metrics).expect("at least one metric"),
                         source,
                         error: error.flatten(),
                     },

@@ -182,7 +182,7 @@ pub fn now() -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nodepulse_crd::wire::{AppliedConfig, Metric, UsageSummary};
+    use nodepulse_crd::wire::{AppliedConfig, UsageSummary};
 
     pub(crate) fn heartbeat(node: &str, state: AgentState) -> Heartbeat {
         Heartbeat {
@@ -195,7 +195,7 @@ mod tests {
             config: AppliedConfig {
                 revision: 0,
                 interval: 10,
-                metrics: vec![Metric::Cpu],
+                metrics: "cpu".parse().unwrap(),
                 source: None,
                 error: None,
             },

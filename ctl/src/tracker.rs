@@ -154,7 +154,7 @@ impl NodeTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nodepulse_crd::wire::{AppliedConfig, Metric};
+    use nodepulse_crd::wire::AppliedConfig;
 
     fn hb(state: AgentState) -> Heartbeat {
         Heartbeat {
@@ -167,7 +167,7 @@ mod tests {
             config: AppliedConfig {
                 revision: 0,
                 interval: 10,
-                metrics: vec![Metric::Cpu],
+                metrics: "cpu".parse().unwrap(),
                 source: None,
                 error: None,
             },

@@ -7,7 +7,7 @@ use std::time::Duration;
 use etcd_client::{Client, CompactionOptions, PutOptions};
 use nix::sys::signal::Signal;
 use nodepulse_crd::wire::{
-    AgentState, AppliedConfig, Heartbeat, Metric, UsageSummary, config_key, heartbeat_key,
+    AgentState, AppliedConfig, Heartbeat, UsageSummary, config_key, heartbeat_key,
 };
 use testkit::{Etcd, Process, project_bin};
 
@@ -44,7 +44,7 @@ fn heartbeat(node: &str, state: AgentState, interval: u32) -> String {
         config: AppliedConfig {
             revision: 0,
             interval,
-            metrics: vec![Metric::Cpu, Metric::Memory],
+            metrics: "cpu,memory".parse().unwrap(),
             source: None,
             error: None,
         },

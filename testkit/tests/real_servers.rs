@@ -24,7 +24,7 @@ async fn monitor_node_status_shows_in_printer_columns() {
         agent_version: Some("9.9.9".into()),
         config: Some(nodepulse_crd::v1alpha1::AppliedConfigStatus {
             interval: 2,
-            metrics: vec![nodepulse_crd::wire::Metric::Cpu],
+            metrics: "cpu".parse().unwrap(),
             ..Default::default()
         }),
         usage: Some(UsageSummary {
