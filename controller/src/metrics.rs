@@ -60,6 +60,11 @@ impl Default for Metrics {
             transitions.clone(),
         );
         let reconcile_errors = Family::<ReconcilerLabel, Counter>::default();
+        // Exported at 0 from the start: a series that appears only at the first error hides
+        // that error from `rate()` and from dashboards.
+        for reconciler in ["liveness", "monitorconfig", "config-keys"] {
+            let _ = reconcile_errors.get_or_create(&ReconcilerLabel { reconciler });
+        }
         registry.register(
             "reconcile_errors",
             "Failed reconciles and writes, by reconciler",
