@@ -14,8 +14,8 @@ deps: ## Install what a fresh machine lacks (protoc, clippy, rustfmt); idempoten
 	@bash hack/deps.sh
 
 .PHONY: tools
-tools: deps ## Build etcd, kube-apiserver, kubectl and helm once into ~/.cache/nodepulse (test tooling)
-	@bash $(TOOLS) etcd kube-apiserver kubectl helm >/dev/null
+tools: deps ## Build etcd, kube-apiserver, kubectl, helm and promtool once into ~/.cache/nodepulse (test tooling)
+	@bash $(TOOLS) etcd kube-apiserver kubectl helm promtool >/dev/null
 
 .PHONY: build
 build: deps ## Build every binary (debug)

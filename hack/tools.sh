@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Builds the test tooling that no package ships, once per machine, from the Go module proxy:
 # etcd + etcdctl, the Kubernetes components (kube-apiserver, kubectl, and for the local cluster
-# kubelet, kube-controller-manager, kube-scheduler, kube-proxy, coredns), helm and node_exporter. The
-# product is Rust; this is only what the tests, the demo and the benchmarks run against.
+# kubelet, kube-controller-manager, kube-scheduler, kube-proxy, coredns), helm, node_exporter, and the
+# chart's checkers (promtool for the alert rules, kube-score for the rendered manifests). The product
+# is Rust; this is only what the tests, the demo and the benchmarks run against.
 #
 # Binaries land in $NODEPULSE_TOOLS (default ~/.cache/nodepulse/tools/bin), named <tool>-<version>,
 # with an unversioned symlink beside each. A second run finds them and returns at once.
 #
 # usage: hack/tools.sh [all|etcd|kube-apiserver|kubectl|kubelet|kube-controller-manager|
-#                       kube-scheduler|kube-proxy|coredns|helm|node_exporter]...
+#                       kube-scheduler|kube-proxy|coredns|helm|node_exporter|promtool|kube-score]...
 set -euo pipefail
 
 KUBERNETES_VERSION=${KUBERNETES_VERSION:-v1.34.4}   # matches k8s-openapi's v1_34 feature
@@ -16,6 +17,8 @@ ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 HELM_VERSION=${HELM_VERSION:-v3.20.2}
 NODE_EXPORTER_VERSION=${NODE_EXPORTER_VERSION:-v1.10.1}
 COREDNS_VERSION=${COREDNS_VERSION:-v1.14.7}
+PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-v0.316.0}   # Prometheus 3.16's Go module version
+KUBE_SCORE_VERSION=${KUBE_SCORE_VERSION:-v1.20.0}
 
 CACHE=${NODEPULSE_CACHE:-$HOME/.cache/nodepulse}
 BIN=${NODEPULSE_TOOLS:-$CACHE/tools/bin}
@@ -92,6 +95,17 @@ build_node_exporter() {
     "github.com/prometheus/node_exporter@$NODE_EXPORTER_VERSION" github.com/prometheus/node_exporter
 }
 
+build_promtool() {
+  wrapper_build promtool "$PROMETHEUS_VERSION" \
+    "github.com/prometheus/prometheus@$PROMETHEUS_VERSION" github.com/prometheus/prometheus/cmd/promtool
+}
+
+build_kube_score() {
+  wrapper_build kube-score "$KUBE_SCORE_VERSION" \
+    "github.com/zegl/kube-score@$KUBE_SCORE_VERSION" github.com/zegl/kube-score/cmd/kube-score \
+    "" "-X main.version=$KUBE_SCORE_VERSION"
+}
+
 # CoreDNS for the local cluster (hack/cluster.sh), with only the plugins that cluster's Corefile
 # uses: CoreDNS's own main package links all ~60 plugins (cloud DNS providers and their SDKs);
 # a main of our own that sets dnsserver.Directives is CoreDNS's documented way to trim them, and
@@ -143,6 +157,8 @@ for t in "${targets[@]}"; do
     helm) build_helm ;;
     node_exporter) build_node_exporter ;;
     coredns) build_coredns ;;
+    promtool) build_promtool ;;
+    kube-score) build_kube_score ;;
     *) echo "unknown tool: $t" >&2; exit 2 ;;
   esac
 done

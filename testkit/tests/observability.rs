@@ -1,0 +1,308 @@
+//! What the chart hands to Prometheus and Grafana, checked by the real tools: the PrometheusRule
+//! passes `promtool check rules`, `promtool test rules` fires and holds back each alert on series
+//! shaped as the binaries export them, and every metric an alert or a dashboard panel queries is
+//! one the real agent and controller serve on `/metrics`.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_yaml::Value;
+use testkit::{
+    Etcd, KubeApiserver, Process, http_get, project_bin, repo_root, scratch_dir, tool, wait_until,
+};
+
+fn chart() -> PathBuf {
+    repo_root().join("charts/nodepulse")
+}
+
+fn fixture(name: &str) -> PathBuf {
+    repo_root().join("testkit/tests/fixtures").join(name)
+}
+
+fn text(out: &[u8]) -> String {
+    String::from_utf8_lossy(out).into_owned()
+}
+
+/// `helm template nodepulse charts/nodepulse <extra>`: the rendered objects.
+fn render(extra: &[&str]) -> Vec<Value> {
+    let home = scratch_dir("helm-home");
+    let chart = chart();
+    let out = Command::new(tool("helm"))
+        .args(["template", "nodepulse", chart.to_str().expect("utf-8 path")])
+        .args(extra)
+        .env("HELM_CACHE_HOME", home.path().join("cache"))
+        .env("HELM_CONFIG_HOME", home.path().join("config"))
+        .env("HELM_DATA_HOME", home.path().join("data"))
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm template {extra:?} failed: {}",
+        text(&out.stderr)
+    );
+    serde_yaml::Deserializer::from_str(&text(&out.stdout))
+        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn the_one<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
+    let found: Vec<_> = objects
+        .iter()
+        .filter(|o| o["kind"].as_str() == Some(kind))
+        .collect();
+    assert_eq!(found.len(), 1, "one {kind} in the rendered chart");
+    found[0]
+}
+
+fn assert_ran(what: &str, out: &Output) {
+    assert!(
+        out.status.success(),
+        "{what} failed:\n{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+/// The PrometheusRule the chart renders with `prometheusRule.enabled=true`.
+fn prometheus_rule() -> Value {
+    let objects = render(&["--set", "prometheusRule.enabled=true"]);
+    the_one(&objects, "PrometheusRule").clone()
+}
+
+/// Every alerting rule of the rule's groups.
+fn alerts(rule: &Value) -> Vec<&Value> {
+    rule["spec"]["groups"]
+        .as_sequence()
+        .expect("groups")
+        .iter()
+        .flat_map(|g| g["rules"].as_sequence().expect("rules"))
+        .filter(|r| r["alert"].is_string())
+        .collect()
+}
+
+#[test]
+fn prometheus_rule_is_off_by_default() {
+    let objects = render(&[]);
+    assert!(
+        objects
+            .iter()
+            .all(|o| o["kind"].as_str() != Some("PrometheusRule")),
+        "the Operator's CRD may be absent: no PrometheusRule unless asked for"
+    );
+}
+
+#[test]
+fn prometheus_rule_passes_promtool_check_and_unit_tests() {
+    let rule = prometheus_rule();
+    let dir = scratch_dir("promtool");
+    let rules = dir.path().join("rules.yaml");
+    std::fs::write(
+        &rules,
+        serde_yaml::to_string(&rule["spec"]).expect("serialize"),
+    )
+    .expect("write rules.yaml");
+    let tests = dir.path().join("alerts.test.yaml");
+    std::fs::copy(fixture("alerts.test.yaml"), &tests).expect("copy the promtool tests");
+
+    let promtool = tool("promtool");
+    let check = Command::new(&promtool)
+        .args(["check", "rules"])
+        .arg(&rules)
+        .output()
+        .expect("run promtool");
+    assert_ran("promtool check rules", &check);
+    let unit = Command::new(&promtool)
+        .args(["test", "rules"])
+        .arg(&tests)
+        .output()
+        .expect("run promtool");
+    assert_ran("promtool test rules", &unit);
+    println!("{}", text(&unit.stdout));
+}
+
+#[test]
+fn every_alert_is_documented_and_tested_firing_and_not_firing() {
+    let rule = prometheus_rule();
+    let readme = std::fs::read_to_string(chart().join("README.md")).expect("chart README");
+    let tests: Value = serde_yaml::from_str(
+        &std::fs::read_to_string(fixture("alerts.test.yaml")).expect("read the promtool tests"),
+    )
+    .expect("the promtool tests parse");
+    let cases: Vec<&Value> = tests["tests"]
+        .as_sequence()
+        .expect("tests")
+        .iter()
+        .flat_map(|t| t["alert_rule_test"].as_sequence().expect("alert_rule_test"))
+        .collect();
+
+    let alerts = alerts(&rule);
+    assert!(alerts.len() >= 6, "the alerts the chart promises");
+    for alert in alerts {
+        let name = alert["alert"].as_str().expect("alert name");
+        for key in ["summary", "description", "runbook_url"] {
+            assert!(
+                alert["annotations"][key]
+                    .as_str()
+                    .is_some_and(|s| !s.is_empty()),
+                "{name} has no {key}"
+            );
+        }
+        let runbook = alert["annotations"]["runbook_url"]
+            .as_str()
+            .expect("runbook");
+        let anchor = runbook.rsplit_once('#').expect("runbook anchor").1;
+        assert_eq!(anchor, name.to_lowercase(), "{name}'s runbook anchor");
+        assert!(
+            readme.contains(&format!("\n#### {name}\n")),
+            "the chart README has no runbook heading for {name}"
+        );
+        let fired = |firing: bool| {
+            cases.iter().any(|c| {
+                c["alertname"].as_str() == Some(name)
+                    && c["exp_alerts"]
+                        .as_sequence()
+                        .is_some_and(|a| a.is_empty() != firing)
+            })
+        };
+        assert!(fired(true), "no promtool case where {name} fires");
+        assert!(fired(false), "no promtool case where {name} stays quiet");
+    }
+}
+
+/// The nodepulse metric names a PromQL expression mentions.
+fn metric_names(expr: &str) -> impl Iterator<Item = &str> {
+    expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|t| t.starts_with("nodepulse_"))
+}
+
+/// Every PromQL expression of the dashboard: panel targets and template variable queries.
+fn dashboard_exprs(dashboard: &serde_json::Value) -> Vec<String> {
+    let mut exprs = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            exprs.push(target["expr"].as_str().expect("target expr").to_string());
+        }
+    }
+    for var in dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+    {
+        if let Some(q) = var["query"]["query"].as_str() {
+            exprs.push(q.to_string());
+        }
+    }
+    exprs
+}
+
+/// The sample names a Prometheus text exposition offers: every sample line's name, and for each
+/// `# TYPE` family the names its type gives its samples (a labelled family with no child yet,
+/// e.g. transitions before the first one, has no sample line but is exported all the same).
+fn exported_names(exposition: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in exposition.lines() {
+        if let Some(ty) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = ty.split_once(' ').expect("# TYPE <name> <type>");
+            let suffixes: &[&str] = match kind {
+                "counter" => &["_total"],
+                "histogram" => &["_bucket", "_sum", "_count"],
+                _ => &[""],
+            };
+            names.extend(suffixes.iter().map(|s| format!("{name}{s}")));
+        } else if !line.starts_with('#') && !line.is_empty() {
+            let end = line.find(['{', ' ']).unwrap_or(line.len());
+            names.insert(line[..end].to_string());
+        }
+    }
+    names
+}
+
+fn scrape(addr: &str) -> String {
+    match http_get(addr, "/metrics") {
+        Some((200, body)) => body,
+        other => panic!("GET http://{addr}/metrics: {other:?}"),
+    }
+}
+
+#[test]
+fn every_metric_the_dashboard_and_the_alerts_query_is_exported_by_the_real_binaries() {
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(chart().join("dashboards/nodepulse.json")).expect("dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let mut queried: Vec<(String, String)> = Vec::new();
+    for expr in dashboard_exprs(&dashboard) {
+        queried.extend(metric_names(&expr).map(|n| ("dashboard".to_string(), n.to_string())));
+    }
+    for alert in alerts(&prometheus_rule()) {
+        let name = alert["alert"].as_str().expect("alert name");
+        let expr = alert["expr"].as_str().expect("alert expr");
+        queried.extend(metric_names(expr).map(|n| (name.to_string(), n.to_string())));
+    }
+    assert!(
+        queried.len() > 20,
+        "the queries name nodepulse metrics: {queried:?}"
+    );
+
+    // The dashboard ships in the chart as it is in the repository.
+    let objects = render(&["--set", "grafanaDashboard.enabled=true"]);
+    let configmap = the_one(&objects, "ConfigMap");
+    assert_eq!(
+        configmap["metadata"]["labels"]["grafana_dashboard"].as_str(),
+        Some("1")
+    );
+    let shipped: serde_json::Value = serde_json::from_str(
+        configmap["data"]["nodepulse.json"]
+            .as_str()
+            .expect("nodepulse.json in the ConfigMap"),
+    )
+    .expect("the shipped dashboard is JSON");
+    assert_eq!(shipped, dashboard);
+
+    let api = KubeApiserver::start();
+    api.install_crds();
+    let etcd = Etcd::start();
+    let mut cmd = Command::new(project_bin("nodepulse-controller"));
+    cmd.env("KUBECONFIG", &api.kubeconfig)
+        .env("RUST_LOG", "info")
+        .args(["--etcd-endpoints", &etcd.endpoint])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .args(["--leader-elect=false"]);
+    let controller = Process::spawn("controller", cmd);
+    let mut cmd = Command::new(project_bin("nodepulse-agent"));
+    // Every interface counts (loopback too), so the per-interface series exist on any machine.
+    cmd.env("RUST_LOG", "info")
+        .args(["--node-name", "worker-1"])
+        .args(["--heartbeat-ttl", "3"])
+        .args(["--network-device-exclude", ""])
+        .args(["--metrics-addr", "127.0.0.1:0"])
+        .args(["--etcd-endpoints", &etcd.endpoint]);
+    let agent = Process::spawn("agent", cmd);
+
+    let agent_addr = agent.wait_for_serving_addr(Duration::from_secs(30));
+    let controller_addr = controller.wait_for_serving_addr(Duration::from_secs(30));
+    // Rates (disk, network) need two samples: wait for the second one.
+    let mut exported = BTreeSet::new();
+    wait_until(
+        "the agent's node figures, rates included",
+        Duration::from_secs(60),
+        || {
+            exported = exported_names(&scrape(&agent_addr));
+            exported.contains("nodepulse_node_network_receive_bytes_per_second")
+                && exported.contains("nodepulse_node_disk_read_bytes_per_second")
+        },
+    );
+    exported.extend(exported_names(&scrape(&controller_addr)));
+
+    let missing: Vec<_> = queried
+        .iter()
+        .filter(|(_, name)| !exported.contains(name))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "queried but not exported (by whom, metric): {missing:?}\nexported: {exported:?}"
+    );
+}
