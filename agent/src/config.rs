@@ -10,7 +10,7 @@ use nodepulse_crd::wire::{AppliedConfig, ConfigValue, MetricSet};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
-use crate::http::AgentMetrics;
+use crate::metrics::AgentMetrics;
 
 /// The configuration in force, and what the agent reports about it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -246,7 +246,8 @@ impl ConfigWatcher {
         if t.rejected {
             self.metrics.config_rejected.inc();
         }
-        self.metrics.set_config(&t.next);
+        self.metrics
+            .set_config(t.next.revision, t.next.value.interval);
         self.shared.replace(t.next);
     }
 }

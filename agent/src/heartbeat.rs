@@ -29,7 +29,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::SharedConfig;
 use crate::error::{Error, Result};
-use crate::http::AgentMetrics;
+use crate::metrics::AgentMetrics;
 
 /// How long one etcd call may take before we treat the connection as gone.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);

@@ -3,7 +3,7 @@
 //! - [`heartbeat`]: `/monitor/heartbeat/<node>` on a lease kept alive (job 1);
 //! - [`config`]: `/monitor/config/<node>` read and watched, applied at once (job 2);
 //! - [`collect`] and [`sampling`]: figures from `/proc`, one log line per sample (job 3);
-//! - [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`metrics`]: the Prometheus registry; [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //!
 //! The jobs share the configuration through [`config::SharedConfig`], a reader-writer lock that
 //! only the config watcher writes.
@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod heartbeat;
 pub mod http;
+pub mod metrics;
 pub mod sampling;
 
 use std::net::SocketAddr;
@@ -116,10 +117,10 @@ pub async fn run(args: Args) -> Result<()> {
     let listener = http::bind(args.metrics_addr).await?;
     let mut signals = ShutdownSignals::install().map_err(Error::Signals)?;
 
-    let (metrics, registry) = http::AgentMetrics::new();
+    let (metrics, registry) = metrics::AgentMetrics::new();
     let shared = config::SharedConfig::new(config::AppliedState::default());
     let start = shared.current();
-    metrics.set_config(&start);
+    metrics.set_config(start.revision, start.value.interval);
     info!(
         "agent started: node {node}, interval {}s, metrics {}, heartbeat ttl {}s",
         start.value.interval, start.value.metrics, args.heartbeat_ttl

@@ -11,7 +11,7 @@ use tracing::{info, warn};
 
 use crate::collect::{Sample, Sampler};
 use crate::config::SharedConfig;
-use crate::http::AgentMetrics;
+use crate::metrics::AgentMetrics;
 
 /// The first sample comes this soon after start (rates need two readings), then one per interval.
 const FIRST_SAMPLE_AFTER: Duration = Duration::from_secs(1);

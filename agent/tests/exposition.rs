@@ -16,7 +16,7 @@ use nodepulse_agent::collect::disk::{DiskRates, DiskUsage, FilesystemUsage};
 use nodepulse_agent::collect::load::LoadFigures;
 use nodepulse_agent::collect::memory::MemoryUsage;
 use nodepulse_agent::collect::network::{InterfaceRates, NetworkUsage};
-use nodepulse_agent::http::AgentMetrics;
+use nodepulse_agent::metrics::AgentMetrics;
 use nodepulse_crd::wire::Metric;
 
 fn disk(name: &str, k: f64) -> DiskRates {

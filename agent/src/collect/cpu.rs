@@ -1,6 +1,32 @@
 //! `cpu`: busy % in total and per core, from deltas of `/proc/stat`.
 
 use procfs::{CpuTime, ExplicitSystemInfo, FromBufReadSI, KernelStats};
+use prometheus_client::encoding::DescriptorEncoder;
+
+use super::{HostPaths, gauge, gauges, parsed};
+use crate::error::Result;
+
+/// Reads `stat`, keeping the previous reading the busy % is computed from.
+#[derive(Debug, Default)]
+pub struct CpuCollector {
+    prev: Option<CpuTimes>,
+}
+
+impl CpuCollector {
+    /// The busy % since the previous reading; none on the first.
+    pub fn read(&mut self, paths: &HostPaths) -> Result<Option<CpuUsage>> {
+        let (path, text) = paths.read("stat")?;
+        let now = parsed(path, parse_stat(&text))?;
+        let usage = self.prev.as_ref().map(|p| usage(p, &now));
+        self.prev = Some(now);
+        Ok(usage)
+    }
+
+    /// Forgets the previous reading, so that no rate spans a time the collector was off.
+    pub fn forget(&mut self) {
+        self.prev = None;
+    }
+}
 
 /// Cumulative CPU ticks at one moment: the machine's total and each core's.
 #[derive(Clone, Debug, PartialEq)]
@@ -48,6 +74,25 @@ pub struct CpuUsage {
     pub busy_percent: f64,
     /// Busy % of each core, by core number.
     pub cores: Vec<(u32, f64)>,
+}
+
+impl CpuUsage {
+    /// Exports the figures.
+    pub fn encode(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        gauge(
+            enc,
+            "nodepulse_node_cpu_busy_percent",
+            "Busy CPU, % of all cores",
+            self.busy_percent,
+        )?;
+        gauges(
+            enc,
+            "nodepulse_node_cpu_core_busy_percent",
+            "Busy % of each core",
+            "core",
+            self.cores.iter().copied(),
+        )
+    }
 }
 
 /// Parses the text of `/proc/stat`.

@@ -2,8 +2,48 @@
 //! filesystem's usage from statvfs.
 
 use std::path::Path;
+use std::time::Instant;
 
 use procfs::DiskStat;
+use prometheus_client::encoding::DescriptorEncoder;
+
+use super::{HostPaths, gauge, gauges};
+use crate::error::{Error, Result};
+
+/// Reads `diskstats` and the host root's statvfs, keeping the previous counters the rates are
+/// computed from.
+#[derive(Debug, Default)]
+pub struct DiskCollector {
+    prev: Option<(Instant, Vec<DiskCounters>)>,
+}
+
+impl DiskCollector {
+    /// The device rates and root filesystem usage, and why the latter is missing if it is.
+    pub fn read(&mut self, paths: &HostPaths) -> Result<(DiskUsage, Option<Error>)> {
+        let (_, text) = paths.read("diskstats")?;
+        let at = Instant::now();
+        let now = parse_diskstats(&text);
+        let (devices, had_previous) = match &self.prev {
+            Some((t, prev)) => (rates(prev, &now, (at - *t).as_secs_f64()), true),
+            None => (Vec::new(), false),
+        };
+        self.prev = Some((at, now));
+        let root = filesystem_usage(&paths.host_root);
+        // A missing host root (a pod without the hostPath mount) must not hide the device
+        // figures: report the rest and the error separately.
+        let usage = usage(devices, had_previous, root.as_ref().ok().cloned());
+        let root_err = root.err().map(|source| Error::Statvfs {
+            path: paths.host_root.clone(),
+            source,
+        });
+        Ok((usage, root_err))
+    }
+
+    /// Forgets the previous counters, so that no rate spans a time the collector was off.
+    pub fn forget(&mut self) {
+        self.prev = None;
+    }
+}
 
 /// /proc/diskstats counts in 512-byte sectors whatever the device's real sector size.
 const SECTOR_BYTES: u64 = 512;
@@ -61,6 +101,65 @@ pub struct DiskUsage {
     pub write_bytes_per_sec: Option<f64>,
     /// The host root filesystem, when statvfs worked.
     pub root: Option<FilesystemUsage>,
+}
+
+impl DiskUsage {
+    /// Exports the figures: the root filesystem's when it was measured, and each device's.
+    pub fn encode(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        if let Some(r) = &self.root {
+            gauge(
+                enc,
+                "nodepulse_node_filesystem_used_percent",
+                "Host root filesystem used, %",
+                r.used_percent,
+            )?;
+            gauge(
+                enc,
+                "nodepulse_node_filesystem_size_bytes",
+                "Host root filesystem size",
+                r.size_bytes as f64,
+            )?;
+            gauge(
+                enc,
+                "nodepulse_node_filesystem_available_bytes",
+                "Host root filesystem space available to users",
+                r.available_bytes as f64,
+            )?;
+        }
+        let per_device = |figure: fn(&DiskRates) -> f64| {
+            self.devices
+                .iter()
+                .map(move |d| (d.name.as_str(), figure(d)))
+        };
+        gauges(
+            enc,
+            "nodepulse_node_disk_read_bytes_per_second",
+            "Bytes read per second",
+            "device",
+            per_device(|d| d.read_bytes_per_sec),
+        )?;
+        gauges(
+            enc,
+            "nodepulse_node_disk_written_bytes_per_second",
+            "Bytes written per second",
+            "device",
+            per_device(|d| d.write_bytes_per_sec),
+        )?;
+        gauges(
+            enc,
+            "nodepulse_node_disk_reads_per_second",
+            "Reads completed per second (IOPS)",
+            "device",
+            per_device(|d| d.reads_per_sec),
+        )?;
+        gauges(
+            enc,
+            "nodepulse_node_disk_writes_per_second",
+            "Writes completed per second (IOPS)",
+            "device",
+            per_device(|d| d.writes_per_sec),
+        )
+    }
 }
 
 /// Devices that are not storage a node operator cares about (node_exporter ignores the same).

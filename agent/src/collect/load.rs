@@ -1,6 +1,22 @@
 //! `load`: 1/5/15-minute load averages and runnable/total tasks, from `/proc/loadavg`.
 
 use procfs::{FromRead, LoadAverage};
+use prometheus_client::encoding::DescriptorEncoder;
+
+use super::{HostPaths, gauge, parsed};
+use crate::error::Result;
+
+/// Reads `loadavg`.
+#[derive(Debug, Default)]
+pub struct LoadCollector;
+
+impl LoadCollector {
+    /// The load figures now.
+    pub fn read(&mut self, paths: &HostPaths) -> Result<LoadFigures> {
+        let (path, text) = paths.read("loadavg")?;
+        parsed(path, parse_loadavg(&text))
+    }
+}
 
 /// Load figures at one moment.
 #[derive(Clone, Debug, PartialEq)]
@@ -15,6 +31,37 @@ pub struct LoadFigures {
     pub runnable: u32,
     /// All scheduling entities.
     pub tasks: u32,
+}
+
+impl LoadFigures {
+    /// Exports the figures.
+    pub fn encode(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        gauge(
+            enc,
+            "nodepulse_node_load1",
+            "One-minute load average",
+            self.one,
+        )?;
+        gauge(
+            enc,
+            "nodepulse_node_load5",
+            "Five-minute load average",
+            self.five,
+        )?;
+        gauge(
+            enc,
+            "nodepulse_node_load15",
+            "Fifteen-minute load average",
+            self.fifteen,
+        )?;
+        gauge(
+            enc,
+            "nodepulse_node_tasks_runnable",
+            "Runnable tasks",
+            self.runnable.into(),
+        )?;
+        gauge(enc, "nodepulse_node_tasks", "All tasks", self.tasks.into())
+    }
 }
 
 /// Parses the text of `/proc/loadavg`.

@@ -1,6 +1,22 @@
 //! `memory`: total, available, used % and swap, from `/proc/meminfo`.
 
 use procfs::{FromBufRead, Meminfo};
+use prometheus_client::encoding::DescriptorEncoder;
+
+use super::{HostPaths, gauge, parsed};
+use crate::error::Result;
+
+/// Reads `meminfo`.
+#[derive(Debug, Default)]
+pub struct MemoryCollector;
+
+impl MemoryCollector {
+    /// The memory figures now.
+    pub fn read(&mut self, paths: &HostPaths) -> Result<MemoryUsage> {
+        let (path, text) = paths.read("meminfo")?;
+        parsed(path, parse_meminfo(&text))
+    }
+}
 
 /// Memory figures at one moment, in bytes.
 #[derive(Clone, Debug, PartialEq)]
@@ -21,6 +37,43 @@ impl MemoryUsage {
     /// Bytes in use (`total - available`).
     pub fn used_bytes(&self) -> u64 {
         self.total_bytes.saturating_sub(self.available_bytes)
+    }
+}
+
+impl MemoryUsage {
+    /// Exports the figures.
+    pub fn encode(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let bytes = |b: u64| b as f64;
+        gauge(
+            enc,
+            "nodepulse_node_memory_total_bytes",
+            "Physical memory",
+            bytes(self.total_bytes),
+        )?;
+        gauge(
+            enc,
+            "nodepulse_node_memory_available_bytes",
+            "Memory available without swapping",
+            bytes(self.available_bytes),
+        )?;
+        gauge(
+            enc,
+            "nodepulse_node_memory_used_percent",
+            "Memory in use, %",
+            self.used_percent,
+        )?;
+        gauge(
+            enc,
+            "nodepulse_node_swap_total_bytes",
+            "Swap space",
+            bytes(self.swap_total_bytes),
+        )?;
+        gauge(
+            enc,
+            "nodepulse_node_swap_used_bytes",
+            "Swap in use",
+            bytes(self.swap_used_bytes),
+        )
     }
 }
 

@@ -1,9 +1,11 @@
-//! Job 3: reading the host's figures from `/proc`, one file per collector.
+//! The host's figures from `/proc`, one file per collector.
 //!
-//! Parsing is pure (text in, figures out) and tested on literal text and on fixture `/proc`
-//! trees; [`Sampler`] does the reading, under a configurable proc root, and keeps the previous
-//! counters that rates are computed from. Every read is blocking file I/O: callers on the async
-//! runtime run [`Sampler::sample`] through `spawn_blocking`.
+//! Each collector file owns what it reads (its collector, keeping the previous counters its
+//! rates are computed from), what it reports (its figures) and how `/metrics` exports them (the
+//! figures' `encode`, names and help texts beside the update, as in node_exporter). Parsing is
+//! pure (text in, figures out) and tested on literal text and on fixture `/proc` trees;
+//! [`Sampler`] runs the collectors under a configurable proc root. Every read is blocking file
+//! I/O: callers on the async runtime run [`Sampler::sample`] through `spawn_blocking`.
 
 pub mod cpu;
 pub mod disk;
@@ -16,6 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use nodepulse_crd::wire::{Metric, MetricSet, UsageSummary};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelValue, EncodeMetric};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::metrics::gauge::ConstGauge;
 
 use crate::error::{Error, Result};
 
@@ -60,6 +65,34 @@ fn parsed<T>(path: PathBuf, r: std::result::Result<T, procfs::ProcError>) -> Res
     r.map_err(|source| Error::Parse { path, source })
 }
 
+/// Exports one figure as a gauge without labels.
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: f64) -> std::fmt::Result {
+    let g = ConstGauge::new(v);
+    let me = enc.encode_descriptor(name, help, None, g.metric_type())?;
+    g.encode(me)
+}
+
+/// Exports one gauge per device, interface or core, labelled `label`; nothing at all when there
+/// is none (no HELP line for a family without series).
+fn gauges<V: EncodeLabelValue>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    items: impl Iterator<Item = (V, f64)>,
+) -> std::fmt::Result {
+    let mut items = items.peekable();
+    if items.peek().is_none() {
+        return Ok(());
+    }
+    let mut me = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (value, v) in items {
+        let labels = [(label, value)];
+        ConstGauge::new(v).encode(me.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
 /// One sample: the figures of the metrics asked for, and what failed.
 #[derive(Debug, Default)]
 pub struct Sample {
@@ -81,16 +114,15 @@ pub struct Sample {
     pub duration: Duration,
 }
 
-/// Reads the figures, keeping the previous counters so that rates cover the time between two
-/// samples.
+/// Reads the figures, each collector keeping the previous counters its rates are computed from.
 #[derive(Debug)]
 pub struct Sampler {
     paths: HostPaths,
-    prev_cpu: Option<cpu::CpuTimes>,
-    prev_disk: Option<(Instant, Vec<disk::DiskCounters>)>,
-    prev_net: Option<(Instant, Vec<network::InterfaceCounters>)>,
-    /// The agent's own network namespace is read because the node's was not readable; said once.
-    warned_own_netns: bool,
+    cpu: cpu::CpuCollector,
+    memory: memory::MemoryCollector,
+    disk: disk::DiskCollector,
+    network: network::NetworkCollector,
+    load: load::LoadCollector,
 }
 
 impl Sampler {
@@ -98,10 +130,11 @@ impl Sampler {
     pub fn new(paths: HostPaths) -> Self {
         Sampler {
             paths,
-            prev_cpu: None,
-            prev_disk: None,
-            prev_net: None,
-            warned_own_netns: false,
+            cpu: Default::default(),
+            memory: Default::default(),
+            disk: Default::default(),
+            network: Default::default(),
+            load: Default::default(),
         }
     }
 
@@ -114,18 +147,19 @@ impl Sampler {
     pub fn sample(&mut self, metrics: &MetricSet) -> Sample {
         let started = Instant::now();
         let mut s = Sample::default();
+        let paths = &self.paths;
         for m in metrics.iter() {
             let t = Instant::now();
             let result = match m {
-                Metric::Cpu => self.cpu().map(|v| s.cpu = v),
-                Metric::Memory => self.memory().map(|v| s.memory = Some(v)),
+                Metric::Cpu => self.cpu.read(paths).map(|v| s.cpu = v),
+                Metric::Memory => self.memory.read(paths).map(|v| s.memory = Some(v)),
                 // The device rates stand even when the root filesystem could not be measured.
-                Metric::Disk => self.disk().and_then(|(v, root_err)| {
+                Metric::Disk => self.disk.read(paths).and_then(|(v, root_err)| {
                     s.disk = Some(v);
                     root_err.map_or(Ok(()), Err)
                 }),
-                Metric::Network => self.network().map(|v| s.network = Some(v)),
-                Metric::Load => self.load().map(|v| s.load = Some(v)),
+                Metric::Network => self.network.read(paths).map(|v| s.network = Some(v)),
+                Metric::Load => self.load.read(paths).map(|v| s.load = Some(v)),
             };
             s.durations.push((m, t.elapsed()));
             if let Err(e) = result {
@@ -135,91 +169,16 @@ impl Sampler {
         // A metric switched off forgets its counters: switched on again, its first rate would
         // otherwise average over the whole time it was off.
         if !metrics.contains(Metric::Cpu) {
-            self.prev_cpu = None;
+            self.cpu.forget();
         }
         if !metrics.contains(Metric::Disk) {
-            self.prev_disk = None;
+            self.disk.forget();
         }
         if !metrics.contains(Metric::Network) {
-            self.prev_net = None;
+            self.network.forget();
         }
         s.duration = started.elapsed();
         s
-    }
-
-    fn cpu(&mut self) -> Result<Option<cpu::CpuUsage>> {
-        let (path, text) = self.paths.read("stat")?;
-        let now = parsed(path, cpu::parse_stat(&text))?;
-        let usage = self.prev_cpu.as_ref().map(|p| cpu::usage(p, &now));
-        self.prev_cpu = Some(now);
-        Ok(usage)
-    }
-
-    fn memory(&mut self) -> Result<memory::MemoryUsage> {
-        let (path, text) = self.paths.read("meminfo")?;
-        parsed(path, memory::parse_meminfo(&text))
-    }
-
-    fn load(&mut self) -> Result<load::LoadFigures> {
-        let (path, text) = self.paths.read("loadavg")?;
-        parsed(path, load::parse_loadavg(&text))
-    }
-
-    /// The device rates and root filesystem usage, and why the latter is missing if it is.
-    fn disk(&mut self) -> Result<(disk::DiskUsage, Option<Error>)> {
-        let (_, text) = self.paths.read("diskstats")?;
-        let at = Instant::now();
-        let now = disk::parse_diskstats(&text);
-        let (devices, had_previous) = match &self.prev_disk {
-            Some((t, prev)) => (disk::rates(prev, &now, (at - *t).as_secs_f64()), true),
-            None => (Vec::new(), false),
-        };
-        self.prev_disk = Some((at, now));
-        let root = disk::filesystem_usage(&self.paths.host_root);
-        // A missing host root (a pod without the hostPath mount) must not hide the device
-        // figures: report the rest and the error separately.
-        let usage = disk::usage(devices, had_previous, root.as_ref().ok().cloned());
-        let root_err = root.err().map(|source| Error::Statvfs {
-            path: self.paths.host_root.clone(),
-            source,
-        });
-        Ok((usage, root_err))
-    }
-
-    /// The node's `net/dev`: PID 1's network namespace (`<proc>/1/net/dev`), not `net/dev`,
-    /// which is `self/net`, the reader's own: in a pod without `hostNetwork`, the pod's `eth0`.
-    /// A proc root without PID 1 (a bare fixture tree, a hardened mount) falls back to it, and
-    /// says so once.
-    fn node_net_dev(&mut self) -> Result<(PathBuf, String)> {
-        match self.paths.read("1/net/dev") {
-            Ok(found) => Ok(found),
-            Err(node_err) => match self.paths.read("net/dev") {
-                Ok(found) => {
-                    if !self.warned_own_netns {
-                        self.warned_own_netns = true;
-                        tracing::warn!(
-                            "network: {node_err}; reading {} instead, the agent's own network namespace (in a pod without hostNetwork, the pod's interfaces, not the node's)",
-                            found.0.display()
-                        );
-                    }
-                    Ok(found)
-                }
-                Err(_) => Err(node_err),
-            },
-        }
-    }
-
-    fn network(&mut self) -> Result<network::NetworkUsage> {
-        let (path, text) = self.node_net_dev()?;
-        let at = Instant::now();
-        let mut now = parsed(path, network::parse_net_dev(&text))?;
-        now.retain(|i| self.paths.net_devices.counts(&i.name));
-        let usage = match &self.prev_net {
-            Some((t, prev)) => network::usage(Some(prev), &now, (at - *t).as_secs_f64()),
-            None => network::usage(None, &now, 0.0),
-        };
-        self.prev_net = Some((at, now));
-        Ok(usage)
     }
 }
 
@@ -239,6 +198,26 @@ fn round1(x: f64) -> f64 {
 }
 
 impl Sample {
+    /// Exports the figures of every collector that produced some, in a fixed order.
+    pub fn encode(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        if let Some(c) = &self.cpu {
+            c.encode(enc)?;
+        }
+        if let Some(m) = &self.memory {
+            m.encode(enc)?;
+        }
+        if let Some(d) = &self.disk {
+            d.encode(enc)?;
+        }
+        if let Some(n) = &self.network {
+            n.encode(enc)?;
+        }
+        if let Some(l) = &self.load {
+            l.encode(enc)?;
+        }
+        Ok(())
+    }
+
     /// The figures the heartbeat value carries, rounded to one decimal.
     pub fn summary(&self) -> UsageSummary {
         UsageSummary {

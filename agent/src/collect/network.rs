@@ -13,9 +13,16 @@
 //! like node_exporter's `--collector.netdev.device-exclude`), in the sums and in the
 //! per-interface series alike.
 
+use std::path::PathBuf;
+use std::time::Instant;
+
 use procfs::FromBufRead;
 use procfs::net::InterfaceDeviceStatus;
+use prometheus_client::encoding::DescriptorEncoder;
 use regex::Regex;
+
+use super::{HostPaths, gauges, parsed};
+use crate::error::Result;
 
 /// The devices left out by default: loopback, and the virtual devices of container runtimes,
 /// CNI plugins, tunnels and hypervisors, whose traffic is also counted on a physical device.
@@ -55,6 +62,58 @@ impl Default for DeviceFilter {
     fn default() -> Self {
         DeviceFilter {
             exclude: Some(Regex::new(DEFAULT_DEVICE_EXCLUDE).expect("the default pattern parses")),
+        }
+    }
+}
+
+/// Reads the node's `net/dev`, keeping the previous counters the rates are computed from.
+#[derive(Debug, Default)]
+pub struct NetworkCollector {
+    prev: Option<(Instant, Vec<InterfaceCounters>)>,
+    /// The agent's own network namespace is read because the node's was not readable; said once.
+    warned_own_netns: bool,
+}
+
+impl NetworkCollector {
+    /// The counted interfaces' rates since the previous reading (none on the first).
+    pub fn read(&mut self, paths: &HostPaths) -> Result<NetworkUsage> {
+        let (path, text) = self.node_net_dev(paths)?;
+        let at = Instant::now();
+        let mut now = parsed(path, parse_net_dev(&text))?;
+        now.retain(|i| paths.net_devices.counts(&i.name));
+        let usage = match &self.prev {
+            Some((t, prev)) => usage(Some(prev), &now, (at - *t).as_secs_f64()),
+            None => usage(None, &now, 0.0),
+        };
+        self.prev = Some((at, now));
+        Ok(usage)
+    }
+
+    /// Forgets the previous counters, so that no rate spans a time the collector was off.
+    pub fn forget(&mut self) {
+        self.prev = None;
+    }
+
+    /// The node's `net/dev`: PID 1's network namespace (`<proc>/1/net/dev`), not `net/dev`,
+    /// which is `self/net`, the reader's own: in a pod without `hostNetwork`, the pod's `eth0`.
+    /// A proc root without PID 1 (a bare fixture tree, a hardened mount) falls back to it, and
+    /// says so once.
+    fn node_net_dev(&mut self, paths: &HostPaths) -> Result<(PathBuf, String)> {
+        match paths.read("1/net/dev") {
+            Ok(found) => Ok(found),
+            Err(node_err) => match paths.read("net/dev") {
+                Ok(found) => {
+                    if !self.warned_own_netns {
+                        self.warned_own_netns = true;
+                        tracing::warn!(
+                            "network: {node_err}; reading {} instead, the agent's own network namespace (in a pod without hostNetwork, the pod's interfaces, not the node's)",
+                            found.0.display()
+                        );
+                    }
+                    Ok(found)
+                }
+                Err(_) => Err(node_err),
+            },
         }
     }
 }
@@ -106,6 +165,59 @@ pub struct NetworkUsage {
     pub rx_bytes_per_sec: Option<f64>,
     /// Bytes sent per second, all interfaces; absent on the first reading.
     pub tx_bytes_per_sec: Option<f64>,
+}
+
+impl NetworkUsage {
+    /// Exports the figures, per interface.
+    pub fn encode(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
+        let per_interface = |figure: fn(&InterfaceRates) -> f64| {
+            self.interfaces
+                .iter()
+                .map(move |i| (i.name.as_str(), figure(i)))
+        };
+        gauges(
+            enc,
+            "nodepulse_node_network_receive_bytes_per_second",
+            "Bytes received per second",
+            "interface",
+            per_interface(|i| i.rx_bytes_per_sec),
+        )?;
+        gauges(
+            enc,
+            "nodepulse_node_network_transmit_bytes_per_second",
+            "Bytes sent per second",
+            "interface",
+            per_interface(|i| i.tx_bytes_per_sec),
+        )?;
+        gauges(
+            enc,
+            "nodepulse_node_network_receive_packets_per_second",
+            "Packets received per second",
+            "interface",
+            per_interface(|i| i.rx_packets_per_sec),
+        )?;
+        gauges(
+            enc,
+            "nodepulse_node_network_transmit_packets_per_second",
+            "Packets sent per second",
+            "interface",
+            per_interface(|i| i.tx_packets_per_sec),
+        )?;
+        gauges(
+            enc,
+            "nodepulse_node_network_receive_errors",
+            "Receive errors since boot",
+            "interface",
+            per_interface(|i| i.rx_errors as f64),
+        )?;
+        gauges(
+            enc,
+            "nodepulse_node_network_transmit_errors",
+            "Transmit errors since boot",
+            "interface",
+            per_interface(|i| i.tx_errors as f64),
+        )
+    }
 }
 
 /// Parses the text of `/proc/net/dev`, every device (loopback too), sorted by name.
