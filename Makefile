@@ -30,7 +30,7 @@ test: tools build ## Unit and integration tests against a real etcd and kube-api
 	$(CARGO) test --workspace --no-fail-fast
 
 .PHONY: lint
-lint: deps ## cargo fmt --check, clippy -D warnings, helm lint --strict
+lint: deps ## cargo fmt --check, clippy -D warnings, helm lint --strict, kube-score
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	@bash $(TOOLS) helm >/dev/null
@@ -39,6 +39,7 @@ lint: deps ## cargo fmt --check, clippy -D warnings, helm lint --strict
 	  echo "helm lint --strict -f $$f"; \
 	  $$(bash $(TOOLS) helm)/helm lint --strict --quiet charts/nodepulse -f $$f || exit 1; \
 	done
+	bash hack/kube-score.sh
 
 .PHONY: generate
 generate: ## Regenerate the CRD YAML from the Rust types, and the plain manifests from the chart
