@@ -11,7 +11,7 @@ use tracing_subscriber::fmt::writer::BoxMakeWriter;
 /// Log line format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
-    /// One human-readable line per event (what `kubectl logs` shows).
+    /// One human-readable line per event.
     Text,
     /// One JSON object per line, for log pipelines.
     Json,

@@ -11,26 +11,56 @@ use crate::error::EXIT_CODES_HELP;
 
 /// Watch node liveness and push agent configuration, straight on etcd.
 ///
-/// The lab's "server": `watch` lists and watches /monitor/heartbeat/ and prints
-/// `Node worker-1 Alive` / `Node worker-1 Dead (heartbeat expired)` as agents come and go;
-/// `config set` writes /monitor/config/<node>, which the agent applies at once. Every
-/// subcommand takes the etcd connection flags (or their NODEPULSE_ETCD_* variables).
+/// `watch` lists and watches /monitor/heartbeat/ and prints `Node worker-1 Alive` /
+/// `Node worker-1 Dead (heartbeat expired)` as agents come and go; `config set` writes
+/// /monitor/config/<node>, which the agent applies at once. The etcd connection, output and
+/// timeout flags (or their environment variables) go before or after the subcommand.
 #[derive(Debug, Parser)]
-#[command(name = "nodepulsectl", version, after_help = EXIT_CODES_HELP)]
+#[command(
+    name = "nodepulsectl",
+    version,
+    after_help = EXIT_CODES_HELP,
+    // Connection flags anywhere on the line, as etcdctl and kubectl take them.
+    mut_args = |arg: clap::Arg| arg.global(true)
+)]
 pub struct Cli {
-    /// Format of the diagnostics written to stderr (filter them with RUST_LOG, default info).
-    #[arg(
-        long,
-        env = "NODEPULSE_LOG_FORMAT",
-        value_enum,
-        default_value = "text",
-        global = true
-    )]
-    pub log_format: LogFormat,
+    /// Flags every subcommand takes.
+    #[command(flatten)]
+    pub global: GlobalArgs,
 
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+}
+
+/// Flags every subcommand takes, before or after its name.
+#[derive(Debug, Args)]
+#[command(next_help_heading = "Global options")]
+pub struct GlobalArgs {
+    /// Format of the diagnostics written to stderr (filter them with RUST_LOG, default info).
+    #[arg(long, env = "NODEPULSE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+
+    /// `text` for people; `json` for scripts: `watch` prints one object per line (`snapshot`,
+    /// then `alive`/`dead` events, `updated` with -v), `nodes` an array of rows with each node's
+    /// full heartbeat value, `config get` the raw value and the parsed one.
+    #[arg(
+        short,
+        long,
+        env = "NODEPULSECTL_OUTPUT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub output: OutputFormat,
+
+    /// Give up when etcd has not answered within this time (exit code 1); `watch` waits for
+    /// etcd instead.
+    #[arg(long, env = "NODEPULSECTL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub timeout: Duration,
+
+    /// etcd connection.
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
 }
 
 /// The subcommands.
@@ -42,7 +72,7 @@ pub enum Command {
     Watch(WatchArgs),
     /// Print the nodes alive now (every node with a heartbeat key) and exit.
     #[command(after_help = EXIT_CODES_HELP)]
-    Nodes(NodesArgs),
+    Nodes,
     /// Read, write or delete a node's configuration key /monitor/config/<node>.
     #[command(subcommand, after_help = EXIT_CODES_HELP)]
     Config(ConfigCommand),
@@ -51,46 +81,9 @@ pub enum Command {
 /// `nodepulsectl watch`.
 #[derive(Debug, Args)]
 pub struct WatchArgs {
-    /// `text`: a table, then `<time> Node <name> Alive|Dead (<reason>)` lines; `json`: one
-    /// object per line (`snapshot`, then `alive`/`dead` events, `updated` with -v).
-    #[arg(
-        short,
-        long,
-        env = "NODEPULSECTL_OUTPUT",
-        value_enum,
-        default_value = "text"
-    )]
-    pub output: OutputFormat,
-
     /// Also print heartbeat value updates of nodes already alive (usage figures, applied config).
     #[arg(short, long, env = "NODEPULSECTL_VERBOSE")]
     pub verbose: bool,
-
-    /// etcd connection.
-    #[command(flatten)]
-    pub etcd: EtcdArgs,
-}
-
-/// `nodepulsectl nodes`.
-#[derive(Debug, Args)]
-pub struct NodesArgs {
-    /// `text`: a table; `json`: an array of rows with each node's full heartbeat value.
-    #[arg(
-        short,
-        long,
-        env = "NODEPULSECTL_OUTPUT",
-        value_enum,
-        default_value = "text"
-    )]
-    pub output: OutputFormat,
-
-    /// Give up when etcd has not answered within this time (exit code 1).
-    #[arg(long, env = "NODEPULSECTL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub timeout: Duration,
-
-    /// etcd connection.
-    #[command(flatten)]
-    pub etcd: EtcdArgs,
 }
 
 /// `nodepulsectl config ...`.
@@ -98,7 +91,10 @@ pub struct NodesArgs {
 pub enum ConfigCommand {
     /// Print /monitor/config/<node>: the value, whether the agent accepts it, who wrote it.
     #[command(after_help = EXIT_CODES_HELP)]
-    Get(ConfigGetArgs),
+    Get {
+        /// Whose key to print.
+        node: String,
+    },
     /// Write /monitor/config/<node> for some nodes or all; the agents apply it at once.
     ///
     /// The value is checked by the same code the agent runs (interval 1..3600 seconds, metrics
@@ -114,32 +110,11 @@ pub enum ConfigCommand {
     Set(ConfigSetArgs),
     /// Delete /monitor/config/<node>: the agents go back to the defaults.
     #[command(after_help = EXIT_CODES_HELP)]
-    Delete(ConfigDeleteArgs),
-}
-
-/// `nodepulsectl config get`.
-#[derive(Debug, Args)]
-pub struct ConfigGetArgs {
-    /// The node.
-    pub node: String,
-
-    /// `text`: one field per line; `json`: one object with the raw value and the parsed one.
-    #[arg(
-        short,
-        long,
-        env = "NODEPULSECTL_OUTPUT",
-        value_enum,
-        default_value = "text"
-    )]
-    pub output: OutputFormat,
-
-    /// Give up when etcd has not answered within this time (exit code 1).
-    #[arg(long, env = "NODEPULSECTL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub timeout: Duration,
-
-    /// etcd connection.
-    #[command(flatten)]
-    pub etcd: EtcdArgs,
+    Delete {
+        /// The nodes whose key to delete.
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
 }
 
 /// `nodepulsectl config set`.
@@ -160,30 +135,6 @@ pub struct ConfigSetArgs {
     /// Metrics to collect, comma-separated, from cpu, memory, disk, network, load.
     #[arg(long)]
     pub metrics: Option<String>,
-
-    /// Give up when etcd has not answered within this time (exit code 1).
-    #[arg(long, env = "NODEPULSECTL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub timeout: Duration,
-
-    /// etcd connection.
-    #[command(flatten)]
-    pub etcd: EtcdArgs,
-}
-
-/// `nodepulsectl config delete`.
-#[derive(Debug, Args)]
-pub struct ConfigDeleteArgs {
-    /// The nodes whose key to delete.
-    #[arg(required = true)]
-    pub nodes: Vec<String>,
-
-    /// Give up when etcd has not answered within this time (exit code 1).
-    #[arg(long, env = "NODEPULSECTL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
-    pub timeout: Duration,
-
-    /// etcd connection.
-    #[command(flatten)]
-    pub etcd: EtcdArgs,
 }
 
 #[cfg(test)]
@@ -217,5 +168,59 @@ mod tests {
         );
         // A negative interval reaches the validator (and its message) instead of clap.
         assert!(parse(&["nodepulsectl", "config", "set", "w1", "--interval", "-1"]).is_ok());
+    }
+
+    #[test]
+    fn global_flags_go_before_or_after_the_subcommand() {
+        let endpoint = "http://127.0.0.1:1";
+        let lines: [&[&str]; 3] = [
+            &[
+                "--etcd-endpoints",
+                endpoint,
+                "-o",
+                "json",
+                "--timeout",
+                "3s",
+                "config",
+                "set",
+                "n1",
+                "--interval",
+                "2",
+            ],
+            &[
+                "config",
+                "--etcd-endpoints",
+                endpoint,
+                "set",
+                "-o",
+                "json",
+                "n1",
+                "--interval",
+                "2",
+                "--timeout",
+                "3s",
+            ],
+            &[
+                "config",
+                "set",
+                "n1",
+                "--interval",
+                "2",
+                "--etcd-endpoints",
+                endpoint,
+                "--timeout",
+                "3s",
+                "-o",
+                "json",
+            ],
+        ];
+        for line in lines {
+            let cli =
+                Cli::try_parse_from(std::iter::once("nodepulsectl").chain(line.iter().copied()))
+                    .unwrap_or_else(|e| panic!("{line:?}: {e}"));
+            assert_eq!(cli.global.etcd.endpoints, [endpoint], "{line:?}");
+            assert_eq!(cli.global.output, OutputFormat::Json, "{line:?}");
+            assert_eq!(cli.global.timeout, Duration::from_secs(3), "{line:?}");
+        }
     }
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use nodepulse_crd::etcd::EtcdArgs;
 
-use crate::cli::{Command, ConfigCommand};
+use crate::cli::{Command, ConfigCommand, GlobalArgs};
 use crate::error::{Error, Result};
 
 /// Text for people, or JSON for scripts.
@@ -32,35 +32,41 @@ pub enum OutputFormat {
 }
 
 /// Runs one command to completion (`watch` runs until the process is stopped).
-pub async fn run(command: Command) -> Result<()> {
+pub async fn run(global: GlobalArgs, command: Command) -> Result<()> {
     let stdout = std::io::stdout();
+    let GlobalArgs {
+        output,
+        timeout,
+        etcd,
+        ..
+    } = global;
     match command {
         Command::Watch(args) => {
             let settings = watch::WatchSettings {
-                output: args.output,
+                output,
                 verbose: args.verbose,
             };
-            watch::run(&args.etcd, settings, stdout.lock()).await
+            watch::run(&etcd, settings, stdout.lock()).await
         }
-        Command::Nodes(args) => {
-            within(args.timeout, &args.etcd, async {
-                let mut client = args.etcd.connect().await?;
+        Command::Nodes => {
+            within(timeout, &etcd, async {
+                let mut client = etcd.connect().await?;
                 let list = nodes::list_heartbeats(&mut client).await?;
-                nodes::print(list, args.output, stdout.lock())
+                nodes::print(list, output, stdout.lock())
             })
             .await
         }
-        Command::Config(ConfigCommand::Get(args)) => {
-            within(args.timeout, &args.etcd, async {
-                let mut client = args.etcd.connect().await?;
-                config::get(&mut client, &args.node, args.output, stdout.lock()).await
+        Command::Config(ConfigCommand::Get { node }) => {
+            within(timeout, &etcd, async {
+                let mut client = etcd.connect().await?;
+                config::get(&mut client, &node, output, stdout.lock()).await
             })
             .await
         }
         Command::Config(ConfigCommand::Set(args)) => {
             let change = config::ConfigChange {
-                interval: args.interval.clone(),
-                metrics: args.metrics.clone(),
+                interval: args.interval,
+                metrics: args.metrics,
             };
             // Validation first: a refused value must not even need etcd to be up.
             change.apply_to(None)?;
@@ -68,10 +74,10 @@ pub async fn run(command: Command) -> Result<()> {
             let targets = if args.all {
                 config::Targets::AllWithHeartbeat
             } else {
-                config::Targets::Nodes(args.nodes.clone())
+                config::Targets::Nodes(args.nodes)
             };
-            within(args.timeout, &args.etcd, async {
-                let mut client = args.etcd.connect().await?;
+            within(timeout, &etcd, async {
+                let mut client = etcd.connect().await?;
                 config::set(
                     &mut client,
                     targets,
@@ -83,11 +89,11 @@ pub async fn run(command: Command) -> Result<()> {
             })
             .await
         }
-        Command::Config(ConfigCommand::Delete(args)) => {
-            config::validate_nodes(&args.nodes)?;
-            within(args.timeout, &args.etcd, async {
-                let mut client = args.etcd.connect().await?;
-                config::delete(&mut client, &args.nodes, stdout.lock(), std::io::stderr()).await
+        Command::Config(ConfigCommand::Delete { nodes }) => {
+            config::validate_nodes(&nodes)?;
+            within(timeout, &etcd, async {
+                let mut client = etcd.connect().await?;
+                config::delete(&mut client, &nodes, stdout.lock(), std::io::stderr()).await
             })
             .await
         }

@@ -11,15 +11,15 @@ use nodepulsectl::error::{EXIT_OK, Error};
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format, LogStream::Stderr, false);
+    init_logging(cli.global.log_format, LogStream::Stderr, false);
     let outcome = match ShutdownSignals::install() {
         Ok(mut signals) => tokio::select! {
-            r = nodepulsectl::run(cli.command) => r,
+            r = nodepulsectl::run(cli.global, cli.command) => r,
             // Ctrl-C or SIGTERM is how `watch` normally ends.
             _ = signals.recv() => Ok(()),
         },
         // Without the handlers the default action (exit) still stops `watch`.
-        Err(_) => nodepulsectl::run(cli.command).await,
+        Err(_) => nodepulsectl::run(cli.global, cli.command).await,
     };
     match outcome {
         Ok(()) => ExitCode::from(EXIT_OK),

@@ -477,3 +477,42 @@ async fn watch_relists_when_etcd_is_rebuilt_from_scratch() {
         l.ends_with("Node new Alive")
     });
 }
+
+#[test]
+fn connection_flags_go_before_or_after_the_subcommand() {
+    let etcd = Etcd::start();
+    // Only the flags say where etcd is, wherever they stand on the line.
+    let run = |args: &[&str]| {
+        Command::new(project_bin("nodepulsectl"))
+            .args(args)
+            .env_remove("NODEPULSE_ETCD_ENDPOINTS")
+            .env_remove("RUST_LOG")
+            .output()
+            .expect("run nodepulsectl")
+    };
+    let endpoint = etcd.endpoint.as_str();
+    let set = run(&[
+        "--etcd-endpoints",
+        endpoint,
+        "--timeout",
+        "30s",
+        "config",
+        "set",
+        "n1",
+        "--interval",
+        "2",
+    ]);
+    assert!(set.status.success(), "{}", text(&set.stderr));
+    let get = run(&[
+        "config",
+        "get",
+        "n1",
+        "--etcd-endpoints",
+        endpoint,
+        "-o",
+        "json",
+    ]);
+    assert!(get.status.success(), "{}", text(&get.stderr));
+    let got: serde_json::Value = serde_json::from_slice(&get.stdout).expect("json");
+    assert_eq!(got["config"]["interval"], 2, "{got}");
+}
