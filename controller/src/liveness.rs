@@ -14,7 +14,13 @@ use tokio::sync::mpsc;
 #[derive(Debug)]
 pub enum LivenessEvent {
     /// Every heartbeat key present at one revision: nodes absent from it are not alive.
-    Snapshot(BTreeMap<String, Option<Heartbeat>>),
+    Snapshot {
+        /// The keys present, by node.
+        heartbeats: BTreeMap<String, Option<Heartbeat>>,
+        /// The store is not the one seen before (its revision went back: etcd rebuilt or
+        /// restored): a key absent from it may not have been written again yet by a live agent.
+        store_replaced: bool,
+    },
     /// A node's heartbeat key was written (`None`: its value does not parse, but the key, and
     /// so the lease, is there).
     Put {
@@ -23,12 +29,16 @@ pub enum LivenessEvent {
         /// The value written.
         heartbeat: Option<Heartbeat>,
     },
-    /// A node's heartbeat key was deleted: its lease expired or was revoked.
+    /// A node's heartbeat key was deleted: its lease expired or was revoked, or, when
+    /// `lease_left` says the lease still lives, someone deleted the key by hand.
     Delete {
         /// The node.
         node: String,
         /// The value just before the delete, when etcd still had it.
         last: Option<Heartbeat>,
+        /// How long the key's lease still lives, if it does: the agent holding it writes the
+        /// key again within a third of its TTL, so the node is not dead (yet).
+        lease_left: Option<Duration>,
         /// When the delete event arrived, to measure how fast the status follows.
         seen_at: Instant,
     },
@@ -61,14 +71,55 @@ impl HeartbeatWatcher {
             backoff: Backoff::new(Duration::from_millis(200), Duration::from_millis(2500)),
             ..WatcherSettings::prefix("heartbeat watch")
         };
-        let mut watcher = EtcdWatcher::new(self.etcd, HEARTBEAT_PREFIX, settings);
+        let mut watcher = EtcdWatcher::new(self.etcd.clone(), HEARTBEAT_PREFIX, settings);
+        let mut revision = 0;
         loop {
-            let Some(event) = liveness_event(watcher.next().await) else {
+            let event = watcher.next().await;
+            let store_replaced = match &event {
+                WatchEvent::Listed { revision: r, .. } => std::mem::replace(&mut revision, *r) > *r,
+                WatchEvent::Put(kv) => {
+                    revision = revision.max(kv.mod_revision);
+                    false
+                }
+                WatchEvent::Delete { revision: r, .. } => {
+                    revision = revision.max(*r);
+                    false
+                }
+                WatchEvent::Interrupted => false,
+            };
+            let lease = match &event {
+                WatchEvent::Delete { prev: Some(kv), .. } => kv.lease,
+                _ => 0,
+            };
+            let Some(mut event) = liveness_event(event) else {
                 continue;
             };
+            match &mut event {
+                LivenessEvent::Delete { lease_left, .. } if lease != 0 => {
+                    *lease_left = self.lease_left(lease).await;
+                }
+                LivenessEvent::Snapshot {
+                    store_replaced: r, ..
+                } => *r = store_replaced,
+                _ => {}
+            }
             if self.events.send(event).await.is_err() {
                 return;
             }
+        }
+    }
+}
+
+impl HeartbeatWatcher {
+    /// How long `lease` still lives, if it does. A key whose lease expired is deleted with the
+    /// lease, so a lease that lives past its key's delete means the key was deleted by hand.
+    /// No answer counts as expired: the node is then judged as before, by the delete.
+    async fn lease_left(&self, lease: i64) -> Option<Duration> {
+        let mut etcd = self.etcd.clone();
+        let asked = etcd.lease_time_to_live(lease, None);
+        match tokio::time::timeout(Duration::from_secs(1), asked).await {
+            Ok(Ok(r)) if r.ttl() > 0 => Some(Duration::from_secs(r.ttl().unsigned_abs())),
+            _ => None,
         }
     }
 }
@@ -84,7 +135,10 @@ fn liveness_event(event: WatchEvent) -> Option<LivenessEvent> {
                 }
             }
             tracing::debug!(revision, nodes = snapshot.len(), "listed heartbeats");
-            LivenessEvent::Snapshot(snapshot)
+            LivenessEvent::Snapshot {
+                heartbeats: snapshot,
+                store_replaced: false,
+            }
         }
         WatchEvent::Put(kv) => {
             let node = heartbeat_node(&kv.key)?.to_string();
@@ -97,6 +151,7 @@ fn liveness_event(event: WatchEvent) -> Option<LivenessEvent> {
             let node = heartbeat_node(&key)?.to_string();
             LivenessEvent::Delete {
                 last: prev.and_then(|prev| parse(&node, &prev.value)),
+                lease_left: None,
                 node,
                 seen_at: Instant::now(),
             }

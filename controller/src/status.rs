@@ -114,6 +114,9 @@ struct NodeRecord {
     /// Unknown since an outage, its key listed again but not yet proven live: Alive at this
     /// instant if its key is still there (its lease then outlived any extension etcd gave it).
     vouch_at: Option<Instant>,
+    /// Its key is gone but a live agent would write it again (deleted by hand while its lease
+    /// lives, or absent from a rebuilt store): Dead at this instant unless one has.
+    doom_at: Option<Instant>,
 }
 
 struct WriteJob {
@@ -216,6 +219,7 @@ impl NodeTracker {
                     self.adopt_while_blind().await;
                     self.mark_unknown_while_blind();
                     self.vouch_due();
+                    self.doom_due();
                     self.flush_due();
                     self.update_gauges();
                 }
@@ -225,7 +229,10 @@ impl NodeTracker {
 
     async fn handle(&mut self, event: LivenessEvent) {
         match event {
-            LivenessEvent::Snapshot(heartbeats) => self.reconcile_all(heartbeats).await,
+            LivenessEvent::Snapshot {
+                heartbeats,
+                store_replaced,
+            } => self.reconcile_all(heartbeats, store_replaced).await,
             LivenessEvent::Interrupted { since } => {
                 self.blind_since.get_or_insert(since);
             }
@@ -236,11 +243,19 @@ impl NodeTracker {
             LivenessEvent::Delete {
                 node,
                 last,
+                lease_left,
                 seen_at,
             } => {
                 let Some(rec) = self.records.get_mut(&node) else {
                     return;
                 };
+                if let Some(left) = lease_left {
+                    // Deleted by hand: the agent on the lease writes the key again within a
+                    // third of its TTL. Dead only if nobody has when the lease would run out.
+                    tracing::warn!(node, lease_left = ?left, "heartbeat key deleted while its lease lives; Dead only if no agent writes it again before the lease runs out");
+                    rec.doom_at = Some(seen_at + left + VOUCH_MARGIN);
+                    return;
+                }
                 let last = last.or_else(|| rec.heartbeat.clone());
                 let stopping = last
                     .as_ref()
@@ -260,6 +275,7 @@ impl NodeTracker {
                     )
                 };
                 rec.vouch_at = None;
+                rec.doom_at = None;
                 if rec.state != Some(NodeState::Dead) {
                     rec.dead_seen_at = Some(seen_at);
                     transition(&self.metrics, &node, rec, NodeState::Dead, reason, message);
@@ -271,7 +287,11 @@ impl NodeTracker {
 
     /// Re-lists the MonitorNodes and reconciles each against the heartbeat keys present: the
     /// API server's view, not memory, says what is shown.
-    async fn reconcile_all(&mut self, heartbeats: BTreeMap<String, Option<Heartbeat>>) {
+    async fn reconcile_all(
+        &mut self,
+        heartbeats: BTreeMap<String, Option<Heartbeat>>,
+        store_replaced: bool,
+    ) {
         let listed = self.list_monitor_nodes().await;
         for rec in self.records.values_mut() {
             rec.written = None;
@@ -311,7 +331,13 @@ impl NodeTracker {
                 None => {
                     let rec = self.records.entry(name.clone()).or_default();
                     rec.vouch_at = None;
-                    if rec.state == Some(NodeState::Alive) || is_blind_unknown(rec) {
+                    let was_live = rec.state == Some(NodeState::Alive) || is_blind_unknown(rec);
+                    if was_live && store_replaced {
+                        // A new store holds no lease yet: a live agent grants one and writes its
+                        // key within a third of its TTL. Dead if none has by then.
+                        let ttl = Duration::from_secs(ttl_of(rec).into());
+                        rec.doom_at.get_or_insert(now + ttl + VOUCH_MARGIN);
+                    } else if was_live {
                         transition(
                             &self.metrics,
                             name,
@@ -391,6 +417,7 @@ impl NodeTracker {
 
     fn observe_alive(&mut self, node: &str, heartbeat: Option<Heartbeat>) {
         let rec = self.records.entry(node.to_string()).or_default();
+        rec.doom_at = None;
         if heartbeat.is_some() {
             rec.heartbeat = heartbeat;
         }
@@ -489,6 +516,43 @@ impl NodeTracker {
             .collect();
         for name in due {
             self.observe_alive(&name, None);
+            self.consider_write(&name);
+        }
+    }
+
+    /// Nodes whose key went away without their lease expiring and was not written again in
+    /// time: their lease has run out by now, so they are Dead.
+    fn doom_due(&mut self) {
+        if self.blind_since.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .records
+            .iter()
+            .filter(|(_, rec)| rec.doom_at.is_some_and(|at| at <= now))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            let Some(rec) = self.records.get_mut(&name) else {
+                continue;
+            };
+            let doomed_at = rec.doom_at.take();
+            if rec.state != Some(NodeState::Dead) {
+                rec.dead_seen_at = doomed_at;
+                let message = format!(
+                    "the heartbeat key went away and no agent wrote it again within its {}s TTL",
+                    ttl_of(rec)
+                );
+                transition(
+                    &self.metrics,
+                    &name,
+                    rec,
+                    NodeState::Dead,
+                    LivenessReason::HeartbeatExpired,
+                    message,
+                );
+            }
             self.consider_write(&name);
         }
     }
