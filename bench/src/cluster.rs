@@ -193,10 +193,14 @@ impl Cluster {
 /// Each node's state and the moment the watch first saw it in that state.
 type StateMap = Arc<Mutex<HashMap<String, (Option<NodeState>, Instant)>>>;
 
+/// Every state change seen: node, new state, when.
+type History = Arc<Mutex<Vec<(String, Option<NodeState>, Instant)>>>;
+
 /// The state of every MonitorNode, kept current by a watch, with the moment each state was
-/// first seen.
+/// first seen, and every change in order.
 pub struct NodeStates {
     states: StateMap,
+    history: History,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -204,8 +208,9 @@ impl NodeStates {
     /// Starts watching every MonitorNode.
     pub fn watch(client: kube::Client) -> NodeStates {
         let states: StateMap = Arc::default();
+        let history: History = Arc::default();
         let api: Api<MonitorNode> = Api::all(client);
-        let shared = states.clone();
+        let (shared, changes) = (states.clone(), history.clone());
         let task = tokio::spawn(async move {
             let mut events = watcher(api, watcher::Config::default()).boxed();
             while let Some(event) = events.next().await {
@@ -224,12 +229,55 @@ impl NodeStates {
                 match map.get(&name) {
                     Some((old, _)) if *old == state => {}
                     _ => {
+                        changes
+                            .lock()
+                            .expect("history lock")
+                            .push((name.clone(), state, now));
                         map.insert(name, (state, now));
                     }
                 }
             }
         });
-        NodeStates { states, task }
+        NodeStates {
+            states,
+            history,
+            task,
+        }
+    }
+
+    /// The moments `node` entered `state` at or after `since`.
+    pub fn entries(&self, node: &str, state: NodeState, since: Instant) -> Vec<Instant> {
+        self.history
+            .lock()
+            .expect("history lock")
+            .iter()
+            .filter(|(n, s, at)| n == node && *s == Some(state) && *at >= since)
+            .map(|(_, _, at)| *at)
+            .collect()
+    }
+
+    /// Waits until `node` is in `state`, up to `timeout`; returns when the watch first saw it.
+    pub async fn wait_for(
+        &self,
+        node: &str,
+        state: NodeState,
+        timeout: Duration,
+    ) -> Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            match self.get(node) {
+                Some((Some(s), at)) if s == state => return Ok(at),
+                now => {
+                    if Instant::now() > deadline {
+                        return Err(Error::Timeout(format!(
+                            "MonitorNode {node} {state:?} within {timeout:?} (it is {:?})",
+                            now.and_then(|(s, _)| s)
+                        )));
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// How many nodes whose name starts with `prefix` are in `state`.

@@ -4,7 +4,9 @@
 //! 2. [`propagation`]: etcd put -> agent applied, and `kubectl apply` -> agent applied;
 //! 3. [`failure`]: SIGKILL of an agent -> MonitorNode Dead, and the controller's own share;
 //! 4. [`scale`]: thousands of simulated nodes ([`loadgen`]) against one etcd, the controller and
-//!    a real kube-apiserver.
+//!    a real kube-apiserver;
+//! 5. [`truth`]: faults (agent crash and restart, slow etcd writes, etcd away or rebuilt, a
+//!    controller restart) -> false Dead, missed Dead and the time until every status is true.
 //!
 //! Every phase prints a progress line so a person sees the run is alive. A phase that cannot run
 //! (a binary missing, a server refusing) becomes a "not measured" row with the reason, and the
@@ -21,6 +23,7 @@ pub mod report;
 pub mod sample_cost;
 pub mod scale;
 pub mod stats;
+pub mod truth;
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -57,7 +60,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "bench",
-    about = "nodepulse benchmarks: footprint vs node_exporter, config propagation, failure detection, scale"
+    about = "nodepulse benchmarks: footprint vs node_exporter, config propagation, failure detection, scale, truth under faults"
 )]
 pub struct Options {
     /// Where to write the results table.
@@ -67,7 +70,7 @@ pub struct Options {
     /// numbers, says nothing about performance.
     #[arg(long, env = "BENCH_SMOKE")]
     pub smoke: bool,
-    /// Run only these phases (comma-separated: footprint, propagation, failure, scale).
+    /// Run only these phases (comma-separated: footprint, propagation, failure, scale, truth).
     #[arg(long, env = "BENCH_ONLY", value_delimiter = ',')]
     pub only: Vec<String>,
     /// Node counts for the scale phase.
@@ -105,7 +108,7 @@ pub async fn run(opts: &Options) -> Result<Vec<report::Section>, std::io::Error>
     let mut sections = Vec::new();
 
     if opts.wants("footprint") {
-        progress(start, "phase 1/4: agent footprint against node_exporter");
+        progress(start, "phase 1/5: agent footprint against node_exporter");
         sections.extend(footprint::run(opts, start).await);
     }
     // Phases 2 (kubectl half) and 3 share one API server and controller.
@@ -119,17 +122,21 @@ pub async fn run(opts: &Options) -> Result<Vec<report::Section>, std::io::Error>
         None
     };
     if opts.wants("propagation") {
-        progress(start, "phase 2/4: config propagation");
+        progress(start, "phase 2/5: config propagation");
         sections.extend(propagation::run(opts, start, shared.as_ref()).await);
     }
     if opts.wants("failure") {
-        progress(start, "phase 3/4: failure detection");
+        progress(start, "phase 3/5: failure detection");
         sections.push(failure::run(opts, start, shared.as_ref()).await);
     }
     drop(shared);
     if opts.wants("scale") {
-        progress(start, "phase 4/4: scale");
+        progress(start, "phase 4/5: scale");
         sections.push(scale::run(opts, start).await);
+    }
+    if opts.wants("truth") {
+        progress(start, "phase 5/5: truth under faults");
+        sections.push(truth::run(opts, start).await);
     }
 
     let intro = format!(
