@@ -12,7 +12,7 @@ use crate::etcd::Etcd;
 use crate::ports::ReservedPort;
 use crate::process::Process;
 use crate::scratch_dir;
-use crate::tools::{kubectl, repo_root, tool};
+use crate::tools::{Kubectl, repo_root, tool};
 
 const ADMIN_TOKEN: &str = "nodepulse-testkit-admin";
 
@@ -109,15 +109,18 @@ impl KubeApiserver {
         }
     }
 
-    /// One API server shared by every test in this test binary (starting one costs seconds).
-    /// Tests sharing it use distinct object names. It dies with the test binary.
+    /// [`KubeApiserver::start`] with nodepulse's CRDs installed.
+    pub fn with_crds() -> KubeApiserver {
+        let server = KubeApiserver::start();
+        server.install_crds();
+        server
+    }
+
+    /// One API server with the CRDs shared by every test in this test binary (starting one
+    /// costs seconds). Tests sharing it use distinct object names. It dies with the test binary.
     pub fn shared() -> &'static KubeApiserver {
         static SHARED: OnceLock<KubeApiserver> = OnceLock::new();
-        SHARED.get_or_init(|| {
-            let server = KubeApiserver::start();
-            server.install_crds();
-            server
-        })
+        SHARED.get_or_init(KubeApiserver::with_crds)
     }
 
     /// A scratch directory that lives as long as the server.
@@ -125,47 +128,24 @@ impl KubeApiserver {
         self.dir.path()
     }
 
-    /// Runs kubectl against this server.
-    pub fn kubectl(&self, args: &[&str]) -> Output {
-        Command::new(kubectl())
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .output()
-            .expect("run kubectl")
+    /// kubectl against this server.
+    pub fn kubectl_cli(&self) -> Kubectl {
+        Kubectl::new(&self.kubeconfig)
     }
 
-    /// Runs kubectl and panics with its stderr unless it succeeds; returns stdout.
+    /// Runs kubectl against this server.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_cli().run(args)
+    }
+
+    /// Runs kubectl and panics with its output unless it succeeds; returns stdout.
     pub fn kubectl_ok(&self, args: &[&str]) -> String {
-        let out = self.kubectl(args);
-        assert!(
-            out.status.success(),
-            "kubectl {}: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        self.kubectl_cli().ok(args)
     }
 
     /// Runs kubectl with `stdin` as input (`kubectl apply -f -`).
     pub fn kubectl_stdin(&self, args: &[&str], stdin: &str) -> Output {
-        use std::io::Write;
-        let mut child = Command::new(kubectl())
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .args(args)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run kubectl");
-        child
-            .stdin
-            .take()
-            .expect("stdin")
-            .write_all(stdin.as_bytes())
-            .expect("write kubectl stdin");
-        child.wait_with_output().expect("kubectl output")
+        self.kubectl_cli().stdin(args, stdin)
     }
 
     /// Runs helm against this server.

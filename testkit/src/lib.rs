@@ -9,12 +9,17 @@
 //! - [`KubeApiserver`]: a real kube-apiserver with its own etcd, certificates and kubeconfig, and
 //!   `kubectl`/`helm` pointed at it;
 //! - [`Process`]: any child process (our binaries too), killed on drop, with its output captured;
+//! - [`Launch`]: nodepulse's agent and controller with the flags tests give them;
+//! - [`Lab`]: a kube-apiserver and etcd endpoints for an end-to-end test, and waits on its
+//!   MonitorNodes;
 //! - [`wait_until`] / [`eventually`]: wait for a condition with a deadline, never a bare sleep.
 
 mod apiserver;
 mod etcd;
 mod etcd_cluster;
 mod etcd_secure;
+mod lab;
+mod nodepulse;
 mod ports;
 mod process;
 mod proxy;
@@ -25,11 +30,13 @@ pub use apiserver::KubeApiserver;
 pub use etcd::Etcd;
 pub use etcd_cluster::EtcdCluster;
 pub use etcd_secure::{ClientTls, EtcdUsers, SecureEtcd, enable_etcd_auth, etcdctl_as, tls_env};
+pub use lab::{History, Lab, Observed, ready_condition};
+pub use nodepulse::{Daemon, Launch, config_json, heartbeat, put_config};
 pub use ports::ReservedPort;
 pub use process::{Line, Process};
 pub use proxy::TcpProxy;
 pub use slow_etcd::SlowEtcd;
-pub use tools::{kubectl, project_bin, repo_root, tool};
+pub use tools::{Kubectl, kubectl, project_bin, project_bin_dir, repo_root, tool};
 
 use std::future::Future;
 use std::io::{Read, Write};
@@ -88,16 +95,4 @@ where
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// A private kube-apiserver with the CRDs installed, and a separate etcd for nodepulse's keys,
-/// started off the async runtime (both block while they wait to be ready).
-pub async fn start_apiserver_and_etcd() -> (KubeApiserver, Etcd) {
-    tokio::task::spawn_blocking(|| {
-        let api = KubeApiserver::start();
-        api.install_crds();
-        (api, Etcd::start())
-    })
-    .await
-    .expect("start kube-apiserver and etcd")
 }

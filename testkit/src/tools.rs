@@ -1,7 +1,8 @@
 //! Where the harness finds its servers and the project's own binaries.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Output, Stdio};
 
 /// The repository root.
 pub fn repo_root() -> PathBuf {
@@ -47,21 +48,86 @@ pub fn kubectl() -> PathBuf {
     tool("kubectl")
 }
 
+/// Where this workspace's binaries are: the directory of the running executable, or its parent
+/// for a test binary or an example (`target/<profile>/deps/<test>`, `.../examples/<example>`).
+pub fn project_bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe
+        .parent()
+        .expect("the executable has a directory")
+        .to_path_buf();
+    if dir.ends_with("deps") || dir.ends_with("examples") {
+        dir.pop();
+    }
+    dir
+}
+
 /// A binary of this workspace (`nodepulse-agent`, `nodepulse-controller`, `nodepulsectl`, ...),
 /// from the target directory the running test was built into. `make test` builds every binary
 /// before it runs the tests.
 pub fn project_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test-binary>
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binary under target/<profile>/deps");
-    let path = profile_dir.join(name);
+    let path = project_bin_dir().join(name);
     assert!(
         path.exists(),
         "{} not built: run `cargo build --workspace --bins` (make test does) first",
         path.display()
     );
     path
+}
+
+/// kubectl with a kubeconfig of its own.
+pub struct Kubectl {
+    kubeconfig: PathBuf,
+}
+
+impl Kubectl {
+    /// kubectl using `kubeconfig`.
+    pub fn new(kubeconfig: &Path) -> Kubectl {
+        Kubectl {
+            kubeconfig: kubeconfig.to_path_buf(),
+        }
+    }
+
+    /// The command line, for callers that run it their own way.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(kubectl());
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        cmd
+    }
+
+    /// Runs kubectl.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("run kubectl")
+    }
+
+    /// Runs kubectl and panics with its output unless it succeeds; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "kubectl {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs kubectl with `stdin` as input (`kubectl apply -f -`).
+    pub fn stdin(&self, args: &[&str], stdin: &str) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kubectl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write kubectl stdin");
+        child.wait_with_output().expect("kubectl output")
+    }
 }
