@@ -3,10 +3,9 @@
 //!
 //! `cargo build -p nodepulse-agent && cargo run -p nodepulse-agent --example config_latency`
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use testkit::{Etcd, Process, project_bin};
+use testkit::{Etcd, Launch};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
@@ -16,15 +15,7 @@ async fn main() {
         .unwrap_or(200);
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    let mut cmd = Command::new(project_bin("nodepulse-agent"));
-    cmd.args([
-        "--node-name",
-        "latency-1",
-        "--etcd-endpoints",
-        &etcd.endpoint,
-    ])
-    .args(["--metrics-addr", "127.0.0.1:0"]);
-    let agent = Process::spawn("agent", cmd);
+    let agent = Launch::agent("latency-1").etcd(&etcd.endpoint).spawn();
     agent.wait_for_line(Duration::from_secs(10), "lease granted", |l| {
         l.contains("heartbeat lease granted")
     });

@@ -5,17 +5,14 @@
 
 #[path = "../../crd/tests/support/bad_configs.rs"]
 mod bad_configs;
-mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use nodepulse_crd::wire::ConfigValue;
 use serde_json::Value;
-use testkit::{KubeApiserver, Process, eventually, http_get, project_bin};
+use testkit::{KubeApiserver, Lab, eventually, http_get, put_config};
 
 use bad_configs::bad_configs;
-use common::{put_config, start_agent};
 
 const NODE: &str = "worker-1";
 
@@ -38,21 +35,18 @@ fn config_applied(mn: &Value) -> Option<(String, String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_config_is_rejected_and_reported_while_the_last_good_one_stays() {
-    let (api, etcd) = testkit::start_apiserver_and_etcd().await;
-    let mut cmd = Command::new(project_bin("nodepulse-controller"));
-    cmd.env("KUBECONFIG", &api.kubeconfig)
-        .env("RUST_LOG", "info")
-        .args(["--etcd-endpoints", &etcd.endpoint])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args(["--leader-election-namespace", "default"])
-        .args(["--leader-election-identity", "controller-0"]);
-    let _controller = Process::spawn("controller", cmd);
-    let mut agent = start_agent(&etcd, NODE, &["--heartbeat-min-interval", "500ms"]);
-    let mut client = etcd.client().await;
+    let (lab, etcd) = Lab::start().await;
+    let api = lab.api();
+    let _controller = lab.controller("controller-0").spawn();
+    let mut agent = lab
+        .agent(NODE)
+        .args(["--heartbeat-min-interval", "500ms"])
+        .start();
+    let client = etcd.client().await;
 
     // The last good config: every rejection below must keep it.
     let good = put_config(
-        &mut client,
+        &client,
         NODE,
         r#"{"interval":2,"metrics":["cpu","memory"]}"#,
     )
@@ -63,7 +57,7 @@ async fn every_bad_config_is_rejected_and_reported_while_the_last_good_one_stays
             l.contains(&format!("(revision {good})")) && l.contains("config updated")
         });
     eventually("ConfigApplied=True", Duration::from_secs(60), || async {
-        let mn = monitor_node(&api)?;
+        let mn = monitor_node(api)?;
         let (status, reason, _) = config_applied(&mn)?;
         (status == "True" && reason == "Applied").then_some(())
     })
@@ -76,7 +70,7 @@ async fn every_bad_config_is_rejected_and_reported_while_the_last_good_one_stays
             .to_string();
         assert!(reason.contains(row.reason), "{}: {reason}", row.what);
         let from = agent.process.line_count();
-        let revision = put_config(&mut client, NODE, row.value.clone()).await;
+        let revision = put_config(&client, NODE, row.value.clone()).await;
         let want = format!(
             "config rejected (revision {revision}): {reason}; keeping interval 2s, metrics [cpu, memory]"
         );
@@ -90,7 +84,7 @@ async fn every_bad_config_is_rejected_and_reported_while_the_last_good_one_stays
             &format!("ConfigApplied=False for {}", row.what),
             Duration::from_secs(15),
             || async {
-                let mn = monitor_node(&api)?;
+                let mn = monitor_node(api)?;
                 let (status, why, message) = config_applied(&mn)?;
                 (status == "False" && why == "Rejected" && message.ends_with(&reason)).then_some(mn)
             },
@@ -123,12 +117,12 @@ async fn every_bad_config_is_rejected_and_reported_while_the_last_good_one_stays
     );
 
     // A good value clears the error.
-    let fixed = put_config(&mut client, NODE, r#"{"interval":3,"metrics":["cpu"]}"#).await;
+    let fixed = put_config(&client, NODE, r#"{"interval":3,"metrics":["cpu"]}"#).await;
     eventually(
         "ConfigApplied=True again",
         Duration::from_secs(15),
         || async {
-            let mn = monitor_node(&api)?;
+            let mn = monitor_node(api)?;
             let (status, _, _) = config_applied(&mn)?;
             (status == "True" && mn["status"]["config"]["revision"] == fixed).then_some(())
         },

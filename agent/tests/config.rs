@@ -1,20 +1,16 @@
 //! Job 2 end to end: a config put with a plain etcd client changes the agent's pace at once;
 //! malformed values are rejected whole and reported.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use nodepulse_crd::wire::{Metric, config_key};
-use testkit::{Etcd, eventually, http_get};
-
-use common::{heartbeat, put_config, start_agent};
+use testkit::{Etcd, Launch, eventually, heartbeat, http_get, put_config};
 
 #[tokio::test]
 async fn a_new_interval_is_logged_within_1s_and_sets_the_pace() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    let agent = start_agent(&etcd, "worker-1", &[]);
+    let agent = Launch::agent("worker-1").etcd(&etcd.endpoint).start();
     let p = &agent.process;
     p.wait_for_line(Duration::from_secs(5), "a first sample", |l| {
         l.contains(" sample cpu=") && l.contains(" load=")
@@ -23,7 +19,7 @@ async fn a_new_interval_is_logged_within_1s_and_sets_the_pace() {
     // The lab's scenario: 10 s -> 2 s.
     let put_at = Instant::now();
     let revision = put_config(
-        &mut client,
+        &client,
         "worker-1",
         r#"{"interval": 2, "metrics": ["cpu", "memory"]}"#,
     )
@@ -80,9 +76,9 @@ async fn a_new_interval_is_logged_within_1s_and_sets_the_pace() {
         "heartbeat shows the new config",
         Duration::from_secs(7),
         || {
-            let mut c = client.clone();
+            let c = client.clone();
             async move {
-                heartbeat(&mut c, "worker-1")
+                heartbeat(&c, "worker-1")
                     .await
                     .filter(|(h, _)| h.config.revision == revision)
             }
@@ -179,10 +175,13 @@ const MALFORMED: &[(&[u8], &str)] = &[
 #[tokio::test]
 async fn malformed_values_are_rejected_whole_and_reported() {
     let etcd = Etcd::start();
-    let mut client = etcd.client().await;
-    let mut agent = start_agent(&etcd, "worker-2", &["--heartbeat-min-interval", "100ms"]);
+    let client = etcd.client().await;
+    let mut agent = Launch::agent("worker-2")
+        .etcd(&etcd.endpoint)
+        .args(["--heartbeat-min-interval", "100ms"])
+        .start();
     let good = put_config(
-        &mut client,
+        &client,
         "worker-2",
         r#"{"interval": 3, "metrics": ["cpu", "load"]}"#,
     )
@@ -211,7 +210,7 @@ async fn malformed_values_are_rejected_whole_and_reported() {
             .chars()
             .take(60)
             .collect::<String>();
-        let rev = put_config(&mut client, "worker-2", value.clone()).await;
+        let rev = put_config(&client, "worker-2", value.clone()).await;
         let line = agent
             .process
             .wait_for_line(Duration::from_secs(2), "rejection", |l| {
@@ -228,9 +227,9 @@ async fn malformed_values_are_rejected_whole_and_reported() {
             &format!("heartbeat reporting the rejection of {shown}"),
             Duration::from_secs(3),
             || {
-                let mut c = client.clone();
+                let c = client.clone();
                 async move {
-                    heartbeat(&mut c, "worker-2").await.filter(|(h, _)| {
+                    heartbeat(&c, "worker-2").await.filter(|(h, _)| {
                         h.config
                             .error
                             .as_deref()
@@ -272,15 +271,15 @@ async fn malformed_values_are_rejected_whole_and_reported() {
 
     // A good value clears the error.
     let fixed = put_config(
-        &mut client,
+        &client,
         "worker-2",
         r#"{"interval": 4, "metrics": ["memory"]}"#,
     )
     .await;
     eventually("error cleared", Duration::from_secs(3), || {
-        let mut c = client.clone();
+        let c = client.clone();
         async move {
-            heartbeat(&mut c, "worker-2")
+            heartbeat(&c, "worker-2")
                 .await
                 .filter(|(h, _)| h.config.revision == fixed && h.config.error.is_none())
         }

@@ -1,26 +1,25 @@
 //! etcd going away under the agent, or not being there at start: the agent keeps sampling and
 //! logging, and restores its heartbeat and its config watch by itself.
 
-mod common;
-
 use std::time::Duration;
 
-use testkit::{Etcd, eventually, http_get};
+use testkit::{Daemon, Etcd, Launch, eventually, heartbeat, http_get, put_config};
 
-use common::{RECOVERY, heartbeat, put_config, start_agent};
+/// A generous deadline for the agent to notice a recovered etcd (its backoff is capped at 5 s).
+const RECOVERY: Duration = Duration::from_secs(20);
 
 #[tokio::test]
 async fn etcd_restarted_after_more_than_a_ttl_heartbeat_and_watch_resume() {
     let mut etcd = Etcd::start();
-    let mut client = etcd.client().await;
-    let agent = start_agent(
-        &etcd,
-        "worker-1",
-        &["--heartbeat-ttl", "3", "--heartbeat-min-interval", "500ms"],
-    );
+    let client = etcd.client().await;
+    let agent = Launch::agent("worker-1")
+        .etcd(&etcd.endpoint)
+        .ttl(3)
+        .args(["--heartbeat-min-interval", "500ms"])
+        .start();
     let p = &agent.process;
     let rev = put_config(
-        &mut client,
+        &client,
         "worker-1",
         r#"{"interval": 1, "metrics": ["cpu"]}"#,
     )
@@ -66,13 +65,12 @@ async fn etcd_restarted_after_more_than_a_ttl_heartbeat_and_watch_resume() {
     })
     .await;
     eventually("heartbeat key back", RECOVERY, || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-1").await }
+        heartbeat(&client, "worker-1")
     })
     .await;
     // Kept alive, not just left over: still there after more than one TTL.
     tokio::time::sleep(Duration::from_secs(4)).await;
-    let (_, lease) = heartbeat(&mut client, "worker-1")
+    let (_, lease) = heartbeat(&client, "worker-1")
         .await
         .expect("heartbeat key kept alive after the restart");
     let ttl = client
@@ -85,7 +83,7 @@ async fn etcd_restarted_after_more_than_a_ttl_heartbeat_and_watch_resume() {
     // The watch resumed: a config put after the restart is applied.
     let from = p.line_count();
     let rev = put_config(
-        &mut client,
+        &client,
         "worker-1",
         r#"{"interval": 2, "metrics": ["cpu", "memory"]}"#,
     )
@@ -96,9 +94,9 @@ async fn etcd_restarted_after_more_than_a_ttl_heartbeat_and_watch_resume() {
         ))
     });
     eventually("heartbeat shows the post-restart config", RECOVERY, || {
-        let mut c = client.clone();
+        let c = client.clone();
         async move {
-            heartbeat(&mut c, "worker-1")
+            heartbeat(&c, "worker-1")
                 .await
                 .filter(|(h, _)| h.config.revision == rev)
         }
@@ -110,7 +108,10 @@ async fn etcd_restarted_after_more_than_a_ttl_heartbeat_and_watch_resume() {
 async fn etcd_away_at_start_is_waited_for_while_sampling() {
     let mut etcd = Etcd::start();
     etcd.kill();
-    let agent = start_agent(&etcd, "worker-2", &["--heartbeat-ttl", "3"]);
+    let agent = Launch::agent("worker-2")
+        .etcd(&etcd.endpoint)
+        .ttl(3)
+        .start();
     let p = &agent.process;
     p.wait_for_line(Duration::from_secs(5), "a sample without etcd", |l| {
         l.contains(" sample cpu=")
@@ -119,14 +120,13 @@ async fn etcd_away_at_start_is_waited_for_while_sampling() {
     assert_eq!(http_get(&agent.http, "/healthz").map(|r| r.0), Some(200));
 
     etcd.restart();
-    let mut client = etcd.client().await;
+    let client = etcd.client().await;
     eventually("heartbeat key once etcd is up", RECOVERY, || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-2").await }
+        heartbeat(&client, "worker-2")
     })
     .await;
     let rev = put_config(
-        &mut client,
+        &client,
         "worker-2",
         r#"{"interval": 5, "metrics": ["load"]}"#,
     )
@@ -138,7 +138,7 @@ async fn etcd_away_at_start_is_waited_for_while_sampling() {
     });
 }
 
-fn agent_running(agent: &common::Agent) -> bool {
+fn agent_running(agent: &Daemon) -> bool {
     http_get(&agent.http, "/healthz").is_some_and(|r| r.0 == 200)
 }
 
@@ -147,11 +147,14 @@ async fn a_compacted_resume_revision_rereads_the_key_and_an_expired_lease_is_rep
     use nix::sys::signal::Signal;
 
     let mut etcd = Etcd::start();
-    let mut client = etcd.client().await;
-    let agent = start_agent(&etcd, "worker-3", &["--heartbeat-ttl", "3"]);
+    let client = etcd.client().await;
+    let agent = Launch::agent("worker-3")
+        .etcd(&etcd.endpoint)
+        .ttl(3)
+        .start();
     let p = &agent.process;
     let first = put_config(
-        &mut client,
+        &client,
         "worker-3",
         r#"{"interval": 2, "metrics": ["cpu"]}"#,
     )
@@ -160,8 +163,7 @@ async fn a_compacted_resume_revision_rereads_the_key_and_an_expired_lease_is_rep
         l.contains(&format!("(revision {first})"))
     });
     let (_, old_lease) = eventually("heartbeat key", Duration::from_secs(5), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-3").await }
+        heartbeat(&client, "worker-3")
     })
     .await;
 
@@ -172,13 +174,13 @@ async fn a_compacted_resume_revision_rereads_the_key_and_an_expired_lease_is_rep
     etcd.restart();
     let mut client = etcd.client().await;
     put_config(
-        &mut client,
+        &client,
         "worker-3",
         r#"{"interval": 3, "metrics": ["cpu"]}"#,
     )
     .await;
     let last = put_config(
-        &mut client,
+        &client,
         "worker-3",
         r#"{"interval": 4, "metrics": ["memory"]}"#,
     )
@@ -192,8 +194,8 @@ async fn a_compacted_resume_revision_rereads_the_key_and_an_expired_lease_is_rep
         .expect("compact");
     // Frozen for longer than the TTL: the lease expires and the key with it.
     eventually("heartbeat key expired", Duration::from_secs(15), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-3").await.is_none().then_some(()) }
+        let c = client.clone();
+        async move { heartbeat(&c, "worker-3").await.is_none().then_some(()) }
     })
     .await;
 
@@ -211,14 +213,13 @@ async fn a_compacted_resume_revision_rereads_the_key_and_an_expired_lease_is_rep
         l.contains("heartbeat lease lost; granted a new one: id ")
     });
     let (hb, lease) = eventually("heartbeat key back", RECOVERY, || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-3").await }
+        heartbeat(&client, "worker-3")
     })
     .await;
     assert_ne!(lease, old_lease);
     let _ = hb;
 }
 
-fn p_signal(agent: &common::Agent, sig: nix::sys::signal::Signal) {
+fn p_signal(agent: &Daemon, sig: nix::sys::signal::Signal) {
     agent.process.signal(sig);
 }

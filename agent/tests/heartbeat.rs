@@ -1,26 +1,21 @@
 //! The heartbeat end to end: the key comes with the agent and goes with it by lease expiry, after
 //! a crash and after a clean stop alike; an agent replaced within the TTL keeps its node alive.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use etcd_client::{EventType, WatchOptions};
 use nix::sys::signal::Signal;
 use nodepulse_crd::wire::{AgentState, Heartbeat, MetricSet, heartbeat_key};
-use testkit::{Etcd, eventually, http_get};
-
-use common::{heartbeat, start_agent};
+use testkit::{Etcd, Launch, eventually, heartbeat, http_get, put_config};
 
 #[tokio::test]
 async fn heartbeat_appears_within_2s_and_sigterm_marks_it_stopping() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
     let started = Instant::now();
-    let mut agent = start_agent(&etcd, "worker-1", &[]);
+    let mut agent = Launch::agent("worker-1").etcd(&etcd.endpoint).start();
     let (hb, lease) = eventually("heartbeat key", Duration::from_secs(2), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-1").await }
+        heartbeat(&client, "worker-1")
     })
     .await;
     assert!(started.elapsed() <= Duration::from_secs(2));
@@ -105,7 +100,7 @@ async fn heartbeat_appears_within_2s_and_sigterm_marks_it_stopping() {
                 && l.contains("expires within 10s unless a new agent takes over")
         });
     assert!(
-        heartbeat(&mut client, "worker-1").await.is_some(),
+        heartbeat(&client, "worker-1").await.is_some(),
         "the key outlives the process until its lease expires"
     );
 }
@@ -114,11 +109,13 @@ async fn heartbeat_appears_within_2s_and_sigterm_marks_it_stopping() {
 #[tokio::test]
 async fn a_clean_stop_for_good_expires_the_key_after_the_ttl() {
     let etcd = Etcd::start();
-    let mut client = etcd.client().await;
-    let mut agent = start_agent(&etcd, "worker-5", &["--heartbeat-ttl", "3"]);
+    let client = etcd.client().await;
+    let mut agent = Launch::agent("worker-5")
+        .etcd(&etcd.endpoint)
+        .ttl(3)
+        .start();
     eventually("heartbeat key", Duration::from_secs(5), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-5").await }
+        heartbeat(&client, "worker-5")
     })
     .await;
     let stopped = Instant::now();
@@ -127,13 +124,13 @@ async fn a_clean_stop_for_good_expires_the_key_after_the_ttl() {
         .process
         .wait_exit(Duration::from_secs(5))
         .expect("agent exits after SIGTERM");
-    let (last, _) = heartbeat(&mut client, "worker-5")
+    let (last, _) = heartbeat(&client, "worker-5")
         .await
         .expect("key still there right after the stop");
     assert_eq!(last.state, AgentState::Stopping);
     eventually("the key to expire", Duration::from_secs(6), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-5").await.is_none().then_some(()) }
+        let c = client.clone();
+        async move { heartbeat(&c, "worker-5").await.is_none().then_some(()) }
     })
     .await;
     let gone = stopped.elapsed();
@@ -149,10 +146,12 @@ async fn a_clean_stop_for_good_expires_the_key_after_the_ttl() {
 async fn an_agent_replaced_within_the_ttl_never_lets_the_key_go() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    let mut old = start_agent(&etcd, "worker-6", &["--heartbeat-ttl", "3"]);
+    let mut old = Launch::agent("worker-6")
+        .etcd(&etcd.endpoint)
+        .ttl(3)
+        .start();
     let (_, old_lease) = eventually("heartbeat key", Duration::from_secs(5), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-6").await }
+        heartbeat(&client, "worker-6")
     })
     .await;
     let mut events = client
@@ -164,11 +163,14 @@ async fn an_agent_replaced_within_the_ttl_never_lets_the_key_go() {
     old.process
         .wait_exit(Duration::from_secs(5))
         .expect("old agent exits");
-    let new = start_agent(&etcd, "worker-6", &["--heartbeat-ttl", "3"]);
+    let new = Launch::agent("worker-6")
+        .etcd(&etcd.endpoint)
+        .ttl(3)
+        .start();
     let new_lease = eventually("the new agent's key", Duration::from_secs(5), || {
-        let mut c = client.clone();
+        let c = client.clone();
         async move {
-            let (hb, lease) = heartbeat(&mut c, "worker-6").await?;
+            let (hb, lease) = heartbeat(&c, "worker-6").await?;
             (hb.state == AgentState::Running && lease != old_lease).then_some(lease)
         }
     })
@@ -186,9 +188,7 @@ async fn an_agent_replaced_within_the_ttl_never_lets_the_key_go() {
             );
         }
     }
-    let (hb, lease) = heartbeat(&mut client, "worker-6")
-        .await
-        .expect("key present");
+    let (hb, lease) = heartbeat(&client, "worker-6").await.expect("key present");
     assert_eq!((hb.state, lease), (AgentState::Running, new_lease));
 }
 
@@ -197,10 +197,12 @@ async fn an_agent_replaced_within_the_ttl_never_lets_the_key_go() {
 async fn a_stopping_agent_does_not_touch_a_key_it_no_longer_holds() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    let agent = start_agent(&etcd, "worker-7", &["--heartbeat-ttl", "3"]);
+    let agent = Launch::agent("worker-7")
+        .etcd(&etcd.endpoint)
+        .ttl(3)
+        .start();
     eventually("heartbeat key", Duration::from_secs(5), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-7").await }
+        heartbeat(&client, "worker-7")
     })
     .await;
     // Another incarnation's value on another lease.
@@ -235,18 +237,19 @@ async fn a_stopping_agent_does_not_touch_a_key_it_no_longer_holds() {
 async fn a_key_deleted_by_hand_is_written_again_within_a_third_of_the_ttl() {
     let etcd = Etcd::start();
     let client = etcd.client().await;
-    let agent = start_agent(&etcd, "worker-8", &["--heartbeat-ttl", "6"]);
+    let agent = Launch::agent("worker-8")
+        .etcd(&etcd.endpoint)
+        .ttl(6)
+        .start();
     let (_, lease) = eventually("heartbeat key", Duration::from_secs(5), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-8").await }
+        heartbeat(&client, "worker-8")
     })
     .await;
     let out = etcd.etcdctl(&["del", &heartbeat_key("worker-8")]);
     assert!(out.status.success(), "{out:?}");
     let deleted = Instant::now();
     let (_, back_on) = eventually("the key back", Duration::from_secs(2), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-8").await }
+        heartbeat(&client, "worker-8")
     })
     .await;
     assert!(
@@ -261,11 +264,13 @@ async fn a_key_deleted_by_hand_is_written_again_within_a_third_of_the_ttl() {
 #[tokio::test]
 async fn sigkill_leaves_the_key_to_expire_within_ttl_plus_1s() {
     let etcd = Etcd::start();
-    let mut client = etcd.client().await;
-    let mut agent = start_agent(&etcd, "worker-2", &["--heartbeat-ttl", "3"]);
+    let client = etcd.client().await;
+    let mut agent = Launch::agent("worker-2")
+        .etcd(&etcd.endpoint)
+        .ttl(3)
+        .start();
     let (hb, _) = eventually("heartbeat key", Duration::from_secs(2), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-2").await }
+        heartbeat(&client, "worker-2")
     })
     .await;
     assert_eq!(hb.ttl_seconds, 3);
@@ -277,15 +282,15 @@ async fn sigkill_leaves_the_key_to_expire_within_ttl_plus_1s() {
         });
     tokio::time::sleep(Duration::from_secs(4)).await;
     assert!(
-        heartbeat(&mut client, "worker-2").await.is_some(),
+        heartbeat(&client, "worker-2").await.is_some(),
         "kept alive past its TTL"
     );
 
     let killed = Instant::now();
     agent.process.kill_hard();
     eventually("heartbeat key to expire", Duration::from_secs(4), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-2").await.is_none().then_some(()) }
+        let c = client.clone();
+        async move { heartbeat(&c, "worker-2").await.is_none().then_some(()) }
     })
     .await;
     let gone = killed.elapsed();
@@ -303,10 +308,12 @@ async fn sigkill_leaves_the_key_to_expire_within_ttl_plus_1s() {
 async fn a_lease_revoked_behind_the_agents_back_is_granted_again() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    let agent = start_agent(&etcd, "worker-3", &["--heartbeat-ttl", "3"]);
+    let agent = Launch::agent("worker-3")
+        .etcd(&etcd.endpoint)
+        .ttl(3)
+        .start();
     let (_, lease) = eventually("heartbeat key", Duration::from_secs(2), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-3").await }
+        heartbeat(&client, "worker-3")
     })
     .await;
     client
@@ -319,8 +326,7 @@ async fn a_lease_revoked_behind_the_agents_back_is_granted_again() {
             l.contains("heartbeat lease lost; granted a new one: id ")
         });
     let (_, new_lease) = eventually("heartbeat key back", Duration::from_secs(2), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-3").await }
+        heartbeat(&client, "worker-3")
     })
     .await;
     assert_ne!(new_lease, lease, "{}", line.text);
@@ -334,25 +340,22 @@ async fn a_lease_revoked_behind_the_agents_back_is_granted_again() {
 #[tokio::test]
 async fn a_dead_endpoint_in_the_list_is_failed_over() {
     let etcd = Etcd::start();
-    let mut client = etcd.client().await;
+    let client = etcd.client().await;
     // A reserved port nothing listens on, and nothing else may bind while it is held.
     let nothing_there = testkit::ReservedPort::new();
     let dead = format!("http://{}", nothing_there.addr());
     let endpoints = format!("{dead},{}", etcd.endpoint);
-    let agent = common::start_agent_at(&endpoints, "worker-4", &[]);
+    let agent = Launch::agent("worker-4").etcd(&endpoints).start();
     // One refused call moves the agent to the live member (before, a share of every call kept
     // going to the dead one, and the key took 6 s).
     eventually(
         "heartbeat key through the live endpoint",
         Duration::from_secs(3),
-        || {
-            let mut c = client.clone();
-            async move { heartbeat(&mut c, "worker-4").await }
-        },
+        || heartbeat(&client, "worker-4"),
     )
     .await;
-    let rev = common::put_config(
-        &mut client,
+    let rev = put_config(
+        &client,
         "worker-4",
         r#"{"interval": 3, "metrics": ["cpu"]}"#,
     )
@@ -370,8 +373,8 @@ async fn a_dead_endpoint_in_the_list_is_failed_over() {
 async fn with_nothing_new_the_value_is_refreshed_every_max_interval() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    common::put_config(
-        &mut client,
+    put_config(
+        &client,
         "worker-9",
         r#"{"interval": 3600, "metrics": ["load"]}"#,
     )
@@ -381,18 +384,16 @@ async fn with_nothing_new_the_value_is_refreshed_every_max_interval() {
         .await
         .expect("watch heartbeat");
     events.message().await.expect("watch created");
-    let agent = start_agent(
-        &etcd,
-        "worker-9",
-        &[
-            "--heartbeat-ttl",
-            "3",
+    let agent = Launch::agent("worker-9")
+        .etcd(&etcd.endpoint)
+        .ttl(3)
+        .args([
             "--heartbeat-min-interval",
             "500ms",
             "--heartbeat-max-interval",
             "2s",
-        ],
-    );
+        ])
+        .start();
     let mut writes: Vec<Heartbeat> = Vec::new();
     while writes.len() < 5 {
         let resp = tokio::time::timeout(Duration::from_secs(5), events.message())
@@ -427,22 +428,24 @@ async fn with_nothing_new_the_value_is_refreshed_every_max_interval() {
 async fn of_two_agents_for_one_node_the_newer_holds_the_key() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    let ttl = ["--heartbeat-ttl", "3", "--heartbeat-min-interval", "500ms"];
-    let mut old = start_agent(&etcd, "worker-10", &ttl);
+    let agent = Launch::agent("worker-10")
+        .etcd(&etcd.endpoint)
+        .ttl(3)
+        .args(["--heartbeat-min-interval", "500ms"]);
+    let mut old = agent.start();
     let (_, old_lease) = eventually("the old agent's key", Duration::from_secs(5), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "worker-10").await }
+        heartbeat(&client, "worker-10")
     })
     .await;
-    let new = start_agent(&etcd, "worker-10", &ttl);
+    let new = agent.start();
     old.process
         .wait_for_line(Duration::from_secs(10), "the old one yields", |l| {
             l.contains("a newer agent (started ") && l.contains("this one stops writing it")
         });
     let new_lease = eventually("the new agent's key", Duration::from_secs(5), || {
-        let mut c = client.clone();
+        let c = client.clone();
         async move {
-            let (_, lease) = heartbeat(&mut c, "worker-10").await?;
+            let (_, lease) = heartbeat(&c, "worker-10").await?;
             (lease != old_lease).then_some(lease)
         }
     })
@@ -470,8 +473,6 @@ async fn of_two_agents_for_one_node_the_newer_holds_the_key() {
             );
         }
     }
-    let (hb, lease) = heartbeat(&mut client, "worker-10")
-        .await
-        .expect("key present");
+    let (hb, lease) = heartbeat(&client, "worker-10").await.expect("key present");
     assert_eq!((hb.state, lease), (AgentState::Running, new_lease));
 }

@@ -1,51 +1,39 @@
 //! Who the agent says it is, and how it logs: NODE_NAME, --node-name over it, JSON lines.
 
-mod common;
-
-use std::process::Command;
 use std::time::Duration;
 
-use testkit::{Etcd, Process, eventually};
-
-use common::heartbeat;
-
-fn agent(etcd: &Etcd, args: &[&str], node_env: Option<&str>) -> Process {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-agent"));
-    cmd.args(["--etcd-endpoints", &etcd.endpoint])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args(args)
-        .env_remove("NODE_NAME");
-    if let Some(n) = node_env {
-        cmd.env("NODE_NAME", n);
-    }
-    Process::spawn("agent", cmd)
-}
+use testkit::{Etcd, Launch, eventually, heartbeat};
 
 #[tokio::test]
 async fn node_name_comes_from_node_name_env_and_the_flag_overrides_it() {
     let etcd = Etcd::start();
     let client = etcd.client().await;
-    let _from_env = agent(&etcd, &[], Some("env-node-1"));
-    let _from_flag = agent(&etcd, &["--node-name", "flag-node-1"], Some("env-node-2"));
+    let _from_env = Launch::agent_named_by_env("env-node-1")
+        .etcd(&etcd.endpoint)
+        .spawn();
+    let _from_flag = Launch::agent("flag-node-1")
+        .env("NODE_NAME", "env-node-2")
+        .etcd(&etcd.endpoint)
+        .spawn();
     for node in ["env-node-1", "flag-node-1"] {
         eventually(
             &format!("heartbeat of {node}"),
             Duration::from_secs(5),
             || {
-                let mut c = client.clone();
-                async move { heartbeat(&mut c, node).await }
+                let c = client.clone();
+                async move { heartbeat(&c, node).await }
             },
         )
         .await;
     }
-    let mut c = client.clone();
-    assert!(heartbeat(&mut c, "env-node-2").await.is_none());
+    let c = client.clone();
+    assert!(heartbeat(&c, "env-node-2").await.is_none());
 }
 
 #[tokio::test]
 async fn an_invalid_node_name_is_refused_at_start() {
     let etcd = Etcd::start();
-    let mut p = agent(&etcd, &["--node-name", "Not_A_Node"], None);
+    let mut p = Launch::agent("Not_A_Node").etcd(&etcd.endpoint).spawn();
     let status = p.wait_exit(Duration::from_secs(5)).expect("exits");
     assert!(!status.success());
     p.wait_for_line(Duration::from_secs(1), "the reason", |l| {
@@ -56,11 +44,10 @@ async fn an_invalid_node_name_is_refused_at_start() {
 #[tokio::test]
 async fn json_logs_are_one_object_per_line() {
     let etcd = Etcd::start();
-    let p = agent(
-        &etcd,
-        &["--node-name", "json-1", "--log-format", "json"],
-        None,
-    );
+    let p = Launch::agent("json-1")
+        .etcd(&etcd.endpoint)
+        .args(["--log-format", "json"])
+        .spawn();
     let line = p.wait_for_line(Duration::from_secs(5), "a sample", |l| {
         l.contains("sample cpu=")
     });

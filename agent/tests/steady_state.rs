@@ -3,13 +3,9 @@
 //! lease keep-alive stream, which at a short TTL is a false Dead, and at 10,000 nodes hundreds
 //! of reconnects a second.
 
-mod common;
-
 use std::time::Duration;
 
-use testkit::{Etcd, http_get, wait_until};
-
-use common::start_agent;
+use testkit::{Etcd, Launch, http_get, wait_until};
 
 /// How many streams of `method` etcd has started, from its own /metrics.
 fn streams_started(etcd: &Etcd, method: &str) -> u64 {
@@ -26,7 +22,10 @@ fn streams_started(etcd: &Etcd, method: &str) -> u64 {
 async fn a_minute_of_healthy_etcd_keeps_one_connection() {
     // etcd as it comes: --grpc-keepalive-min-time 5 s, no pings on idle connections.
     let etcd = Etcd::start();
-    let agent = start_agent(&etcd, "steady-1", &["--heartbeat-ttl", "3"]);
+    let agent = Launch::agent("steady-1")
+        .etcd(&etcd.endpoint)
+        .ttl(3)
+        .start();
     agent
         .process
         .wait_for_line(Duration::from_secs(10), "lease granted", |l| {

@@ -6,90 +6,29 @@
 //! - garbage under `/monitor/heartbeat/` is logged and ignored, and the controller keeps
 //!   serving the real agent's node (transitions still work afterwards).
 
-use std::process::Command;
 use std::time::Duration;
 
 use kube::api::Api;
 use nodepulse_crd::v1alpha1::{MonitorConfig, MonitorNode, NodeState};
 use nodepulse_crd::wire::HEARTBEAT_PREFIX;
 use serde_json::{Value, json};
-use testkit::{Etcd, KubeApiserver, Process, eventually, http_get, project_bin};
+use testkit::{Lab, eventually, http_get, ready_condition};
 
-struct Lab {
-    api: KubeApiserver,
-    etcd: Etcd,
-    kube: kube::Client,
-    controller: Process,
-    metrics: String,
+/// `kubectl apply` of one manifest: Ok(stdout) or Err(stderr).
+fn apply(lab: &Lab, manifest: &Value) -> Result<String, String> {
+    let out = lab
+        .api()
+        .kubectl_stdin(&["apply", "-f", "-"], &manifest.to_string());
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
 }
 
-impl Lab {
-    async fn start() -> Lab {
-        let (api, etcd) = testkit::start_apiserver_and_etcd().await;
-        let kube = api.client().await;
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-controller"));
-        cmd.env("KUBECONFIG", &api.kubeconfig)
-            .env("RUST_LOG", "info")
-            .args(["--etcd-endpoints", &etcd.endpoint])
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--leader-election-namespace", "default"])
-            .args(["--leader-election-identity", "controller-0"]);
-        let controller = Process::spawn("controller", cmd);
-        let metrics = controller.wait_for_serving_addr(Duration::from_secs(30));
-        Lab {
-            api,
-            etcd,
-            kube,
-            controller,
-            metrics,
-        }
-    }
-
-    fn agent(&self, node: &str) -> Process {
-        let mut cmd = Command::new(project_bin("nodepulse-agent"));
-        cmd.env("RUST_LOG", "info")
-            .args(["--node-name", node])
-            .args(["--heartbeat-ttl", "3"])
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--etcd-endpoints", &self.etcd.endpoint]);
-        Process::spawn(node, cmd)
-    }
-
-    /// `kubectl apply` of one manifest: Ok(stdout) or Err(stderr).
-    fn apply(&self, manifest: &Value) -> Result<String, String> {
-        let out = self
-            .api
-            .kubectl_stdin(&["apply", "-f", "-"], &manifest.to_string());
-        if out.status.success() {
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-        } else {
-            Err(String::from_utf8_lossy(&out.stderr).into_owned())
-        }
-    }
-
-    async fn state(&self, node: &str) -> Option<NodeState> {
-        let api: Api<MonitorNode> = Api::all(self.kube.clone());
-        api.get_opt(node).await.ok().flatten()?.status?.state
-    }
-
-    async fn wait_state(&self, node: &str, state: NodeState, within: Duration) {
-        eventually(&format!("MonitorNode {node} {state:?}"), within, || async {
-            (self.state(node).await == Some(state)).then_some(())
-        })
-        .await
-    }
-
-    /// The Ready condition (status, reason, message) of a MonitorConfig, once written.
-    async fn ready(&self, name: &str) -> Option<(String, String, String)> {
-        let api: Api<MonitorConfig> = Api::all(self.kube.clone());
-        let mc = api.get_opt(name).await.ok().flatten()?;
-        let c = mc
-            .status?
-            .conditions
-            .into_iter()
-            .find(|c| c.type_ == "Ready")?;
-        Some((c.status, c.reason, c.message))
-    }
+/// The Ready condition (status, reason, message) of a MonitorConfig, once written.
+async fn ready(lab: &Lab, name: &str) -> Option<(String, String, String)> {
+    ready_condition(&lab.monitor_config(name).await?)
 }
 
 fn monitor_config(name: &str, spec: Value) -> Value {
@@ -227,18 +166,19 @@ fn invalid_specs() -> Vec<(&'static str, Value, &'static str)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ignored() {
-    let mut lab = Lab::start().await;
+    let (lab, etcd) = Lab::start().await;
+    let mut controller = lab.controller("controller-0").spawn();
+    let metrics = controller.wait_for_serving_addr(Duration::from_secs(30));
     let node = json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": "worker-1", "labels": {"pool": "fast"}}});
-    lab.apply(&node).expect("create Node worker-1");
-    let mut agent = lab.agent("worker-1");
+    apply(&lab, &node).expect("create Node worker-1");
+    let mut agent = lab.agent("worker-1").ttl(3).start();
     lab.wait_state("worker-1", NodeState::Alive, Duration::from_secs(60))
         .await;
 
     // 1. The API server refuses invalid specs; nothing is stored.
     for (what, spec, want) in invalid_specs() {
-        let err = lab
-            .apply(&monitor_config("bad", spec.clone()))
+        let err = apply(&lab, &monitor_config("bad", spec.clone()))
             .expect_err(&format!("{what} must be refused: {spec}"));
         assert!(err.contains(want), "{what}: want {want:?} in:\n{err}");
     }
@@ -249,8 +189,7 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
         {"key": "pool", "operator": "In", "values": ["fast"]},
         {"key": "gpu", "operator": "DoesNotExist"},
     ]}, "nodeNames": ["worker-1", "ip-10-0-0-1.ec2.internal"]});
-    lab.apply(&monitor_config("fast", ok))
-        .expect("a valid spec is accepted");
+    apply(&lab, &monitor_config("fast", ok)).expect("a valid spec is accepted");
 
     // 2. What only the controller can judge is in the status.
     let nowhere = json!({"interval": 5, "metrics": ["cpu"], "nodeSelector": {"matchLabels": {"pool": "gpu"}}});
@@ -260,11 +199,11 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
     }});
     let ghosts = json!({"interval": 5, "metrics": ["cpu"], "nodeNames": ["ghost-1", "ghost-2"]});
     for (name, spec) in [("nowhere", nowhere), ("never", never), ("ghosts", ghosts)] {
-        lab.apply(&monitor_config(name, spec)).expect("accepted");
+        apply(&lab, &monitor_config(name, spec)).expect("accepted");
         let (status, reason, message) = eventually(
             &format!("{name} reports it selects no node"),
             Duration::from_secs(30),
-            || async { lab.ready(name).await.filter(|r| r.1 != "Applied") },
+            || async { ready(&lab, name).await.filter(|r| r.1 != "Applied") },
         )
         .await;
         assert_eq!(
@@ -277,7 +216,7 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
         }
     }
     let (status, reason, message) = eventually("fast Ready", Duration::from_secs(30), || async {
-        lab.ready("fast").await
+        ready(&lab, "fast").await
     })
     .await;
     assert_eq!(
@@ -288,7 +227,7 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
     assert!(message.contains("ip-10-0-0-1.ec2.internal"), "{message}");
 
     // 3. Garbage under the heartbeat prefix: logged, ignored, nothing crashes.
-    let mut etcd = lab.etcd.client().await;
+    let mut etcd = etcd.client().await;
     let huge = format!("{{\"node\":\"{}\"}}", "x".repeat(1 << 20));
     let garbage: Vec<(Vec<u8>, Vec<u8>)> = vec![
         (b"garbage-1".to_vec(), b"alive".to_vec()),
@@ -304,7 +243,7 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
         (b"".to_vec(), b"{}".to_vec()),
         (b"\xff\xfe".to_vec(), b"{}".to_vec()),
     ];
-    let from = lab.controller.line_count();
+    let from = controller.line_count();
     for (suffix, value) in &garbage {
         let mut key = HEARTBEAT_PREFIX.as_bytes().to_vec();
         key.extend_from_slice(suffix);
@@ -320,8 +259,7 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
             "heartbeat value does not parse",
         ),
     ] {
-        lab.controller
-            .wait_for_line_from(from, Duration::from_secs(10), what, |l| l.contains(needle));
+        controller.wait_for_line_from(from, Duration::from_secs(10), what, |l| l.contains(needle));
     }
     // Keys that cannot name a node never become MonitorNodes; the others count as alive
     // (the key exists) without using their value.
@@ -364,13 +302,16 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
     );
 
     // The controller is still up and still serves the real node: transitions work.
-    assert!(lab.controller.is_running(), "controller exited");
-    assert!(http_get(&lab.metrics, "/healthz").is_some_and(|(code, _)| code == 200));
-    assert_eq!(lab.state("worker-1").await, Some(NodeState::Alive));
+    assert!(controller.is_running(), "controller exited");
+    assert!(http_get(&metrics, "/healthz").is_some_and(|(code, _)| code == 200));
+    assert_eq!(
+        lab.status("worker-1").await.and_then(|s| s.state),
+        Some(NodeState::Alive)
+    );
     agent.kill_hard();
     lab.wait_state("worker-1", NodeState::Dead, Duration::from_secs(20))
         .await;
-    let _agent = lab.agent("worker-1");
+    let _agent = lab.agent("worker-1").ttl(3).start();
     lab.wait_state("worker-1", NodeState::Alive, Duration::from_secs(20))
         .await;
     // Deleting the garbage turns those nodes Dead like any vanished heartbeat.
@@ -379,5 +320,5 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
         .expect("delete");
     lab.wait_state("garbage-1", NodeState::Dead, Duration::from_secs(20))
         .await;
-    assert!(lab.controller.is_running(), "controller exited");
+    assert!(controller.is_running(), "controller exited");
 }

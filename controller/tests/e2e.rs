@@ -5,147 +5,52 @@
 //! other's MonitorNodes against their own etcd.
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams};
+use kube::api::Api;
 use nix::sys::signal::Signal;
-use nodepulse_crd::v1alpha1::{MonitorConfig, MonitorNode, MonitorNodeStatus, NodeState};
+use nodepulse_crd::v1alpha1::{MonitorNode, NodeState};
 use nodepulse_crd::wire::{ConfigValue, config_key, heartbeat_key};
-use testkit::{Etcd, KubeApiserver, Process, eventually, http_get, project_bin};
+use testkit::{Daemon, Etcd, Lab, Process, eventually, http_get, ready_condition};
 
-/// An API server with the CRDs, an etcd for the heartbeats and configs, and clients for both.
-struct Lab {
-    api: KubeApiserver,
-    etcd: Etcd,
-    kube: kube::Client,
+/// The controller; `identity` names it in the leader Lease.
+fn start_controller(lab: &Lab, identity: &str) -> Process {
+    lab.controller(identity)
+        .args(["--usage-write-interval", "5s"])
+        .spawn()
 }
 
-impl Lab {
-    async fn start() -> Lab {
-        let (api, etcd) = testkit::start_apiserver_and_etcd().await;
-        let kube = api.client().await;
-        Lab { api, etcd, kube }
-    }
-
-    /// Starts the controller; `identity` names it in the leader Lease (a restart with the same
-    /// identity takes the Lease back at once, as a restarted container of the same pod does).
-    /// Its `/metrics` listens on a port the system picks: `Process::wait_for_serving_addr`.
-    fn controller(&self, identity: &str) -> Process {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-controller"));
-        cmd.env("KUBECONFIG", &self.api.kubeconfig)
-            .env("RUST_LOG", "info")
-            .args(["--etcd-endpoints", &self.etcd.endpoint])
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--leader-election-namespace", "default"])
-            .args(["--leader-election-identity", identity])
-            .args(["--usage-write-interval", "5s"]);
-        Process::spawn(identity, cmd)
-    }
-
-    fn agent(&self, node: &str) -> Process {
-        let mut cmd = Command::new(project_bin("nodepulse-agent"));
-        cmd.env("RUST_LOG", "info")
-            .args(["--node-name", node])
-            .args(["--heartbeat-ttl", "3"])
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--etcd-endpoints", &self.etcd.endpoint]);
-        Process::spawn(node, cmd)
-    }
-
-    fn node(&self, name: &str, labels: &[(&str, &str)]) {
-        let labels: BTreeMap<_, _> = labels.iter().copied().collect();
-        let manifest = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Node",
-            "metadata": {"name": name, "labels": labels},
-        });
-        self.apply(&manifest.to_string());
-    }
-
-    fn apply(&self, manifest: &str) {
-        let out = self.api.kubectl_stdin(&["apply", "-f", "-"], manifest);
-        assert!(
-            out.status.success(),
-            "kubectl apply: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    async fn status(&self, node: &str) -> Option<MonitorNodeStatus> {
-        let api: Api<MonitorNode> = Api::all(self.kube.clone());
-        api.get_opt(node).await.ok().flatten()?.status
-    }
-
-    async fn wait_state(
-        &self,
-        node: &str,
-        state: NodeState,
-        within: Duration,
-    ) -> MonitorNodeStatus {
-        eventually(&format!("MonitorNode {node} {state:?}"), within, || async {
-            self.status(node).await.filter(|s| s.state == Some(state))
-        })
-        .await
-    }
-
-    async fn config_key(&self, node: &str) -> Option<(ConfigValue, i64)> {
-        let mut etcd = self.etcd.client().await;
-        let resp = etcd.get(config_key(node), None).await.expect("etcd get");
-        resp.kvs().first().map(|kv| {
-            (
-                ConfigValue::parse(kv.value()).expect("config key parses"),
-                kv.mod_revision(),
-            )
-        })
-    }
-
-    async fn raw_key(&self, key: &str) -> Option<(String, i64)> {
-        let mut etcd = self.etcd.client().await;
-        let resp = etcd.get(key, None).await.expect("etcd get");
-        resp.kvs().first().map(|kv| {
-            (
-                String::from_utf8_lossy(kv.value()).into_owned(),
-                kv.mod_revision(),
-            )
-        })
-    }
-
-    async fn monitor_config(&self, name: &str) -> Option<MonitorConfig> {
-        let api: Api<MonitorConfig> = Api::all(self.kube.clone());
-        api.get_opt(name).await.expect("get MonitorConfig")
-    }
-
-    /// Events the controller raised on `node`'s MonitorNode with `reason`, counting repeats.
-    async fn event_count(&self, node: &str, reason: &str) -> i32 {
-        let api: Api<Event> = Api::namespaced(self.kube.clone(), "default");
-        let events = api.list(&ListParams::default()).await.expect("list events");
-        events
-            .items
-            .iter()
-            .filter(|e| e.reason.as_deref() == Some(reason))
-            .filter(|e| {
-                e.regarding.as_ref().is_some_and(|r| {
-                    r.name.as_deref() == Some(node) && r.kind.as_deref() == Some("MonitorNode")
-                })
-            })
-            .map(|e| e.series.as_ref().map_or(1, |s| s.count))
-            .sum()
-    }
+fn start_agent(lab: &Lab, node: &str) -> Daemon {
+    lab.agent(node).ttl(3).start()
 }
 
-impl Lab {
-    /// NodeAlive and HeartbeatExpired counts of worker-1..3, in that order.
-    async fn transition_events(&self) -> Vec<i32> {
-        let mut out = Vec::new();
-        for node in ["worker-1", "worker-2", "worker-3"] {
-            for reason in ["NodeAlive", "HeartbeatExpired"] {
-                out.push(self.event_count(node, reason).await);
-            }
+/// `node`'s config key, parsed, and its revision.
+async fn config_key_of(etcd: &Etcd, node: &str) -> Option<(ConfigValue, i64)> {
+    let (value, revision) = raw_key(etcd, &config_key(node)).await?;
+    let value = ConfigValue::parse(value.as_bytes()).expect("config key parses");
+    Some((value, revision))
+}
+
+async fn raw_key(etcd: &Etcd, key: &str) -> Option<(String, i64)> {
+    let mut client = etcd.client().await;
+    let resp = client.get(key, None).await.expect("etcd get");
+    resp.kvs().first().map(|kv| {
+        (
+            String::from_utf8_lossy(kv.value()).into_owned(),
+            kv.mod_revision(),
+        )
+    })
+}
+
+/// NodeAlive and HeartbeatExpired counts of worker-1..3, in that order.
+async fn transition_events(lab: &Lab) -> Vec<i32> {
+    let mut out = Vec::new();
+    for node in ["worker-1", "worker-2", "worker-3"] {
+        for reason in ["NodeAlive", "HeartbeatExpired"] {
+            out.push(lab.event_count(node, reason).await);
         }
-        out
     }
+    out
 }
 
 fn monitor_config_yaml(name: &str, selector: serde_json::Value, interval: u32) -> String {
@@ -158,27 +63,17 @@ fn monitor_config_yaml(name: &str, selector: serde_json::Value, interval: u32) -
     .to_string()
 }
 
-fn ready(mc: &MonitorConfig) -> Option<(String, String, String)> {
-    let c = mc
-        .status
-        .as_ref()?
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Ready")?;
-    Some((c.status.clone(), c.reason.clone(), c.message.clone()))
-}
-
 /// Every acceptance bullet of the controller issue, in the order of the lab's demo.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acceptance_three_agents_liveness_config_and_restart() {
-    let lab = Lab::start().await;
+    let (lab, etcd) = Lab::start().await;
     lab.node("worker-1", &[("nodepulse.io/pool", "fast")]);
     lab.node("worker-2", &[("nodepulse.io/pool", "slow")]);
     lab.node("worker-3", &[("nodepulse.io/pool", "slow")]);
-    let mut controller = lab.controller("controller-0");
-    let mut agents: BTreeMap<&str, Process> = ["worker-1", "worker-2", "worker-3"]
+    let mut controller = start_controller(&lab, "controller-0");
+    let mut agents: BTreeMap<&str, Daemon> = ["worker-1", "worker-2", "worker-3"]
         .into_iter()
-        .map(|n| (n, lab.agent(n)))
+        .map(|n| (n, start_agent(&lab, n)))
         .collect();
 
     // Three agents -> three MonitorNodes Alive, with CPU% and MEMORY% in `kubectl get`.
@@ -193,7 +88,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         "CPU% and MEMORY% in kubectl get monitornodes",
         Duration::from_secs(30),
         || async {
-            let table = lab.api.kubectl_ok(&["get", "monitornodes"]);
+            let table = lab.api().kubectl_ok(&["get", "monitornodes"]);
             let rows: Vec<Vec<String>> = table
                 .lines()
                 .skip(1)
@@ -248,16 +143,18 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         || async { (lab.event_count("worker-2", "HeartbeatExpired").await >= 1).then_some(()) },
     )
     .await;
-    let describe = lab.api.kubectl_ok(&["describe", "monitornode", "worker-2"]);
+    let describe = lab
+        .api()
+        .kubectl_ok(&["describe", "monitornode", "worker-2"]);
     assert!(describe.contains("HeartbeatExpired"), "{describe}");
-    agents.insert("worker-2", lab.agent("worker-2"));
+    agents.insert("worker-2", start_agent(&lab, "worker-2"));
     lab.wait_state("worker-2", NodeState::Alive, Duration::from_secs(30))
         .await;
 
     // A MonitorConfig selecting worker-1 by label, interval 2: only worker-1's key changes.
     let before: Vec<_> = [
-        lab.config_key("worker-2").await,
-        lab.config_key("worker-3").await,
+        config_key_of(&etcd, "worker-2").await,
+        config_key_of(&etcd, "worker-3").await,
     ]
     .into();
     let worker1_lines = agents["worker-1"].line_count();
@@ -267,7 +164,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         2,
     ));
     let (value, _) = eventually("worker-1's config key", Duration::from_secs(20), || async {
-        lab.config_key("worker-1").await
+        config_key_of(&etcd, "worker-1").await
     })
     .await;
     assert_eq!(value.interval, 2);
@@ -296,8 +193,8 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     )
     .await;
     let after: Vec<_> = [
-        lab.config_key("worker-2").await,
-        lab.config_key("worker-3").await,
+        config_key_of(&etcd, "worker-2").await,
+        config_key_of(&etcd, "worker-3").await,
     ]
     .into();
     assert_eq!(before, after, "only worker-1's key may change");
@@ -313,11 +210,11 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         (st.matched_nodes, st.observed_generation),
         (1, mc.metadata.generation)
     );
-    assert_eq!(ready(&mc).map(|r| r.0), Some("True".into()));
+    assert_eq!(ready_condition(&mc).map(|r| r.0), Some("True".into()));
 
     // Relabel the Node so the selector no longer matches: key removed, agent back to defaults.
     let lines = agents["worker-1"].line_count();
-    lab.api.kubectl_ok(&[
+    lab.api().kubectl_ok(&[
         "label",
         "node",
         "worker-1",
@@ -327,7 +224,12 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     eventually(
         "worker-1's key removed",
         Duration::from_secs(20),
-        || async { lab.config_key("worker-1").await.is_none().then_some(()) },
+        || async {
+            config_key_of(&etcd, "worker-1")
+                .await
+                .is_none()
+                .then_some(())
+        },
     )
     .await;
     agents["worker-1"].wait_for_line_from(
@@ -347,7 +249,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     .await;
 
     // Select it again, then delete the MonitorConfig: no key it wrote remains.
-    lab.api.kubectl_ok(&[
+    lab.api().kubectl_ok(&[
         "label",
         "node",
         "worker-1",
@@ -355,10 +257,10 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         "--overwrite",
     ]);
     eventually("worker-1's key back", Duration::from_secs(20), || async {
-        lab.config_key("worker-1").await
+        config_key_of(&etcd, "worker-1").await
     })
     .await;
-    lab.api.kubectl_ok(&[
+    lab.api().kubectl_ok(&[
         "delete",
         "monitorconfig",
         "fast",
@@ -368,7 +270,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     assert!(lab.monitor_config("fast").await.is_none());
     for node in ["worker-1", "worker-2", "worker-3"] {
         assert_eq!(
-            lab.config_key(node).await,
+            config_key_of(&etcd, node).await,
             None,
             "{node}'s key outlived its MonitorConfig"
         );
@@ -377,13 +279,13 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     // Kill the controller, kill an agent while it is down, start it again: that node is Dead
     // within 5 s of the start, and nothing is said about the others.
     controller.kill_hard();
-    let events_before = lab.transition_events().await;
+    let events_before = transition_events(&lab).await;
     agents.get_mut("worker-3").expect("agent").kill_hard();
     eventually(
         "worker-3's heartbeat key to expire",
         Duration::from_secs(15),
         || async {
-            lab.raw_key(&heartbeat_key("worker-3"))
+            raw_key(&etcd, &heartbeat_key("worker-3"))
                 .await
                 .is_none()
                 .then_some(())
@@ -395,7 +297,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         Some(NodeState::Alive),
         "nobody may have written while the controller was down"
     );
-    let controller = lab.controller("controller-0");
+    let controller = start_controller(&lab, "controller-0");
     let started = Instant::now();
     let dead = lab
         .wait_state("worker-3", NodeState::Dead, Duration::from_secs(5))
@@ -409,7 +311,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         "HeartbeatExpired Event on worker-3",
         Duration::from_secs(10),
         || async {
-            let now = lab.transition_events().await;
+            let now = transition_events(&lab).await;
             (now[5] == events_before[5] + 1).then_some(())
         },
     )
@@ -417,7 +319,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     controller.wait_for_line(Duration::from_secs(10), "reconciled", |l| {
         l.contains("reconciled every MonitorNode")
     });
-    let events_after = lab.transition_events().await;
+    let events_after = transition_events(&lab).await;
     assert_eq!(
         events_after[..4],
         events_before[..4],
@@ -475,21 +377,19 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
 /// contract.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
-    let lab = Lab::start().await;
+    let (lab, etcd) = Lab::start().await;
     lab.node("hand-1", &[("team", "a")]);
     lab.node("managed-1", &[("team", "a")]);
     let hand_value = r#"{"interval": 7, "metrics": ["cpu"]}"#;
-    let out = lab
-        .etcd
-        .etcdctl(&["put", &config_key("hand-1"), hand_value]);
+    let out = etcd.etcdctl(&["put", &config_key("hand-1"), hand_value]);
     assert!(out.status.success());
-    let out = lab
-        .etcd
-        .etcdctl(&["put", &config_key("elsewhere"), hand_value]);
+    let out = etcd.etcdctl(&["put", &config_key("elsewhere"), hand_value]);
     assert!(out.status.success());
-    let hand_before = lab.raw_key(&config_key("hand-1")).await.expect("hand key");
-    let elsewhere_before = lab.raw_key(&config_key("elsewhere")).await.expect("key");
-    let mut controller = lab.controller("controller-a");
+    let hand_before = raw_key(&etcd, &config_key("hand-1"))
+        .await
+        .expect("hand key");
+    let elsewhere_before = raw_key(&etcd, &config_key("elsewhere")).await.expect("key");
+    let mut controller = start_controller(&lab, "controller-a");
 
     lab.apply(&monitor_config_yaml(
         "team-a",
@@ -497,7 +397,7 @@ async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
         3,
     ));
     let (value, _) = eventually("managed-1's key", Duration::from_secs(30), || async {
-        lab.config_key("managed-1").await
+        config_key_of(&etcd, "managed-1").await
     })
     .await;
     assert_eq!(value.interval, 3);
@@ -507,11 +407,11 @@ async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
         || async {
             lab.monitor_config("team-a")
                 .await
-                .filter(|mc| ready(mc).is_some_and(|r| r.1 == "UnmanagedKeys"))
+                .filter(|mc| ready_condition(mc).is_some_and(|r| r.1 == "UnmanagedKeys"))
         },
     )
     .await;
-    let (status, _, message) = ready(&mc).expect("Ready");
+    let (status, _, message) = ready_condition(&mc).expect("Ready");
     assert_eq!(status, "False");
     assert!(message.contains("hand-1"), "{message}");
     let st = mc.status.expect("status");
@@ -520,13 +420,12 @@ async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
     // A managed key changed by hand is restored, with a warning.
     let edited = r#"{"interval":9,"metrics":["cpu"],"managedBy":"nodepulse-controller","source":{"monitorConfig":"team-a","generation":1}}"#;
     assert!(
-        lab.etcd
-            .etcdctl(&["put", &config_key("managed-1"), edited])
+        etcd.etcdctl(&["put", &config_key("managed-1"), edited])
             .status
             .success()
     );
     eventually("managed-1 restored", Duration::from_secs(20), || async {
-        let (v, _) = lab.config_key("managed-1").await?;
+        let (v, _) = config_key_of(&etcd, "managed-1").await?;
         (v.interval == 3).then_some(())
     })
     .await;
@@ -549,7 +448,7 @@ async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
         },
     });
     let out = lab
-        .api
+        .api()
         .kubectl_stdin(&["apply", "-f", "-"], &bad_selector.to_string());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "an unknown operator was accepted");
@@ -557,17 +456,20 @@ async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
     assert!(lab.monitor_config("bad-selector").await.is_none());
 
     // Deleting the MonitorConfig removes its keys, and only its keys.
-    lab.api.kubectl_ok(&[
+    lab.api().kubectl_ok(&[
         "delete",
         "monitorconfig",
         "team-a",
         "--wait=true",
         "--timeout=30s",
     ]);
-    assert_eq!(lab.config_key("managed-1").await, None);
-    assert_eq!(lab.raw_key(&config_key("hand-1")).await, Some(hand_before));
+    assert_eq!(config_key_of(&etcd, "managed-1").await, None);
     assert_eq!(
-        lab.raw_key(&config_key("elsewhere")).await,
+        raw_key(&etcd, &config_key("hand-1")).await,
+        Some(hand_before)
+    );
+    assert_eq!(
+        raw_key(&etcd, &config_key("elsewhere")).await,
         Some(elsewhere_before)
     );
     assert!(controller.is_running(), "{}", controller.output_text());
@@ -576,8 +478,8 @@ async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
 /// Two replicas: only the Lease holder writes; when it stops, the other takes over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn only_the_leader_writes_and_a_standby_takes_over() {
-    let lab = Lab::start().await;
-    let mut a = lab.controller("replica-a");
+    let (lab, etcd) = Lab::start().await;
+    let mut a = start_controller(&lab, "replica-a");
     let addr_a = a.wait_for_serving_addr(Duration::from_secs(30));
     let leader_metric = |addr: &str| {
         http_get(addr, "/metrics")
@@ -587,13 +489,13 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         leader_metric(&addr_a).then_some(())
     })
     .await;
-    let b = lab.controller("replica-b");
+    let b = start_controller(&lab, "replica-b");
     let addr_b = b.wait_for_serving_addr(Duration::from_secs(30));
     b.wait_for_line(Duration::from_secs(20), "waiting to lead", |l| {
         l.contains("waiting to lead")
     });
 
-    let mut etcd = lab.etcd.client().await;
+    let mut etcd = etcd.client().await;
     let lease = etcd.lease_grant(30, None).await.expect("lease").id();
     let hb = serde_json::json!({
         "node": "standby-1", "agentVersion": "test", "state": "Running",
@@ -651,9 +553,9 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
 /// once the Node appears.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn liveness_survives_an_etcd_restart_and_late_nodes_become_owners() {
-    let mut lab = Lab::start().await;
-    let _controller = lab.controller("controller-r");
-    let mut agent = lab.agent("solo-1");
+    let (lab, mut etcd) = Lab::start().await;
+    let _controller = start_controller(&lab, "controller-r");
+    let mut agent = start_agent(&lab, "solo-1");
     lab.wait_state("solo-1", NodeState::Alive, Duration::from_secs(30))
         .await;
     let api: Api<MonitorNode> = Api::all(lab.kube.clone());
@@ -673,7 +575,7 @@ async fn liveness_survives_an_etcd_restart_and_late_nodes_become_owners() {
     .await;
 
     let lines = agent.line_count();
-    tokio::task::block_in_place(|| lab.etcd.restart());
+    tokio::task::block_in_place(|| etcd.restart());
     agent.wait_for_line_from(lines, Duration::from_secs(30), "heartbeat back", |l| {
         l.contains("heartbeat") && (l.contains("resumed") || l.contains("granted"))
     });

@@ -2,53 +2,33 @@
 //! (`NoHeartbeat`), turns `Alive` when an agent comes, and stays `Unknown`, never `Dead`, across a
 //! controller restart.
 
-use std::process::Command;
 use std::time::Duration;
 
 use kube::api::Api;
-use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeStatus, NodeState};
-use testkit::{Process, eventually, project_bin};
+use nodepulse_crd::v1alpha1::{MonitorNode, NodeState};
+use testkit::{Lab, Process};
 
-fn controller(kubeconfig: &std::path::Path, etcd: &str) -> Process {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-controller"));
-    cmd.env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "info")
-        .args(["--etcd-endpoints", etcd])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args(["--leader-elect=false"]);
-    Process::spawn("controller", cmd)
-}
-
-async fn wait_status(
-    api: &Api<MonitorNode>,
-    node: &str,
-    what: &str,
-    ok: impl Fn(&MonitorNodeStatus) -> bool,
-) -> MonitorNodeStatus {
-    eventually(what, Duration::from_secs(20), || async {
-        let status = api.get_opt(node).await.ok().flatten()?.status?;
-        ok(&status).then_some(status)
-    })
-    .await
+fn controller(lab: &Lab) -> Process {
+    lab.controller("controller")
+        .args(["--leader-elect=false"])
+        .spawn()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_without_an_agent_is_listed_unknown_until_one_comes() {
-    let (api, etcd) = testkit::start_apiserver_and_etcd().await;
+    let (lab, _etcd) = Lab::start().await;
     for node in ["quiet-1", "quiet-2"] {
-        let out = api.kubectl_stdin(
-            &["apply", "-f", "-"],
-            &format!("apiVersion: v1\nkind: Node\nmetadata:\n  name: {node}\n"),
-        );
-        assert!(out.status.success(), "{out:?}");
+        lab.node(node, &[]);
     }
-    let mut ctl = controller(&api.kubeconfig, &etcd.endpoint);
-    let monitor_nodes: Api<MonitorNode> = Api::all(api.client().await);
+    let mut ctl = controller(&lab);
+    let monitor_nodes: Api<MonitorNode> = Api::all(lab.kube.clone());
     for node in ["quiet-1", "quiet-2"] {
-        let s = wait_status(&monitor_nodes, node, "Unknown NoHeartbeat", |s| {
-            s.state == Some(NodeState::Unknown) && s.reason.as_deref() == Some("NoHeartbeat")
-        })
-        .await;
+        let within = Duration::from_secs(20);
+        let s = lab
+            .wait_status(node, "Unknown NoHeartbeat", within, |s| {
+                s.state == Some(NodeState::Unknown) && s.reason.as_deref() == Some("NoHeartbeat")
+            })
+            .await;
         assert!(s.last_heartbeat_time.is_none(), "{s:?}");
     }
     let mn = monitor_nodes.get("quiet-1").await.expect("MonitorNode");
@@ -62,25 +42,13 @@ async fn a_node_without_an_agent_is_listed_unknown_until_one_comes() {
 
     // A restart lists the heartbeats again: still no key, still Unknown, not Dead.
     ctl.kill_hard();
-    let ctl = controller(&api.kubeconfig, &etcd.endpoint);
+    let ctl = controller(&lab);
     ctl.wait_for_line(Duration::from_secs(30), "reconciled", |l| {
         l.contains("reconciled every MonitorNode")
     });
-    let mut agent_cmd = Command::new(project_bin("nodepulse-agent"));
-    agent_cmd
-        .env("RUST_LOG", "info")
-        .args(["--node-name", "quiet-1"])
-        .args(["--heartbeat-ttl", "3"])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args(["--etcd-endpoints", &etcd.endpoint]);
-    let _agent = Process::spawn("quiet-1", agent_cmd);
-    wait_status(
-        &monitor_nodes,
-        "quiet-1",
-        "Alive once an agent comes",
-        |s| s.state == Some(NodeState::Alive),
-    )
-    .await;
+    let _agent = lab.agent("quiet-1").ttl(3).start();
+    lab.wait_state("quiet-1", NodeState::Alive, Duration::from_secs(20))
+        .await;
     let quiet2 = monitor_nodes
         .get("quiet-2")
         .await

@@ -14,260 +14,46 @@
 //! TTLs are short (4 s) so that "longer than the TTL" takes seconds, not the 30 s of the issue.
 
 use std::collections::BTreeMap;
-use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams};
-use kube::runtime::{WatchStreamExt, watcher};
 use nix::sys::signal::Signal;
-use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeStatus, NodeState};
-use nodepulse_crd::wire::{config_key, heartbeat_key};
-use testkit::{Etcd, EtcdCluster, KubeApiserver, Process, eventually, http_get};
+use nodepulse_crd::v1alpha1::NodeState;
+use nodepulse_crd::wire::heartbeat_key;
+use testkit::{
+    Daemon, EtcdCluster, History, Lab, Process, config_json, eventually, http_get, put_config,
+};
 
 /// Heartbeat TTL of every agent here, in seconds.
 const TTL: u64 = 4;
 
-/// The API server of this test binary: CRDs installed, started on first use.
-fn api_server() -> &'static KubeApiserver {
-    static API: OnceLock<KubeApiserver> = OnceLock::new();
-    API.get_or_init(|| {
-        let api = KubeApiserver::start();
-        api.install_crds();
-        api
-    })
+/// The controller with leader election off (one replica: a test's faults are in etcd).
+fn controller(lab: &Lab, identity: &str) -> Process {
+    controller_with(lab, identity, &["--leader-elect=false"])
 }
 
-/// One test at a time (see the module doc).
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A running agent and its HTTP address.
-struct Agent {
-    process: Process,
-    http: String,
+fn controller_with(lab: &Lab, identity: &str, extra: &[&str]) -> Process {
+    lab.controller(identity)
+        .args(["--usage-write-interval", "5s"])
+        .args(extra)
+        .spawn()
 }
 
-/// The API server, the etcd endpoints of this test, and a client for the API server.
-struct Lab {
-    api: &'static KubeApiserver,
-    kube: kube::Client,
-    endpoints: String,
-    _serial: tokio::sync::MutexGuard<'static, ()>,
+fn agent(lab: &Lab, node: &str) -> Daemon {
+    lab.agent(node)
+        .ttl(TTL)
+        .args(["--heartbeat-min-interval", "500ms"])
+        .start()
 }
 
-impl Lab {
-    async fn start(endpoints: String) -> Lab {
-        let serial = SERIAL.lock().await;
-        let api = tokio::task::spawn_blocking(api_server)
-            .await
-            .expect("start the API server");
-        Lab {
-            api,
-            kube: api.client().await,
-            endpoints,
-            _serial: serial,
-        }
-    }
-
-    /// The controller with leader election off (one replica: a test's faults are in etcd).
-    fn controller(&self, identity: &str) -> Process {
-        self.controller_with(identity, &["--leader-elect=false"])
-    }
-
-    fn controller_with(&self, identity: &str, extra: &[&str]) -> Process {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-controller"));
-        cmd.env("KUBECONFIG", &self.api.kubeconfig)
-            .env("RUST_LOG", "info")
-            .args(["--etcd-endpoints", &self.endpoints])
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--leader-election-identity", identity])
-            .args(["--usage-write-interval", "5s"])
-            .args(extra);
-        Process::spawn(identity, cmd)
-    }
-
-    fn agent(&self, node: &str) -> Agent {
-        let mut cmd = Command::new(testkit::project_bin("nodepulse-agent"));
-        cmd.env("RUST_LOG", "info")
-            .env_remove("NODE_NAME")
-            .args(["--node-name", node])
-            .args(["--heartbeat-ttl", &TTL.to_string()])
-            .args(["--heartbeat-min-interval", "500ms"])
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--etcd-endpoints", &self.endpoints]);
-        let process = Process::spawn(node, cmd);
-        let http = process.wait_for_serving_addr(Duration::from_secs(30));
-        Agent { process, http }
-    }
-
-    async fn status(&self, node: &str) -> Option<MonitorNodeStatus> {
-        let api: Api<MonitorNode> = Api::all(self.kube.clone());
-        api.get_opt(node).await.ok().flatten()?.status
-    }
-
-    async fn wait_state(
-        &self,
-        node: &str,
-        state: NodeState,
-        within: Duration,
-    ) -> MonitorNodeStatus {
-        eventually(&format!("MonitorNode {node} {state:?}"), within, || async {
-            self.status(node).await.filter(|s| s.state == Some(state))
-        })
-        .await
-    }
-
-    /// Waits until `node`'s status says its agent runs `interval`.
-    async fn wait_interval(&self, node: &str, interval: u32, within: Duration) {
-        eventually(
-            &format!("MonitorNode {node} reporting interval {interval}"),
-            within,
-            || async {
-                let c = self.status(node).await?.config?;
-                (c.interval == interval).then_some(())
-            },
-        )
-        .await;
-    }
-
-    /// Events the controller raised on `node`'s MonitorNode with `reason`, counting repeats.
-    async fn event_count(&self, node: &str, reason: &str) -> i32 {
-        let api: Api<Event> = Api::namespaced(self.kube.clone(), "default");
-        let events = api.list(&ListParams::default()).await.expect("list events");
-        events
-            .items
-            .iter()
-            .filter(|e| e.reason.as_deref() == Some(reason))
-            .filter(|e| {
-                e.regarding.as_ref().is_some_and(|r| {
-                    r.name.as_deref() == Some(node) && r.kind.as_deref() == Some("MonitorNode")
-                })
-            })
-            .map(|e| e.series.as_ref().map_or(1, |s| s.count))
-            .sum()
-    }
-
-    /// Starts recording every state the API server shows for `nodes`, and returns once the
-    /// recorder has seen each of them (so the record covers everything from now on).
-    async fn record(&self, nodes: &[&str]) -> History {
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let recorded = seen.clone();
-        let wanted: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
-        let api: Api<MonitorNode> = Api::all(self.kube.clone());
-        let task = tokio::spawn(async move {
-            let stream = watcher(api, watcher::Config::default())
-                .default_backoff()
-                .applied_objects();
-            futures::pin_mut!(stream);
-            while let Some(item) = stream.next().await {
-                let Ok(mn) = item else { continue };
-                let Some(name) = mn.metadata.name.clone() else {
-                    continue;
-                };
-                if !wanted.contains(&name) {
-                    continue;
-                }
-                let status = mn.status.unwrap_or_default();
-                recorded.lock().expect("history lock").push(Observed {
-                    node: name,
-                    state: status.state,
-                    reason: status.reason,
-                    interval: status.config.map(|c| c.interval),
-                });
-            }
-        });
-        let history = History {
-            seen,
-            task: Some(task),
-        };
-        for node in nodes {
-            eventually(
-                &format!("the recorder to see {node}"),
-                Duration::from_secs(10),
-                || async { (!history.states(node).is_empty()).then_some(()) },
-            )
-            .await;
-        }
-        history
-    }
-}
-
-/// One MonitorNode version the watch delivered.
-#[derive(Clone, Debug)]
-struct Observed {
-    node: String,
-    state: Option<NodeState>,
-    reason: Option<String>,
-    interval: Option<u32>,
-}
-
-/// Every version of some MonitorNodes, in the order the API server sent them.
-struct History {
-    seen: Arc<Mutex<Vec<Observed>>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-impl History {
-    fn all(&self) -> Vec<Observed> {
-        self.seen.lock().expect("history lock").clone()
-    }
-
-    /// The states `node` went through, repeats collapsed.
-    fn states(&self, node: &str) -> Vec<Option<NodeState>> {
-        let mut out: Vec<Option<NodeState>> = Vec::new();
-        for o in self.all().into_iter().filter(|o| o.node == node) {
-            if out.last() != Some(&o.state) {
-                out.push(o.state);
-            }
-        }
-        out
-    }
-
-    /// Panics if any recorded version of any node was Dead.
-    fn assert_never_dead(&self, during: &str) {
-        let dead: Vec<Observed> = self
-            .all()
-            .into_iter()
-            .filter(|o| o.state == Some(NodeState::Dead))
-            .collect();
-        assert!(
-            dead.is_empty(),
-            "a node turned Dead during {during}: {dead:?}"
-        );
-    }
-}
-
-impl Drop for History {
-    fn drop(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-}
-
-/// Puts a config value for `node`, retrying while etcd cannot take writes (election, no
-/// quorum), and returns the revision it got.
-async fn put_config(client: &etcd_client::Client, node: &str, interval: u32) -> i64 {
-    let value = serde_json::json!({"interval": interval, "metrics": ["cpu", "memory"]}).to_string();
-    eventually(
-        &format!("etcd to take {node}'s config"),
-        Duration::from_secs(30),
-        || {
-            let mut c = client.clone();
-            let value = value.clone();
-            async move {
-                let put = c.put(config_key(node), value, None);
-                let resp = tokio::time::timeout(Duration::from_secs(2), put)
-                    .await
-                    .ok()?
-                    .ok()?;
-                resp.header().map(|h| h.revision())
-            }
-        },
+/// Waits until `node`'s status says its agent runs `interval`.
+async fn wait_interval(lab: &Lab, node: &str, interval: u32, within: Duration) {
+    lab.wait_status(
+        node,
+        &format!("reporting interval {interval}"),
+        within,
+        |s| s.config.as_ref().is_some_and(|c| c.interval == interval),
     )
-    .await
+    .await;
 }
 
 /// A heartbeat value as an agent writes it, for nodes played by the test itself.
@@ -282,7 +68,7 @@ fn fake_heartbeat(node: &str) -> String {
 
 /// Waits, with `within` counted from `since`, for the agent's log to say it applied `interval`.
 fn wait_config_applied(
-    agent: &Agent,
+    agent: &Daemon,
     from_line: usize,
     interval: u32,
     since: Instant,
@@ -297,7 +83,7 @@ fn wait_config_applied(
 }
 
 /// The agent holds its lease (`/readyz` is 200 exactly then).
-fn lease_held(agent: &Agent) -> bool {
+fn lease_held(agent: &Daemon) -> bool {
     http_get(&agent.http, "/readyz").is_some_and(|(code, _)| code == 200)
 }
 
@@ -317,8 +103,7 @@ async fn assert_no_false_alarm(
     history.assert_never_dead(during);
     for node in nodes {
         assert_eq!(
-            lab.event_count(node, "HeartbeatExpired").await
-                + lab.event_count(node, "AgentStopped").await,
+            lab.dead_events(node).await,
             0,
             "Dead Event on {node} during {during}"
         );
@@ -338,13 +123,10 @@ async fn assert_no_false_alarm(
 /// controller's heartbeat watch resume by themselves within 5 s of the return.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcd_restart_longer_than_the_ttl_raises_no_false_alarm() {
-    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
-        .await
-        .expect("start etcd");
-    let lab = Lab::start(etcd.endpoint.clone()).await;
+    let (lab, mut etcd) = Lab::start_shared().await;
     let nodes = ["restart-1", "restart-2"];
-    let controller = lab.controller("faults-restart");
-    let agents: Vec<Agent> = nodes.iter().map(|n| lab.agent(n)).collect();
+    let controller = controller(&lab, "faults-restart");
+    let agents: Vec<Daemon> = nodes.iter().map(|n| agent(&lab, n)).collect();
     for node in nodes {
         lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
             .await;
@@ -362,7 +144,7 @@ async fn etcd_restart_longer_than_the_ttl_raises_no_false_alarm() {
 
     // A config change right after the return reaches the agent (its watch resumed).
     let client = etcd.client().await;
-    let rev = put_config(&client, "restart-1", 2).await;
+    let rev = put_config(&client, "restart-1", config_json(2)).await;
     let within = Duration::from_secs(5);
     for (agent, mark) in agents.iter().zip(&marks) {
         let left = within.saturating_sub(back.elapsed());
@@ -383,7 +165,8 @@ async fn etcd_restart_longer_than_the_ttl_raises_no_false_alarm() {
     );
     // The controller's heartbeat watch is back: it saw the heartbeat that reports the new
     // config. The agent writes it at most 500 ms after applying, the controller at once.
-    lab.wait_interval(
+    wait_interval(
+        &lab,
         "restart-1",
         2,
         within + Duration::from_secs(2) - back.elapsed().min(within),
@@ -433,10 +216,10 @@ async fn etcd_cluster_leader_loss_and_quorum_loss_raise_no_false_alarm() {
     let mut cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
         .await
         .expect("start the etcd cluster");
-    let lab = Lab::start(cluster.endpoints_flag()).await;
+    let lab = Lab::shared(&cluster.endpoints_flag()).await;
     let nodes = ["cluster-1", "cluster-2"];
-    let controller = lab.controller("faults-cluster");
-    let agents: Vec<Agent> = nodes.iter().map(|n| lab.agent(n)).collect();
+    let controller = controller(&lab, "faults-cluster");
+    let agents: Vec<Daemon> = nodes.iter().map(|n| agent(&lab, n)).collect();
     for node in nodes {
         lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
             .await;
@@ -449,14 +232,13 @@ async fn etcd_cluster_leader_loss_and_quorum_loss_raise_no_false_alarm() {
     let mark = agents[0].process.line_count();
     tokio::task::block_in_place(|| cluster.kill(leader));
     let killed = Instant::now();
-    put_config(&client, "cluster-1", 2).await;
+    put_config(&client, "cluster-1", config_json(2)).await;
     println!(
         "member {leader} killed; etcd took the config {:?} later",
         killed.elapsed()
     );
     wait_config_applied(&agents[0], mark, 2, killed, Duration::from_secs(15));
-    lab.wait_interval("cluster-1", 2, Duration::from_secs(15))
-        .await;
+    wait_interval(&lab, "cluster-1", 2, Duration::from_secs(15)).await;
     println!(
         "member {leader} killed; config arrived and reported {:?} later",
         killed.elapsed()
@@ -494,10 +276,9 @@ async fn etcd_cluster_leader_loss_and_quorum_loss_raise_no_false_alarm() {
         cluster.wait_healthy(Duration::from_secs(30));
     });
     let back = Instant::now();
-    put_config(&client, "cluster-2", 3).await;
+    put_config(&client, "cluster-2", config_json(3)).await;
     wait_config_applied(&agents[1], mark, 3, back, Duration::from_secs(10));
-    lab.wait_interval("cluster-2", 3, Duration::from_secs(10))
-        .await;
+    wait_interval(&lab, "cluster-2", 3, Duration::from_secs(10)).await;
     println!(
         "quorum back; config arrived and reported {:?} later",
         back.elapsed()
@@ -520,29 +301,24 @@ async fn etcd_cluster_leader_loss_and_quorum_loss_raise_no_false_alarm() {
 /// over, and a node that dies during the takeover is marked Dead exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
-    let etcd = tokio::task::spawn_blocking(Etcd::start)
-        .await
-        .expect("start etcd");
-    let lab = Lab::start(etcd.endpoint.clone()).await;
+    let (lab, _etcd) = Lab::start_shared().await;
     // A short Lease so that the takeover takes seconds (the default is 30 s).
     let election = [
-        "--leader-election-namespace",
-        "default",
         "--leader-election-lease-duration",
         "5s",
         "--leader-election-renew-grace",
         "2s",
     ];
-    let mut a = lab.controller_with("crash-a", &election);
+    let mut a = controller_with(&lab, "crash-a", &election);
     a.wait_for_line(Duration::from_secs(30), "crash-a leads", |l| {
         l.contains("became leader")
     });
-    let b = lab.controller_with("crash-b", &election);
+    let b = controller_with(&lab, "crash-b", &election);
     b.wait_for_line(Duration::from_secs(30), "crash-b waits", |l| {
         l.contains("waiting to lead")
     });
     let nodes = ["crash-1", "crash-2"];
-    let mut agents: Vec<Agent> = nodes.iter().map(|n| lab.agent(n)).collect();
+    let mut agents: Vec<Daemon> = nodes.iter().map(|n| agent(&lab, n)).collect();
     for node in nodes {
         lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
             .await;
@@ -599,13 +375,10 @@ async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
 /// Alive within 2 s, on a new lease, and one heartbeat key on one lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agent_cut_off_longer_than_the_ttl_is_dead_then_alive_on_a_new_lease() {
-    let etcd = tokio::task::spawn_blocking(Etcd::start)
-        .await
-        .expect("start etcd");
-    let lab = Lab::start(etcd.endpoint.clone()).await;
+    let (lab, etcd) = Lab::start_shared().await;
     let node = "frozen-1";
-    let _controller = lab.controller("faults-frozen");
-    let agent = lab.agent(node);
+    let _controller = controller(&lab, "faults-frozen");
+    let agent = agent(&lab, node);
     lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
         .await;
     let mut client = etcd.client().await;
@@ -679,13 +452,10 @@ async fn agent_cut_off_longer_than_the_ttl_is_dead_then_alive_on_a_new_lease() {
 /// end up right: the agent on the latest config, the MonitorNodes matching the heartbeat keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watch_compaction_while_away_both_relist_and_end_up_right() {
-    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
-        .await
-        .expect("start etcd");
-    let lab = Lab::start(etcd.endpoint.clone()).await;
+    let (lab, mut etcd) = Lab::start_shared().await;
     let node = "compact-1";
-    let controller = lab.controller("faults-compact");
-    let agent = lab.agent(node);
+    let controller = controller(&lab, "faults-compact");
+    let agent = agent(&lab, node);
     let mut client = etcd.client().await;
     let lease = client.lease_grant(60, None).await.expect("lease").id();
     let on_lease = Some(etcd_client::PutOptions::new().with_lease(lease));
@@ -701,8 +471,8 @@ async fn watch_compaction_while_away_both_relist_and_end_up_right() {
         lab.wait_state(n, NodeState::Alive, Duration::from_secs(60))
             .await;
     }
-    put_config(&client, node, 5).await;
-    lab.wait_interval(node, 5, Duration::from_secs(15)).await;
+    put_config(&client, node, config_json(5)).await;
+    wait_interval(&lab, node, 5, Duration::from_secs(15)).await;
     let history = lab.record(&[node]).await;
     let (agent_mark, controller_mark) = (agent.process.line_count(), controller.line_count());
 
@@ -712,8 +482,8 @@ async fn watch_compaction_while_away_both_relist_and_end_up_right() {
     let frozen = Instant::now();
     tokio::task::block_in_place(|| etcd.restart());
     let mut client = etcd.client().await;
-    put_config(&client, node, 2).await;
-    put_config(&client, node, 3).await;
+    put_config(&client, node, config_json(2)).await;
+    put_config(&client, node, config_json(3)).await;
     client
         .lease_revoke(lease)
         .await
@@ -757,7 +527,7 @@ async fn watch_compaction_while_away_both_relist_and_end_up_right() {
         Instant::now(),
         Duration::from_secs(10),
     );
-    lab.wait_interval(node, 3, Duration::from_secs(15)).await;
+    wait_interval(&lab, node, 3, Duration::from_secs(15)).await;
     // The controller re-listed and now matches the keys: one gone, one new, the agent's alive.
     let gone = lab
         .wait_state("compact-gone", NodeState::Dead, Duration::from_secs(15))

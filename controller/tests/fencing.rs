@@ -3,12 +3,11 @@
 //! new config. A must stop writing before that, or its stale MonitorConfig cache "restores" the
 //! old config key over B's, and the two replicas fight for as long as the cut lasts.
 
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use etcd_client::{EventType, WatchOptions};
 use nodepulse_crd::wire::{ConfigValue, config_key};
-use testkit::{Process, TcpProxy, eventually};
+use testkit::{Lab, Launch, TcpProxy, eventually};
 
 /// Short Lease times, so that a takeover takes seconds.
 const LEASE: &[&str] = &[
@@ -17,18 +16,6 @@ const LEASE: &[&str] = &[
     "--leader-election-renew-grace",
     "2s",
 ];
-
-fn controller(kubeconfig: &std::path::Path, etcd: &str, identity: &str) -> Process {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-controller"));
-    cmd.env("KUBECONFIG", kubeconfig)
-        .env("RUST_LOG", "info")
-        .args(["--etcd-endpoints", etcd])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args(["--leader-election-namespace", "default"])
-        .args(["--leader-election-identity", identity])
-        .args(LEASE);
-    Process::spawn(identity, cmd)
-}
 
 fn monitor_config(interval: u32) -> String {
     format!(
@@ -39,12 +26,9 @@ fn monitor_config(interval: u32) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_cut_off_from_the_api_server_stops_writing_before_its_successor_starts() {
-    let (api, etcd) = testkit::start_apiserver_and_etcd().await;
-    let out = api.kubectl_stdin(
-        &["apply", "-f", "-"],
-        "apiVersion: v1\nkind: Node\nmetadata:\n  name: fence-1\n",
-    );
-    assert!(out.status.success(), "{out:?}");
+    let (lab, etcd) = Lab::start().await;
+    let api = lab.api();
+    lab.node("fence-1", &[]);
 
     // Replica A reaches the API server only through the proxy.
     let server = api.url.trim_start_matches("https://");
@@ -58,12 +42,14 @@ async fn a_leader_cut_off_from_the_api_server_stops_writing_before_its_successor
     )
     .expect("write kubeconfig");
 
-    let a = controller(&kubeconfig_a, &etcd.endpoint, "replica-a");
+    let a = Launch::controller(&kubeconfig_a, "replica-a")
+        .etcd(&etcd.endpoint)
+        .args(LEASE)
+        .spawn();
     a.wait_for_line(Duration::from_secs(30), "A leads", |l| {
         l.contains("became leader")
     });
-    let out = api.kubectl_stdin(&["apply", "-f", "-"], &monitor_config(5));
-    assert!(out.status.success(), "{out:?}");
+    lab.apply(&monitor_config(5));
     let mut client = etcd.client().await;
     eventually("A writes interval 5", Duration::from_secs(10), || {
         let mut c = client.clone();
@@ -75,7 +61,7 @@ async fn a_leader_cut_off_from_the_api_server_stops_writing_before_its_successor
     })
     .await;
 
-    let b = controller(&api.kubeconfig, &etcd.endpoint, "replica-b");
+    let b = lab.controller("replica-b").args(LEASE).spawn();
     b.wait_for_line(Duration::from_secs(30), "B stands by", |l| {
         l.contains("waiting to lead")
     });
@@ -102,8 +88,7 @@ async fn a_leader_cut_off_from_the_api_server_stops_writing_before_its_successor
         .await
         .expect("watch the config key");
     watch.message().await.expect("watch created");
-    let out = api.kubectl_stdin(&["apply", "-f", "-"], &monitor_config(7));
-    assert!(out.status.success(), "{out:?}");
+    lab.apply(&monitor_config(7));
     // Every write of the key from now on: B's 7 within 15 s, then nothing else for 5 s more.
     let mut seen = Vec::new();
     let mut window = Instant::now() + Duration::from_secs(15);

@@ -25,11 +25,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams};
-use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeStatus, NodeState};
+use nodepulse_crd::v1alpha1::NodeState;
 use nodepulse_crd::wire::config_key;
-use testkit::{KubeApiserver, Process, eventually, http_get, scratch_dir, wait_until};
+use testkit::{Lab, Process, eventually, http_get, scratch_dir, wait_until};
 
 /// Heartbeat TTL of the agents, in seconds.
 const TTL: u64 = 8;
@@ -127,7 +125,7 @@ fn pipe(tcp: TcpStream, unix: UnixStream) {
 }
 
 /// Three etcd members in namespaces of their own, peers over a bridge, clients over relays.
-struct PartitionLab {
+struct NetnsEtcdCluster {
     members: Vec<Option<Process>>,
     relays: Vec<Relay>,
     member_ns: Vec<Netns>,
@@ -136,9 +134,9 @@ struct PartitionLab {
     _dir: Box<dyn std::any::Any + Send>,
 }
 
-impl PartitionLab {
+impl NetnsEtcdCluster {
     /// Starts the members; only member `first`'s relay accepts clients until [`open_all`].
-    fn start(first: usize) -> PartitionLab {
+    fn start(first: usize) -> NetnsEtcdCluster {
         let tag = format!("np16p{}", std::process::id());
         let bridge = Netns::add(format!("{tag}-br"));
         ip(&["-n", &bridge.0, "link", "add", "br0", "type", "bridge"]);
@@ -190,7 +188,7 @@ impl PartitionLab {
             relays.push(Relay::start(home.join("client:1"), i == first));
             member_ns.push(ns);
         }
-        let lab = PartitionLab {
+        let lab = NetnsEtcdCluster {
             members,
             relays,
             member_ns,
@@ -227,7 +225,7 @@ impl PartitionLab {
     }
 }
 
-impl Drop for PartitionLab {
+impl Drop for NetnsEtcdCluster {
     fn drop(&mut self) {
         // The servers go before their namespaces.
         for m in &mut self.members {
@@ -238,117 +236,45 @@ impl Drop for PartitionLab {
     }
 }
 
-fn api_server() -> &'static KubeApiserver {
-    static API: std::sync::OnceLock<KubeApiserver> = std::sync::OnceLock::new();
-    API.get_or_init(|| {
-        let api = KubeApiserver::start();
-        api.install_crds();
-        api
-    })
-}
-
-fn bin(var: &str, default: PathBuf) -> PathBuf {
-    std::env::var_os(var).map_or(default, Into::into)
-}
-
-async fn status(kube: &kube::Client, node: &str) -> Option<MonitorNodeStatus> {
-    let api: Api<MonitorNode> = Api::all(kube.clone());
-    api.get_opt(node).await.ok().flatten()?.status
-}
-
-async fn wait_state(kube: &kube::Client, node: &str, state: NodeState, within: Duration) {
-    eventually(&format!("MonitorNode {node} {state:?}"), within, || async {
-        status(kube, node)
-            .await
-            .filter(|s| s.state == Some(state))
-            .map(|_| ())
-    })
-    .await
-}
-
-async fn event_count(kube: &kube::Client, node: &str, reason: &str) -> i32 {
-    let api: Api<Event> = Api::namespaced(kube.clone(), "default");
-    let events = api.list(&ListParams::default()).await.expect("list events");
-    events
-        .items
-        .iter()
-        .filter(|e| e.reason.as_deref() == Some(reason))
-        .filter(|e| {
-            e.regarding
-                .as_ref()
-                .is_some_and(|r| r.name.as_deref() == Some(node))
-        })
-        .map(|e| e.series.as_ref().map_or(1, |s| s.count))
-        .sum()
-}
-
-/// Death Events on `node` (their reason is the status's: HeartbeatExpired, AgentStopped).
-async fn dead_events(kube: &kube::Client, node: &str) -> i32 {
-    event_count(kube, node, "HeartbeatExpired").await
-        + event_count(kube, node, "AgentStopped").await
-}
-
 /// `TRUTH_AGENT_BIN` / `TRUTH_CONTROLLER_BIN` run other builds (e.g. from before a fix).
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watches_on_a_member_cut_off_from_its_peers_move_to_one_with_a_leader() {
     const CUT: usize = 2;
-    let lab = tokio::task::spawn_blocking(|| PartitionLab::start(CUT))
+    let members = tokio::task::spawn_blocking(|| NetnsEtcdCluster::start(CUT))
         .await
         .expect("start the etcd members");
-    let api = tokio::task::spawn_blocking(api_server)
-        .await
-        .expect("start the API server");
-    let kube = api.client().await;
-    let endpoints = lab.endpoints();
-
-    let controller_bin = bin(
-        "TRUTH_CONTROLLER_BIN",
-        env!("CARGO_BIN_EXE_nodepulse-controller").into(),
-    );
-    let mut cmd = Command::new(controller_bin);
-    cmd.env("KUBECONFIG", &api.kubeconfig)
-        .env("RUST_LOG", "info")
-        .args(["--etcd-endpoints", &endpoints])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args([
-            "--leader-elect=false",
-            "--leader-election-identity",
-            "partition",
-        ])
-        .args(["--usage-write-interval", "5s"]);
-    let controller = Process::spawn("controller", cmd);
+    let lab = Lab::shared(&members.endpoints()).await;
+    let controller = lab
+        .controller("partition")
+        .program_from_env("TRUTH_CONTROLLER_BIN")
+        .args(["--leader-elect=false", "--usage-write-interval", "5s"])
+        .spawn();
     let agent = |node: &str| {
-        let mut cmd = Command::new(bin(
-            "TRUTH_AGENT_BIN",
-            testkit::project_bin("nodepulse-agent"),
-        ));
-        cmd.env("RUST_LOG", "info")
-            .env_remove("NODE_NAME")
-            .args(["--node-name", node])
-            .args(["--heartbeat-ttl", &TTL.to_string()])
+        lab.agent(node)
+            .program_from_env("TRUTH_AGENT_BIN")
+            .ttl(TTL)
             .args(["--heartbeat-min-interval", "500ms"])
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--etcd-endpoints", &endpoints]);
-        Process::spawn(node, cmd)
+            .spawn()
     };
     let live = agent("part-live");
     let mut dies = agent("part-dies");
     for node in ["part-live", "part-dies"] {
-        wait_state(&kube, node, NodeState::Alive, Duration::from_secs(60)).await;
+        lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+            .await;
     }
     // Everything is attached to member 2 now; let clients reach the others too (a client
     // connects to them when it needs them: when member 2 fails its streams).
-    lab.open_all();
+    members.open_all();
     let (live_mark, controller_mark) = (live.line_count(), controller.line_count());
 
     // The partition; a node dies on the majority side meanwhile.
-    lab.cut_off(CUT);
+    members.cut_off(CUT);
     let cut = Instant::now();
     dies.kill_hard();
     let killed = Instant::now();
 
     // A config change written to the majority reaches the agent whose watch was on member 2.
-    let etcd = etcd_client::Client::connect([lab.relays[0].endpoint()], None)
+    let etcd = etcd_client::Client::connect([members.relays[0].endpoint()], None)
         .await
         .expect("connect to member 0");
     let value = serde_json::json!({"interval": 3, "metrics": ["cpu"]}).to_string();
@@ -380,8 +306,7 @@ async fn watches_on_a_member_cut_off_from_its_peers_move_to_one_with_a_leader() 
     println!("config applied {:?} after the cut", cut.elapsed());
 
     // The node killed on the majority side ends Dead on time: TTL plus the move.
-    wait_state(
-        &kube,
+    lab.wait_state(
         "part-dies",
         NodeState::Dead,
         Duration::from_secs(TTL + 8).saturating_sub(killed.elapsed()),
@@ -393,11 +318,11 @@ async fn watches_on_a_member_cut_off_from_its_peers_move_to_one_with_a_leader() 
     );
     // Another TTL: the survivor keeps its lease through the move (no false Dead).
     tokio::time::sleep(Duration::from_secs(TTL)).await;
-    let s = status(&kube, "part-live").await.expect("part-live status");
+    let s = lab.status("part-live").await.expect("part-live status");
     assert_eq!(s.state, Some(NodeState::Alive), "{s:?}");
-    assert_eq!(dead_events(&kube, "part-live").await, 0);
-    assert_eq!(dead_events(&kube, "part-dies").await, 1);
-    let forwarded: Vec<usize> = lab
+    assert_eq!(lab.dead_events("part-live").await, 0);
+    assert_eq!(lab.dead_events("part-dies").await, 1);
+    let forwarded: Vec<usize> = members
         .relays
         .iter()
         .map(|r| r.forwarded.load(Ordering::SeqCst))

@@ -3,10 +3,9 @@
 //! along and the process keeps running, so the kubelet takes the pod out of its Service but
 //! does not restart it in a loop.
 
-use std::process::Command;
 use std::time::Duration;
 
-use testkit::{Process, eventually, http_get};
+use testkit::{Lab, eventually, http_get};
 
 async fn readyz(addr: &str, want: u16, within: Duration) -> String {
     eventually(&format!("/readyz {want}"), within, || async {
@@ -19,15 +18,8 @@ async fn readyz(addr: &str, want: u16, within: Duration) -> String {
 #[tokio::test]
 async fn readyz_follows_etcd_and_healthz_stays_up() {
     // nodepulse's etcd is apart from the API server's: it can go away alone.
-    let (api, mut etcd) = testkit::start_apiserver_and_etcd().await;
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-controller"));
-    cmd.env("KUBECONFIG", &api.kubeconfig)
-        .env("RUST_LOG", "info")
-        .args(["--etcd-endpoints", &etcd.endpoint])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args(["--leader-election-namespace", "default"])
-        .args(["--leader-election-identity", "controller-0"]);
-    let mut controller = Process::spawn("controller", cmd);
+    let (lab, mut etcd) = Lab::start().await;
+    let mut controller = lab.controller("controller-0").spawn();
     let addr = controller.wait_for_serving_addr(Duration::from_secs(30));
 
     let body = readyz(&addr, 200, Duration::from_secs(30)).await;

@@ -10,202 +10,33 @@
 //! The tests share one private API server and run one at a time (timing on 2 cores; each
 //! controller writes the MonitorNodes it sees). Node names are distinct per test.
 
-use std::process::Command;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, ListParams};
-use kube::runtime::{WatchStreamExt, watcher};
-use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeStatus, NodeState};
-use nodepulse_crd::wire::{config_key, heartbeat_key};
-use testkit::{Etcd, KubeApiserver, Process, eventually};
+use nodepulse_crd::v1alpha1::NodeState;
+use nodepulse_crd::wire::heartbeat_key;
+use testkit::{Etcd, Lab, Launch, Process, config_json, eventually, put_config};
 
 /// Heartbeat TTL of every agent here, in seconds.
 const TTL: u64 = 4;
 
-fn api_server() -> &'static KubeApiserver {
-    static API: OnceLock<KubeApiserver> = OnceLock::new();
-    API.get_or_init(|| {
-        let api = KubeApiserver::start();
-        api.install_crds();
-        api
-    })
+/// The controller; `TRUTH_CONTROLLER_BIN` runs another build of it.
+fn controller(lab: &Lab, identity: &str) -> Process {
+    lab.controller(identity)
+        .program_from_env("TRUTH_CONTROLLER_BIN")
+        .args(["--leader-elect=false", "--usage-write-interval", "5s"])
+        .spawn()
 }
 
-static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-struct Lab {
-    api: &'static KubeApiserver,
-    kube: kube::Client,
-    endpoints: String,
-    _serial: tokio::sync::MutexGuard<'static, ()>,
-}
-
-impl Lab {
-    async fn start(endpoints: String) -> Lab {
-        let serial = SERIAL.lock().await;
-        let api = tokio::task::spawn_blocking(api_server)
-            .await
-            .expect("start the API server");
-        Lab {
-            api,
-            kube: api.client().await,
-            endpoints,
-            _serial: serial,
-        }
-    }
-
-    /// The controller; `TRUTH_CONTROLLER_BIN` runs another build of it.
-    fn controller(&self, identity: &str) -> Process {
-        let bin = std::env::var_os("TRUTH_CONTROLLER_BIN")
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_nodepulse-controller").into());
-        let mut cmd = Command::new(bin);
-        cmd.env("KUBECONFIG", &self.api.kubeconfig)
-            .env("RUST_LOG", "info")
-            .args(["--etcd-endpoints", &self.endpoints])
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--leader-elect=false"])
-            .args(["--leader-election-identity", identity])
-            .args(["--usage-write-interval", "5s"]);
-        Process::spawn(identity, cmd)
-    }
-
-    /// An agent; `TRUTH_AGENT_BIN` runs another build of it (e.g. one from before a fix, to
-    /// see these tests fail there).
-    fn agent(&self, node: &str) -> Process {
-        let bin = std::env::var_os("TRUTH_AGENT_BIN")
-            .map_or_else(|| testkit::project_bin("nodepulse-agent"), Into::into);
-        let mut cmd = Command::new(bin);
-        cmd.env("RUST_LOG", "info")
-            .env_remove("NODE_NAME")
-            .args(["--node-name", node])
-            .args(["--heartbeat-ttl", &TTL.to_string()])
-            .args(["--heartbeat-min-interval", "500ms"])
-            .args(["--metrics-addr", "127.0.0.1:0"])
-            .args(["--etcd-endpoints", &self.endpoints]);
-        Process::spawn(node, cmd)
-    }
-
-    async fn status(&self, node: &str) -> Option<MonitorNodeStatus> {
-        let api: Api<MonitorNode> = Api::all(self.kube.clone());
-        api.get_opt(node).await.ok().flatten()?.status
-    }
-
-    async fn wait_state(
-        &self,
-        node: &str,
-        state: NodeState,
-        within: Duration,
-    ) -> MonitorNodeStatus {
-        eventually(&format!("MonitorNode {node} {state:?}"), within, || async {
-            self.status(node).await.filter(|s| s.state == Some(state))
-        })
-        .await
-    }
-
-    /// Events the controller raised on `node`'s MonitorNode with `reason`, counting repeats.
-    async fn event_count(&self, node: &str, reason: &str) -> i32 {
-        let api: Api<Event> = Api::namespaced(self.kube.clone(), "default");
-        let events = api.list(&ListParams::default()).await.expect("list events");
-        events
-            .items
-            .iter()
-            .filter(|e| e.reason.as_deref() == Some(reason))
-            .filter(|e| {
-                e.regarding.as_ref().is_some_and(|r| {
-                    r.name.as_deref() == Some(node) && r.kind.as_deref() == Some("MonitorNode")
-                })
-            })
-            .map(|e| e.series.as_ref().map_or(1, |s| s.count))
-            .sum()
-    }
-
-    /// Records every state the API server shows for `nodes` from now on.
-    async fn record(&self, nodes: &[&str]) -> History {
-        let seen: Seen = Arc::new(Mutex::new(Vec::new()));
-        let recorded = seen.clone();
-        let wanted: Vec<String> = nodes.iter().map(|n| n.to_string()).collect();
-        let api: Api<MonitorNode> = Api::all(self.kube.clone());
-        let task = tokio::spawn(async move {
-            let stream = watcher(api, watcher::Config::default())
-                .default_backoff()
-                .applied_objects();
-            futures::pin_mut!(stream);
-            while let Some(item) = stream.next().await {
-                let Ok(mn) = item else { continue };
-                let Some(name) = mn.metadata.name.clone() else {
-                    continue;
-                };
-                if wanted.contains(&name) {
-                    let state = mn.status.and_then(|s| s.state);
-                    recorded.lock().expect("history lock").push((name, state));
-                }
-            }
-        });
-        let history = History { seen, task };
-        for node in nodes {
-            eventually(
-                &format!("the recorder to see {node}"),
-                Duration::from_secs(10),
-                || async { (!history.states(node).is_empty()).then_some(()) },
-            )
-            .await;
-        }
-        history
-    }
-}
-
-/// (node, state) of every MonitorNode version the recorder saw.
-type Seen = Arc<Mutex<Vec<(String, Option<NodeState>)>>>;
-
-/// Every state some MonitorNodes went through, in the order the API server sent them.
-struct History {
-    seen: Seen,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl History {
-    /// The states `node` went through, repeats collapsed.
-    fn states(&self, node: &str) -> Vec<Option<NodeState>> {
-        let mut out: Vec<Option<NodeState>> = Vec::new();
-        for (n, state) in self.seen.lock().expect("history lock").iter() {
-            if n == node && out.last() != Some(state) {
-                out.push(*state);
-            }
-        }
-        out
-    }
-}
-
-impl Drop for History {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// Puts a config value for `node` straight into etcd (as `etcdctl put` would), retrying while
-/// etcd cannot take writes, and returns when etcd took it.
-async fn put_config(client: &etcd_client::Client, node: &str, interval: u32) -> Instant {
-    let value = serde_json::json!({"interval": interval, "metrics": ["cpu", "memory"]}).to_string();
-    eventually(
-        &format!("etcd to take {node}'s config"),
-        Duration::from_secs(30),
-        || {
-            let mut c = client.clone();
-            let value = value.clone();
-            async move {
-                let put = c.put(config_key(node), value, None);
-                tokio::time::timeout(Duration::from_secs(2), put)
-                    .await
-                    .ok()?
-                    .ok()?;
-                Some(Instant::now())
-            }
-        },
-    )
-    .await
+/// An agent against `endpoints`; `TRUTH_AGENT_BIN` runs another build of it (e.g. one from
+/// before a fix, to see these tests fail there).
+fn agent(endpoints: &str, node: &str) -> Process {
+    Launch::agent(node)
+        .program_from_env("TRUTH_AGENT_BIN")
+        .etcd(endpoints)
+        .ttl(TTL)
+        .args(["--heartbeat-min-interval", "500ms"])
+        .spawn()
 }
 
 /// Whether etcd holds `node`'s heartbeat key.
@@ -224,13 +55,10 @@ async fn heartbeat_present(client: &etcd_client::Client, node: &str) -> bool {
 /// the rebuild the agent would ignore every config until the new store caught up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuilt_etcd_is_noticed_heartbeat_config_and_status_come_back() {
-    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
-        .await
-        .expect("start etcd");
-    let lab = Lab::start(etcd.endpoint.clone()).await;
+    let (lab, mut etcd) = Lab::start_shared().await;
     let node = "rebuilt-1";
-    let _controller = lab.controller("truth-rebuilt");
-    let agent = lab.agent(node);
+    let _controller = controller(&lab, "truth-rebuilt");
+    let agent = agent(lab.endpoints(), node);
     lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
         .await;
     let client = etcd.client().await;
@@ -240,7 +68,7 @@ async fn a_rebuilt_etcd_is_noticed_heartbeat_config_and_status_come_back() {
         c.put(format!("/pad/{i}"), "x", None).await.expect("pad");
     }
     let mark = agent.line_count();
-    put_config(&client, node, 5).await;
+    put_config(&client, node, config_json(5)).await;
     agent.wait_for_line_from(mark, Duration::from_secs(5), "config -> 5s", |l| {
         l.contains("config updated:") && l.contains("-> 5s")
     });
@@ -268,7 +96,8 @@ async fn a_rebuilt_etcd_is_noticed_heartbeat_config_and_status_come_back() {
     println!("MonitorNode Alive {:?} after the rebuild", back.elapsed());
 
     // The next config change reaches the agent within 1 s.
-    let put = put_config(&client, node, 2).await;
+    put_config(&client, node, config_json(2)).await;
+    let put = Instant::now();
     agent.wait_for_line_from(
         mark,
         Duration::from_secs(1).saturating_sub(put.elapsed()),
@@ -305,13 +134,10 @@ async fn a_rebuilt_etcd_is_noticed_heartbeat_config_and_status_come_back() {
 /// agent was killed during the outage ends Dead exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcd_away_longer_than_the_ttl_is_unknown_then_each_node_its_true_state() {
-    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
-        .await
-        .expect("start etcd");
-    let lab = Lab::start(etcd.endpoint.clone()).await;
+    let (lab, mut etcd) = Lab::start_shared().await;
     let nodes = ["unknown-live", "unknown-dies"];
-    let controller = lab.controller("truth-unknown");
-    let mut agents: Vec<Process> = nodes.iter().map(|n| lab.agent(n)).collect();
+    let controller = controller(&lab, "truth-unknown");
+    let mut agents: Vec<Process> = nodes.iter().map(|n| agent(lab.endpoints(), n)).collect();
     for node in nodes {
         lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
             .await;
@@ -387,16 +213,8 @@ async fn etcd_away_longer_than_the_ttl_is_unknown_then_each_node_its_true_state(
             Some(NodeState::Dead)
         ]
     );
-    assert_eq!(
-        lab.event_count("unknown-live", "HeartbeatExpired").await
-            + lab.event_count("unknown-live", "AgentStopped").await,
-        0
-    );
-    assert_eq!(
-        lab.event_count("unknown-dies", "HeartbeatExpired").await
-            + lab.event_count("unknown-dies", "AgentStopped").await,
-        1
-    );
+    assert_eq!(lab.dead_events("unknown-live").await, 0);
+    assert_eq!(lab.dead_events("unknown-dies").await, 1);
     for node in nodes {
         assert_eq!(
             lab.event_count(node, "NodeStatusUnknown").await,
@@ -419,20 +237,17 @@ async fn etcd_away_longer_than_the_ttl_is_unknown_then_each_node_its_true_state(
 /// instead of leaving a stale Alive, and once etcd is back the live node is Alive again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_controller_started_while_etcd_is_away_says_unknown_then_alive() {
-    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
-        .await
-        .expect("start etcd");
-    let lab = Lab::start(etcd.endpoint.clone()).await;
+    let (lab, mut etcd) = Lab::start_shared().await;
     let node = "blind-start";
-    let mut first = lab.controller("truth-blind-1");
-    let _agent = lab.agent(node);
+    let mut first = controller(&lab, "truth-blind-1");
+    let _agent = agent(lab.endpoints(), node);
     lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
         .await;
     let history = lab.record(&[node]).await;
 
     first.kill_hard();
     tokio::task::block_in_place(|| etcd.kill());
-    let second = lab.controller("truth-blind-2");
+    let second = controller(&lab, "truth-blind-2");
     let started = Instant::now();
     let s = lab
         .wait_state(node, NodeState::Unknown, Duration::from_secs(TTL + 10))
@@ -529,19 +344,10 @@ async fn a_silent_partition_from_etcd_is_unknown_then_alive_never_dead() {
         .expect("etcd address");
     let proxy = FreezingProxy::start(target);
     // The agent reaches etcd directly; only the controller is behind the proxy.
-    let lab = Lab::start(format!("http://{}", proxy.addr)).await;
+    let lab = Lab::shared(&format!("http://{}", proxy.addr)).await;
     let node = "silent-1";
-    let controller = lab.controller("truth-silent");
-    let agent_lab_endpoints = etcd.endpoint.clone();
-    let mut cmd = Command::new(testkit::project_bin("nodepulse-agent"));
-    cmd.env("RUST_LOG", "info")
-        .env_remove("NODE_NAME")
-        .args(["--node-name", node])
-        .args(["--heartbeat-ttl", &TTL.to_string()])
-        .args(["--heartbeat-min-interval", "500ms"])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args(["--etcd-endpoints", &agent_lab_endpoints]);
-    let _agent = Process::spawn(node, cmd);
+    let controller = controller(&lab, "truth-silent");
+    let _agent = agent(&etcd.endpoint, node);
     lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
         .await;
     let history = lab.record(&[node]).await;

@@ -4,40 +4,16 @@
 //! meanwhile), then marks the MonitorNode Unknown (ControllerRemoved); a controller started
 //! again turns it back to Alive from the agent's heartbeat.
 
-use std::process::Command;
 use std::time::Duration;
 
-use kube::api::Api;
 use nix::sys::signal::Signal;
-use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeStatus, NodeState};
-use testkit::{Etcd, KubeApiserver, Process, eventually, project_bin, wait_until};
+use nodepulse_crd::v1alpha1::NodeState;
+use testkit::{KubeApiserver, Lab, wait_until};
 
 const DEPLOYMENT: &str = "nodepulse-controller";
 
-fn controller(api: &KubeApiserver, etcd: &Etcd) -> Process {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-controller"));
-    cmd.env("KUBECONFIG", &api.kubeconfig)
-        .env("RUST_LOG", "info")
-        .args(["--etcd-endpoints", &etcd.endpoint])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args(["--leader-election-namespace", "default"])
-        .args(["--leader-election-identity", "controller-0"]);
-    Process::spawn("controller", cmd)
-}
-
-async fn status(kube: &kube::Client, node: &str) -> Option<MonitorNodeStatus> {
-    let api: Api<MonitorNode> = Api::all(kube.clone());
-    api.get_opt(node).await.ok().flatten()?.status
-}
-
-async fn wait_state(kube: &kube::Client, node: &str, state: NodeState) -> MonitorNodeStatus {
-    eventually(
-        &format!("MonitorNode {node} {state:?}"),
-        Duration::from_secs(30),
-        || async { status(kube, node).await.filter(|s| s.state == Some(state)) },
-    )
-    .await
-}
+/// How long a MonitorNode may take to reach a state.
+const DEADLINE: Duration = Duration::from_secs(30);
 
 fn replicas(api: &KubeApiserver) -> String {
     api.kubectl_ok(&[
@@ -53,8 +29,8 @@ fn replicas(api: &KubeApiserver) -> String {
 
 #[tokio::test]
 async fn the_uninstall_hook_stops_the_controller_then_marks_the_nodes_unknown() {
-    let (api, etcd) = testkit::start_apiserver_and_etcd().await;
-    let kube = api.client().await;
+    let (lab, _etcd) = Lab::start().await;
+    let api = lab.api();
     // The controller's Deployment as the chart makes it (no kubelet here runs its pods: the test
     // plays the Deployment controller and stops the replica itself).
     let deployment = serde_json::json!({
@@ -69,40 +45,25 @@ async fn the_uninstall_hook_stops_the_controller_then_marks_the_nodes_unknown() 
             }
         }
     });
-    let out = api.kubectl_stdin(&["apply", "-f", "-"], &deployment.to_string());
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    lab.apply(&deployment.to_string());
 
-    let mut agent_cmd = Command::new(project_bin("nodepulse-agent"));
-    agent_cmd
-        .env("RUST_LOG", "info")
-        .args(["--node-name", "gone-1"])
-        .args(["--heartbeat-ttl", "3"])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args(["--etcd-endpoints", &etcd.endpoint]);
-    let _agent = Process::spawn("gone-1", agent_cmd);
-    let mut running = controller(&api, &etcd);
-    wait_state(&kube, "gone-1", NodeState::Alive).await;
+    let _agent = lab.agent("gone-1").ttl(3).start();
+    let mut running = lab.controller("controller-0").spawn();
+    lab.wait_state("gone-1", NodeState::Alive, DEADLINE).await;
 
-    let mut hook_cmd = Command::new(env!("CARGO_BIN_EXE_nodepulse-controller"));
-    hook_cmd
-        .env("KUBECONFIG", &api.kubeconfig)
-        .env("RUST_LOG", "info")
+    let mut hook = lab
+        .controller("hook")
         .args(["--on-uninstall", "--deployment-name", DEPLOYMENT])
-        .args(["--leader-election-namespace", "default"]);
-    let mut hook = Process::spawn("hook", hook_cmd);
+        .spawn();
     wait_until(
         "the hook scales the Deployment to zero",
         Duration::from_secs(30),
-        || replicas(&api) == "0",
+        || replicas(api) == "0",
     );
     // The leader still holds the Lease: the hook waits, and the node is still what it was.
     assert!(hook.is_running(), "{}", hook.output_text());
     assert_eq!(
-        status(&kube, "gone-1").await.and_then(|s| s.state),
+        lab.status("gone-1").await.and_then(|s| s.state),
         Some(NodeState::Alive)
     );
 
@@ -121,7 +82,7 @@ async fn the_uninstall_hook_stops_the_controller_then_marks_the_nodes_unknown() 
         "hook: {exit:?}\n{}",
         hook.output_text()
     );
-    let s = status(&kube, "gone-1").await.expect("status");
+    let s = lab.status("gone-1").await.expect("status");
     assert_eq!(s.state, Some(NodeState::Unknown), "{s:?}");
     assert_eq!(s.reason.as_deref(), Some("ControllerRemoved"));
     let message = s.message.unwrap_or_default();
@@ -139,6 +100,6 @@ async fn the_uninstall_hook_stops_the_controller_then_marks_the_nodes_unknown() 
     );
 
     // Reinstalled: the new controller sees the agent's heartbeat and says Alive again.
-    let _again = controller(&api, &etcd);
-    wait_state(&kube, "gone-1", NodeState::Alive).await;
+    let _again = lab.controller("controller-0").spawn();
+    lab.wait_state("gone-1", NodeState::Alive, DEADLINE).await;
 }
