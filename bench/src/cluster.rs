@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -11,23 +10,13 @@ use futures::StreamExt;
 use kube::Api;
 use kube::runtime::watcher;
 use nodepulse_crd::v1alpha1::{MonitorNode, NodeState};
-use testkit::{Etcd, KubeApiserver, Process, http_get};
+use testkit::{Etcd, KubeApiserver, Launch, Process, http_get};
 
 use crate::{Error, Result};
 
 /// A workspace binary beside the running bench (target/release when run with --release).
 pub fn bin(name: &str) -> Result<PathBuf> {
-    let exe =
-        std::env::current_exe().map_err(|e| Error::Unexpected(format!("current_exe: {e}")))?;
-    let mut dir = exe
-        .parent()
-        .ok_or_else(|| Error::Unexpected("executable has no directory".into()))?
-        .to_path_buf();
-    // A test binary lives in target/<profile>/deps.
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
-    let path = dir.join(name);
+    let path = testkit::project_bin_dir().join(name);
     if path.exists() {
         Ok(path)
     } else {
@@ -103,14 +92,12 @@ pub struct Agent {
 impl Agent {
     /// Starts an agent for `node` against `etcd_endpoint`, with JSON logs.
     pub async fn start(etcd_endpoint: &str, node: &str, ttl_seconds: u32) -> Result<Agent> {
-        let mut cmd = Command::new(bin("nodepulse-agent")?);
-        cmd.args(["--node-name", node])
-            .args(["--heartbeat-ttl", &ttl_seconds.to_string()])
-            .args(["--etcd-endpoints", etcd_endpoint])
-            .args(["--metrics-addr", "127.0.0.1:0"])
+        let process = Launch::agent(node)
+            .program(&bin("nodepulse-agent")?)
+            .etcd(etcd_endpoint)
+            .ttl(ttl_seconds.into())
             .args(["--log-format", "json"])
-            .env("RUST_LOG", "info");
-        let process = Process::spawn(&format!("agent {node}"), cmd);
+            .spawn();
         let metrics_addr = wait_serving(&process, "/metrics", Duration::from_secs(20)).await?;
         Ok(Agent {
             process,
@@ -129,13 +116,9 @@ pub async fn start_etcd() -> Etcd {
 
 /// Starts a kube-apiserver with the CRDs installed.
 pub async fn start_apiserver() -> KubeApiserver {
-    tokio::task::spawn_blocking(|| {
-        let server = KubeApiserver::start();
-        server.install_crds();
-        server
-    })
-    .await
-    .expect("kube-apiserver start task")
+    tokio::task::spawn_blocking(KubeApiserver::with_crds)
+        .await
+        .expect("kube-apiserver start task")
 }
 
 /// Starts `nodepulse-controller` against `etcd` and `apiserver`; returns it with its metrics
@@ -145,14 +128,11 @@ pub async fn start_controller(
     apiserver: &KubeApiserver,
     extra: &[&str],
 ) -> Result<(Process, String)> {
-    let mut cmd = Command::new(bin("nodepulse-controller")?);
-    cmd.args(["--etcd-endpoints", &etcd.endpoint])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args(["--leader-election-namespace", "default"])
+    let process = Launch::controller(&apiserver.kubeconfig, "controller")
+        .program(&bin("nodepulse-controller")?)
+        .etcd(&etcd.endpoint)
         .args(extra)
-        .env("KUBECONFIG", &apiserver.kubeconfig)
-        .env("RUST_LOG", "info");
-    let process = Process::spawn("controller", cmd);
+        .spawn();
     let metrics_addr = wait_serving(&process, "/metrics", Duration::from_secs(30)).await?;
     Ok((process, metrics_addr))
 }

@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use testkit::{Process, kubectl, repo_root, tool, wait_until};
+use testkit::{Kubectl, Process, repo_root, tool, wait_until};
 
 const NODE: &str = "nodepulse-node";
 const NETNS: &str = "nodepulse-cluster";
@@ -59,44 +59,9 @@ fn run(mut cmd: Command) -> Output {
     cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"))
 }
 
-fn kubectl_cmd(args: &[&str]) -> Command {
-    let mut cmd = Command::new(kubectl());
-    cmd.arg("--kubeconfig").arg(kubeconfig()).args(args);
-    cmd
-}
-
-fn kube(args: &[&str]) -> Output {
-    run(kubectl_cmd(args))
-}
-
-/// `kubectl ARGS`, which must succeed: its stdout.
-fn kube_ok(args: &[&str]) -> String {
-    let out = kube(args);
-    assert!(
-        out.status.success(),
-        "kubectl {}: {}{}",
-        args.join(" "),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-fn kube_stdin(args: &[&str], stdin: &str) -> Output {
-    use std::io::Write;
-    let mut child = kubectl_cmd(args)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn kubectl");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(stdin.as_bytes())
-        .expect("write kubectl stdin");
-    child.wait_with_output().expect("kubectl output")
+/// kubectl on the local cluster.
+fn cluster_kubectl() -> Kubectl {
+    Kubectl::new(&kubeconfig())
 }
 
 /// Helm with its own cache and config under the cluster's directory, on the cluster.
@@ -328,7 +293,7 @@ fn uninstall() {
     if release_installed() {
         // The tests' MonitorConfig outlives the release (a cluster-scoped object): delete it while
         // the controller is there to remove its finalizer.
-        let _ = kube(&[
+        let _ = cluster_kubectl().run(&[
             "delete",
             "monitorconfig",
             "e2e-fast",
@@ -338,7 +303,7 @@ fn uninstall() {
         ]);
         helm_ok(&["uninstall", RELEASE, "--wait", "--timeout", "120s"]);
     }
-    kube_ok(&[
+    cluster_kubectl().ok(&[
         "delete",
         "namespace",
         "etcd",
@@ -350,7 +315,7 @@ fn uninstall() {
         "namespaces etcd and nodepulse gone",
         Duration::from_secs(120),
         || {
-            let out = kube(&[
+            let out = cluster_kubectl().run(&[
                 "get",
                 "namespace",
                 "etcd",
@@ -417,16 +382,17 @@ fn ensure_release() {
     let mut fresh = FRESH.lock().unwrap_or_else(|e| e.into_inner());
     let has_one_member = || {
         release_installed()
-            && kube(&[
-                "get",
-                "statefulset",
-                "etcd",
-                "-n",
-                "etcd",
-                "-o",
-                "jsonpath={.spec.replicas}",
-            ])
-            .stdout
+            && cluster_kubectl()
+                .run(&[
+                    "get",
+                    "statefulset",
+                    "etcd",
+                    "-n",
+                    "etcd",
+                    "-o",
+                    "jsonpath={.spec.replicas}",
+                ])
+                .stdout
                 == b"1"
     };
     if !*fresh || !has_one_member() {
@@ -438,7 +404,7 @@ fn ensure_release() {
 fn agent_pod() -> String {
     let mut name = String::new();
     wait_until("one Running agent pod", Duration::from_secs(120), || {
-        let out = kube(&[
+        let out = cluster_kubectl().run(&[
             "get",
             "pods",
             "-n",
@@ -458,7 +424,7 @@ fn agent_pod() -> String {
 
 /// The MonitorNode's `.status` as JSON (`null` when it has none yet).
 fn monitornode_status() -> Option<serde_json::Value> {
-    let out = kube(&["get", "monitornode", NODE, "-o", "jsonpath={.status}"]);
+    let out = cluster_kubectl().run(&["get", "monitornode", NODE, "-o", "jsonpath={.status}"]);
     if !out.status.success() {
         return None;
     }
@@ -479,7 +445,7 @@ fn wait_state(state: &str, timeout: Duration) -> Duration {
 
 /// `kubectl get monitornode NODE --watch`, every state it passes through.
 fn watch_monitornode() -> Process {
-    let cmd = kubectl_cmd(&[
+    let cmd = cluster_kubectl().command(&[
         "get",
         "monitornode",
         NODE,
@@ -497,7 +463,7 @@ fn watch_monitornode() -> Process {
 /// How many times the MonitorNode's Events recorded it Dead (a merged Event counts each time):
 /// the Warning Events whose message says `Node <name> Dead`, whatever their reason.
 fn dead_event_count() -> u64 {
-    let out = kube_ok(&[
+    let out = cluster_kubectl().ok(&[
         "get",
         "events",
         "-A",
@@ -638,7 +604,7 @@ fn parse_sample(at: Instant, line: &str) -> Option<SampleLine> {
 fn follow_agent_logs(pod: &str) -> Process {
     Process::spawn(
         "agent-logs",
-        kubectl_cmd(&["logs", "-f", "-n", "nodepulse", pod, "--tail", "0"]),
+        cluster_kubectl().command(&["logs", "-f", "-n", "nodepulse", pod, "--tail", "0"]),
     )
 }
 
@@ -658,7 +624,7 @@ fn c1_install_and_etcd_member_started() {
         "etcd-0 lists itself started",
         Duration::from_secs(60),
         || {
-            let out = kube(&[
+            let out = cluster_kubectl().run(&[
                 "exec", "etcd-0", "-n", "etcd", "--", "etcdctl", "member", "list", "-w", "table",
             ]);
             table = text(&out.stdout) + &text(&out.stderr);
@@ -667,7 +633,7 @@ fn c1_install_and_etcd_member_started() {
     );
     eprintln!("{table}");
     // The agent DaemonSet is complete, not just "installed": helm --wait must have seen it.
-    let ds = kube_ok(&[
+    let ds = cluster_kubectl().ok(&[
         "get",
         "daemonset",
         "-n",
@@ -689,7 +655,7 @@ fn c2_logs_and_live_config() {
     ensure_release();
     let pod = agent_pod();
     // Start from the default interval, whatever an earlier run left.
-    let _ = kube(&[
+    let _ = cluster_kubectl().run(&[
         "delete",
         "monitorconfig",
         "e2e-fast",
@@ -711,7 +677,7 @@ fn c2_logs_and_live_config() {
 
     let from = logs.line_count();
     let applied = Instant::now();
-    let out = kube_stdin(
+    let out = cluster_kubectl().stdin(
         &["apply", "-f", "-"],
         "apiVersion: nodepulse.io/v1alpha1\nkind: MonitorConfig\nmetadata:\n  name: e2e-fast\nspec:\n  interval: 2\n  metrics: [cpu, memory, disk, network, load]\n",
     );
@@ -767,7 +733,7 @@ fn c2_logs_and_live_config() {
 fn c3_monitornode_alive_with_the_nodes_figures() {
     ensure_release();
     wait_state("Alive", Duration::from_secs(60));
-    let listed = kube_ok(&["get", "monitornodes"]);
+    let listed = cluster_kubectl().ok(&["get", "monitornodes"]);
     eprintln!("kubectl get monitornodes:\n{listed}");
     let row = listed
         .lines()
@@ -805,7 +771,7 @@ fn c3_monitornode_alive_with_the_nodes_figures() {
 
     // Samples every 2 s (c2's MonitorConfig, applied again if run alone) under a steady load on
     // the node's eth0.
-    let _ = kube_stdin(
+    let _ = cluster_kubectl().stdin(
         &["apply", "-f", "-"],
         "apiVersion: nodepulse.io/v1alpha1\nkind: MonitorConfig\nmetadata:\n  name: e2e-fast\nspec:\n  interval: 2\n  metrics: [cpu, memory, disk, network, load]\n",
     );
@@ -888,19 +854,20 @@ fn c4_sigkill_of_the_agent_is_not_a_node_death() {
     wait_state("Alive", Duration::from_secs(60));
     let watch = watch_monitornode();
     let restarts = || {
-        kube_ok(&[
-            "get",
-            "pods",
-            "-n",
-            "nodepulse",
-            "-l",
-            "app.kubernetes.io/component=agent",
-            "-o",
-            "jsonpath={.items[0].status.containerStatuses[0].restartCount}",
-        ])
-        .trim()
-        .parse::<u32>()
-        .unwrap_or(0)
+        cluster_kubectl()
+            .ok(&[
+                "get",
+                "pods",
+                "-n",
+                "nodepulse",
+                "-l",
+                "app.kubernetes.io/component=agent",
+                "-o",
+                "jsonpath={.items[0].status.containerStatuses[0].restartCount}",
+            ])
+            .trim()
+            .parse::<u32>()
+            .unwrap_or(0)
     };
     let before = restarts();
     let agents = node_pids("/nodepulse-agent");
@@ -944,7 +911,7 @@ fn c5_node_death_then_return() {
         "Dead {:.1}s after the node died (TTL {TTL:?})",
         killed.elapsed().as_secs_f64()
     );
-    let described = kube_ok(&["describe", "monitornode", NODE]);
+    let described = cluster_kubectl().ok(&["describe", "monitornode", NODE]);
     eprintln!(
         "{}",
         described
@@ -973,16 +940,17 @@ fn c6_controller_failover_records_a_death_once() {
     wait_state("Alive", Duration::from_secs(60));
     let holder = || {
         text(
-            &kube(&[
-                "get",
-                "lease",
-                "-n",
-                "nodepulse",
-                "nodepulse-controller",
-                "-o",
-                "jsonpath={.spec.holderIdentity}",
-            ])
-            .stdout,
+            &cluster_kubectl()
+                .run(&[
+                    "get",
+                    "lease",
+                    "-n",
+                    "nodepulse",
+                    "nodepulse-controller",
+                    "-o",
+                    "jsonpath={.spec.holderIdentity}",
+                ])
+                .stdout,
         )
         .trim()
         .to_string()
@@ -997,7 +965,7 @@ fn c6_controller_failover_records_a_death_once() {
         },
     );
     let dead_before = dead_event_count();
-    kube_ok(&["delete", "pod", "-n", "nodepulse", &leader, "--wait=false"]);
+    cluster_kubectl().ok(&["delete", "pod", "-n", "nodepulse", &leader, "--wait=false"]);
     let frozen = FrozenAgent::freeze();
     let killed = Instant::now();
     let mut new_leader = String::new();
@@ -1074,14 +1042,18 @@ fn c7_upgrade_then_uninstall() {
                 && node_pids("/usr/local/bin/etcd").is_empty()
         },
     );
-    let pods = kube_ok(&["get", "pods", "-A", "-o", "name"]);
+    let pods = cluster_kubectl().ok(&["get", "pods", "-A", "-o", "name"]);
     assert!(
         !pods.contains("nodepulse") && !pods.contains("etcd-"),
         "pods left: {pods}"
     );
     let mut listed = String::new();
     let still_alive = (0..40).all(|_| {
-        listed = text(&kube(&["get", "monitornodes", "--no-headers"]).stdout);
+        listed = text(
+            &cluster_kubectl()
+                .run(&["get", "monitornodes", "--no-headers"])
+                .stdout,
+        );
         let alive = listed
             .lines()
             .any(|l| l.split_whitespace().nth(1) == Some("Alive"));
@@ -1108,7 +1080,7 @@ fn c8_three_etcd_members() {
     )
     .expect("write values");
     install(&["-f", &values.to_string_lossy()]);
-    let bound = kube_ok(&[
+    let bound = cluster_kubectl().ok(&[
         "get",
         "pvc",
         "-n",
@@ -1123,7 +1095,7 @@ fn c8_three_etcd_members() {
     );
     let mut table = String::new();
     wait_until("three members started", Duration::from_secs(90), || {
-        let out = kube(&[
+        let out = cluster_kubectl().run(&[
             "exec", "etcd-0", "-n", "etcd", "--", "etcdctl", "member", "list", "-w", "table",
         ]);
         table = text(&out.stdout);

@@ -13,8 +13,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_yaml::Value;
 use testkit::{
-    ClientTls, Etcd, EtcdUsers, KubeApiserver, Process, SecureEtcd, enable_etcd_auth, etcdctl_as,
-    project_bin, repo_root, scratch_dir, tool, wait_until,
+    ClientTls, Etcd, EtcdUsers, KubeApiserver, Launch, Process, SecureEtcd, enable_etcd_auth,
+    etcdctl_as, project_bin, repo_root, scratch_dir, tool, wait_until,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -82,24 +82,16 @@ impl Conn {
 }
 
 fn agent(node: &str, conn: &Conn, via: Via, log: &str) -> Process {
-    let mut cmd = Command::new(project_bin("nodepulse-agent"));
-    cmd.env("RUST_LOG", log)
-        .env_remove("NODE_NAME")
-        .args(["--node-name", node])
-        .args(["--heartbeat-ttl", "3"])
-        .args(["--metrics-addr", "127.0.0.1:0"]);
+    let mut cmd = Launch::agent(node).ttl(3).log(log).command();
     conn.apply(&mut cmd, via);
-    Process::spawn(&format!("agent-{node}"), cmd)
+    Process::spawn(node, cmd)
 }
 
 fn controller(api: &KubeApiserver, conn: &Conn, via: Via, log: &str) -> Process {
-    let mut cmd = Command::new(project_bin("nodepulse-controller"));
-    cmd.env("KUBECONFIG", &api.kubeconfig)
-        .env("RUST_LOG", log)
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args(["--leader-election-namespace", "default"])
-        .args(["--leader-election-identity", "security-test"])
-        .args(["--usage-write-interval", "5s"]);
+    let mut cmd = Launch::controller(&api.kubeconfig, "security-test")
+        .log(log)
+        .args(["--usage-write-interval", "5s"])
+        .command();
     conn.apply(&mut cmd, via);
     Process::spawn("controller", cmd)
 }
@@ -133,8 +125,7 @@ fn ctl_lists(conn: &Conn, via: Via, nodes: &[&str]) {
 
 /// A private API server with the CRDs, with Nodes named `nodes`.
 fn apiserver(nodes: &[&str]) -> KubeApiserver {
-    let api = KubeApiserver::start();
-    api.install_crds();
+    let api = KubeApiserver::with_crds();
     for node in nodes {
         let manifest = serde_json::json!({
             "apiVersion": "v1", "kind": "Node", "metadata": {"name": node},
