@@ -2,15 +2,11 @@
 //! TTL (a stalled disk as the agent sees it), the keep-alives still go out on time, so the node's
 //! key never expires and no second lease is granted.
 
-mod common;
-
 use std::time::Duration;
 
 use etcd_client::{EventType, WatchOptions};
 use nodepulse_crd::wire::heartbeat_key;
-use testkit::{Etcd, SlowEtcd, eventually};
-
-use common::{heartbeat, start_agent_at};
+use testkit::{Etcd, Launch, SlowEtcd, eventually, heartbeat};
 
 /// The agent's lease TTL, in seconds: keep-alives every second.
 const TTL: u64 = 3;
@@ -24,21 +20,18 @@ async fn writes_slower_than_the_ttl_never_cost_the_lease() {
     let mut client = etcd.client().await;
     let slow = SlowEtcd::start(&etcd.endpoint);
     // Values rewritten at least every second, so that a put is always pending.
-    let agent = start_agent_at(
-        &slow.endpoint(),
-        "slow-disk",
-        &[
-            "--heartbeat-ttl",
-            &TTL.to_string(),
+    let agent = Launch::agent("slow-disk")
+        .etcd(&slow.endpoint())
+        .ttl(TTL)
+        .args([
             "--heartbeat-min-interval",
             "1s",
             "--heartbeat-max-interval",
             "1s",
-        ],
-    );
+        ])
+        .start();
     let (_, lease) = eventually("heartbeat key", Duration::from_secs(10), || {
-        let mut c = client.clone();
-        async move { heartbeat(&mut c, "slow-disk").await }
+        heartbeat(&client, "slow-disk")
     })
     .await;
 
@@ -73,7 +66,7 @@ async fn writes_slower_than_the_ttl_never_cost_the_lease() {
     }
 
     // The lease is the one granted at the start, still alive, and the only one: no re-grant loop.
-    let (_, now_lease) = heartbeat(&mut client, "slow-disk")
+    let (_, now_lease) = heartbeat(&client, "slow-disk")
         .await
         .expect("the key is still there");
     assert_eq!(now_lease, lease, "the key moved to another lease");

@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_yaml::Value;
-use testkit::{
-    Etcd, KubeApiserver, Process, http_get, project_bin, repo_root, scratch_dir, tool, wait_until,
-};
+use testkit::{Etcd, KubeApiserver, Launch, http_get, repo_root, scratch_dir, tool, wait_until};
 
 fn chart() -> PathBuf {
     repo_root().join("charts/nodepulse")
@@ -262,25 +260,18 @@ fn every_metric_the_dashboard_and_the_alerts_query_is_exported_by_the_real_binar
     .expect("the shipped dashboard is JSON");
     assert_eq!(shipped, dashboard);
 
-    let api = KubeApiserver::start();
-    api.install_crds();
+    let api = KubeApiserver::with_crds();
     let etcd = Etcd::start();
-    let mut cmd = Command::new(project_bin("nodepulse-controller"));
-    cmd.env("KUBECONFIG", &api.kubeconfig)
-        .env("RUST_LOG", "info")
-        .args(["--etcd-endpoints", &etcd.endpoint])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args(["--leader-elect=false"]);
-    let controller = Process::spawn("controller", cmd);
-    let mut cmd = Command::new(project_bin("nodepulse-agent"));
+    let controller = Launch::controller(&api.kubeconfig, "controller")
+        .etcd(&etcd.endpoint)
+        .args(["--leader-elect=false"])
+        .spawn();
     // Every interface counts (loopback too), so the per-interface series exist on any machine.
-    cmd.env("RUST_LOG", "info")
-        .args(["--node-name", "worker-1"])
-        .args(["--heartbeat-ttl", "3"])
+    let agent = Launch::agent("worker-1")
+        .etcd(&etcd.endpoint)
+        .ttl(3)
         .args(["--network-device-exclude", ""])
-        .args(["--metrics-addr", "127.0.0.1:0"])
-        .args(["--etcd-endpoints", &etcd.endpoint]);
-    let agent = Process::spawn("agent", cmd);
+        .spawn();
 
     let agent_addr = agent.wait_for_serving_addr(Duration::from_secs(30));
     let controller_addr = controller.wait_for_serving_addr(Duration::from_secs(30));
