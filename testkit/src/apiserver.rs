@@ -9,6 +9,7 @@ use std::time::Duration;
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
 use crate::etcd::Etcd;
+use crate::helm::helm_command;
 use crate::ports::ReservedPort;
 use crate::process::Process;
 use crate::scratch_dir;
@@ -150,13 +151,10 @@ impl KubeApiserver {
 
     /// Runs helm against this server.
     pub fn helm(&self, args: &[&str]) -> Output {
-        Command::new(tool("helm"))
+        helm_command(&self.dir().join("helm"))
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(args)
-            .env("HELM_CACHE_HOME", self.dir().join("helm/cache"))
-            .env("HELM_CONFIG_HOME", self.dir().join("helm/config"))
-            .env("HELM_DATA_HOME", self.dir().join("helm/data"))
             .output()
             .expect("run helm")
     }

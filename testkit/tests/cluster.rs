@@ -23,7 +23,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use testkit::{Kubectl, Process, repo_root, tool, wait_until};
+use testkit::{Kubectl, Process, helm_command, repo_root, wait_until};
 
 const NODE: &str = "nodepulse-node";
 const NETNS: &str = "nodepulse-cluster";
@@ -66,21 +66,20 @@ fn cluster_kubectl() -> Kubectl {
 
 /// Helm with its own cache and config under the cluster's directory, on the cluster.
 fn helm(args: &[&str]) -> Output {
-    let home = cluster_dir().join("helm");
-    let mut cmd = Command::new(tool("helm"));
-    cmd.args(args)
-        .env("KUBECONFIG", kubeconfig())
-        .env("HELM_CACHE_HOME", home.join("cache"))
-        .env("HELM_CONFIG_HOME", home.join("config"))
-        .env("HELM_DATA_HOME", home.join("data"));
+    let mut cmd = helm_command(&cluster_dir().join("helm"));
+    cmd.args(args).env("KUBECONFIG", kubeconfig());
     run(cmd)
 }
 
 fn helm_ok(args: &[&str]) -> String {
-    let out = helm(args);
+    succeeded("helm", args, helm(args))
+}
+
+/// The stdout of `program args`, which must have succeeded.
+fn succeeded(program: &str, args: &[&str], out: Output) -> String {
     assert!(
         out.status.success(),
-        "helm {}: {}{}",
+        "{program} {}: {}{}",
         args.join(" "),
         text(&out.stdout),
         text(&out.stderr)
@@ -95,14 +94,7 @@ fn cluster_sh(args: &[&str]) -> Output {
 }
 
 fn cluster_sh_ok(args: &[&str]) {
-    let out = cluster_sh(args);
-    assert!(
-        out.status.success(),
-        "hack/cluster.sh {}: {}{}",
-        args.join(" "),
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    succeeded("hack/cluster.sh", args, cluster_sh(args));
 }
 
 // --- the node, seen from the machine ---------------------------------------------------------

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_yaml::Value;
 use testkit::{
-    KubeApiserver, Process, ReservedPort, http_get, repo_root, scratch_dir, tool, wait_until,
+    KubeApiserver, Process, ReservedPort, helm, http_get, render_chart, repo_root, scratch_dir,
+    tool, wait_until,
 };
 
 /// The chart's directory.
@@ -24,42 +24,8 @@ fn ci_values(name: &str) -> String {
     chart().join("ci").join(name).to_string_lossy().into_owned()
 }
 
-/// Runs helm with private cache/config dirs (no kubeconfig needed for lint and template).
-fn helm(args: &[&str]) -> Output {
-    let home = scratch_dir("helm-home");
-    Command::new(tool("helm"))
-        .args(args)
-        .env("HELM_CACHE_HOME", home.path().join("cache"))
-        .env("HELM_CONFIG_HOME", home.path().join("config"))
-        .env("HELM_DATA_HOME", home.path().join("data"))
-        .output()
-        .expect("run helm")
-}
-
 fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
-}
-
-/// `helm template nodepulse charts/nodepulse <extra>` parsed into its objects.
-fn render(extra: &[&str]) -> Vec<Value> {
-    let chart = chart();
-    let mut args = vec!["template", "nodepulse", chart.to_str().expect("utf-8 path")];
-    args.extend_from_slice(extra);
-    let out = helm(&args);
-    assert!(
-        out.status.success(),
-        "helm template {extra:?} failed: {}",
-        text(&out.stderr)
-    );
-    parse_objects(&text(&out.stdout))
-}
-
-/// The objects of a multi-document YAML stream (empty documents skipped).
-fn parse_objects(yaml: &str) -> Vec<Value> {
-    serde_yaml::Deserializer::from_str(yaml)
-        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
-        .filter(|v| !v.is_null())
-        .collect()
 }
 
 /// The one object of `kind` named `name`.
@@ -117,7 +83,7 @@ fn helm_lint_strict_and_template_pass_for_defaults_three_members_and_external_tl
             text(&out.stdout),
             text(&out.stderr)
         );
-        let objects = render(&extra);
+        let objects = render_chart(&extra);
         assert!(
             kinds(&objects).contains("DaemonSet") && kinds(&objects).contains("Deployment"),
             "{what}: agent and controller rendered"
@@ -170,7 +136,7 @@ fn bad_values_fail_with_a_clear_message() {
 
 #[test]
 fn rendered_objects_carry_what_the_issue_asks_for() {
-    let objects = render(&[]);
+    let objects = render_chart(&[]);
 
     // etcd as the specification names it: namespace etcd, headless etcd-service, StatefulSet etcd.
     object(&objects, "Namespace", "etcd");
@@ -312,7 +278,7 @@ fn rendered_objects_carry_what_the_issue_asks_for() {
     );
 
     // Three members: all in --initial-cluster, required anti-affinity, PDB maxUnavailable 1.
-    let three = render(&["--set", "etcd.replicas=3"]);
+    let three = render_chart(&["--set", "etcd.replicas=3"]);
     let sts = object(&three, "StatefulSet", "etcd");
     assert_eq!(sts["spec"]["replicas"].as_u64(), Some(3));
     assert!(
@@ -334,7 +300,7 @@ fn rendered_objects_carry_what_the_issue_asks_for() {
     );
 
     // External etcd with TLS: no etcd objects, the client Secret mounted, credentials from a Secret.
-    let external = render(&["-f", &ci_values("external-etcd-tls-values.yaml")]);
+    let external = render_chart(&["-f", &ci_values("external-etcd-tls-values.yaml")]);
     assert!(!kinds(&external).contains("StatefulSet"));
     let yaml =
         serde_yaml::to_string(object(&external, "DaemonSet", "nodepulse-agent")).expect("yaml");
@@ -566,7 +532,7 @@ fn dockerfile_builds_and_copies_what_make_release_builds() {
         "cached dependency layer"
     );
     // The chart runs the binaries where the image puts them.
-    let objects = render(&[]);
+    let objects = render_chart(&[]);
     for (kind, name, bin) in [
         ("DaemonSet", "nodepulse-agent", "nodepulse-agent"),
         ("Deployment", "nodepulse-controller", "nodepulse-controller"),
@@ -610,7 +576,7 @@ fn loopback_flag(flag: &str, me: usize, ports: &[MemberPorts], data_dir: &Path) 
 
 #[test]
 fn three_member_etcd_command_line_from_the_chart_forms_a_cluster() {
-    let objects = render(&["--set", "etcd.replicas=3"]);
+    let objects = render_chart(&["--set", "etcd.replicas=3"]);
     let sts = object(&objects, "StatefulSet", "etcd");
     let rendered = container_args(sts);
     for flag in [
@@ -757,7 +723,7 @@ fn local_command(
 fn rendered_agent_and_controller_command_lines_run_the_real_binaries() {
     // What the chart renders must be what the binaries accept: run them with exactly the rendered
     // args and env, only the pod's paths and addresses mapped to this machine.
-    let objects = render(&[]);
+    let objects = render_chart(&[]);
     let etcd = testkit::Etcd::start();
     let server = KubeApiserver::shared();
     let node = "chart-node-1";
@@ -846,7 +812,7 @@ fn container<'a>(workload: &'a Value, key: &str, name: &str) -> &'a Value {
 #[test]
 fn chart_defaults_run_on_a_real_node() {
     // Issue 15: what a first install on a real node ran into, each checked on the render.
-    let objects = render(&[]);
+    let objects = render_chart(&[]);
     let ds = object(&objects, "DaemonSet", "nodepulse-agent");
     let deploy = object(&objects, "Deployment", "nodepulse-controller");
     let sts = object(&objects, "StatefulSet", "etcd");
@@ -856,7 +822,7 @@ fn chart_defaults_run_on_a_real_node() {
         let args = container_args(workload);
         assert!(args.contains(&"--log-format=text".to_string()), "{args:?}");
     }
-    let json = render(&["--set", "logFormat=json"]);
+    let json = render_chart(&["--set", "logFormat=json"]);
     assert!(
         container_args(object(&json, "DaemonSet", "nodepulse-agent"))
             .contains(&"--log-format=json".to_string())
@@ -874,7 +840,7 @@ fn chart_defaults_run_on_a_real_node() {
             .map(str::to_string)
     };
     assert_eq!(root_mount(ds).as_deref(), Some("None"));
-    let shared = render(&["--set", "agent.hostRootMountPropagation=HostToContainer"]);
+    let shared = render_chart(&["--set", "agent.hostRootMountPropagation=HostToContainer"]);
     assert_eq!(
         root_mount(object(&shared, "DaemonSet", "nodepulse-agent")).as_deref(),
         Some("HostToContainer")
@@ -910,18 +876,18 @@ fn chart_defaults_run_on_a_real_node() {
     // helm --wait, which waits for nodes - maxUnavailable ready pods, waits for every agent, on
     // install and upgrade alike; on the host's network two agents cannot share the port.
     for args in [&[][..], &["--is-upgrade"][..]] {
-        let rendered = render(args);
+        let rendered = render_chart(args);
         let ds = object(&rendered, "DaemonSet", "nodepulse-agent");
         let rolling = &ds["spec"]["updateStrategy"]["rollingUpdate"];
         assert_eq!(rolling["maxUnavailable"].as_u64(), Some(0), "{args:?}");
         assert_eq!(rolling["maxSurge"].as_u64(), Some(1), "{args:?}");
     }
-    let host = render(&["--set", "agent.hostNetwork=true"]);
+    let host = render_chart(&["--set", "agent.hostNetwork=true"]);
     let host_ds = object(&host, "DaemonSet", "nodepulse-agent");
     let rolling = &host_ds["spec"]["updateStrategy"]["rollingUpdate"];
     assert_eq!(rolling["maxUnavailable"].as_u64(), Some(1));
     assert_eq!(rolling["maxSurge"].as_u64(), Some(0));
-    let own = render(&["--set", "agent.updateStrategy.type=OnDelete"]);
+    let own = render_chart(&["--set", "agent.updateStrategy.type=OnDelete"]);
     assert_eq!(
         object(&own, "DaemonSet", "nodepulse-agent")["spec"]["updateStrategy"]["type"].as_str(),
         Some("OnDelete")
@@ -931,7 +897,7 @@ fn chart_defaults_run_on_a_real_node() {
     // restricted by default.
     let ns = object(&objects, "Namespace", "etcd");
     assert!(ns["metadata"]["annotations"]["helm.sh/resource-policy"].is_null());
-    let kept = render(&["--set", "etcd.namespace.keepOnUninstall=true"]);
+    let kept = render_chart(&["--set", "etcd.namespace.keepOnUninstall=true"]);
     assert_eq!(
         object(&kept, "Namespace", "etcd")["metadata"]["annotations"]["helm.sh/resource-policy"]
             .as_str(),
@@ -953,7 +919,7 @@ fn chart_defaults_run_on_a_real_node() {
 
     // hostPath PVs ignore fsGroup: the opt-in init container chowns the volume's root, as root
     // with CAP_CHOWN only; etcd itself stays 65532, and the namespace allows root (baseline).
-    let hostpath = render(&["-f", &ci_values("etcd-hostpath-values.yaml")]);
+    let hostpath = render_chart(&["-f", &ci_values("etcd-hostpath-values.yaml")]);
     let sts = object(&hostpath, "StatefulSet", "etcd");
     let init = container(sts, "initContainers", "volume-permissions");
     let cmd: Vec<&str> = init["command"]
@@ -1015,6 +981,6 @@ fn chart_defaults_run_on_a_real_node() {
         rule["resourceNames"][0].as_str(),
         Some("nodepulse-controller")
     );
-    let off = render(&["--set", "controller.markNodesUnknownOnUninstall=false"]);
+    let off = render_chart(&["--set", "controller.markNodesUnknownOnUninstall=false"]);
     assert!(!kinds(&off).contains("Job"));
 }

@@ -8,9 +8,10 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_yaml::Value;
-use testkit::{Etcd, KubeApiserver, Launch, http_get, repo_root, scratch_dir, tool, wait_until};
+use testkit::{
+    Etcd, KubeApiserver, Launch, http_get, render_chart, repo_root, scratch_dir, tool, wait_until,
+};
 
 fn chart() -> PathBuf {
     repo_root().join("charts/nodepulse")
@@ -22,29 +23,6 @@ fn fixture(name: &str) -> PathBuf {
 
 fn text(out: &[u8]) -> String {
     String::from_utf8_lossy(out).into_owned()
-}
-
-/// `helm template nodepulse charts/nodepulse <extra>`: the rendered objects.
-fn render(extra: &[&str]) -> Vec<Value> {
-    let home = scratch_dir("helm-home");
-    let chart = chart();
-    let out = Command::new(tool("helm"))
-        .args(["template", "nodepulse", chart.to_str().expect("utf-8 path")])
-        .args(extra)
-        .env("HELM_CACHE_HOME", home.path().join("cache"))
-        .env("HELM_CONFIG_HOME", home.path().join("config"))
-        .env("HELM_DATA_HOME", home.path().join("data"))
-        .output()
-        .expect("run helm");
-    assert!(
-        out.status.success(),
-        "helm template {extra:?} failed: {}",
-        text(&out.stderr)
-    );
-    serde_yaml::Deserializer::from_str(&text(&out.stdout))
-        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
-        .filter(|v| !v.is_null())
-        .collect()
 }
 
 fn the_one<'a>(objects: &'a [Value], kind: &str) -> &'a Value {
@@ -67,7 +45,7 @@ fn assert_ran(what: &str, out: &Output) {
 
 /// The PrometheusRule the chart renders with `prometheusRule.enabled=true`.
 fn prometheus_rule() -> Value {
-    let objects = render(&["--set", "prometheusRule.enabled=true"]);
+    let objects = render_chart(&["--set", "prometheusRule.enabled=true"]);
     the_one(&objects, "PrometheusRule").clone()
 }
 
@@ -84,7 +62,7 @@ fn alerts(rule: &Value) -> Vec<&Value> {
 
 #[test]
 fn prometheus_rule_is_off_by_default() {
-    let objects = render(&[]);
+    let objects = render_chart(&[]);
     assert!(
         objects
             .iter()
@@ -246,7 +224,7 @@ fn every_metric_the_dashboard_and_the_alerts_query_is_exported_by_the_real_binar
     );
 
     // The dashboard ships in the chart as it is in the repository.
-    let objects = render(&["--set", "grafanaDashboard.enabled=true"]);
+    let objects = render_chart(&["--set", "grafanaDashboard.enabled=true"]);
     let configmap = the_one(&objects, "ConfigMap");
     assert_eq!(
         configmap["metadata"]["labels"]["grafana_dashboard"].as_str(),

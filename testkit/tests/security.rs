@@ -10,11 +10,10 @@ use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_yaml::Value;
 use testkit::{
     ClientTls, Etcd, EtcdUsers, KubeApiserver, Launch, Process, SecureEtcd, enable_etcd_auth,
-    etcdctl_as, project_bin, repo_root, scratch_dir, tool, wait_until,
+    etcdctl_as, project_bin, render_chart, repo_root, tool, wait_until,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -519,34 +518,6 @@ fn passwords_never_appear_in_logs_or_help() {
     }
 }
 
-/// Runs helm with private cache/config dirs.
-fn helm(args: &[&str]) -> Output {
-    let home = scratch_dir("helm-home");
-    Command::new(tool("helm"))
-        .args(args)
-        .env("HELM_CACHE_HOME", home.path().join("cache"))
-        .env("HELM_CONFIG_HOME", home.path().join("config"))
-        .env("HELM_DATA_HOME", home.path().join("data"))
-        .output()
-        .expect("run helm")
-}
-
-fn render(extra: &[&str]) -> Vec<Value> {
-    let chart = repo_root().join("charts/nodepulse");
-    let mut args = vec!["template", "nodepulse", chart.to_str().expect("utf-8 path")];
-    args.extend_from_slice(extra);
-    let out = helm(&args);
-    assert!(
-        out.status.success(),
-        "helm template {extra:?}: {}",
-        text(&out.stderr)
-    );
-    serde_yaml::Deserializer::from_str(&text(&out.stdout))
-        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
-        .filter(|v| !v.is_null())
-        .collect()
-}
-
 fn pod_spec<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
     let o = objects
         .iter()
@@ -584,7 +555,7 @@ fn env_value(env: &[(String, String)], name: &str) -> Option<String> {
 
 #[test]
 fn chart_passes_etcd_credentials_and_client_tls_from_secrets() {
-    let objects = render(&[
+    let objects = render_chart(&[
         "--set",
         "etcd.tls.client.enabled=true",
         "--set",
@@ -651,7 +622,7 @@ fn chart_passes_etcd_credentials_and_client_tls_from_secrets() {
     }
 
     // One shared Secret when no per-component one is named.
-    let shared = render(&["--set", "etcd.client.auth.enabled=true"]);
+    let shared = render_chart(&["--set", "etcd.client.auth.enabled=true"]);
     for (kind, name) in [
         ("DaemonSet", "nodepulse-agent"),
         ("Deployment", "nodepulse-controller"),
@@ -663,7 +634,7 @@ fn chart_passes_etcd_credentials_and_client_tls_from_secrets() {
         );
     }
     // Auth off: no credential variables at all.
-    let off = render(&[]);
+    let off = render_chart(&[]);
     let env = env_of(pod_spec(&off, "DaemonSet", "nodepulse-agent"));
     assert!(env_value(&env, "NODEPULSE_ETCD_PASSWORD").is_none());
 }

@@ -1,0 +1,45 @@
+//! helm for the chart's tests: a private cache, config and data home per run.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use serde::Deserialize;
+
+use crate::scratch_dir;
+use crate::tools::{repo_root, tool};
+
+/// helm keeping its cache, config and data under `home`.
+pub fn helm_command(home: &Path) -> Command {
+    let mut cmd = Command::new(tool("helm"));
+    cmd.env("HELM_CACHE_HOME", home.join("cache"))
+        .env("HELM_CONFIG_HOME", home.join("config"))
+        .env("HELM_DATA_HOME", home.join("data"));
+    cmd
+}
+
+/// Runs helm without a cluster (lint, template), with a home of its own.
+pub fn helm(args: &[&str]) -> Output {
+    let home = scratch_dir("helm-home");
+    helm_command(home.path())
+        .args(args)
+        .output()
+        .expect("run helm")
+}
+
+/// `helm template nodepulse charts/nodepulse <extra>`, which must render: its objects, empty
+/// documents left out.
+pub fn render_chart(extra: &[&str]) -> Vec<serde_yaml::Value> {
+    let chart = repo_root().join("charts/nodepulse");
+    let mut args = vec!["template", "nodepulse", chart.to_str().expect("utf-8 path")];
+    args.extend_from_slice(extra);
+    let out = helm(&args);
+    assert!(
+        out.status.success(),
+        "helm template {extra:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_yaml::Deserializer::from_str(&String::from_utf8_lossy(&out.stdout))
+        .map(|doc| serde_yaml::Value::deserialize(doc).expect("rendered YAML parses"))
+        .filter(|v| !v.is_null())
+        .collect()
+}
