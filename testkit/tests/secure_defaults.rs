@@ -1,39 +1,8 @@
 //! What the chart's defaults lock down: NetworkPolicies that admit only the agent and the
 //! controller to etcd's client port and only etcd members to its peer port.
 
-use std::path::PathBuf;
-use std::process::Command;
-
-use serde::Deserialize;
 use serde_yaml::Value;
-use testkit::{repo_root, scratch_dir, tool};
-
-fn chart() -> PathBuf {
-    repo_root().join("charts/nodepulse")
-}
-
-/// `helm template nodepulse charts/nodepulse <extra>`: the rendered objects.
-fn render(extra: &[&str]) -> Vec<Value> {
-    let home = scratch_dir("helm-home");
-    let chart = chart();
-    let out = Command::new(tool("helm"))
-        .args(["template", "nodepulse", chart.to_str().expect("utf-8 path")])
-        .args(extra)
-        .env("HELM_CACHE_HOME", home.path().join("cache"))
-        .env("HELM_CONFIG_HOME", home.path().join("config"))
-        .env("HELM_DATA_HOME", home.path().join("data"))
-        .output()
-        .expect("run helm");
-    assert!(
-        out.status.success(),
-        "helm template {extra:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_yaml::Deserializer::from_str(&String::from_utf8_lossy(&out.stdout))
-        .map(|doc| Value::deserialize(doc).expect("rendered YAML parses"))
-        .filter(|v| !v.is_null())
-        .collect()
-}
+use testkit::render_chart;
 
 fn network_policy<'a>(objects: &'a [Value], namespace: &str, name: &str) -> &'a Value {
     objects
@@ -64,7 +33,7 @@ fn component(peer: &Value) -> &str {
 
 #[test]
 fn by_default_etcd_admits_only_the_agent_and_the_controller_and_its_peers() {
-    let objects = render(&[]);
+    let objects = render_chart(&[]);
     let etcd = network_policy(&objects, "etcd", "etcd");
     assert_eq!(
         etcd["spec"]["podSelector"]["matchLabels"]["app.kubernetes.io/component"].as_str(),
@@ -99,7 +68,7 @@ fn by_default_etcd_admits_only_the_agent_and_the_controller_and_its_peers() {
         assert_eq!(rules[0]["ports"][0]["port"].as_str(), Some("metrics"));
     }
 
-    let off = render(&["--set", "networkPolicy.enabled=false"]);
+    let off = render_chart(&["--set", "networkPolicy.enabled=false"]);
     assert!(
         off.iter()
             .all(|o| o["kind"].as_str() != Some("NetworkPolicy"))
