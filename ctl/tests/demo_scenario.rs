@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use testkit::{Line, Process, project_bin, repo_root, tool};
+use testkit::{Process, project_bin, repo_root, tool};
 
 /// The demo's heartbeat TTL, in seconds (`DEMO_TTL`).
 const TTL: u64 = 5;
@@ -22,22 +22,6 @@ impl Drop for Demo {
             self.0.signal(Signal::SIGTERM);
             let _ = self.0.wait_exit(Duration::from_secs(15));
         }
-    }
-}
-
-impl Demo {
-    fn line(&self, timeout: Duration, what: &str, pred: impl Fn(&str) -> bool) -> (usize, Line) {
-        self.0.wait_for_line_from(0, timeout, what, pred)
-    }
-
-    fn line_after(
-        &self,
-        from: usize,
-        timeout: Duration,
-        what: &str,
-        pred: impl Fn(&str) -> bool,
-    ) -> (usize, Line) {
-        self.0.wait_for_line_from(from, timeout, what, pred)
     }
 }
 
@@ -82,27 +66,35 @@ fn make_demo_plays_the_labs_scenario_within_its_deadlines() {
     let secs = Duration::from_secs;
 
     // 1. The watcher starts and says there is no node.
-    let (i, _) = demo.line(secs(60), "[watch] no node yet", |l| {
-        l.starts_with("[watch]") && l.contains("No node yet")
-    });
+    let (i, _) = demo
+        .0
+        .wait_for_line_from(0, secs(60), "[watch] no node yet", |l| {
+            l.starts_with("[watch]") && l.contains("No node yet")
+        });
 
     // 2. Alive within 2 s of the agent's start.
-    let (i, started) = demo.line_after(i, secs(10), "the agent's command line", |l| {
-        l.starts_with("[demo] nodepulse-agent --node-name worker-1")
-    });
-    let (i, alive) = demo.line_after(i, secs(10), "[watch] Node worker-1 Alive", |l| {
-        l.starts_with("[watch]") && l.ends_with("Node worker-1 Alive")
-    });
+    let (i, started) = demo
+        .0
+        .wait_for_line_from(i, secs(10), "the agent's command line", |l| {
+            l.starts_with("[demo] nodepulse-agent --node-name worker-1")
+        });
+    let (i, alive) = demo
+        .0
+        .wait_for_line_from(i, secs(10), "[watch] Node worker-1 Alive", |l| {
+            l.starts_with("[watch]") && l.ends_with("Node worker-1 Alive")
+        });
     let took = alive.at - started.at;
     assert!(took <= secs(2), "Alive {took:?} after the agent's start");
 
     // 3. "config updated" within 1 s of the push, then samples 2 s apart.
-    let (i, push) = demo.line_after(i, secs(20), "the push", |l| {
+    let (i, push) = demo.0.wait_for_line_from(i, secs(20), "the push", |l| {
         l.starts_with("[demo] nodepulsectl config set worker-1 --interval 2")
     });
-    let (i, updated) = demo.line_after(i, secs(5), "[agent] config updated", |l| {
-        l.starts_with("[agent]") && l.contains("config updated: interval 10s -> 2s")
-    });
+    let (i, updated) = demo
+        .0
+        .wait_for_line_from(i, secs(5), "[agent] config updated", |l| {
+            l.starts_with("[agent]") && l.contains("config updated: interval 10s -> 2s")
+        });
     let took = updated.at - push.at;
     assert!(took <= secs(1), "config applied {took:?} after the push");
     assert!(
@@ -114,9 +106,11 @@ fn make_demo_plays_the_labs_scenario_within_its_deadlines() {
     let mut i = i;
     let mut gaps = Vec::new();
     for n in 0..3 {
-        let (next, sample) = demo.line_after(i + 1, secs(5), &format!("sample {n}"), |l| {
-            l.starts_with("[agent]") && l.contains(" sample ")
-        });
+        let (next, sample) =
+            demo.0
+                .wait_for_line_from(i + 1, secs(5), &format!("sample {n}"), |l| {
+                    l.starts_with("[agent]") && l.contains(" sample ")
+                });
         let t = agent_time(&sample.text);
         if n > 0 {
             gaps.push(t.duration_since(at));
@@ -133,10 +127,10 @@ fn make_demo_plays_the_labs_scenario_within_its_deadlines() {
     }
 
     // 4. Dead within TTL + 2 s of the SIGKILL.
-    let (i, kill) = demo.line_after(i, secs(10), "the kill", |l| {
+    let (i, kill) = demo.0.wait_for_line_from(i, secs(10), "the kill", |l| {
         l.starts_with("[demo] 4. Kill the agent hard")
     });
-    let (i, dead) = demo.line_after(
+    let (i, dead) = demo.0.wait_for_line_from(
         i,
         secs(TTL + 5),
         "[watch] Node worker-1 Dead (heartbeat expired)",
@@ -149,7 +143,7 @@ fn make_demo_plays_the_labs_scenario_within_its_deadlines() {
     );
 
     // The demo ends by itself and stops what it started.
-    demo.line_after(i, secs(20), "the end", |l| {
+    demo.0.wait_for_line_from(i, secs(20), "the end", |l| {
         l == "[demo] stopped everything it started"
     });
     let mut demo = demo;
@@ -175,9 +169,10 @@ fn ctrl_c_stops_everything_the_demo_started() {
         .env("NODEPULSE_TOOLS", tools_dir(false))
         .env_remove("DEMO_K8S");
     let mut demo = Demo(Process::spawn("demo", cmd));
-    demo.line(Duration::from_secs(60), "the agent alive", |l| {
-        l.ends_with("Node worker-1 Alive")
-    });
+    demo.0
+        .wait_for_line_from(0, Duration::from_secs(60), "the agent alive", |l| {
+            l.ends_with("Node worker-1 Alive")
+        });
     let out = demo.0.output_text();
     let endpoint = out
         .lines()
@@ -189,12 +184,14 @@ fn ctrl_c_stops_everything_the_demo_started() {
     let status = demo.0.wait_exit(Duration::from_secs(15)).expect("exits");
     assert_eq!(status.code(), Some(130), "{}", demo.0.output_text());
     // The output is read by other threads: wait for the lines rather than look once.
-    demo.line(Duration::from_secs(5), "[demo] interrupted", |l| {
-        l == "[demo] interrupted"
-    });
-    demo.line(Duration::from_secs(5), "the cleanup line", |l| {
-        l == "[demo] stopped everything it started"
-    });
+    demo.0
+        .wait_for_line_from(0, Duration::from_secs(5), "[demo] interrupted", |l| {
+            l == "[demo] interrupted"
+        });
+    demo.0
+        .wait_for_line_from(0, Duration::from_secs(5), "the cleanup line", |l| {
+            l == "[demo] stopped everything it started"
+        });
     assert!(
         std::net::TcpStream::connect(&endpoint).is_err(),
         "etcd at {endpoint} still answers after Ctrl-C"
@@ -222,18 +219,28 @@ fn demo_k8s_mode_shows_the_monitor_node_alive_then_dead() {
         }
     };
     // The apiserver's first start on a machine takes a while; afterwards the steps as usual.
-    let (i, _) = demo.line(secs(180), "the controller leading", |l| {
-        l.starts_with("[controller]") && l.contains("became leader")
-    });
-    let (i, _) = demo.line_after(i, secs(20), "kubectl get monitornodes: Alive", row("Alive"));
-    let (i, _) = demo.line_after(i, secs(20), "the controller's key", |l| {
-        l.contains("written by: nodepulse-controller (MonitorConfig demo-fast")
-    });
-    let (i, _) = demo.line_after(i, secs(20), "[controller] Node worker-1 Dead", |l| {
-        l.starts_with("[controller]") && l.contains("Node worker-1 Dead (heartbeat expired)")
-    });
-    let (i, _) = demo.line_after(i, secs(20), "kubectl get monitornodes: Dead", row("Dead"));
-    demo.line_after(i, secs(30), "the end", |l| {
+    let (i, _) = demo
+        .0
+        .wait_for_line_from(0, secs(180), "the controller leading", |l| {
+            l.starts_with("[controller]") && l.contains("became leader")
+        });
+    let (i, _) =
+        demo.0
+            .wait_for_line_from(i, secs(20), "kubectl get monitornodes: Alive", row("Alive"));
+    let (i, _) = demo
+        .0
+        .wait_for_line_from(i, secs(20), "the controller's key", |l| {
+            l.contains("written by: nodepulse-controller (MonitorConfig demo-fast")
+        });
+    let (i, _) = demo
+        .0
+        .wait_for_line_from(i, secs(20), "[controller] Node worker-1 Dead", |l| {
+            l.starts_with("[controller]") && l.contains("Node worker-1 Dead (heartbeat expired)")
+        });
+    let (i, _) =
+        demo.0
+            .wait_for_line_from(i, secs(20), "kubectl get monitornodes: Dead", row("Dead"));
+    demo.0.wait_for_line_from(i, secs(30), "the end", |l| {
         l == "[demo] stopped everything it started"
     });
     let mut demo = demo;
