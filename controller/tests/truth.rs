@@ -13,6 +13,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use nix::sys::signal::Signal;
 use nodepulse_crd::v1alpha1::NodeState;
 use nodepulse_crd::wire::heartbeat_key;
 use testkit::{Etcd, Lab, Launch, Process, config_json, eventually, put_config};
@@ -56,11 +57,15 @@ async fn heartbeat_present(client: &etcd_client::Client, node: &str) -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuilt_etcd_is_noticed_heartbeat_config_and_status_come_back() {
     let (lab, mut etcd) = Lab::start_shared().await;
-    let node = "rebuilt-1";
+    let (node, victim) = ("rebuilt-1", "rebuilt-dies");
     let _controller = controller(&lab, "truth-rebuilt");
+    let mut victim_agent = agent(lab.endpoints(), victim);
     let agent = agent(lab.endpoints(), node);
-    lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
-        .await;
+    for n in [node, victim] {
+        lab.wait_state(n, NodeState::Alive, Duration::from_secs(60))
+            .await;
+    }
+    let history = lab.record(&[node, victim]).await;
     let client = etcd.client().await;
     // History the new store will not reach soon: the old revisions run well ahead.
     for i in 0..100 {
@@ -73,8 +78,10 @@ async fn a_rebuilt_etcd_is_noticed_heartbeat_config_and_status_come_back() {
         l.contains("config updated:") && l.contains("-> 5s")
     });
 
-    // The rebuild: SIGKILL, data directory gone, the same address.
+    // The rebuild: SIGKILL, data directory gone, the same address. One node dies with the
+    // old store: nothing in the new one says so.
     let mark = agent.line_count();
+    victim_agent.kill_hard();
     tokio::task::block_in_place(|| {
         etcd.kill();
         std::fs::remove_dir_all(etcd.data_dir()).expect("remove etcd's data directory");
@@ -125,6 +132,73 @@ async fn a_rebuilt_etcd_is_noticed_heartbeat_config_and_status_come_back() {
             .contains("listing /monitor/config/rebuilt-1 again"),
         "the agent should say it noticed the rebuilt etcd:\n{}",
         agent.output_text()
+    );
+
+    // A key missing from the new store is no proof of death: the live node was never Dead,
+    // and the one that died with the old store is Dead once its TTL has passed unanswered.
+    lab.wait_state(victim, NodeState::Dead, Duration::from_secs(TTL + 10))
+        .await;
+    println!("{victim} Dead {:?} after the rebuild", back.elapsed());
+    assert!(
+        !history.states(node).contains(&Some(NodeState::Dead)),
+        "{node} was shown Dead after the rebuild: {:?}",
+        history.states(node)
+    );
+    assert_eq!(
+        history.states(victim),
+        [Some(NodeState::Alive), Some(NodeState::Dead)],
+        "{victim} should go from Alive to Dead once"
+    );
+}
+
+/// A heartbeat key deleted by hand (`etcdctl del`) while its lease lives is no death: the
+/// agent writes it again within a third of its TTL, so the node stays Alive. When no agent
+/// writes it again (this one is frozen, so its lease runs out too), the node is Dead once the
+/// lease would have expired: a delete ahead of the expiry must not hide the death either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_heartbeat_key_deleted_by_hand_is_no_death_unless_nobody_writes_it_again() {
+    let (lab, etcd) = Lab::start_shared().await;
+    let (live, frozen) = ("deleted-live", "deleted-frozen");
+    let _controller = controller(&lab, "truth-deleted");
+    let _live = agent(lab.endpoints(), live);
+    let mut frozen_agent = agent(lab.endpoints(), frozen);
+    for n in [live, frozen] {
+        lab.wait_state(n, NodeState::Alive, Duration::from_secs(60))
+            .await;
+    }
+    let history = lab.record(&[live, frozen]).await;
+    let mut client = etcd.client().await;
+
+    frozen_agent.signal(Signal::SIGSTOP);
+    for n in [live, frozen] {
+        client
+            .delete(heartbeat_key(n), None)
+            .await
+            .expect("etcdctl del");
+    }
+    let deleted = Instant::now();
+    eventually(
+        "the live agent writing its key again",
+        Duration::from_secs(TTL),
+        || async { heartbeat_present(&client, live).await.then_some(()) },
+    )
+    .await;
+    // The frozen node's lease runs out within its TTL of the delete; then it is Dead.
+    lab.wait_state(frozen, NodeState::Dead, Duration::from_secs(TTL + 3))
+        .await;
+    println!(
+        "{frozen} Dead {:?} after its key was deleted",
+        deleted.elapsed()
+    );
+    frozen_agent.kill_hard();
+    assert_eq!(
+        history.states(live),
+        [Some(NodeState::Alive)],
+        "{live} must stay Alive through a delete by hand"
+    );
+    assert_eq!(
+        history.states(frozen),
+        [Some(NodeState::Alive), Some(NodeState::Dead)]
     );
 }
 
