@@ -44,7 +44,8 @@ type PendingPut =
 fn is_lease_not_found(e: &etcd_client::Error) -> bool {
     match e {
         etcd_client::Error::GRpcStatus(status) => status.code() == tonic::Code::NotFound,
-        // etcd-client reports a keep-alive on a missing lease with its own error and text.
+        // etcd answers a keep-alive on a missing lease with TTL 0, not a status; etcd-client
+        // turns that into this error, whose text is all there is to match.
         etcd_client::Error::LeaseKeepAliveError(m) => m.contains("not found"),
         _ => false,
     }

@@ -105,23 +105,15 @@ pub enum ConnectError {
     },
 }
 
-/// Parses `500ms`, `5s`, `2m` or a bare number of seconds.
+/// Parses `500ms`, `5s`, `2m`, `1h30m` (jiff's friendly format) or a bare number of seconds.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .map_or((s, "s"), |i| (&s[..i], &s[i..]));
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration such as 500ms, 5s or 2m"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
-    };
-    Ok(Duration::from_secs_f64(secs))
+    let invalid = || format!("{s:?} is not a duration such as 500ms, 5s or 2m");
+    if let Ok(secs) = s.parse::<f64>() {
+        return Duration::try_from_secs_f64(secs).map_err(|_| invalid());
+    }
+    let d: jiff::SignedDuration = s.parse().map_err(|_| invalid())?;
+    Duration::try_from(d).map_err(|_| invalid())
 }
 
 impl EtcdArgs {
@@ -224,7 +216,10 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, ConnectError> {
     })
 }
 
-/// Capped exponential backoff with full jitter, for every loop that retries etcd.
+/// Capped exponential backoff with jitter, for every loop that retries etcd.
+///
+/// Kept rather than `backon`: its jitter adds up to a whole delay on top of the cap, and the
+/// retry caps are promises (at most 2.5 s between watch retries, TTL/3 for the heartbeat).
 #[derive(Clone, Debug)]
 pub struct Backoff {
     min: Duration,
@@ -292,8 +287,11 @@ mod tests {
         assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
         assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("fast").is_err());
-        assert!(parse_duration("5y").is_err());
+        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        for bad in ["fast", "5y", "-5s", "-1", "NaN", "inf", ""] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
