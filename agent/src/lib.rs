@@ -1,8 +1,8 @@
-//! nodepulse-agent: the three jobs of the specification's part 2, at the same time.
+//! nodepulse-agent: three jobs at once, each surviving etcd's absence.
 //!
-//! - [`heartbeat`]: `/monitor/heartbeat/<node>` on a lease kept alive (job 1);
-//! - [`config`]: `/monitor/config/<node>` read and watched, applied at once (job 2);
-//! - [`collect`] and [`sampling`]: figures from `/proc`, one log line per sample (job 3);
+//! - [`heartbeat`]: `/monitor/heartbeat/<node>` on a lease kept alive (the node's liveness);
+//! - [`config`]: `/monitor/config/<node>` read and watched, applied at once;
+//! - [`collect`] and [`sampling`]: figures from `/proc`, one log line per sample;
 //! - [`metrics`]: the Prometheus registry; [`http`]: `/metrics`, `/healthz`, `/readyz`.
 //!
 //! The jobs share the configuration through [`config::SharedConfig`], a reader-writer lock that

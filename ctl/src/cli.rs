@@ -63,7 +63,7 @@ pub struct GlobalArgs {
     pub etcd: EtcdArgs,
 }
 
-/// The subcommands.
+/// What to do; each subcommand takes the global flags too.
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Print the nodes alive now, then one timestamped line per node that comes alive or dies

@@ -1,4 +1,4 @@
-//! `nodepulsectl config get|set|delete`: the lab's admin tool, writing `/monitor/config/<node>`.
+//! `nodepulsectl config get|set|delete`: read and write `/monitor/config/<node>` by hand.
 //!
 //! `set` builds the JSON it will write and runs it through [`ConfigValue::parse`], the very
 //! function the agent applies to the key, so whatever `set` accepts the agent accepts, and
@@ -321,7 +321,7 @@ mod tests {
     }
 
     #[test]
-    fn the_labs_push_is_accepted() {
+    fn interval_2_with_cpu_and_memory_is_accepted() {
         let v = change(Some("2"), Some("cpu,memory"))
             .apply_to(None)
             .unwrap();

@@ -1,4 +1,4 @@
-//! `nodepulsectl`: the lab's "server" straight on etcd, without Kubernetes.
+//! `nodepulsectl`: node liveness and agent configuration straight on etcd, without Kubernetes.
 //!
 //! - [`watch`]: list then watch `/monitor/heartbeat/`, one line per node that comes alive or dies;
 //! - [`nodes`]: the same table once;

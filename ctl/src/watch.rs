@@ -1,4 +1,4 @@
-//! `nodepulsectl watch`: the lab's server. Lists `/monitor/heartbeat/`, prints the table, then
+//! `nodepulsectl watch`: liveness as it happens. Lists `/monitor/heartbeat/`, prints the table, then
 //! watches the prefix from the next revision and prints one line per node that comes alive or
 //! dies. It outlives etcd restarts through the shared watcher (`nodepulse_crd::watch`): resume
 //! from the last revision seen, re-list when that revision was compacted or etcd was rebuilt.
