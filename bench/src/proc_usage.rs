@@ -1,6 +1,5 @@
 //! CPU time and memory of a process, read from /proc the way `top` does.
 
-use std::path::Path;
 use std::time::Duration;
 
 use crate::{Error, Result};
@@ -19,63 +18,24 @@ pub struct Usage {
 
 /// Reads `pid`'s usage now.
 pub fn read(pid: u32) -> Result<Usage> {
-    let dir = format!("/proc/{pid}");
-    let stat = read_file(&format!("{dir}/stat"))?;
-    let cpu_ticks = parse_stat_cpu_ticks(&stat)
-        .ok_or_else(|| Error::Proc(format!("{dir}/stat: unexpected format")))?;
-    let status = read_file(&format!("{dir}/status"))?;
-    let rss_kib = parse_status_rss_kib(&status).unwrap_or(0);
-    let mut sched_ns = 0u64;
-    if let Ok(tasks) = std::fs::read_dir(format!("{dir}/task")) {
-        for task in tasks.flatten() {
-            if let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) {
-                sched_ns += text
-                    .split_whitespace()
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
-    }
+    let failed = |what: &str, e: procfs::ProcError| Error::Proc(format!("/proc/{pid}/{what}: {e}"));
+    let id = i32::try_from(pid).map_err(|_| Error::Proc(format!("pid {pid} out of range")))?;
+    let process = procfs::process::Process::new(id).map_err(|e| failed("", e))?;
+    let stat = process.stat().map_err(|e| failed("stat", e))?;
+    let status = process.status().map_err(|e| failed("status", e))?;
+    // Threads that exit between the listing and the read are skipped.
+    let sched_ns = process
+        .tasks()
+        .map_err(|e| failed("task", e))?
+        .flatten()
+        .filter_map(|task| task.schedstat().ok())
+        .map(|s| s.sum_exec_runtime)
+        .sum();
     Ok(Usage {
-        cpu_ticks,
+        cpu_ticks: stat.utime + stat.stime,
         cpu_sched: Duration::from_nanos(sched_ns),
-        rss_kib,
+        rss_kib: status.vmrss.unwrap_or(0),
     })
-}
-
-fn read_file(path: &str) -> Result<String> {
-    std::fs::read_to_string(Path::new(path)).map_err(|e| Error::Proc(format!("read {path}: {e}")))
-}
-
-/// utime + stime: fields 14 and 15 of `/proc/<pid>/stat`, counted after the `)` that ends the
-/// command name (which may itself hold spaces).
-pub fn parse_stat_cpu_ticks(stat: &str) -> Option<u64> {
-    let after_comm = &stat[stat.rfind(')')? + 1..];
-    let fields: Vec<&str> = after_comm.split_whitespace().collect();
-    // fields[0] is field 3 (state), so field 14 is fields[11].
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some(utime + stime)
-}
-
-/// `VmRSS` in KiB from `/proc/<pid>/status`.
-pub fn parse_status_rss_kib(status: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|rest| rest.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-}
-
-/// Clock ticks per second (`getconf CLK_TCK`; 100 on every Linux we run on).
-pub fn ticks_per_second() -> u64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100)
 }
 
 /// Readings of one process taken at a fixed period, summarised.
@@ -94,7 +54,7 @@ impl UsageSeries {
     pub fn cpu_seconds(&self) -> f64 {
         match (self.readings.first(), self.readings.last()) {
             (Some(a), Some(b)) => {
-                b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 / ticks_per_second() as f64
+                b.cpu_ticks.saturating_sub(a.cpu_ticks) as f64 / procfs::ticks_per_second() as f64
             }
             _ => 0.0,
         }
@@ -128,20 +88,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stat_fields_after_a_command_name_with_spaces() {
-        let stat = "1234 (my (odd) proc) S 1 1234 1234 0 -1 4194560 100 0 0 0 250 75 0 0 20 0 4 0 100 1000 200";
-        assert_eq!(parse_stat_cpu_ticks(stat), Some(325));
-    }
-
-    #[test]
-    fn rss_from_status() {
-        let status = "Name:\tx\nVmPeak:\t  9000 kB\nVmRSS:\t    4321 kB\nThreads: 2\n";
-        assert_eq!(parse_status_rss_kib(status), Some(4321));
-    }
-
-    #[test]
     fn own_process_is_readable() {
         let u = read(std::process::id()).unwrap();
         assert!(u.rss_kib > 0);
+        assert!(u.cpu_sched > Duration::ZERO);
     }
 }
