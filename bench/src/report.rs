@@ -55,6 +55,7 @@ impl Section {
                 .all(|r| !r.iter().any(|c| c.starts_with("not measured")))
     }
 
+    /// A Markdown table needs no alignment, so no table library: one line per row.
     fn render(&self, out: &mut String) {
         let _ = writeln!(out, "## {}\n", self.title);
         if !self.setup.is_empty() {

@@ -92,6 +92,9 @@ pub fn parse_heartbeat(kv: &KeyValue) -> Option<(String, Heartbeat)> {
 }
 
 /// The table: `NODE STATE SINCE CPU% MEM% INTERVAL`, SINCE as an age relative to `now`.
+///
+/// Written out rather than with `comfy-table` or `tabled`: kubectl's borderless columns are a
+/// width per column and a padded line, less than either library's styling would take.
 pub fn render_table(rows: &[NodeRow], now: Timestamp) -> String {
     let header = ["NODE", "STATE", "SINCE", "CPU%", "MEM%", "INTERVAL"];
     let cells: Vec<[String; 6]> = rows
