@@ -20,7 +20,7 @@ use crate::effective::{CompiledConfig, same_value, winners};
 use crate::error::{Error, Result};
 use crate::inventory::{Inventory, StoreReady};
 use crate::metrics::Metrics;
-use crate::status::DesiredConfigs;
+use crate::writer::DesiredConfigs;
 
 /// What one sync did for one MonitorConfig, for its status.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -59,7 +59,7 @@ pub struct ConfigKeys {
     metrics: Arc<Metrics>,
     /// The value the controller last wrote per node, to tell a hand edit from a spec change.
     written: Mutex<HashMap<String, ConfigValue>>,
-    desired: watch::Sender<Arc<DesiredConfigs>>,
+    desired: watch::Sender<DesiredConfigs>,
     keys_changed: Notify,
 }
 
@@ -72,7 +72,7 @@ impl ConfigKeys {
         configs: Store<MonitorConfig>,
         configs_ready: StoreReady,
         metrics: Arc<Metrics>,
-        desired: watch::Sender<Arc<DesiredConfigs>>,
+        desired: watch::Sender<DesiredConfigs>,
     ) -> Self {
         ConfigKeys {
             etcd,
@@ -124,7 +124,7 @@ impl ConfigKeys {
         let winners = winners(&compiled, &nodes);
         let current = self.current_keys().await?;
 
-        let mut desired = DesiredConfigs::new();
+        let mut desired = BTreeMap::new();
         let all: BTreeSet<&String> = winners.keys().chain(current.keys()).collect();
         for node in all {
             let key = config_key(node);
@@ -203,10 +203,10 @@ impl ConfigKeys {
             }
         }
         self.desired.send_if_modified(|old| {
-            if **old == desired {
+            if old.as_deref() == Some(&desired) {
                 false
             } else {
-                *old = Arc::new(desired);
+                *old = Some(Arc::new(desired));
                 true
             }
         });

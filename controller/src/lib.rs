@@ -1,8 +1,12 @@
 //! nodepulse-controller: heartbeats in etcd into MonitorNode status, MonitorConfigs into etcd
 //! config keys.
 //!
-//! - [`liveness`]: list + watch `/monitor/heartbeat/`, re-listing after any failure;
-//! - [`status`]: per-node records, MonitorNode status by server-side apply, Events;
+//! - [`heartbeats`]: list + watch `/monitor/heartbeat/`, re-listing after any failure;
+//! - [`liveness`]: judges each node Alive, Dead or Unknown from those events, on its
+//!   [`record`];
+//! - [`conditions`]: the MonitorNode status and conditions a record calls for;
+//! - [`writer`]: when each status is written (transitions first, usage rate-limited, one write
+//!   per node at a time, retries); [`apply`]: the server-side apply and the Events;
 //! - [`config`] and [`config_keys`]: the MonitorConfig controller and the keys it writes;
 //! - [`effective`]: which MonitorConfig wins which node (pure);
 //! - [`inventory`]: the Node and MonitorNode caches;
@@ -10,16 +14,20 @@
 //! - [`removal`]: `--on-uninstall`, the chart's pre-delete hook.
 #![deny(missing_docs)]
 
+pub mod apply;
+pub mod conditions;
 pub mod config;
 pub mod config_keys;
 pub mod effective;
 pub mod error;
+pub mod heartbeats;
 pub mod inventory;
 pub mod leader;
 pub mod liveness;
 pub mod metrics;
+pub mod record;
 pub mod removal;
-pub mod status;
+pub mod writer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -42,11 +50,12 @@ use tokio::sync::{mpsc, watch};
 pub use error::{Error, Result};
 
 use crate::config_keys::ConfigKeys;
+use crate::heartbeats::HeartbeatWatcher;
 use crate::inventory::{Inventory, StoreReady};
 use crate::leader::LeaderArgs;
-use crate::liveness::HeartbeatWatcher;
+use crate::liveness::LivenessTracker;
 use crate::metrics::Metrics;
-use crate::status::{DesiredConfigs, NodeTracker, StatusSettings};
+use crate::writer::{DesiredConfigs, StatusSettings};
 
 /// The one field manager of every write the controller makes.
 pub const FIELD_MANAGER: &str = "nodepulse-controller";
@@ -154,7 +163,7 @@ async fn run_reconcilers(
     metrics: Arc<Metrics>,
 ) -> Result<()> {
     let (inventory, drivers) = Inventory::new(&client);
-    let (desired_tx, desired_rx) = watch::channel(Arc::new(DesiredConfigs::new()));
+    let (desired_tx, desired_rx) = watch::channel(DesiredConfigs::None);
     // The MonitorConfig cache, and its readiness told by the reflector's own end of the first
     // list: the Controller already waits on the store itself (see `StoreReady`).
     let (configs, configs_writer) = reflector::store();
@@ -190,7 +199,7 @@ async fn run_reconcilers(
         },
     );
     let (events_tx, events_rx) = mpsc::channel(4096);
-    let tracker = NodeTracker::new(
+    let tracker = LivenessTracker::new(
         client.clone(),
         recorder,
         inventory.clone(),

@@ -1,195 +1,433 @@
-//! Watches the heartbeat prefix in etcd and turns it into liveness events: a full snapshot on
-//! start and after every watch failure, then one event per put or delete.
+//! Judges each node Alive, Dead or Unknown from the heartbeat events, and hands its record to
+//! the status writer: the API server's view is re-read on every heartbeat re-list, a node is
+//! Unknown while the controller cannot see etcd, and every Node has a MonitorNode.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::Client;
+use kube::api::{Api, ListParams};
+use kube::runtime::events::Recorder;
+use kube::{Client, ResourceExt};
 use nodepulse_crd::etcd::Backoff;
-use nodepulse_crd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
-use nodepulse_crd::wire::{HEARTBEAT_PREFIX, Heartbeat, node_of_heartbeat_key, validate_node_name};
-use tokio::sync::mpsc;
+use nodepulse_crd::v1alpha1::{LivenessReason, MonitorNode, MonitorNodeStatus, NodeState};
+use nodepulse_crd::wire::{AgentState, HEARTBEAT_PREFIX, Heartbeat};
+use tokio::sync::{mpsc, watch};
 
-/// What the heartbeat prefix says about the nodes.
-#[derive(Debug)]
-pub enum LivenessEvent {
-    /// Every heartbeat key present at one revision: nodes absent from it are not alive.
-    Snapshot {
-        /// The keys present, by node.
-        heartbeats: BTreeMap<String, Option<Heartbeat>>,
-        /// The store is not the one seen before (its revision went back: etcd rebuilt or
-        /// restored): a key absent from it may not have been written again yet by a live agent.
-        store_replaced: bool,
-    },
-    /// A node's heartbeat key was written (`None`: its value does not parse, but the key, and
-    /// so the lease, is there).
-    Put {
-        /// The node.
-        node: String,
-        /// The value written.
-        heartbeat: Option<Heartbeat>,
-    },
-    /// A node's heartbeat key was deleted: its lease expired or was revoked, or, when
-    /// `lease_left` says the lease still lives, someone deleted the key by hand.
-    Delete {
-        /// The node.
-        node: String,
-        /// The value just before the delete, when etcd still had it.
-        last: Option<Heartbeat>,
-        /// How long the key's lease still lives, if it does: the agent holding it writes the
-        /// key again within a third of its TTL, so the node is not dead (yet).
-        lease_left: Option<Duration>,
-        /// When the delete event arrived, to measure how fast the status follows.
-        seen_at: Instant,
-    },
-    /// The watch broke: until the next snapshot, the controller cannot see the heartbeats.
-    Interrupted {
-        /// When it broke.
-        since: Instant,
-    },
+use crate::error::{Error, Result};
+use crate::heartbeats::HeartbeatEvent;
+use crate::inventory::Inventory;
+use crate::metrics::{Metrics, StateLabel};
+use crate::record::{MIN_TTL, NodeRecord, VOUCH_MARGIN};
+use crate::writer::{DesiredConfigs, StatusSettings, StatusWriter};
+
+/// Owns every node's record: judges liveness from the heartbeat events and has the status
+/// writer write what changed.
+pub struct LivenessTracker {
+    api: Api<MonitorNode>,
+    inventory: Inventory,
+    metrics: Arc<Metrics>,
+    records: HashMap<String, NodeRecord>,
+    writer: StatusWriter,
+    /// Signals a change in the set of Node objects.
+    node_changes: watch::Receiver<u64>,
+    /// Signals a change in the desired configs (the writer reads them).
+    desired: watch::Receiver<DesiredConfigs>,
+    /// Since when the heartbeat watch has been down (from the start until the first list).
+    blind_since: Option<Instant>,
+    /// The MonitorNodes were read from the API server at least once (by a heartbeat snapshot,
+    /// or, when etcd is away from the start, so that they can be marked Unknown).
+    adopted: bool,
 }
 
-/// Lists and watches `/monitor/heartbeat/`, forever.
-pub struct HeartbeatWatcher {
-    etcd: Client,
-    events: mpsc::Sender<LivenessEvent>,
-}
-
-impl HeartbeatWatcher {
-    /// A watcher sending to `events`.
-    pub fn new(etcd: Client, events: mpsc::Sender<LivenessEvent>) -> Self {
-        HeartbeatWatcher { etcd, events }
+impl LivenessTracker {
+    /// A tracker writing through `client`, judging applied configs against `desired`.
+    pub fn new(
+        client: Client,
+        recorder: Recorder,
+        inventory: Inventory,
+        metrics: Arc<Metrics>,
+        desired: watch::Receiver<DesiredConfigs>,
+        settings: StatusSettings,
+    ) -> Self {
+        LivenessTracker {
+            api: Api::all(client.clone()),
+            writer: StatusWriter::new(
+                client,
+                recorder,
+                inventory.clone(),
+                metrics.clone(),
+                desired.clone(),
+                settings,
+            ),
+            desired,
+            node_changes: inventory.watch_changes(),
+            inventory,
+            metrics,
+            records: HashMap::new(),
+            blind_since: Some(Instant::now()),
+            adopted: false,
+        }
     }
 
-    /// Lists, then watches from the list's revision + 1; after any failure (etcd away, stream
-    /// broken, revision compacted, etcd rebuilt) lists again, so no delete can slip through
-    /// unnoticed. Returns only when the receiver is gone.
-    pub async fn run(self) {
-        let settings = WatcherSettings {
-            // The controller trusts a fresh list, not its memory of the events.
-            relist_after_break: true,
-            backoff: Backoff::new(Duration::from_millis(200), Duration::from_millis(2500)),
-            ..WatcherSettings::prefix("heartbeat watch")
-        };
-        let mut watcher = EtcdWatcher::new(self.etcd.clone(), HEARTBEAT_PREFIX, settings);
-        let mut revision = 0;
+    /// Consumes heartbeat events until the watcher goes away.
+    pub async fn run(mut self, mut events: mpsc::Receiver<HeartbeatEvent>) -> Result<()> {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let event = watcher.next().await;
-            let store_replaced = match &event {
-                WatchEvent::Listed { revision: r, .. } => std::mem::replace(&mut revision, *r) > *r,
-                WatchEvent::Put(kv) => {
-                    revision = revision.max(kv.mod_revision);
-                    false
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(event) => self.handle(event).await,
+                    None => return Err(Error::TaskStopped("heartbeat watcher")),
+                },
+                outcome = self.writer.next_outcome() => self.writer.finish(outcome, &mut self.records),
+                Ok(()) = self.node_changes.changed() => self.list_unseen_nodes(),
+                Ok(()) = self.desired.changed() => {
+                    for (name, rec) in self.records.iter_mut() {
+                        self.writer.consider(name, rec);
+                    }
                 }
-                WatchEvent::Delete { revision: r, .. } => {
-                    revision = revision.max(*r);
-                    false
+                _ = tick.tick() => {
+                    self.adopt_while_blind().await;
+                    self.mark_unknown_while_blind();
+                    self.vouch_due();
+                    self.doom_due();
+                    self.writer.flush_due(&mut self.records);
+                    self.update_gauges();
                 }
-                WatchEvent::Interrupted => false,
-            };
-            let lease = match &event {
-                WatchEvent::Delete { prev: Some(kv), .. } => kv.lease,
-                _ => 0,
-            };
-            let Some(mut event) = liveness_event(event) else {
+            }
+        }
+    }
+
+    /// Has the writer write `node`'s status if it changed.
+    fn consider_write(&mut self, node: &str) {
+        if let Some(rec) = self.records.get_mut(node) {
+            self.writer.consider(node, rec);
+        }
+    }
+
+    async fn handle(&mut self, event: HeartbeatEvent) {
+        match event {
+            HeartbeatEvent::Snapshot {
+                heartbeats,
+                store_replaced,
+            } => self.reconcile_all(heartbeats, store_replaced).await,
+            HeartbeatEvent::Interrupted { since } => {
+                self.blind_since.get_or_insert(since);
+            }
+            HeartbeatEvent::Put { node, heartbeat } => {
+                self.observe_alive(&node, heartbeat);
+                self.consider_write(&node);
+            }
+            HeartbeatEvent::Delete {
+                node,
+                last,
+                lease_left,
+                seen_at,
+            } => {
+                let Some(rec) = self.records.get_mut(&node) else {
+                    return;
+                };
+                if let Some(left) = lease_left {
+                    // Deleted by hand: the agent on the lease writes the key again within a
+                    // third of its TTL. Dead only if nobody has when the lease would run out.
+                    tracing::warn!(node, lease_left = ?left, "heartbeat key deleted while its lease lives; Dead only if no agent writes it again before the lease runs out");
+                    rec.doom_at = Some(seen_at + left + VOUCH_MARGIN);
+                    return;
+                }
+                let last = last.or_else(|| rec.heartbeat.clone());
+                let stopping = last
+                    .as_ref()
+                    .is_some_and(|hb| hb.state == AgentState::Stopping);
+                let (reason, message) = if stopping {
+                    (
+                        LivenessReason::AgentStopped,
+                        "the agent stopped and no agent took over within its TTL".to_string(),
+                    )
+                } else {
+                    let ttl = last
+                        .as_ref()
+                        .map_or_else(String::new, |hb| format!(" ({}s TTL)", hb.ttl_seconds));
+                    (
+                        LivenessReason::HeartbeatExpired,
+                        format!("the heartbeat lease expired{ttl}: no keep-alive from the agent"),
+                    )
+                };
+                rec.vouch_at = None;
+                rec.doom_at = None;
+                if rec.state() != Some(NodeState::Dead) {
+                    rec.dead_seen_at = Some(seen_at);
+                    rec.transition(&self.metrics, &node, NodeState::Dead, reason, message);
+                }
+                self.consider_write(&node);
+            }
+        }
+    }
+
+    /// Re-lists the MonitorNodes and reconciles each against the heartbeat keys present: the
+    /// API server's view, not memory, says what is shown.
+    async fn reconcile_all(
+        &mut self,
+        heartbeats: BTreeMap<String, Option<Heartbeat>>,
+        store_replaced: bool,
+    ) {
+        let listed = self.list_monitor_nodes().await;
+        let now = Instant::now();
+        for (name, rec) in self.records.iter_mut() {
+            match listed.get(name) {
+                Some(status) => rec.adopt_listed(status.as_ref(), now),
+                None => rec.forget_unlisted(),
+            }
+        }
+        for (name, status) in &listed {
+            if !self.records.contains_key(name) {
+                let mut rec = NodeRecord::default();
+                rec.adopt_listed(status.as_ref(), now);
+                self.records.insert(name.clone(), rec);
+            }
+        }
+        let names: BTreeSet<String> = listed.keys().chain(heartbeats.keys()).cloned().collect();
+        for name in &names {
+            let rec = self.records.entry(name.clone()).or_default();
+            match heartbeats.get(name) {
+                Some(hb) if rec.is_blind_unknown() && !rec.proves_life(hb.as_ref()) => {
+                    // etcd resets every lease's TTL when it comes back, so a key present
+                    // now says nothing yet: a dead node's key vanishes within a TTL, a live
+                    // agent writes its value again. Until either, the node stays Unknown.
+                    let ttl = Duration::from_secs(rec.ttl_seconds().into());
+                    if hb.is_some() {
+                        rec.heartbeat = hb.clone();
+                    }
+                    rec.vouch_at = Some(now + 2 * ttl + VOUCH_MARGIN);
+                }
+                Some(hb) => self.observe_alive(name, hb.clone()),
+                None => {
+                    rec.vouch_at = None;
+                    let was_live = rec.state() == Some(NodeState::Alive) || rec.is_blind_unknown();
+                    if was_live && store_replaced {
+                        // A new store holds no lease yet: a live agent grants one and writes its
+                        // key within a third of its TTL. Dead if none has by then.
+                        let ttl = Duration::from_secs(rec.ttl_seconds().into());
+                        rec.doom_at.get_or_insert(now + ttl + VOUCH_MARGIN);
+                    } else if was_live {
+                        rec.transition(
+                            &self.metrics,
+                            name,
+                            NodeState::Dead,
+                            LivenessReason::HeartbeatExpired,
+                            "the heartbeat key was gone when the controller listed the heartbeats"
+                                .into(),
+                        );
+                    }
+                }
+            }
+            self.consider_write(name);
+        }
+        self.records.retain(|name, _| names.contains(name));
+        self.blind_since = None;
+        self.list_unseen_nodes();
+        self.adopted = true;
+        tracing::info!(
+            heartbeats = heartbeats.len(),
+            monitor_nodes = listed.len(),
+            "reconciled every MonitorNode against the heartbeat keys"
+        );
+    }
+
+    /// Every Node has a MonitorNode: one whose agent has never written a heartbeat is listed
+    /// `Unknown` (`NoHeartbeat`), so that `kubectl get monitornodes` shows the whole cluster.
+    /// Its record goes with its Node (the MonitorNode itself goes through its owner reference).
+    fn list_unseen_nodes(&mut self) {
+        if self.blind_since.is_some() {
+            // The heartbeats are not known right now: "never seen" cannot be told.
+            return;
+        }
+        let nodes: BTreeSet<String> = self.inventory.node_names().collect();
+        for name in &nodes {
+            if self.records.get(name).is_some_and(|r| r.liveness.is_some()) {
                 continue;
+            }
+            let rec = self.records.entry(name.clone()).or_default();
+            rec.transition(
+                &self.metrics,
+                name,
+                NodeState::Unknown,
+                LivenessReason::NoHeartbeat,
+                "no agent has written a heartbeat for this node: is one scheduled and running there?"
+                    .into(),
+            );
+            self.consider_write(name);
+        }
+        self.records.retain(|name, rec| {
+            nodes.contains(name)
+                || rec.heartbeat.is_some()
+                || rec.reason() != Some(LivenessReason::NoHeartbeat)
+        });
+    }
+
+    async fn list_monitor_nodes(&self) -> BTreeMap<String, Option<MonitorNodeStatus>> {
+        let mut backoff = Backoff::default();
+        loop {
+            match self.api.list(&ListParams::default()).await {
+                Ok(list) => {
+                    return list
+                        .items
+                        .into_iter()
+                        .map(|mn| (mn.name_any(), mn.status))
+                        .collect();
+                }
+                Err(e) => {
+                    self.metrics.reconcile_error("liveness");
+                    tracing::warn!(error = %e, "list MonitorNodes failed; retrying");
+                    backoff.wait().await;
+                }
+            }
+        }
+    }
+
+    fn observe_alive(&mut self, node: &str, heartbeat: Option<Heartbeat>) {
+        let rec = self.records.entry(node.to_string()).or_default();
+        rec.doom_at = None;
+        if heartbeat.is_some() {
+            rec.heartbeat = heartbeat;
+        }
+        if rec.state() != Some(NodeState::Alive) {
+            let message = match &rec.heartbeat {
+                Some(hb) => format!(
+                    "agent {} holds its heartbeat lease ({}s TTL)",
+                    hb.agent_version, hb.ttl_seconds
+                ),
+                None => "the heartbeat key exists".to_string(),
             };
-            match &mut event {
-                LivenessEvent::Delete { lease_left, .. } if lease != 0 => {
-                    *lease_left = self.lease_left(lease).await;
-                }
-                LivenessEvent::Snapshot {
-                    store_replaced: r, ..
-                } => *r = store_replaced,
-                _ => {}
-            }
-            if self.events.send(event).await.is_err() {
-                return;
-            }
-        }
-    }
-}
-
-impl HeartbeatWatcher {
-    /// How long `lease` still lives, if it does. A key whose lease expired is deleted with the
-    /// lease, so a lease that lives past its key's delete means the key was deleted by hand.
-    /// No answer counts as expired: the node is then judged as before, by the delete.
-    async fn lease_left(&self, lease: i64) -> Option<Duration> {
-        let mut etcd = self.etcd.clone();
-        let asked = etcd.lease_time_to_live(lease, None);
-        match tokio::time::timeout(Duration::from_secs(1), asked).await {
-            Ok(Ok(r)) if r.ttl() > 0 => Some(Duration::from_secs(r.ttl().unsigned_abs())),
-            _ => None,
-        }
-    }
-}
-
-/// What one watch event says about the nodes (`None`: nothing, e.g. a key no agent writes).
-fn liveness_event(event: WatchEvent) -> Option<LivenessEvent> {
-    Some(match event {
-        WatchEvent::Listed { revision, kvs } => {
-            let mut snapshot = BTreeMap::new();
-            for kv in &kvs {
-                if let Some(node) = heartbeat_node(&kv.key) {
-                    snapshot.insert(node.to_string(), parse(node, &kv.value));
-                }
-            }
-            tracing::debug!(revision, nodes = snapshot.len(), "listed heartbeats");
-            LivenessEvent::Snapshot {
-                heartbeats: snapshot,
-                store_replaced: false,
-            }
-        }
-        WatchEvent::Put(kv) => {
-            let node = heartbeat_node(&kv.key)?.to_string();
-            LivenessEvent::Put {
-                heartbeat: parse(&node, &kv.value),
+            rec.dead_seen_at = None;
+            rec.vouch_at = None;
+            rec.transition(
+                &self.metrics,
                 node,
-            }
+                NodeState::Alive,
+                LivenessReason::HeartbeatSeen,
+                message,
+            );
         }
-        WatchEvent::Delete { key, prev, .. } => {
-            let node = heartbeat_node(&key)?.to_string();
-            LivenessEvent::Delete {
-                last: prev.and_then(|prev| parse(&node, &prev.value)),
-                lease_left: None,
-                node,
-                seen_at: Instant::now(),
-            }
-        }
-        WatchEvent::Interrupted => LivenessEvent::Interrupted {
-            since: Instant::now(),
-        },
-    })
-}
-
-/// The node of a key under the heartbeat prefix, or `None` (logged) for a key no agent writes:
-/// a nested path or a name that cannot be a node (and so could never be a MonitorNode).
-fn heartbeat_node(key: &[u8]) -> Option<&str> {
-    let shown = || {
-        String::from_utf8_lossy(key)
-            .chars()
-            .take(300)
-            .collect::<String>()
-    };
-    let Some(node) = node_of_heartbeat_key(key) else {
-        tracing::warn!(key = %shown(), "ignoring a key under the heartbeat prefix that is not /monitor/heartbeat/<node>");
-        return None;
-    };
-    if let Err(e) = validate_node_name(node) {
-        tracing::warn!(key = %shown(), error = %e, "ignoring a heartbeat key whose name cannot be a node");
-        return None;
     }
-    Some(node)
-}
 
-fn parse(node: &str, value: &[u8]) -> Option<Heartbeat> {
-    match Heartbeat::parse(value) {
-        Ok(hb) => Some(hb),
-        Err(e) => {
-            // Not written by an agent: the key exists, so the node counts as alive, but none
-            // of the value is used.
-            tracing::warn!(node, bytes = value.len(), error = %e, "heartbeat value does not parse; using the key alone (alive), ignoring the value");
-            None
+    /// A controller started while etcd is away has no records to mark Unknown: once blind for
+    /// the shortest TTL, it reads the MonitorNodes the API server holds (their TTL is in them).
+    async fn adopt_while_blind(&mut self) {
+        let Some(since) = self.blind_since else {
+            return;
+        };
+        if self.adopted || since.elapsed() < Duration::from_secs(MIN_TTL) {
+            return;
+        }
+        self.adopted = true;
+        let listed = self.list_monitor_nodes().await;
+        let now = Instant::now();
+        for (name, status) in &listed {
+            let rec = self.records.entry(name.clone()).or_default();
+            rec.adopt_listed(status.as_ref(), now);
+        }
+        tracing::info!(
+            monitor_nodes = listed.len(),
+            "no heartbeat list yet: read the MonitorNodes, to say Unknown for those etcd cannot vouch for"
+        );
+    }
+
+    /// While the heartbeat watch is down: every Alive node whose TTL has passed since then goes
+    /// Unknown, since a node may have died meanwhile without the controller seeing it. Dead
+    /// nodes stay Dead: nothing suggests their lease came back.
+    fn mark_unknown_while_blind(&mut self) {
+        let Some(since) = self.blind_since else {
+            return;
+        };
+        let blind = since.elapsed();
+        for (name, rec) in self.records.iter_mut() {
+            let ttl = rec.ttl_seconds();
+            if rec.state() != Some(NodeState::Alive) || blind <= Duration::from_secs(ttl.into()) {
+                continue;
+            }
+            let message = format!(
+                "the controller has had no working watch on {HEARTBEAT_PREFIX} for {:.0}s, longer than the node's {ttl}s TTL: it cannot tell whether the node is alive",
+                blind.as_secs_f64(),
+            );
+            rec.vouch_at = None;
+            rec.transition(
+                &self.metrics,
+                name,
+                NodeState::Unknown,
+                LivenessReason::EtcdUnreachable,
+                message,
+            );
+            self.writer.consider(name, rec);
+        }
+    }
+
+    /// Unknown nodes whose key outlived twice their TTL after the watch came back: their lease
+    /// is kept alive, so they are Alive.
+    fn vouch_due(&mut self) {
+        if self.blind_since.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        let due: Vec<String> = self
+            .records
+            .iter()
+            .filter(|(_, rec)| rec.vouch_at.is_some_and(|at| at <= now))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            self.observe_alive(&name, None);
+            self.consider_write(&name);
+        }
+    }
+
+    /// Nodes whose key went away without their lease expiring and was not written again in
+    /// time: their lease has run out by now, so they are Dead.
+    fn doom_due(&mut self) {
+        if self.blind_since.is_some() {
+            return;
+        }
+        let now = Instant::now();
+        for (name, rec) in self.records.iter_mut() {
+            if rec.doom_at.is_none_or(|at| at > now) {
+                continue;
+            }
+            let doomed_at = rec.doom_at.take();
+            if rec.state() != Some(NodeState::Dead) {
+                rec.dead_seen_at = doomed_at;
+                let message = format!(
+                    "the heartbeat key went away and no agent wrote it again within its {}s TTL",
+                    rec.ttl_seconds()
+                );
+                rec.transition(
+                    &self.metrics,
+                    name,
+                    NodeState::Dead,
+                    LivenessReason::HeartbeatExpired,
+                    message,
+                );
+            }
+            self.writer.consider(name, rec);
+        }
+    }
+
+    fn update_gauges(&self) {
+        let mut counts = [0i64; 3];
+        for rec in self.records.values() {
+            match rec.state() {
+                Some(NodeState::Alive) => counts[0] += 1,
+                Some(NodeState::Dead) => counts[1] += 1,
+                Some(NodeState::Unknown) | None => counts[2] += 1,
+            }
+        }
+        for (state, n) in [NodeState::Alive, NodeState::Dead, NodeState::Unknown]
+            .into_iter()
+            .zip(counts)
+        {
+            self.metrics
+                .nodes
+                .get_or_create(&StateLabel::of(state))
+                .set(n);
         }
     }
 }

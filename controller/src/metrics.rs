@@ -6,6 +6,7 @@ use std::time::Duration;
 use axum::http::StatusCode;
 use axum::routing::get;
 use nodepulse_crd::runtime::{healthz, openmetrics, serve_admin};
+use nodepulse_crd::v1alpha1::NodeState;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -20,6 +21,19 @@ use tokio::net::TcpListener;
 pub struct StateLabel {
     /// `alive`, `dead` or `unknown`.
     pub state: &'static str,
+}
+
+impl StateLabel {
+    /// The label of `state`.
+    pub fn of(state: NodeState) -> Self {
+        StateLabel {
+            state: match state {
+                NodeState::Alive => "alive",
+                NodeState::Dead => "dead",
+                NodeState::Unknown => "unknown",
+            },
+        }
+    }
 }
 
 /// Which reconciler failed, as a metric label.

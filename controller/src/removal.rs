@@ -13,13 +13,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use nodepulse_crd::v1alpha1::{MonitorNode, NodeState};
+use nodepulse_crd::v1alpha1::{LivenessReason, MonitorNode, NodeState};
 
 use crate::FIELD_MANAGER;
 use crate::leader::LEASE_NAME;
-
-/// The status `reason` of a MonitorNode whose controller was removed.
-pub const CONTROLLER_REMOVED: &str = "ControllerRemoved";
 
 /// Runs the hook: scale to zero, wait for the Lease to be free (at most `lease_duration` plus
 /// 15 s), mark the MonitorNodes. Never fails: a hook that failed would block `helm uninstall`,
@@ -62,7 +59,10 @@ pub async fn run_on_uninstall(
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let marked = mark_nodes_unknown(client, "nodepulse is being uninstalled").await;
-    tracing::info!("marked {marked} MonitorNodes Unknown ({CONTROLLER_REMOVED})");
+    tracing::info!(
+        "marked {marked} MonitorNodes Unknown ({})",
+        LivenessReason::ControllerRemoved.as_str()
+    );
 }
 
 /// Whether no replica holds the Lease: none, no holder, or not renewed for its duration.
@@ -109,12 +109,12 @@ pub async fn mark_nodes_unknown(client: &Client, why: &str) -> usize {
             format!("{why}: no nodepulse-controller is left to update this status (it was {was})");
         let now = Time(Timestamp::now());
         status.state = Some(NodeState::Unknown);
-        status.reason = Some(CONTROLLER_REMOVED.into());
+        status.reason = Some(LivenessReason::ControllerRemoved.as_str().into());
         status.message = Some(message.clone());
         status.last_transition_time = Some(now.clone());
         for c in status.conditions.iter_mut().filter(|c| c.type_ == "Alive") {
             c.status = "Unknown".into();
-            c.reason = CONTROLLER_REMOVED.into();
+            c.reason = LivenessReason::ControllerRemoved.as_str().into();
             c.message = message.clone();
             c.last_transition_time = now.clone();
         }

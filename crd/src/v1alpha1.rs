@@ -24,6 +24,85 @@ pub enum NodeState {
     Unknown,
 }
 
+/// Why a node is in its state: the status's `reason`, and the words of its log line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LivenessReason {
+    /// Alive: the heartbeat key exists.
+    HeartbeatSeen,
+    /// Dead: the key vanished without the agent saying it was stopping, so its lease expired
+    /// (or someone deleted the key: etcd's delete event does not tell the two apart).
+    HeartbeatExpired,
+    /// Dead: the agent said it was stopping, and no agent took the key over before its lease
+    /// expired.
+    AgentStopped,
+    /// Unknown: the controller has had no working watch on the heartbeats for longer than the
+    /// node's TTL (etcd down, a partition), like a Node's `NodeStatusUnknown`.
+    EtcdUnreachable,
+    /// Unknown: the Node's agent has never written a heartbeat (not scheduled, not started).
+    NoHeartbeat,
+    /// Unknown: the controller was uninstalled, so nothing updates the status any more.
+    ControllerRemoved,
+}
+
+impl LivenessReason {
+    /// Every reason, in the order of the states they explain.
+    pub const ALL: [LivenessReason; 6] = [
+        LivenessReason::HeartbeatSeen,
+        LivenessReason::HeartbeatExpired,
+        LivenessReason::AgentStopped,
+        LivenessReason::EtcdUnreachable,
+        LivenessReason::NoHeartbeat,
+        LivenessReason::ControllerRemoved,
+    ];
+
+    /// The status's `reason` string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LivenessReason::HeartbeatSeen => "HeartbeatSeen",
+            LivenessReason::HeartbeatExpired => "HeartbeatExpired",
+            LivenessReason::AgentStopped => "AgentStopped",
+            LivenessReason::EtcdUnreachable => "EtcdUnreachable",
+            LivenessReason::NoHeartbeat => "NoHeartbeat",
+            LivenessReason::ControllerRemoved => "ControllerRemoved",
+        }
+    }
+
+    /// The reason as the log lines say it: `Node worker-1 Dead (heartbeat expired)`.
+    pub fn words(self) -> &'static str {
+        match self {
+            LivenessReason::HeartbeatSeen => "heartbeat seen",
+            LivenessReason::HeartbeatExpired => "heartbeat expired",
+            LivenessReason::AgentStopped => "agent stopped",
+            LivenessReason::EtcdUnreachable => "etcd unreachable",
+            LivenessReason::NoHeartbeat => "no heartbeat yet",
+            LivenessReason::ControllerRemoved => "controller removed",
+        }
+    }
+
+    /// The reason a status's `reason` string names, if it is one of ours.
+    pub fn parse(reason: &str) -> Option<Self> {
+        LivenessReason::ALL
+            .into_iter()
+            .find(|r| r.as_str() == reason)
+    }
+}
+
+impl std::fmt::Display for LivenessReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.words())
+    }
+}
+
+/// The one log line of a transition: `Node worker-1 Alive`, `Node worker-1 Dead (heartbeat
+/// expired)`.
+pub fn transition_line(node: &str, state: NodeState, reason: LivenessReason) -> String {
+    match state {
+        NodeState::Alive => format!("Node {node} Alive"),
+        NodeState::Dead => format!("Node {node} Dead ({})", reason.words()),
+        NodeState::Unknown => format!("Node {node} Unknown ({})", reason.words()),
+    }
+}
+
 /// One MonitorNode per node: no desired state of its own, the status is the point.
 #[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
@@ -210,4 +289,30 @@ pub struct MonitorConfigStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transition_lines_say_the_state_and_why() {
+        use LivenessReason::*;
+        assert_eq!(
+            transition_line("worker-1", NodeState::Alive, HeartbeatSeen),
+            "Node worker-1 Alive"
+        );
+        assert_eq!(
+            transition_line("worker-1", NodeState::Dead, HeartbeatExpired),
+            "Node worker-1 Dead (heartbeat expired)"
+        );
+        assert_eq!(
+            transition_line("worker-1", NodeState::Dead, AgentStopped),
+            "Node worker-1 Dead (agent stopped)"
+        );
+        for reason in LivenessReason::ALL {
+            assert_eq!(LivenessReason::parse(reason.as_str()), Some(reason));
+        }
+        assert_eq!(LivenessReason::parse("Alive"), None);
+    }
 }

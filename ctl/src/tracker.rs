@@ -6,48 +6,22 @@
 //! re-list (start, compaction) only real differences come out as transitions.
 
 use std::collections::BTreeMap;
-use std::fmt;
 
 use jiff::Timestamp;
+use nodepulse_crd::v1alpha1::LivenessReason;
 use nodepulse_crd::wire::{AgentState, Heartbeat};
 
 use crate::nodes::NodeRow;
 
-/// Why a node is dead.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DeathReason {
-    /// The key vanished without the agent saying goodbye: its lease expired (or someone deleted
-    /// the key by hand: etcd's delete event does not tell the two apart).
-    HeartbeatExpired,
-    /// The agent's last value said `Stopping`: it shut down cleanly and nobody took over.
-    AgentStopped,
-}
-
-impl DeathReason {
-    /// The words printed in `Node worker-1 Dead (<reason>)`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeathReason::HeartbeatExpired => "heartbeat expired",
-            DeathReason::AgentStopped => "agent stopped",
-        }
-    }
-}
-
-impl fmt::Display for DeathReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 /// What happened to one node.
 #[derive(Clone, Debug, PartialEq)]
-pub enum Transition {
+pub enum NodeChange {
     /// The node has a heartbeat and was not known to be alive.
     Alive(Heartbeat),
     /// An alive node's heartbeat value changed (printed only with `-v`).
     Updated(Heartbeat),
-    /// The node's heartbeat key is gone.
-    Dead(DeathReason),
+    /// The node's heartbeat key is gone: `HeartbeatExpired` or `AgentStopped`.
+    Dead(LivenessReason),
 }
 
 #[derive(Clone, Debug)]
@@ -65,11 +39,11 @@ pub struct NodeTracker {
 
 impl NodeTracker {
     /// A put on the node's heartbeat key, seen at `at`.
-    pub fn put(&mut self, node: &str, hb: Heartbeat, at: Timestamp) -> Transition {
+    pub fn put(&mut self, node: &str, hb: Heartbeat, at: Timestamp) -> NodeChange {
         match self.nodes.get_mut(node) {
             Some(t) if t.alive => {
                 t.last = hb.clone();
-                Transition::Updated(hb)
+                NodeChange::Updated(hb)
             }
             _ => {
                 self.nodes.insert(
@@ -80,20 +54,20 @@ impl NodeTracker {
                         since: at,
                     },
                 );
-                Transition::Alive(hb)
+                NodeChange::Alive(hb)
             }
         }
     }
 
     /// A delete of the node's heartbeat key, seen at `at`. `None` when the node was not alive
     /// (a key we never saw, or a second delete).
-    pub fn delete(&mut self, node: &str, at: Timestamp) -> Option<DeathReason> {
+    pub fn delete(&mut self, node: &str, at: Timestamp) -> Option<LivenessReason> {
         let t = self.nodes.get_mut(node).filter(|t| t.alive)?;
         t.alive = false;
         t.since = at;
         Some(match t.last.state {
-            AgentState::Stopping => DeathReason::AgentStopped,
-            AgentState::Running => DeathReason::HeartbeatExpired,
+            AgentState::Stopping => LivenessReason::AgentStopped,
+            AgentState::Running => LivenessReason::HeartbeatExpired,
         })
     }
 
@@ -119,7 +93,7 @@ impl NodeTracker {
         &mut self,
         present: Vec<(String, Heartbeat)>,
         at: Timestamp,
-    ) -> Vec<(String, Transition)> {
+    ) -> Vec<(String, NodeChange)> {
         let mut out = Vec::new();
         let present: BTreeMap<String, Heartbeat> = present.into_iter().collect();
         let gone: Vec<String> = self
@@ -130,11 +104,11 @@ impl NodeTracker {
             .collect();
         for node in gone {
             if let Some(reason) = self.delete(&node, at) {
-                out.push((node, Transition::Dead(reason)));
+                out.push((node, NodeChange::Dead(reason)));
             }
         }
         for (node, hb) in present {
-            if let t @ Transition::Alive(_) = self.put(&node, hb, at) {
+            if let t @ NodeChange::Alive(_) = self.put(&node, hb, at) {
                 out.push((node, t));
             }
         }
@@ -185,19 +159,19 @@ mod tests {
         let at = t("2026-11-22T06:00:00Z");
         assert!(matches!(
             tr.put("w1", hb(AgentState::Running), at),
-            Transition::Alive(_)
+            NodeChange::Alive(_)
         ));
         assert!(matches!(
             tr.put("w1", hb(AgentState::Running), at),
-            Transition::Updated(_)
+            NodeChange::Updated(_)
         ));
-        assert_eq!(tr.delete("w1", at), Some(DeathReason::HeartbeatExpired));
+        assert_eq!(tr.delete("w1", at), Some(LivenessReason::HeartbeatExpired));
         assert_eq!(tr.delete("w1", at), None, "a second delete is not a death");
         assert_eq!(tr.delete("never-seen", at), None);
         assert!(tr.alive_rows().is_empty());
         assert!(matches!(
             tr.put("w1", hb(AgentState::Running), at),
-            Transition::Alive(_)
+            NodeChange::Alive(_)
         ));
     }
 
@@ -207,7 +181,7 @@ mod tests {
         let at = t("2026-11-22T06:00:00Z");
         tr.put("w1", hb(AgentState::Running), at);
         tr.put("w1", hb(AgentState::Stopping), at);
-        assert_eq!(tr.delete("w1", at), Some(DeathReason::AgentStopped));
+        assert_eq!(tr.delete("w1", at), Some(LivenessReason::AgentStopped));
     }
 
     #[test]
@@ -232,9 +206,9 @@ mod tests {
             .into_iter()
             .map(|(n, t)| {
                 let what = match t {
-                    Transition::Alive(_) => "alive".to_string(),
-                    Transition::Updated(_) => "updated".to_string(),
-                    Transition::Dead(r) => format!("dead: {r}"),
+                    NodeChange::Alive(_) => "alive".to_string(),
+                    NodeChange::Updated(_) => "updated".to_string(),
+                    NodeChange::Dead(r) => format!("dead: {r}"),
                 };
                 (n, what)
             })

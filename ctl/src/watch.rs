@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::OutputFormat;
 use crate::error::Result;
 use crate::nodes::{NodeRow, now, render_table};
-use crate::tracker::{NodeTracker, Transition};
+use crate::tracker::{NodeChange, NodeTracker};
 
 /// How `watch` prints.
 #[derive(Clone, Copy, Debug)]
@@ -87,13 +87,13 @@ impl<W: Write> EventPrinter<W> {
         }
     }
 
-    fn transition(&mut self, node: &str, t: &Transition, revision: i64) -> Result<()> {
+    fn transition(&mut self, node: &str, t: &NodeChange, revision: i64) -> Result<()> {
         let at = now();
         let (event, reason, heartbeat) = match t {
-            Transition::Alive(hb) => ("alive", None, Some(hb)),
-            Transition::Updated(hb) if self.settings.verbose => ("updated", None, Some(hb)),
-            Transition::Updated(_) => return Ok(()),
-            Transition::Dead(r) => ("dead", Some(r.as_str()), None),
+            NodeChange::Alive(hb) => ("alive", None, Some(hb)),
+            NodeChange::Updated(hb) if self.settings.verbose => ("updated", None, Some(hb)),
+            NodeChange::Updated(_) => return Ok(()),
+            NodeChange::Dead(r) => ("dead", Some(r.words()), None),
         };
         match self.settings.output {
             OutputFormat::Json => self.json(&JsonEvent {
@@ -107,9 +107,9 @@ impl<W: Write> EventPrinter<W> {
             }),
             OutputFormat::Text => {
                 let text = match t {
-                    Transition::Alive(_) => format!("Node {node} Alive"),
-                    Transition::Dead(r) => format!("Node {node} Dead ({r})"),
-                    Transition::Updated(hb) => {
+                    NodeChange::Alive(_) => format!("Node {node} Alive"),
+                    NodeChange::Dead(r) => format!("Node {node} Dead ({r})"),
+                    NodeChange::Updated(hb) => {
                         let row = NodeRow::alive(node, hb, at);
                         let pct = |p: Option<f64>| p.map_or("-".into(), |p| format!("{p:.1}%"));
                         format!(
@@ -168,7 +168,7 @@ pub async fn run(etcd: &EtcdArgs, settings: WatchSettings, out: impl Write) -> R
                     continue;
                 };
                 if let Some(reason) = tracker.delete(node, now()) {
-                    printer.transition(node, &Transition::Dead(reason), revision)?;
+                    printer.transition(node, &NodeChange::Dead(reason), revision)?;
                 }
             }
             WatchEvent::Interrupted => {}

@@ -1,0 +1,116 @@
+//! Writes one node's MonitorNode status (creating the MonitorNode first when needed) and raises
+//! the Events of the transitions it carries.
+
+use std::time::Instant;
+
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Resource, ResourceExt};
+use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeSpec, NodeState, transition_line};
+
+use crate::FIELD_MANAGER;
+use crate::error::{Error, Result};
+use crate::writer::WriteJob;
+
+/// Applies the status through the status subresource, creating the MonitorNode first when it
+/// does not exist, then raises the Events of the transitions it carries.
+pub async fn write_status(
+    api: &Api<MonitorNode>,
+    recorder: &Recorder,
+    job: &WriteJob,
+) -> Result<Instant> {
+    let patch = serde_json::json!({
+        "apiVersion": "nodepulse.io/v1alpha1",
+        "kind": "MonitorNode",
+        "status": job.status,
+    });
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    let action = || format!("apply status of MonitorNode {}", job.node);
+    // A node seen for the first time: create its MonitorNode first rather than learn from a 404.
+    if !job.exists {
+        create_monitor_node(api, job).await?;
+    }
+    let mn = match api
+        .patch_status(&job.node, &params, &Patch::Apply(&patch))
+        .await
+    {
+        Err(kube::Error::Api(status)) if status.is_not_found() => {
+            create_monitor_node(api, job).await?;
+            api.patch_status(&job.node, &params, &Patch::Apply(&patch))
+                .await
+                .map_err(Error::kube(action()))?
+        }
+        other => other.map_err(Error::kube(action()))?,
+    };
+    let written_at = Instant::now();
+    // A MonitorNode created before its Node object existed gets its owner once the Node shows up.
+    if let Some(owner) = &job.owner
+        && mn.owner_references().is_empty()
+    {
+        let patch = serde_json::json!({
+            "apiVersion": "nodepulse.io/v1alpha1",
+            "kind": "MonitorNode",
+            "metadata": {"ownerReferences": [owner]},
+        });
+        if let Err(e) = api
+            .patch(
+                &job.node,
+                &PatchParams::apply(FIELD_MANAGER),
+                &Patch::Apply(&patch),
+            )
+            .await
+        {
+            tracing::warn!(node = %job.node, error = %e, "could not set the MonitorNode's owner to its Node");
+        }
+    }
+    let reference = mn.object_ref(&());
+    for t in &job.events {
+        let event = Event {
+            type_: match t.state {
+                NodeState::Alive => EventType::Normal,
+                _ => EventType::Warning,
+            },
+            reason: match t.state {
+                NodeState::Alive => "NodeAlive",
+                NodeState::Unknown => "NodeStatusUnknown",
+                // A death's reason is the status's (HeartbeatExpired, AgentStopped): the
+                // recorder folds Events with the same reason and action into one series under
+                // the first message, so a clean stop after an expiry read "heartbeat expired".
+                _ => t.reason.as_str(),
+            }
+            .into(),
+            note: Some(format!(
+                "{}: {}",
+                transition_line(&job.node, t.state, t.reason),
+                t.message
+            )),
+            action: "Heartbeat".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            // The status is what matters; a lost Event is logged, not retried.
+            tracing::warn!(node = %job.node, error = %e, "could not record Event {}", event.reason);
+        }
+    }
+    Ok(written_at)
+}
+
+/// Creates the MonitorNode, owned by its Node when one exists; one that already exists is fine.
+async fn create_monitor_node(api: &Api<MonitorNode>, job: &WriteJob) -> Result<()> {
+    let mut mn = MonitorNode::new(&job.node, MonitorNodeSpec {});
+    if let Some(owner) = &job.owner {
+        mn.metadata.owner_references = Some(vec![owner.clone()]);
+    }
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    match api.create(&params, &mn).await {
+        Ok(_) => {
+            tracing::debug!(node = %job.node, "created MonitorNode");
+            Ok(())
+        }
+        Err(kube::Error::Api(status)) if status.is_already_exists() => Ok(()),
+        Err(e) => Err(Error::kube(format!("create MonitorNode {}", job.node))(e)),
+    }
+}

@@ -1,0 +1,299 @@
+//! One node's record: its liveness as the controller judges it, the heartbeat it judges from,
+//! the status last written, and the rules by which a re-list or an outage moves it.
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use nodepulse_crd::v1alpha1::{LivenessReason, MonitorNodeStatus, NodeState, transition_line};
+use nodepulse_crd::wire::Heartbeat;
+
+use crate::metrics::{Metrics, StateLabel};
+use crate::writer::WriteState;
+
+/// The agent's shortest heartbeat TTL, in seconds.
+pub const MIN_TTL: u64 = 2;
+
+/// A node whose key stays there after the watch's return is vouched for after twice its TTL
+/// and this margin: etcd extends every lease when a leader takes over (a restart, an election),
+/// by an election timeout on top of the TTL, so a dead node's key may outlive one TTL.
+pub const VOUCH_MARGIN: Duration = Duration::from_secs(1);
+
+/// What the status's `state`, `reason`, `message` and `lastTransitionTime` say; a transition
+/// waiting for its Event is one of these too.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Liveness {
+    /// Alive, Dead or Unknown.
+    pub state: NodeState,
+    /// Why.
+    pub reason: LivenessReason,
+    /// The sentence for people.
+    pub message: String,
+    /// When the state was entered.
+    pub since: Time,
+}
+
+impl Liveness {
+    /// The liveness a listed status shows, if it is one the controller could have written.
+    fn from_status(status: &MonitorNodeStatus) -> Option<Liveness> {
+        Some(Liveness {
+            state: status.state?,
+            reason: LivenessReason::parse(status.reason.as_deref()?)?,
+            message: status.message.clone().unwrap_or_default(),
+            since: status
+                .last_transition_time
+                .clone()
+                .unwrap_or_else(|| Time(Timestamp::now())),
+        })
+    }
+}
+
+/// Everything the controller keeps about one node.
+#[derive(Default)]
+pub struct NodeRecord {
+    /// `None` until the node is first judged.
+    pub liveness: Option<Liveness>,
+    /// The last heartbeat value that parsed.
+    pub heartbeat: Option<Heartbeat>,
+    /// The status last written (or read from the API server on a re-list).
+    pub written: Option<MonitorNodeStatus>,
+    /// Transitions whose Events have not gone out yet.
+    pub pending_events: Vec<Liveness>,
+    /// When the delete that made the node Dead arrived, to time the status write.
+    pub dead_seen_at: Option<Instant>,
+    /// Unknown since an outage, its key listed again but not yet proven live: Alive at this
+    /// instant if its key is still there (its lease then outlived any extension etcd gave it).
+    pub vouch_at: Option<Instant>,
+    /// Its key is gone but a live agent would write it again (deleted by hand while its lease
+    /// lives, or absent from a rebuilt store): Dead at this instant unless one has.
+    pub doom_at: Option<Instant>,
+    /// Where the node's status writes stand.
+    pub write: WriteState,
+}
+
+impl NodeRecord {
+    /// The node's state, once judged.
+    pub fn state(&self) -> Option<NodeState> {
+        self.liveness.as_ref().map(|l| l.state)
+    }
+
+    /// The reason of the node's state, once judged.
+    pub fn reason(&self) -> Option<LivenessReason> {
+        self.liveness.as_ref().map(|l| l.reason)
+    }
+
+    /// Moves the node to `state`: one log line, one Event to come, the transition counted.
+    pub fn transition(
+        &mut self,
+        metrics: &Metrics,
+        node: &str,
+        state: NodeState,
+        reason: LivenessReason,
+        message: String,
+    ) {
+        tracing::info!(
+            node,
+            reason = reason.as_str(),
+            "{}",
+            transition_line(node, state, reason)
+        );
+        metrics
+            .transitions
+            .get_or_create(&StateLabel::of(state))
+            .inc();
+        let liveness = Liveness {
+            state,
+            reason,
+            message,
+            since: Time(Timestamp::now()),
+        };
+        self.pending_events.push(liveness.clone());
+        self.liveness = Some(liveness);
+    }
+
+    /// The node's heartbeat TTL in seconds, as last reported (10, the agent's default, if never).
+    pub fn ttl_seconds(&self) -> u32 {
+        self.heartbeat
+            .as_ref()
+            .map(|hb| hb.ttl_seconds)
+            .or_else(|| self.written.as_ref().and_then(|w| w.ttl_seconds))
+            .unwrap_or(10)
+    }
+
+    /// Unknown because the controller could not see etcd (not for another reason).
+    pub fn is_blind_unknown(&self) -> bool {
+        self.state() == Some(NodeState::Unknown)
+            && self.reason() == Some(LivenessReason::EtcdUnreachable)
+    }
+
+    /// Whether a heartbeat listed after an outage was written after the last one seen before
+    /// it: then its agent ran after the controller lost sight of it.
+    pub fn proves_life(&self, listed: Option<&Heartbeat>) -> bool {
+        let Some(listed) = listed else {
+            return false;
+        };
+        let before = self.heartbeat.as_ref().map(|hb| hb.updated_at).or_else(|| {
+            self.written
+                .as_ref()
+                .and_then(|w| w.last_heartbeat_time.as_ref())
+                .map(|t| t.0)
+        });
+        before.is_some_and(|before| listed.updated_at > before)
+    }
+
+    /// A transition of ours is being written, or waits for a retry: it is newer than anything
+    /// a list of the MonitorNodes returns.
+    fn ours_pending(&self) -> bool {
+        self.write.in_flight || !self.pending_events.is_empty()
+    }
+
+    /// Takes the API server's view of the node into the record on a re-list. A transition of
+    /// ours still being written (or waiting for a retry) is newer than what the list returned:
+    /// then the record keeps its liveness, or the re-list would undo a transition whose Event is
+    /// on its way and raise it a second time.
+    pub fn adopt_listed(&mut self, status: Option<&MonitorNodeStatus>, now: Instant) {
+        if let Some(status) = status
+            && !self.ours_pending()
+        {
+            self.liveness = Liveness::from_status(status);
+        }
+        self.written = Some(status.cloned().unwrap_or_default());
+        self.write.last_write.get_or_insert(now);
+    }
+
+    /// The MonitorNode was missing from a re-list: deleted behind our back, so forget what it
+    /// showed and a live node's is recreated. Unless a write of ours is in flight (creating it,
+    /// most likely) or waits for a retry: its transition is newer than the list, and forgetting
+    /// it would judge the node anew and raise the same transition's Event twice.
+    pub fn forget_unlisted(&mut self) {
+        self.written = None;
+        if self.ours_pending() {
+            return;
+        }
+        *self = NodeRecord {
+            heartbeat: self.heartbeat.take(),
+            ..NodeRecord::default()
+        };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nodepulse_crd::wire::{AgentState, AppliedConfig, MetricSet};
+
+    fn heartbeat() -> Heartbeat {
+        Heartbeat {
+            node: "worker-1".into(),
+            agent_version: "0.1.0".into(),
+            state: AgentState::Running,
+            started_at: "2026-11-22T05:00:00Z".parse().unwrap(),
+            updated_at: "2026-11-22T05:00:05Z".parse().unwrap(),
+            ttl_seconds: 3,
+            config: AppliedConfig {
+                revision: 0,
+                interval: 10,
+                metrics: MetricSet::all(),
+                source: None,
+                error: None,
+            },
+            usage: None,
+        }
+    }
+
+    fn liveness(state: NodeState, reason: LivenessReason) -> Option<Liveness> {
+        Some(Liveness {
+            state,
+            reason,
+            message: String::new(),
+            since: Time(Timestamp::now()),
+        })
+    }
+
+    #[test]
+    fn a_relist_does_not_undo_a_transition_being_written() {
+        // A Dead transition is being written (its Event goes out with it) when a re-list
+        // returns the MonitorNode as it was before: still Alive.
+        let mut rec = NodeRecord {
+            liveness: liveness(NodeState::Dead, LivenessReason::HeartbeatExpired),
+            ..Default::default()
+        };
+        rec.write.in_flight = true;
+        let listed = MonitorNodeStatus {
+            state: Some(NodeState::Alive),
+            reason: Some("HeartbeatSeen".into()),
+            ..Default::default()
+        };
+        rec.adopt_listed(Some(&listed), Instant::now());
+        // Taking the listed Alive would make the absent key a second Dead, and a second Event.
+        assert_eq!(rec.state(), Some(NodeState::Dead));
+        assert_eq!(rec.reason(), Some(LivenessReason::HeartbeatExpired));
+        // Nothing of ours pending: the API server's view is taken.
+        rec.write.in_flight = false;
+        rec.adopt_listed(Some(&listed), Instant::now());
+        assert_eq!(rec.state(), Some(NodeState::Alive));
+    }
+
+    #[test]
+    fn a_relist_that_misses_a_monitor_node_being_created_keeps_its_transition() {
+        // A new node's first write (which creates its MonitorNode, with the NodeAlive Event) is
+        // in flight when a re-list comes back without that MonitorNode.
+        let mut rec = NodeRecord {
+            liveness: liveness(NodeState::Alive, LivenessReason::HeartbeatSeen),
+            heartbeat: Some(heartbeat()),
+            ..Default::default()
+        };
+        rec.write.in_flight = true;
+        rec.forget_unlisted();
+        // Forgetting it would judge the node anew: a second Alive, a second NodeAlive Event.
+        assert_eq!(rec.state(), Some(NodeState::Alive));
+        assert!(rec.write.in_flight);
+        assert!(
+            rec.written.is_none(),
+            "the next write creates the MonitorNode again"
+        );
+        // Nothing of ours pending: the MonitorNode was deleted behind our back.
+        rec.write.in_flight = false;
+        rec.forget_unlisted();
+        assert_eq!(rec.state(), None);
+        assert!(rec.heartbeat.is_some());
+    }
+
+    #[test]
+    fn only_a_heartbeat_written_after_the_outage_proves_life() {
+        let before = heartbeat();
+        let rec = NodeRecord {
+            liveness: liveness(NodeState::Unknown, LivenessReason::EtcdUnreachable),
+            heartbeat: Some(before.clone()),
+            ..Default::default()
+        };
+        assert!(rec.is_blind_unknown());
+        assert!(!rec.proves_life(Some(&before)));
+        assert!(!rec.proves_life(None));
+        let mut after = before.clone();
+        after.updated_at = "2026-11-22T05:00:09Z".parse().unwrap();
+        assert!(rec.proves_life(Some(&after)));
+        assert_eq!(rec.ttl_seconds(), 3);
+    }
+
+    #[test]
+    fn a_listed_status_of_ours_is_adopted_whole() {
+        let mut rec = NodeRecord::default();
+        let listed = MonitorNodeStatus {
+            state: Some(NodeState::Unknown),
+            reason: Some("ControllerRemoved".into()),
+            message: Some("the controller was uninstalled".into()),
+            ..Default::default()
+        };
+        rec.adopt_listed(Some(&listed), Instant::now());
+        let l = rec.liveness.as_ref().expect("adopted");
+        assert_eq!(
+            (l.state, l.reason, l.message.as_str()),
+            (
+                NodeState::Unknown,
+                LivenessReason::ControllerRemoved,
+                "the controller was uninstalled"
+            )
+        );
+    }
+}
