@@ -104,11 +104,11 @@ pub enum KeyEvent<'a> {
 
 /// The configuration after an event, and the line to log about it (none when nothing changed).
 #[derive(Debug, PartialEq)]
-pub struct Transition {
+pub struct ConfigChange {
     /// The configuration to apply.
     pub next: AppliedState,
-    /// The log message, and whether it is a rejection (logged as a warning).
-    pub line: Option<(String, bool)>,
+    /// The log line; a warning when the value was rejected.
+    pub line: Option<String>,
     /// Whether a value was rejected.
     pub rejected: bool,
 }
@@ -116,7 +116,7 @@ pub struct Transition {
 /// Decides what an event does to the configuration in force: a valid value replaces it whole,
 /// an invalid one is rejected whole (the last good one stays, with the error), a delete goes
 /// back to the defaults.
-pub fn transition(current: &AppliedState, event: KeyEvent<'_>) -> Transition {
+pub fn transition(current: &AppliedState, event: KeyEvent<'_>) -> ConfigChange {
     match event {
         KeyEvent::Put { value, revision } => match ConfigValue::parse(value) {
             Ok(v) => {
@@ -126,15 +126,12 @@ pub fn transition(current: &AppliedState, event: KeyEvent<'_>) -> Transition {
                     error: None,
                 };
                 let line = (next != *current).then(|| {
-                    (
-                        format!(
-                            "config updated: interval {}s -> {}s, metrics {} (revision {revision})",
-                            current.value.interval, next.value.interval, next.value.metrics
-                        ),
-                        false,
+                    format!(
+                        "config updated: interval {}s -> {}s, metrics {} (revision {revision})",
+                        current.value.interval, next.value.interval, next.value.metrics
                     )
                 });
-                Transition {
+                ConfigChange {
                     next,
                     line,
                     rejected: false,
@@ -149,9 +146,9 @@ pub fn transition(current: &AppliedState, event: KeyEvent<'_>) -> Transition {
                     "config rejected (revision {revision}): {e}; keeping interval {}s, metrics {}",
                     current.value.interval, current.value.metrics
                 );
-                Transition {
+                ConfigChange {
                     next,
-                    line: Some((line, true)),
+                    line: Some(line),
                     rejected: true,
                 }
             }
@@ -162,9 +159,9 @@ pub fn transition(current: &AppliedState, event: KeyEvent<'_>) -> Transition {
                 "config removed (revision {revision}): back to defaults, interval {}s, metrics {}",
                 next.value.interval, next.value.metrics
             );
-            Transition {
+            ConfigChange {
                 next,
-                line: Some((line, false)),
+                line: Some(line),
                 rejected: false,
             }
         }
@@ -239,8 +236,8 @@ impl ConfigWatcher {
     fn apply(&self, event: KeyEvent<'_>) {
         let t = transition(&self.shared.current(), event);
         match &t.line {
-            Some((line, true)) => warn!("{line}"),
-            Some((line, false)) => info!("{line}"),
+            Some(line) if t.rejected => warn!("{line}"),
+            Some(line) => info!("{line}"),
             None => {}
         }
         if t.rejected {
@@ -273,10 +270,7 @@ mod tests {
         assert_eq!(t.next.revision, 41);
         assert_eq!(
             t.line,
-            Some((
-                "config updated: interval 10s -> 2s, metrics [cpu, memory] (revision 41)".into(),
-                false
-            ))
+            Some("config updated: interval 10s -> 2s, metrics [cpu, memory] (revision 41)".into())
         );
     }
 
@@ -296,7 +290,7 @@ mod tests {
             Some("revision 42: interval 0 is out of range: must be 1 to 3600 seconds")
         );
         assert_eq!(
-            t.line.unwrap().0,
+            t.line.unwrap(),
             "config rejected (revision 42): interval 0 is out of range: must be 1 to 3600 seconds; keeping interval 2s, metrics [cpu, memory]"
         );
         // The next good value clears the error.
@@ -314,7 +308,7 @@ mod tests {
         let t = transition(&good, KeyEvent::Deleted { revision: 43 });
         assert_eq!(t.next, AppliedState::default());
         assert_eq!(
-            t.line.unwrap().0,
+            t.line.unwrap(),
             "config removed (revision 43): back to defaults, interval 10s, metrics [cpu, memory, disk, network, load]"
         );
     }
