@@ -583,3 +583,178 @@ async fn liveness_survives_an_etcd_restart_and_late_nodes_become_owners() {
     lab.wait_state("solo-1", NodeState::Dead, Duration::from_secs(15))
         .await;
 }
+
+/// A controller start judges no applied config before its first config sync: a configured
+/// node's `ConfigApplied` stays True through a restart (it never flashes False), and the
+/// restart raises no second NodeAlive Event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_controller_restart_does_not_flash_config_applied_false() {
+    use futures::StreamExt;
+    use kube::runtime::{WatchStreamExt, watcher};
+
+    let (lab, _etcd) = Lab::start().await;
+    lab.node("worker-1", &[]);
+    let mut controller = start_controller(&lab, "controller-0");
+    let mut agent = start_agent(&lab, "worker-1");
+    lab.apply(&monitor_config_yaml("fast", serde_json::json!({}), 2));
+    let config_applied = |s: &nodepulse_crd::v1alpha1::MonitorNodeStatus| {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == "ConfigApplied")
+            .map(|c| c.status.clone())
+    };
+    eventually(
+        "worker-1 ConfigApplied=True at interval 2",
+        Duration::from_secs(60),
+        || async {
+            let s = lab.status("worker-1").await?;
+            (s.config.as_ref()?.interval == 2 && config_applied(&s).as_deref() == Some("True"))
+                .then_some(())
+        },
+    )
+    .await;
+
+    // Every version of worker-1's status from now on.
+    let api: Api<MonitorNode> = Api::all(lab.kube.clone());
+    let mut versions = watcher(
+        api,
+        watcher::Config::default().fields("metadata.name=worker-1"),
+    )
+    .applied_objects()
+    .boxed();
+    let first = tokio::time::timeout(Duration::from_secs(10), versions.next())
+        .await
+        .expect("the watch lists worker-1")
+        .expect("a version")
+        .expect("no watch error");
+    assert_eq!(
+        first.status.as_ref().and_then(config_applied).as_deref(),
+        Some("True")
+    );
+    let seen = tokio::spawn(async move {
+        let mut seen = Vec::new();
+        while let Some(Ok(mn)) = versions.next().await {
+            let state = mn.status.as_ref().and_then(|s| s.state);
+            seen.push((state, mn.status.as_ref().and_then(config_applied)));
+            if state == Some(NodeState::Dead) {
+                break;
+            }
+        }
+        seen
+    });
+
+    controller.kill_hard();
+    let controller = start_controller(&lab, "controller-0");
+    controller.wait_for_line(Duration::from_secs(30), "reconciled", |l| {
+        l.contains("reconciled every MonitorNode")
+    });
+    // A write the new controller must make: everything it wrote before it is in `seen`.
+    agent.kill_hard();
+    let seen = tokio::time::timeout(Duration::from_secs(20), seen)
+        .await
+        .expect("worker-1 Dead")
+        .expect("the watch task");
+    assert!(
+        seen.iter().all(|(_, c)| c.as_deref() == Some("True")),
+        "ConfigApplied changed across the restart: {seen:?}"
+    );
+    assert_eq!(lab.event_count("worker-1", "NodeAlive").await, 1);
+}
+
+/// `kubectl wait` on a MonitorNode's condition and on its state, as the README shows them,
+/// returns when the node dies; `kubectl explain` documents every status field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kubectl_wait_and_explain_work_on_monitor_nodes() {
+    let (lab, _etcd) = Lab::start().await;
+    lab.node("worker-1", &[]);
+    let _controller = start_controller(&lab, "controller-0");
+    let mut agent = start_agent(&lab, "worker-1");
+    lab.wait_state("worker-1", NodeState::Alive, Duration::from_secs(60))
+        .await;
+    lab.api().kubectl_ok(&[
+        "wait",
+        "--for=condition=Alive",
+        "monitornode/worker-1",
+        "--timeout=5s",
+    ]);
+
+    let wait = |for_: &str| {
+        std::process::Command::new(testkit::kubectl())
+            .arg("--kubeconfig")
+            .arg(&lab.api().kubeconfig)
+            .args(["wait", for_, "monitornode/worker-1", "--timeout=60s"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run kubectl wait")
+    };
+    let not_alive = wait("--for=condition=Alive=false");
+    let dead = wait("--for=jsonpath={.status.state}=Dead");
+    agent.kill_hard();
+    for (what, child) in [("condition=Alive=false", not_alive), ("state Dead", dead)] {
+        let out = tokio::task::block_in_place(|| child.wait_with_output()).expect("kubectl wait");
+        assert!(
+            out.status.success(),
+            "kubectl wait {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("condition met"),
+            "kubectl wait {what}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    assert_eq!(
+        lab.status("worker-1").await.and_then(|s| s.state),
+        Some(NodeState::Dead)
+    );
+
+    // Every field of the status and of the objects in it comes with its description.
+    for (path, fields) in [
+        (
+            "monitornode.status",
+            &[
+                "state",
+                "reason",
+                "message",
+                "lastHeartbeatTime",
+                "lastTransitionTime",
+                "agentVersion",
+                "ttlSeconds",
+                "config",
+                "usage",
+                "conditions",
+            ][..],
+        ),
+        (
+            "monitornode.status.config",
+            &[
+                "interval",
+                "metrics",
+                "revision",
+                "monitorConfig",
+                "inSync",
+                "error",
+            ][..],
+        ),
+        (
+            "monitornode.status.usage",
+            &["cpuPercent", "memoryPercent", "diskPercent", "load1"][..],
+        ),
+    ] {
+        let out = lab.api().kubectl_ok(&["explain", path]);
+        let listed = out.split("FIELDS:").nth(1).unwrap_or_default();
+        for field in fields {
+            // Each field's line is followed by its block (an `enum:` line, then the
+            // description, indented further), up to a blank line.
+            let mut block = listed
+                .lines()
+                .skip_while(|l| l.split_whitespace().next() != Some(field));
+            assert!(block.next().is_some(), "{path}.{field} not listed:\n{out}");
+            let described = block
+                .take_while(|l| !l.trim().is_empty())
+                .any(|l| l.starts_with("    "));
+            assert!(described, "{path}.{field} has no description:\n{out}");
+        }
+    }
+}
