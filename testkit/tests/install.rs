@@ -233,7 +233,7 @@ fn rendered_objects_carry_what_the_issue_asks_for() {
         .expect("etcd endpoints");
     assert_eq!(
         endpoints["value"].as_str(),
-        Some("http://etcd-0.etcd-service.etcd.svc.cluster.local:2379")
+        Some("https://etcd-0.etcd-service.etcd.svc.cluster.local:2379")
     );
 
     // Pod-template labels are stable across chart upgrades: no chart version in them.
@@ -294,9 +294,9 @@ fn rendered_objects_carry_what_the_issue_asks_for() {
         .expect("--initial-cluster");
     assert_eq!(
         initial,
-        "--initial-cluster=etcd-0=http://etcd-0.etcd-service.etcd.svc.cluster.local:2380,\
-         etcd-1=http://etcd-1.etcd-service.etcd.svc.cluster.local:2380,\
-         etcd-2=http://etcd-2.etcd-service.etcd.svc.cluster.local:2380"
+        "--initial-cluster=etcd-0=https://etcd-0.etcd-service.etcd.svc.cluster.local:2380,\
+         etcd-1=https://etcd-1.etcd-service.etcd.svc.cluster.local:2380,\
+         etcd-2=https://etcd-2.etcd-service.etcd.svc.cluster.local:2380"
     );
 
     // External etcd with TLS: no etcd objects, the client Secret mounted, credentials from a Secret.
@@ -546,6 +546,18 @@ fn dockerfile_builds_and_copies_what_make_release_builds() {
     }
 }
 
+/// Writes the keys of a rendered Secret as files into `dir` (what the kubelet's volume does).
+fn write_secret(secret: &Value, dir: &Path) {
+    use base64::Engine;
+    std::fs::create_dir_all(dir).expect("create the Secret's directory");
+    for (key, value) in secret["data"].as_mapping().expect("Secret data") {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(value.as_str().expect("base64 string"))
+            .expect("Secret data is base64");
+        std::fs::write(dir.join(key.as_str().expect("key")), bytes).expect("write a Secret key");
+    }
+}
+
 /// Ports one loopback etcd member listens on, standing in for a pod's 2379/2380/2381: reserved
 /// (every member's peer URL must be known before any starts, so port 0 cannot do).
 struct MemberPorts {
@@ -556,9 +568,17 @@ struct MemberPorts {
 
 /// Rewrites one rendered etcd flag for member `me` on loopback: pod DNS names and 0.0.0.0
 /// listeners become 127.0.0.1 with the member's own ports; everything else stays as rendered.
-fn loopback_flag(flag: &str, me: usize, ports: &[MemberPorts], data_dir: &Path) -> String {
+fn loopback_flag(
+    flag: &str,
+    me: usize,
+    ports: &[MemberPorts],
+    data_dir: &Path,
+    tls_dir: &Path,
+) -> String {
     let pod = format!("etcd-{me}");
-    let mut flag = flag.replace("$(POD_NAME)", &pod);
+    let mut flag = flag
+        .replace("$(POD_NAME)", &pod)
+        .replace("/etc/etcd/tls", &tls_dir.to_string_lossy());
     if flag.starts_with("--data-dir=") {
         return format!("--data-dir={}", data_dir.display());
     }
@@ -601,11 +621,24 @@ fn three_member_etcd_command_line_from_the_chart_forms_a_cluster() {
         })
         .collect();
     let dirs: Vec<_> = (0..3).map(|_| scratch_dir("etcd-member")).collect();
+    // The certificates the chart generated, where the pods mount them (their names include
+    // 127.0.0.1, which the members' loopback URLs use).
+    let tls = scratch_dir("etcd-tls");
+    for (secret, dir) in [("etcd-server-tls", "client"), ("etcd-peer-tls", "peer")] {
+        write_secret(object(&objects, "Secret", secret), &tls.path().join(dir));
+    }
+    write_secret(
+        object(&objects, "Secret", "nodepulse-etcd-client-tls-controller"),
+        &tls.path().join("controller"),
+    );
     let members: Vec<Process> = (0..3)
         .map(|i| {
             let flags: Vec<String> = rendered
                 .iter()
-                .map(|f| loopback_flag(f, i, &ports, &dirs[i].path().join("default.etcd")))
+                .map(|f| {
+                    let data = dirs[i].path().join("default.etcd");
+                    loopback_flag(f, i, &ports, &data, tls.path())
+                })
                 .collect();
             assert!(
                 !flags
@@ -636,7 +669,8 @@ fn three_member_etcd_command_line_from_the_chart_forms_a_cluster() {
         );
     }
 
-    let endpoint = format!("http://{}", ports[0].client.addr());
+    let endpoint = format!("https://{}", ports[0].client.addr());
+    let controller_tls = tls.path().join("controller");
     let mut table = String::new();
     wait_until(
         "etcdctl member list: three members started",
@@ -644,6 +678,18 @@ fn three_member_etcd_command_line_from_the_chart_forms_a_cluster() {
         || {
             let out = Command::new(tool("etcdctl"))
                 .args(["--endpoints", &endpoint, "member", "list", "-w", "table"])
+                .arg(format!(
+                    "--cacert={}",
+                    controller_tls.join("ca.crt").display()
+                ))
+                .arg(format!(
+                    "--cert={}",
+                    controller_tls.join("tls.crt").display()
+                ))
+                .arg(format!(
+                    "--key={}",
+                    controller_tls.join("tls.key").display()
+                ))
                 .output()
                 .expect("run etcdctl");
             table = text(&out.stdout);
@@ -722,8 +768,13 @@ fn local_command(
 #[test]
 fn rendered_agent_and_controller_command_lines_run_the_real_binaries() {
     // What the chart renders must be what the binaries accept: run them with exactly the rendered
-    // args and env, only the pod's paths and addresses mapped to this machine.
-    let objects = render_chart(&[]);
+    // args and env, only the pod's paths and addresses mapped to this machine. Plain text here
+    // (the harness's etcd); secure_defaults.rs runs the default TLS against the chart's
+    // certificates.
+    let objects = render_chart(&[
+        "--set",
+        "etcd.tls.client.enabled=false,etcd.tls.peer.enabled=false,etcd.client.tls.enabled=false",
+    ]);
     let etcd = testkit::Etcd::start();
     let server = KubeApiserver::shared();
     let node = "chart-node-1";

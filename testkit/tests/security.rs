@@ -555,7 +555,10 @@ fn env_value(env: &[(String, String)], name: &str) -> Option<String> {
 
 #[test]
 fn chart_passes_etcd_credentials_and_client_tls_from_secrets() {
+    // Certificates of one's own (one client Secret); secure_defaults.rs covers the generated ones.
     let objects = render_chart(&[
+        "--set",
+        "etcd.tls.generate=false",
         "--set",
         "etcd.tls.client.enabled=true",
         "--set",

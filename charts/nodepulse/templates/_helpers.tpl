@@ -178,11 +178,18 @@ to etcd.client.auth.secretName; give the agent and the controller their own leas
   readOnly: true
 {{- end }}
 {{- end }}
+{{/* Call with (dict "ctx" $ "component" "agent"|"controller"): with certificates the chart
+generates, each component has its own client certificate. */}}
 {{- define "nodepulse.etcdTLSVolume" -}}
-{{- if .Values.etcd.client.tls.enabled }}
+{{- $v := .ctx.Values.etcd }}
+{{- if $v.client.tls.enabled }}
 - name: etcd-tls
   secret:
-    secretName: {{ .Values.etcd.client.tls.secretName }}
+    {{- if and $v.enabled $v.tls.generate }}
+    secretName: {{ printf "%s-%s" $v.client.tls.secretName .component }}
+    {{- else }}
+    secretName: {{ $v.client.tls.secretName }}
+    {{- end }}
     defaultMode: 0440
 {{- end }}
 {{- end }}
