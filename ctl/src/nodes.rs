@@ -1,7 +1,5 @@
 //! Reading the heartbeat prefix into rows, and printing them as a table or as JSON.
 
-use std::fmt::Write as _;
-
 use etcd_client::{Client, GetOptions, KeyValue};
 use jiff::Timestamp;
 use nodepulse_crd::wire::{AgentState, HEARTBEAT_PREFIX, Heartbeat, node_of_heartbeat_key};
@@ -91,49 +89,27 @@ pub fn parse_heartbeat(kv: &KeyValue) -> Option<(String, Heartbeat)> {
     }
 }
 
-/// The table: `NODE STATE SINCE CPU% MEM% INTERVAL`, SINCE as an age relative to `now`.
-///
-/// Written out rather than with `comfy-table` or `tabled`: kubectl's borderless columns are a
-/// width per column and a padded line, less than either library's styling would take.
+/// The table: `NODE STATE SINCE CPU% MEM% INTERVAL`, SINCE as an age relative to `now`, in
+/// kubectl's borderless columns.
 pub fn render_table(rows: &[NodeRow], now: Timestamp) -> String {
-    let header = ["NODE", "STATE", "SINCE", "CPU%", "MEM%", "INTERVAL"];
-    let cells: Vec<[String; 6]> = rows
-        .iter()
-        .map(|r| {
-            [
-                r.node.clone(),
-                r.state.clone(),
-                age(now.duration_since(r.since)),
-                percent(r.cpu_percent),
-                percent(r.memory_percent),
-                r.interval.map_or("-".to_string(), |i| format!("{i}s")),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &cells {
-        for (w, c) in widths.iter_mut().zip(row) {
-            *w = (*w).max(c.len());
-        }
+    let mut table = comfy_table::Table::new();
+    table
+        .load_style(comfy_table::presets::NOTHING)
+        .set_header(["NODE", "STATE", "SINCE", "CPU%", "MEM%", "INTERVAL"]);
+    for r in rows {
+        table.add_row([
+            r.node.clone(),
+            r.state.clone(),
+            age(now.duration_since(r.since)),
+            percent(r.cpu_percent),
+            percent(r.memory_percent),
+            r.interval.map_or("-".to_string(), |i| format!("{i}s")),
+        ]);
     }
-    let mut out = String::new();
-    let mut line = |cols: Vec<&str>| {
-        let mut l = String::new();
-        for (i, (c, w)) in cols.iter().zip(widths).enumerate() {
-            if i + 1 == cols.len() {
-                l.push_str(c);
-            } else {
-                let _ = write!(l, "{c:<w$}   ");
-            }
-        }
-        out.push_str(l.trim_end());
-        out.push('\n');
-    };
-    line(header.to_vec());
-    for row in &cells {
-        line(row.iter().map(String::as_str).collect());
+    for column in table.column_iter_mut() {
+        column.set_padding((0, 3));
     }
-    out
+    table.trim_fmt() + "\n"
 }
 
 fn percent(p: Option<f64>) -> String {
