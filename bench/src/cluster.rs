@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::Api;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use nodepulse_crd::v1alpha1::{MonitorNode, NodeState};
 use testkit::{Etcd, KubeApiserver, Launch, Process, http_get};
 
@@ -192,7 +192,11 @@ impl NodeStates {
         let api: Api<MonitorNode> = Api::all(client);
         let (shared, changes) = (states.clone(), history.clone());
         let task = tokio::spawn(async move {
-            let mut events = watcher(api, watcher::Config::default()).boxed();
+            // Backing off after an error also yields: a watch failing at once (its API server
+            // gone) would otherwise spin and keep the runtime from shutting down.
+            let mut events = watcher(api, watcher::Config::default())
+                .default_backoff()
+                .boxed();
             while let Some(event) = events.next().await {
                 let now = Instant::now();
                 let (watcher::Event::Apply(mn) | watcher::Event::InitApply(mn)) = (match event {
