@@ -40,25 +40,25 @@ pub async fn run(opts: &Options, start: Instant) -> Section {
 
 /// The faults, in order; the smoke run stops after the first two.
 async fn measure(opts: &Options, start: Instant) -> Result<Section> {
-    let mut lab = Lab::start().await?;
+    let mut stage = Stage::start().await?;
     let mut outcomes = Vec::new();
     progress(start, "  agent SIGKILL");
-    outcomes.push(lab.agent_killed().await?);
+    outcomes.push(stage.agent_killed().await?);
     progress(start, "  heartbeat key deleted by hand");
-    outcomes.push(lab.key_deleted().await?);
+    outcomes.push(stage.key_deleted().await?);
     if !opts.smoke {
         progress(start, "  agent replaced within the TTL");
-        outcomes.push(lab.agent_replaced().await?);
+        outcomes.push(stage.agent_replaced().await?);
         progress(start, "  agent stopped for good");
-        outcomes.push(lab.agent_stopped().await?);
+        outcomes.push(stage.agent_stopped().await?);
         progress(start, "  etcd writes slower than the TTL");
-        outcomes.push(lab.slow_writes().await?);
+        outcomes.push(stage.slow_writes().await?);
         progress(start, "  controller SIGKILL and restart");
-        outcomes.push(lab.controller_restarted().await?);
+        outcomes.push(stage.controller_restarted().await?);
         progress(start, "  etcd away longer than the TTL");
-        outcomes.push(lab.etcd_away().await?);
+        outcomes.push(stage.etcd_away().await?);
         progress(start, "  etcd rebuilt with its data lost");
-        outcomes.push(lab.etcd_rebuilt().await?);
+        outcomes.push(stage.etcd_rebuilt().await?);
     }
 
     let mut section = Section::new(
@@ -98,32 +98,33 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
     Ok(section)
 }
 
-/// The cluster and the steady nodes.
-struct Lab {
+/// The cluster the faults are staged on, and the steady nodes.
+struct Stage {
     cluster: Cluster,
     states: NodeStates,
     steady: Vec<Agent>,
 }
 
-impl Lab {
-    async fn start() -> Result<Lab> {
+impl Stage {
+    async fn start() -> Result<Stage> {
         let cluster = Cluster::start().await?;
         let states = NodeStates::watch(cluster.kube.clone());
         let mut steady = Vec::new();
         for node in STEADY {
             steady.push(Agent::start(&cluster.etcd.endpoint, node, TTL).await?);
         }
-        let lab = Lab {
+        let stage = Stage {
             cluster,
             states,
             steady,
         };
         for node in STEADY {
-            lab.states
+            stage
+                .states
                 .wait_for(node, NodeState::Alive, Duration::from_secs(60))
                 .await?;
         }
-        Ok(lab)
+        Ok(stage)
     }
 
     async fn agent(&self, node: &str) -> Result<Agent> {
@@ -363,7 +364,7 @@ impl Lab {
     }
 }
 
-impl Drop for Lab {
+impl Drop for Stage {
     fn drop(&mut self) {
         self.steady.clear();
     }
