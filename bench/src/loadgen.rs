@@ -10,9 +10,7 @@ use clap::Parser;
 use etcd_client::{Client, PutOptions};
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
-use nodepulse_crd::wire::{
-    AgentState, AppliedConfig, Heartbeat, MetricSet, UsageSummary, heartbeat_key,
-};
+use nodepulse_crd::wire::{Heartbeat, UsageSummary, heartbeat_key};
 use rand::Rng;
 
 use crate::{Error, Result};
@@ -149,20 +147,10 @@ impl SimulatedNode {
     ) -> Result<SimulatedNode> {
         let node = format!("{}{index}", args.prefix);
         let heartbeat = Heartbeat {
-            node: node.clone(),
             agent_version: format!("loadgen-{}", env!("CARGO_PKG_VERSION")),
-            state: AgentState::Running,
-            started_at,
             updated_at: Timestamp::now(),
-            ttl_seconds: args.ttl_seconds,
-            config: AppliedConfig {
-                revision: 0,
-                interval: 10,
-                metrics: MetricSet::all(),
-                source: None,
-                error: None,
-            },
             usage: Some(random_usage()),
+            ..Heartbeat::running(&node, args.ttl_seconds, started_at)
         };
         let mut client = client;
         let key = heartbeat_key(&node);

@@ -152,30 +152,19 @@ pub fn from_an_earlier_run(written: &MonitorNodeStatus, heartbeat: Option<&Heart
 mod tests {
     use super::*;
     use nodepulse_crd::v1alpha1::LivenessReason;
-    use nodepulse_crd::wire::{AgentState, AppliedConfig, MetricSet};
+    use nodepulse_crd::wire::MetricSet;
 
     use crate::record::Liveness;
 
     fn heartbeat(interval: u32, cpu: f64) -> Heartbeat {
-        Heartbeat {
-            node: "worker-1".into(),
-            agent_version: "0.1.0".into(),
-            state: AgentState::Running,
-            started_at: "2026-11-22T05:00:00Z".parse().unwrap(),
-            updated_at: "2026-11-22T05:00:05Z".parse().unwrap(),
-            ttl_seconds: 3,
-            config: AppliedConfig {
-                revision: 0,
-                interval,
-                metrics: MetricSet::all(),
-                source: None,
-                error: None,
-            },
-            usage: Some(UsageSummary {
-                cpu_percent: Some(cpu),
-                ..Default::default()
-            }),
-        }
+        let mut hb = Heartbeat::running("worker-1", 3, "2026-11-22T05:00:00Z".parse().unwrap());
+        hb.updated_at = "2026-11-22T05:00:05Z".parse().unwrap();
+        hb.config.interval = interval;
+        hb.usage = Some(UsageSummary {
+            cpu_percent: Some(cpu),
+            ..Default::default()
+        });
+        hb
     }
 
     fn alive(hb: Heartbeat) -> NodeRecord {

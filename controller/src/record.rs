@@ -180,25 +180,10 @@ impl NodeRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nodepulse_crd::wire::{AgentState, AppliedConfig, MetricSet};
-
     fn heartbeat() -> Heartbeat {
-        Heartbeat {
-            node: "worker-1".into(),
-            agent_version: "0.1.0".into(),
-            state: AgentState::Running,
-            started_at: "2026-11-22T05:00:00Z".parse().unwrap(),
-            updated_at: "2026-11-22T05:00:05Z".parse().unwrap(),
-            ttl_seconds: 3,
-            config: AppliedConfig {
-                revision: 0,
-                interval: 10,
-                metrics: MetricSet::all(),
-                source: None,
-                error: None,
-            },
-            usage: None,
-        }
+        let mut hb = Heartbeat::running("worker-1", 3, "2026-11-22T05:00:00Z".parse().unwrap());
+        hb.updated_at = "2026-11-22T05:00:05Z".parse().unwrap();
+        hb
     }
 
     fn liveness(state: NodeState, reason: LivenessReason) -> Option<Liveness> {

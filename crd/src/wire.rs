@@ -544,6 +544,21 @@ pub struct Heartbeat {
 pub struct HeartbeatError(#[source] serde_json::Error);
 
 impl Heartbeat {
+    /// A running agent's value at `at`, before its first sample: started then, on the default
+    /// config. Callers change what differs.
+    pub fn running(node: &str, ttl_seconds: u32, at: Timestamp) -> Self {
+        Heartbeat {
+            node: node.to_string(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            state: AgentState::Running,
+            started_at: at,
+            updated_at: at,
+            ttl_seconds,
+            config: AppliedConfig::new(&ConfigValue::default(), 0, None),
+            usage: None,
+        }
+    }
+
     /// Parses the bytes of a heartbeat key.
     pub fn parse(bytes: &[u8]) -> Result<Self, HeartbeatError> {
         serde_json::from_slice(bytes).map_err(HeartbeatError)

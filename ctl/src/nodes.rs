@@ -161,30 +161,18 @@ pub fn now() -> Timestamp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nodepulse_crd::wire::{AppliedConfig, UsageSummary};
+    use nodepulse_crd::wire::UsageSummary;
 
     pub(crate) fn heartbeat(node: &str, state: AgentState) -> Heartbeat {
-        Heartbeat {
-            node: node.into(),
-            agent_version: "0.1.0".into(),
-            state,
-            started_at: "2026-11-22T05:00:00Z".parse().unwrap(),
-            updated_at: "2026-11-22T05:00:05Z".parse().unwrap(),
-            ttl_seconds: 5,
-            config: AppliedConfig {
-                revision: 0,
-                interval: 10,
-                metrics: "cpu".parse().unwrap(),
-                source: None,
-                error: None,
-            },
-            usage: Some(UsageSummary {
-                cpu_percent: Some(12.25),
-                memory_percent: None,
-                disk_percent: None,
-                load1: None,
-            }),
-        }
+        let mut hb = Heartbeat::running(node, 5, "2026-11-22T05:00:00Z".parse().unwrap());
+        hb.state = state;
+        hb.updated_at = "2026-11-22T05:00:05Z".parse().unwrap();
+        hb.config.metrics = "cpu".parse().unwrap();
+        hb.usage = Some(UsageSummary {
+            cpu_percent: Some(12.25),
+            ..Default::default()
+        });
+        hb
     }
 
     #[test]

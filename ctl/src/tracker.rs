@@ -128,25 +128,10 @@ impl NodeTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nodepulse_crd::wire::AppliedConfig;
-
     fn hb(state: AgentState) -> Heartbeat {
-        Heartbeat {
-            node: "n".into(),
-            agent_version: "0.1.0".into(),
-            state,
-            started_at: "2026-11-22T05:00:00Z".parse().unwrap(),
-            updated_at: "2026-11-22T05:00:00Z".parse().unwrap(),
-            ttl_seconds: 5,
-            config: AppliedConfig {
-                revision: 0,
-                interval: 10,
-                metrics: "cpu".parse().unwrap(),
-                source: None,
-                error: None,
-            },
-            usage: None,
-        }
+        let mut hb = Heartbeat::running("n", 5, t("2026-11-22T05:00:00Z"));
+        hb.state = state;
+        hb
     }
 
     fn t(s: &str) -> Timestamp {
