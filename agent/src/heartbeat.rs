@@ -247,7 +247,9 @@ impl HeartbeatLease {
                     config_open = r.is_ok();
                     pending = true;
                 }
-                r = usage.changed(), if usage_open => {
+                // Once a write is due, later samples change nothing until it goes out: the
+                // write reads the latest summary then, and the task sleeps meanwhile.
+                r = usage.changed(), if usage_open && !pending => {
                     usage_open = r.is_ok();
                     pending = true;
                 }

@@ -10,13 +10,14 @@ use crate::error::Result;
 #[derive(Debug, Default)]
 pub struct CpuCollector {
     prev: Option<CpuTimes>,
+    text: String,
 }
 
 impl CpuCollector {
     /// The busy % since the previous reading; none on the first.
     pub fn read(&mut self, paths: &HostPaths) -> Result<Option<CpuUsage>> {
-        let (path, text) = paths.read("stat")?;
-        let now = parsed(path, parse_stat(&text))?;
+        let path = paths.read_into("stat", &mut self.text)?;
+        let now = parsed(path, parse_stat(&self.text))?;
         let usage = self.prev.as_ref().map(|p| usage(p, &now));
         self.prev = Some(now);
         Ok(usage)

@@ -15,14 +15,15 @@ use crate::error::{Error, Result};
 #[derive(Debug, Default)]
 pub struct DiskCollector {
     prev: Option<(Instant, Vec<DiskCounters>)>,
+    text: String,
 }
 
 impl DiskCollector {
     /// The device rates and root filesystem usage, and why the latter is missing if it is.
     pub fn read(&mut self, paths: &HostPaths) -> Result<(DiskUsage, Option<Error>)> {
-        let (_, text) = paths.read("diskstats")?;
+        paths.read_into("diskstats", &mut self.text)?;
         let at = Instant::now();
-        let now = parse_diskstats(&text);
+        let now = parse_diskstats(&self.text);
         let (devices, had_previous) = match &self.prev {
             Some((t, prev)) => (rates(prev, &now, (at - *t).as_secs_f64()), true),
             None => (Vec::new(), false),

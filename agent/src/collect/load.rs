@@ -8,13 +8,15 @@ use crate::error::Result;
 
 /// Reads `loadavg`.
 #[derive(Debug, Default)]
-pub struct LoadCollector;
+pub struct LoadCollector {
+    text: String,
+}
 
 impl LoadCollector {
     /// The load figures now.
     pub fn read(&mut self, paths: &HostPaths) -> Result<LoadFigures> {
-        let (path, text) = paths.read("loadavg")?;
-        parsed(path, parse_loadavg(&text))
+        let path = paths.read_into("loadavg", &mut self.text)?;
+        parsed(path, parse_loadavg(&self.text))
     }
 }
 

@@ -8,13 +8,15 @@ use crate::error::Result;
 
 /// Reads `meminfo`.
 #[derive(Debug, Default)]
-pub struct MemoryCollector;
+pub struct MemoryCollector {
+    text: String,
+}
 
 impl MemoryCollector {
     /// The memory figures now.
     pub fn read(&mut self, paths: &HostPaths) -> Result<MemoryUsage> {
-        let (path, text) = paths.read("meminfo")?;
-        parsed(path, parse_meminfo(&text))
+        let path = paths.read_into("meminfo", &mut self.text)?;
+        parsed(path, parse_meminfo(&self.text))
     }
 }
 

@@ -70,6 +70,7 @@ impl Default for DeviceFilter {
 #[derive(Debug, Default)]
 pub struct NetworkCollector {
     prev: Option<(Instant, Vec<InterfaceCounters>)>,
+    text: String,
     /// The agent's own network namespace is read because the node's was not readable; said once.
     warned_own_netns: bool,
 }
@@ -77,9 +78,9 @@ pub struct NetworkCollector {
 impl NetworkCollector {
     /// The counted interfaces' rates since the previous reading (none on the first).
     pub fn read(&mut self, paths: &HostPaths) -> Result<NetworkUsage> {
-        let (path, text) = self.node_net_dev(paths)?;
+        let path = self.node_net_dev(paths)?;
         let at = Instant::now();
-        let mut now = parsed(path, parse_net_dev(&text))?;
+        let mut now = parsed(path, parse_net_dev(&self.text))?;
         now.retain(|i| paths.net_devices.counts(&i.name));
         let usage = match &self.prev {
             Some((t, prev)) => usage(Some(prev), &now, (at - *t).as_secs_f64()),
@@ -98,16 +99,16 @@ impl NetworkCollector {
     /// which is `self/net`, the reader's own: in a pod without `hostNetwork`, the pod's `eth0`.
     /// A proc root without PID 1 (a bare fixture tree, a hardened mount) falls back to it, and
     /// says so once.
-    fn node_net_dev(&mut self, paths: &HostPaths) -> Result<(PathBuf, String)> {
-        match paths.read("1/net/dev") {
+    fn node_net_dev(&mut self, paths: &HostPaths) -> Result<PathBuf> {
+        match paths.read_into("1/net/dev", &mut self.text) {
             Ok(found) => Ok(found),
-            Err(node_err) => match paths.read("net/dev") {
+            Err(node_err) => match paths.read_into("net/dev", &mut self.text) {
                 Ok(found) => {
                     if !self.warned_own_netns {
                         self.warned_own_netns = true;
                         tracing::warn!(
                             "network: {node_err}; reading {} instead, the agent's own network namespace (in a pod without hostNetwork, the pod's interfaces, not the node's)",
-                            found.0.display()
+                            found.display()
                         );
                     }
                     Ok(found)
