@@ -14,6 +14,9 @@ pub struct Usage {
     pub cpu_sched: Duration,
     /// Resident set size (`VmRSS`), in KiB.
     pub rss_kib: u64,
+    /// Times a thread was put on a CPU, summed over `/proc/<pid>/task/*/schedstat`: for a daemon
+    /// that sleeps between jobs, its wake-ups.
+    pub wakeups: u64,
 }
 
 /// Reads `pid`'s usage now.
@@ -24,17 +27,17 @@ pub fn read(pid: u32) -> Result<Usage> {
     let stat = process.stat().map_err(|e| failed("stat", e))?;
     let status = process.status().map_err(|e| failed("status", e))?;
     // Threads that exit between the listing and the read are skipped.
-    let sched_ns = process
+    let (sched_ns, wakeups) = process
         .tasks()
         .map_err(|e| failed("task", e))?
         .flatten()
         .filter_map(|task| task.schedstat().ok())
-        .map(|s| s.sum_exec_runtime)
-        .sum();
+        .fold((0, 0), |(ns, n), s| (ns + s.sum_exec_runtime, n + s.pcount));
     Ok(Usage {
         cpu_ticks: stat.utime + stat.stime,
         cpu_sched: Duration::from_nanos(sched_ns),
         rss_kib: status.vmrss.unwrap_or(0),
+        wakeups,
     })
 }
 
@@ -65,6 +68,14 @@ impl UsageSeries {
         match (self.readings.first(), self.readings.last()) {
             (Some(a), Some(b)) => b.cpu_sched.saturating_sub(a.cpu_sched),
             _ => Duration::ZERO,
+        }
+    }
+
+    /// Wake-ups between the first and the last reading.
+    pub fn wakeups(&self) -> u64 {
+        match (self.readings.first(), self.readings.last()) {
+            (Some(a), Some(b)) => b.wakeups.saturating_sub(a.wakeups),
+            _ => 0,
         }
     }
 

@@ -16,7 +16,9 @@ fn every_benchmark_phase_produces_numbers() {
         .expect("run the bench binary");
     assert!(status.success(), "bench --smoke failed: {status}");
     let report = std::fs::read_to_string(&out).expect("bench wrote its results");
-    for heading in ["## 1. ", "## 2a. ", "## 2b. ", "## 3. ", "## 4. ", "## 5. "] {
+    for heading in [
+        "## 1. ", "## 1b. ", "## 2a. ", "## 2b. ", "## 3. ", "## 4. ", "## 5. ",
+    ] {
         assert!(
             report.contains(heading),
             "no section {heading:?} in:\n{report}"
