@@ -1,5 +1,5 @@
-//! Job 2: the live configuration from `/monitor/config/<node>`, and the lock the three jobs
-//! share it through.
+//! The live configuration from `/monitor/config/<node>`, and the lock the agent's three jobs
+//! (heartbeat, config watch, sampling) share it through.
 
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
@@ -37,7 +37,7 @@ impl AppliedState {
 
 /// The configuration the three jobs share.
 ///
-/// A reader-writer lock rather than a channel: the specification asks for one by name, and each
+/// A reader-writer lock rather than a channel: many readers, one writer, and each
 /// reader (the sampler before each sample, the heartbeat before each write) needs the value in
 /// force at that moment, not a queue of every change. The `changed` channel carries
 /// no data; it only wakes readers that sleep (the sampler's interval, the heartbeat's

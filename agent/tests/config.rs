@@ -1,4 +1,4 @@
-//! Job 2 end to end: a config put with a plain etcd client changes the agent's pace at once;
+//! The config watch end to end: a config put with a plain etcd client changes the agent's pace at once;
 //! malformed values are rejected whole and reported.
 
 use std::time::{Duration, Instant};

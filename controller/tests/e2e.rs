@@ -63,7 +63,8 @@ fn monitor_config_yaml(name: &str, selector: serde_json::Value, interval: u32) -
     .to_string()
 }
 
-/// Every acceptance bullet of the controller issue, in the order of the lab's demo.
+/// Three agents, liveness, a config change and a controller restart, in the order an operator
+/// meets them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acceptance_three_agents_liveness_config_and_restart() {
     let (lab, etcd) = Lab::start().await;

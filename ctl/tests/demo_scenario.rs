@@ -1,4 +1,4 @@
-//! The acceptance test of the lab's demonstration: runs `hack/demo.sh` exactly as `make demo`
+//! `make demo` as a newcomer runs it: runs `hack/demo.sh` exactly as `make demo`
 //! does (real etcd, `nodepulsectl watch`, a real agent process, `nodepulsectl config set`,
 //! SIGKILL) and checks each step against its deadline, from the moments the lines arrived.
 
