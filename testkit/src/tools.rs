@@ -14,13 +14,19 @@ pub fn repo_root() -> PathBuf {
 
 /// A test tool built by `hack/tools.sh` (kube-apiserver, kubectl, etcd, etcdctl, helm, node_exporter),
 /// building it first if this machine has never done so. The cache lives outside the repository
-/// (`~/.cache/nodepulse/tools/bin`, or `$NODEPULSE_TOOLS`), so only the first run pays.
+/// (`$NODEPULSE_TOOLS`, else `$NODEPULSE_CACHE/tools/bin`, else `~/.cache/nodepulse/tools/bin`, as
+/// `hack/tools.sh` has it), so only the first run pays.
 pub fn tool(name: &str) -> PathBuf {
     let dir = std::env::var_os("NODEPULSE_TOOLS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
-            let home = std::env::var_os("HOME").expect("HOME is set");
-            Path::new(&home).join(".cache/nodepulse/tools/bin")
+            let cache = std::env::var_os("NODEPULSE_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    let home = std::env::var_os("HOME").expect("HOME is set");
+                    Path::new(&home).join(".cache/nodepulse")
+                });
+            cache.join("tools/bin")
         });
     let path = dir.join(name);
     if !path.exists() {
