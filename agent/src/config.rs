@@ -212,7 +212,7 @@ impl ConfigWatcher {
     /// What one event of the key does to the configuration.
     fn on_event(&self, event: WatchEvent) {
         match event {
-            WatchEvent::Listed { revision, kvs } => match kvs.first() {
+            WatchEvent::Listed { revision, kvs, .. } => match kvs.first() {
                 Some(kv) => self.apply(KeyEvent::Put {
                     value: &kv.value,
                     revision: kv.mod_revision,

@@ -1,14 +1,18 @@
 //! Watches the heartbeat prefix in etcd and turns it into liveness events: a full snapshot on
 //! start and after every watch failure, then one event per put or delete.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use nodepulse_crd::etcd::Backoff;
 use nodepulse_crd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
 use nodepulse_crd::wire::{HEARTBEAT_PREFIX, Heartbeat, node_of_heartbeat_key, validate_node_name};
-use tokio::sync::mpsc;
+use tokio::sync::{Semaphore, mpsc};
 
 /// What the heartbeat prefix says about the nodes.
 #[derive(Debug)]
@@ -49,6 +53,10 @@ pub enum HeartbeatEvent {
     },
 }
 
+/// Most lease lookups in flight at once: a mass failure deletes hundreds of keys within a
+/// second, and each delete's lease is looked up before its node is judged.
+const MAX_LEASE_LOOKUPS: usize = 64;
+
 /// Lists and watches `/monitor/heartbeat/`, forever.
 pub struct HeartbeatWatcher {
     etcd: Client,
@@ -72,62 +80,174 @@ impl HeartbeatWatcher {
             ..WatcherSettings::prefix("heartbeat watch")
         };
         let mut watcher = EtcdWatcher::new(self.etcd.clone(), HEARTBEAT_PREFIX, settings);
-        let mut revision = 0;
-        loop {
-            let event = watcher.next().await;
-            let store_replaced = match &event {
-                WatchEvent::Listed { revision: r, .. } => std::mem::replace(&mut revision, *r) > *r,
-                WatchEvent::Put(kv) => {
-                    revision = revision.max(kv.mod_revision);
-                    false
-                }
-                WatchEvent::Delete { revision: r, .. } => {
-                    revision = revision.max(*r);
-                    false
-                }
-                WatchEvent::Interrupted => false,
-            };
-            let lease = match &event {
-                WatchEvent::Delete { prev: Some(kv), .. } => kv.lease,
-                _ => 0,
-            };
-            let Some(mut event) = liveness_event(event) else {
-                continue;
-            };
-            match &mut event {
-                HeartbeatEvent::Delete { lease_left, .. } if lease != 0 => {
-                    *lease_left = self.lease_left(lease).await;
-                }
-                HeartbeatEvent::Snapshot {
-                    store_replaced: r, ..
-                } => *r = store_replaced,
-                _ => {}
+        // The watch reads on while deletes wait for their lease lookups.
+        let (watched, received) = mpsc::channel(1024);
+        let watch = async move { while watched.send(watcher.next().await).await.is_ok() {} };
+        tokio::select! {
+            () = watch => {}
+            () = self.relay(received) => {}
+        }
+    }
+
+    /// Turns watch events into liveness events and sends them on, a node's in the order etcd
+    /// sent them: a delete whose lease may still live waits for its lookup, and the node's later
+    /// events wait behind it, while other nodes' go on. A snapshot goes out once nothing older
+    /// is held back.
+    async fn relay(&self, mut received: mpsc::Receiver<WatchEvent>) {
+        let permits = Arc::new(Semaphore::new(MAX_LEASE_LOOKUPS));
+        let etcd = self.etcd.clone();
+        let mut held = HeldDeletes::new(move |lease| {
+            let (mut etcd, permits) = (etcd.clone(), permits.clone());
+            async move {
+                let _permit = permits.acquire_owned().await;
+                lease_left(&mut etcd, lease).await
             }
-            if self.events.send(event).await.is_err() {
+            .boxed()
+        });
+        let mut snapshot = None;
+        loop {
+            let ready = tokio::select! {
+                (node, lease_left) = held.answered() => held.release(&node, lease_left),
+                event = received.recv(), if snapshot.is_none() => {
+                    let Some(event) = event else { return };
+                    let lease = match &event {
+                        WatchEvent::Delete { prev: Some(kv), .. } => kv.lease,
+                        _ => 0,
+                    };
+                    match liveness_event(event) {
+                        Some(event @ HeartbeatEvent::Snapshot { .. }) => {
+                            snapshot = Some(event);
+                            Vec::new()
+                        }
+                        Some(event) => held.hold(event, lease).into_iter().collect(),
+                        None => Vec::new(),
+                    }
+                }
+            };
+            for event in ready {
+                if self.events.send(event).await.is_err() {
+                    return;
+                }
+            }
+            if held.is_empty()
+                && let Some(event) = snapshot.take()
+                && self.events.send(event).await.is_err()
+            {
                 return;
             }
         }
     }
 }
 
-impl HeartbeatWatcher {
-    /// How long `lease` still lives, if it does. A key whose lease expired is deleted with the
-    /// lease, so a lease that lives past its key's delete means the key was deleted by hand.
-    /// No answer counts as expired: the node is then judged as before, by the delete.
-    async fn lease_left(&self, lease: i64) -> Option<Duration> {
-        let mut etcd = self.etcd.clone();
-        let asked = etcd.lease_time_to_live(lease, None);
-        match tokio::time::timeout(Duration::from_secs(1), asked).await {
-            Ok(Ok(r)) if r.ttl() > 0 => Some(Duration::from_secs(r.ttl().unsigned_abs())),
-            _ => None,
+/// How long a lease still lives, if it does: a lookup in etcd.
+type LeaseLookup = Box<dyn Fn(i64) -> BoxFuture<'static, Option<Duration>> + Send + Sync>;
+
+/// A lease lookup's answer: the node, and how long its lease still lives, if it does.
+type LeaseAnswer = (String, Option<Duration>);
+
+/// Deletes whose lease is being looked up, each with the events of its node that came after it.
+struct HeldDeletes {
+    lookup: LeaseLookup,
+    lookups: FuturesUnordered<BoxFuture<'static, LeaseAnswer>>,
+    /// By node: the delete waiting for its answer first, then the node's later events, each with
+    /// its delete's lease (0 for the others).
+    held: HashMap<String, VecDeque<(HeartbeatEvent, i64)>>,
+}
+
+impl HeldDeletes {
+    fn new(
+        lookup: impl Fn(i64) -> BoxFuture<'static, Option<Duration>> + Send + Sync + 'static,
+    ) -> Self {
+        HeldDeletes {
+            lookup: Box::new(lookup),
+            lookups: FuturesUnordered::new(),
+            held: HashMap::new(),
         }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+
+    /// The event, if it can go out now; otherwise it is held (behind its node's earlier events,
+    /// or until its own lease lookup answers).
+    fn hold(&mut self, event: HeartbeatEvent, lease: i64) -> Option<HeartbeatEvent> {
+        let node = match &event {
+            HeartbeatEvent::Put { node, .. } | HeartbeatEvent::Delete { node, .. } => node.clone(),
+            _ => return Some(event),
+        };
+        if let Some(queue) = self.held.get_mut(&node) {
+            queue.push_back((event, lease));
+            return None;
+        }
+        if lease == 0 {
+            return Some(event);
+        }
+        self.look_up(&node, lease);
+        self.held.insert(node, VecDeque::from([(event, lease)]));
+        None
+    }
+
+    /// The next lookup's answer; pending while none is under way.
+    async fn answered(&mut self) -> LeaseAnswer {
+        match self.lookups.next().await {
+            Some(answer) => answer,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// `node`'s delete with its answer, and the node's events after it up to the next delete
+    /// that needs a lookup of its own.
+    fn release(&mut self, node: &str, left: Option<Duration>) -> Vec<HeartbeatEvent> {
+        let Some(mut queue) = self.held.remove(node) else {
+            return Vec::new();
+        };
+        let mut ready = Vec::new();
+        if let Some((mut delete, _)) = queue.pop_front() {
+            if let HeartbeatEvent::Delete { lease_left, .. } = &mut delete {
+                *lease_left = left;
+            }
+            ready.push(delete);
+        }
+        while let Some((event, lease)) = queue.pop_front() {
+            if lease != 0 {
+                self.look_up(node, lease);
+                queue.push_front((event, lease));
+                self.held.insert(node.to_string(), queue);
+                break;
+            }
+            ready.push(event);
+        }
+        ready
+    }
+
+    fn look_up(&mut self, node: &str, lease: i64) {
+        let asked = (self.lookup)(lease);
+        let node = node.to_string();
+        self.lookups
+            .push(async move { (node, asked.await) }.boxed());
+    }
+}
+
+/// How long `lease` still lives, if it does. A key whose lease expired is deleted with the
+/// lease, so a lease that lives past its key's delete means the key was deleted by hand. No
+/// answer counts as expired: the node is then judged as before, by the delete.
+async fn lease_left(etcd: &mut Client, lease: i64) -> Option<Duration> {
+    let asked = etcd.lease_time_to_live(lease, None);
+    match tokio::time::timeout(Duration::from_secs(1), asked).await {
+        Ok(Ok(r)) if r.ttl() > 0 => Some(Duration::from_secs(r.ttl().unsigned_abs())),
+        _ => None,
     }
 }
 
 /// What one watch event says about the nodes (`None`: nothing, e.g. a key no agent writes).
 fn liveness_event(event: WatchEvent) -> Option<HeartbeatEvent> {
     Some(match event {
-        WatchEvent::Listed { revision, kvs } => {
+        WatchEvent::Listed {
+            revision,
+            kvs,
+            replaced,
+        } => {
             let mut snapshot = BTreeMap::new();
             for kv in &kvs {
                 if let Some(node) = heartbeat_node(&kv.key) {
@@ -137,7 +257,7 @@ fn liveness_event(event: WatchEvent) -> Option<HeartbeatEvent> {
             tracing::debug!(revision, nodes = snapshot.len(), "listed heartbeats");
             HeartbeatEvent::Snapshot {
                 heartbeats: snapshot,
-                store_replaced: false,
+                store_replaced: replaced,
             }
         }
         WatchEvent::Put(kv) => {
@@ -191,5 +311,114 @@ fn parse(node: &str, value: &[u8]) -> Option<Heartbeat> {
             tracing::warn!(node, bytes = value.len(), error = %e, "heartbeat value does not parse; using the key alone (alive), ignoring the value");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::sync::oneshot;
+
+    fn put(node: &str) -> HeartbeatEvent {
+        HeartbeatEvent::Put {
+            node: node.into(),
+            heartbeat: None,
+        }
+    }
+
+    fn delete(node: &str) -> HeartbeatEvent {
+        HeartbeatEvent::Delete {
+            node: node.into(),
+            last: None,
+            lease_left: None,
+            seen_at: Instant::now(),
+        }
+    }
+
+    fn shown(events: &[HeartbeatEvent]) -> Vec<String> {
+        events
+            .iter()
+            .map(|e| match e {
+                HeartbeatEvent::Put { node, .. } => format!("put {node}"),
+                HeartbeatEvent::Delete {
+                    node, lease_left, ..
+                } => format!("delete {node} {lease_left:?}"),
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    /// Answers the test gives, by lease.
+    type Answers =
+        std::sync::Arc<std::sync::Mutex<HashMap<i64, oneshot::Sender<Option<Duration>>>>>;
+
+    /// Lookups that answer when the test says so.
+    fn controlled() -> (HeldDeletes, Answers) {
+        let answers = Answers::default();
+        let shared = answers.clone();
+        let held = HeldDeletes::new(move |lease| {
+            let (tx, rx) = oneshot::channel();
+            shared.lock().unwrap().insert(lease, tx);
+            async move { rx.await.ok().flatten() }.boxed()
+        });
+        (held, answers)
+    }
+
+    #[tokio::test]
+    async fn a_node_waits_for_its_delete_others_do_not_and_lookups_overlap() {
+        let (mut held, answers) = controlled();
+        // Two deletes on leases that may live: both lookups start at once.
+        assert!(held.hold(delete("a"), 1).is_none());
+        assert!(held.hold(delete("b"), 2).is_none());
+        assert_eq!(answers.lock().unwrap().len(), 2, "lookups run side by side");
+        // a's agent writes its key again: that put waits behind a's delete.
+        assert!(held.hold(put("a"), 0).is_none());
+        // Another node's events and a delete without a lease go out at once.
+        assert_eq!(shown(&[held.hold(put("c"), 0).unwrap()]), ["put c"]);
+        assert_eq!(
+            shown(&[held.hold(delete("d"), 0).unwrap()]),
+            ["delete d None"]
+        );
+        // b answers first (expired): its delete goes out, a's still waits.
+        let _ = answers.lock().unwrap().remove(&2).unwrap().send(None);
+        let (node, left) = held.answered().await;
+        assert_eq!(shown(&held.release(&node, left)), ["delete b None"]);
+        assert!(!held.is_empty());
+        // a's lease lives: its delete says so, then its put follows, in that order.
+        let _ = answers
+            .lock()
+            .unwrap()
+            .remove(&1)
+            .unwrap()
+            .send(Some(Duration::from_secs(4)));
+        let (node, left) = held.answered().await;
+        assert_eq!(
+            shown(&held.release(&node, left)),
+            ["delete a Some(4s)", "put a"]
+        );
+        assert!(held.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_second_delete_behind_the_first_gets_its_own_lookup() {
+        let (mut held, answers) = controlled();
+        assert!(held.hold(delete("a"), 1).is_none());
+        assert!(held.hold(put("a"), 0).is_none());
+        assert!(held.hold(delete("a"), 7).is_none());
+        assert!(held.hold(put("a"), 0).is_none());
+        let _ = answers.lock().unwrap().remove(&1).unwrap().send(None);
+        let (node, left) = held.answered().await;
+        assert_eq!(
+            shown(&held.release(&node, left)),
+            ["delete a None", "put a"]
+        );
+        // The second delete's lookup started only now, in order.
+        let _ = answers.lock().unwrap().remove(&7).unwrap().send(None);
+        let (node, left) = held.answered().await;
+        assert_eq!(
+            shown(&held.release(&node, left)),
+            ["delete a None", "put a"]
+        );
+        assert!(held.is_empty());
     }
 }

@@ -86,10 +86,16 @@ async fn lists_then_delivers_puts_and_deletes_with_the_previous_value() {
     c.put("/w/a", "1", None).await.expect("put");
     c.put("/other", "x", None).await.expect("put");
     let mut w = EtcdWatcher::new(c.clone(), PREFIX, settings());
-    let WatchEvent::Listed { revision, kvs } = next(&mut w).await else {
+    let WatchEvent::Listed {
+        revision,
+        kvs,
+        replaced,
+    } = next(&mut w).await
+    else {
         panic!("Listed first")
     };
     assert_eq!(keys(&kvs), ["/w/a"]);
+    assert!(!replaced, "nothing was seen before the first list");
     assert_eq!(revision, 3);
     c.put("/w/b", "2", None).await.expect("put");
     assert_eq!(put_key(&next(&mut w).await), "/w/b");
@@ -143,7 +149,10 @@ async fn relist_after_break_lists_again_after_a_restart() {
     let (interrupted, event) = next_after_outage(&mut w).await;
     assert!(interrupted);
     match event {
-        WatchEvent::Listed { kvs, .. } => listed_or_next(&mut w, &kvs, "/w/after").await,
+        WatchEvent::Listed { kvs, replaced, .. } => {
+            assert!(!replaced, "a restarted etcd is the same store");
+            listed_or_next(&mut w, &kvs, "/w/after").await
+        }
         other => panic!("expected a Listed, got {other:?}"),
     }
 }
@@ -173,7 +182,7 @@ async fn a_compacted_revision_means_a_new_list_with_the_changes_missed() {
         .expect("compact");
     let (_, event) = next_after_outage(&mut w).await;
     match event {
-        WatchEvent::Listed { revision, kvs } => {
+        WatchEvent::Listed { revision, kvs, .. } => {
             assert_eq!(keys(&kvs), ["/w/born"]);
             assert_eq!(revision, rev);
         }
@@ -207,8 +216,16 @@ async fn a_rebuilt_etcd_means_a_new_list_not_a_silent_watch() {
     put_retrying(&c, "/w/new").await;
     let (_, event) = next_after_outage(&mut w).await;
     match event {
-        WatchEvent::Listed { revision, kvs } => {
+        WatchEvent::Listed {
+            revision,
+            kvs,
+            replaced,
+        } => {
             assert!(revision < before, "{revision} < {before}");
+            assert!(
+                replaced,
+                "a store whose revision went back is another store"
+            );
             assert!(keys(&kvs).iter().all(|k| k == "/w/new"), "{kvs:?}");
             listed_or_next(&mut w, &kvs, "/w/new").await;
         }

@@ -55,6 +55,10 @@ pub enum WatchEvent {
         revision: i64,
         /// The keys and their values.
         kvs: Vec<Kv>,
+        /// The store is not the one the revisions seen before came from (its cluster id changed,
+        /// or its revision went back: etcd rebuilt, or restored from a backup). A key absent
+        /// from it may just not have been written again yet. `false` on the first list.
+        replaced: bool,
     },
     /// A key was created or changed.
     Put(Kv),
@@ -382,12 +386,19 @@ impl EtcdWatcher {
         let cluster_id = list.header().map_or(0, |h| h.cluster_id());
         let kvs: Vec<Kv> = list.kvs().iter().map(Kv::from).collect();
         let (stream, _) = self.open(revision + 1, revision, cluster_id).await?;
+        let other_cluster =
+            self.cluster_id != 0 && cluster_id != 0 && cluster_id != self.cluster_id;
+        let replaced = other_cluster || revision < self.revision;
         self.stream = Some(stream);
         self.must_list = false;
         self.revision = revision;
         self.cluster_id = cluster_id;
         self.recovered(format!("listed at revision {revision}"));
-        self.pending.push_back(WatchEvent::Listed { revision, kvs });
+        self.pending.push_back(WatchEvent::Listed {
+            revision,
+            kvs,
+            replaced,
+        });
         Ok(())
     }
 

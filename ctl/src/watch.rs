@@ -144,7 +144,7 @@ pub async fn run(etcd: &EtcdArgs, settings: WatchSettings, out: impl Write) -> R
     let mut first = true;
     loop {
         match watcher.next().await {
-            WatchEvent::Listed { revision, kvs } => {
+            WatchEvent::Listed { revision, kvs, .. } => {
                 let mut present: Vec<_> = kvs.iter().filter_map(heartbeat_of).collect();
                 present.sort_by(|a, b| a.0.cmp(&b.0));
                 if std::mem::take(&mut first) {
