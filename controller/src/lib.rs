@@ -55,7 +55,7 @@ use crate::inventory::{Inventory, StoreReady};
 use crate::leader::LeaderArgs;
 use crate::liveness::LivenessTracker;
 use crate::metrics::Metrics;
-use crate::writer::{DesiredConfigs, StatusSettings};
+use crate::writer::{DesiredConfigs, StatusSettings, StatusWriter};
 
 /// The one field manager of every write the controller makes.
 pub const FIELD_MANAGER: &str = "nodepulse-controller";
@@ -199,7 +199,7 @@ async fn run_reconcilers(
         },
     );
     let (events_tx, events_rx) = mpsc::channel(4096);
-    let tracker = LivenessTracker::new(
+    let tracker = LivenessTracker::new(StatusWriter::new(
         client.clone(),
         recorder,
         inventory.clone(),
@@ -209,7 +209,7 @@ async fn run_reconcilers(
             usage_write_interval: args.usage_write_interval,
             max_concurrent_writes: args.max_concurrent_writes,
         },
-    );
+    ));
     // Owner references need the Node cache; liveness does not wait long for it.
     let ready = inventory.clone();
     let liveness = async move {

@@ -6,9 +6,8 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use kube::ResourceExt;
 use kube::api::{Api, ListParams};
-use kube::runtime::events::Recorder;
-use kube::{Client, ResourceExt};
 use nodepulse_crd::etcd::Backoff;
 use nodepulse_crd::v1alpha1::{LivenessReason, MonitorNode, MonitorNodeStatus, NodeState};
 use nodepulse_crd::wire::{AgentState, HEARTBEAT_PREFIX, Heartbeat};
@@ -19,7 +18,7 @@ use crate::heartbeats::HeartbeatEvent;
 use crate::inventory::Inventory;
 use crate::metrics::{Metrics, StateLabel};
 use crate::record::{MIN_TTL, NodeRecord, VOUCH_MARGIN};
-use crate::writer::{DesiredConfigs, StatusSettings, StatusWriter};
+use crate::writer::{DesiredConfigs, StatusWriter};
 
 /// Owns every node's record: judges liveness from the heartbeat events and has the status
 /// writer write what changed.
@@ -41,30 +40,18 @@ pub struct LivenessTracker {
 }
 
 impl LivenessTracker {
-    /// A tracker writing through `client`, judging applied configs against `desired`.
-    pub fn new(
-        client: Client,
-        recorder: Recorder,
-        inventory: Inventory,
-        metrics: Arc<Metrics>,
-        desired: watch::Receiver<DesiredConfigs>,
-        settings: StatusSettings,
-    ) -> Self {
+    /// A tracker having `writer` write the statuses; it reads the MonitorNodes, the Node
+    /// inventory and the desired configs through the writer's client and caches.
+    pub fn new(writer: StatusWriter) -> Self {
+        let inventory = writer.inventory().clone();
         LivenessTracker {
-            api: Api::all(client.clone()),
-            writer: StatusWriter::new(
-                client,
-                recorder,
-                inventory.clone(),
-                metrics.clone(),
-                desired.clone(),
-                settings,
-            ),
-            desired,
+            api: writer.api().clone(),
+            desired: writer.desired().clone(),
+            metrics: writer.metrics().clone(),
             node_changes: inventory.watch_changes(),
             inventory,
-            metrics,
             records: HashMap::new(),
+            writer,
             blind_since: Some(Instant::now()),
             adopted: false,
         }

@@ -126,6 +126,26 @@ impl StatusWriter {
         }
     }
 
+    /// The MonitorNode API the statuses are written through.
+    pub fn api(&self) -> &Api<MonitorNode> {
+        &self.api
+    }
+
+    /// The Node and MonitorNode caches.
+    pub fn inventory(&self) -> &Inventory {
+        &self.inventory
+    }
+
+    /// The controller's metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The desired configs the applied ones are judged against.
+    pub fn desired(&self) -> &watch::Receiver<DesiredConfigs> {
+        &self.desired
+    }
+
     /// The next write to end; pending forever while none is under way.
     pub async fn next_outcome(&mut self) -> WriteOutcome {
         match self.writes.next().await {
