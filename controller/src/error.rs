@@ -76,6 +76,10 @@ pub enum Error {
     #[error("{0} stopped unexpectedly")]
     TaskStopped(&'static str),
 
+    /// Some Nodes kept the `NodePulseHeartbeat` condition (each failure is logged).
+    #[error("the NodePulseHeartbeat condition could not be removed from {0} Nodes")]
+    NodeConditionsLeft(usize),
+
     /// An operation took longer than allowed.
     #[error("{what} timed out after {after:?}")]
     Timeout {

@@ -11,6 +11,7 @@
 //! - [`effective`]: which MonitorConfig wins which node (pure);
 //! - [`inventory`]: the Node and MonitorNode caches;
 //! - [`leader`]: Lease-based leader election; [`metrics`]: `/metrics`, `/healthz` and `/readyz`;
+//! - [`node_condition`]: the `NodePulseHeartbeat` condition on the Node objects;
 //! - [`removal`]: `--on-uninstall`, the chart's pre-delete hook.
 #![deny(missing_docs)]
 
@@ -25,6 +26,7 @@ pub mod inventory;
 pub mod leader;
 pub mod liveness;
 pub mod metrics;
+pub mod node_condition;
 pub mod record;
 pub mod removal;
 pub mod writer;
@@ -55,6 +57,7 @@ use crate::inventory::{Inventory, StoreReady};
 use crate::leader::LeaderArgs;
 use crate::liveness::LivenessTracker;
 use crate::metrics::Metrics;
+use crate::node_condition::NodeConditions;
 use crate::writer::{DesiredConfigs, StatusSettings, StatusWriter};
 
 /// The one field manager of every write the controller makes.
@@ -96,6 +99,17 @@ pub struct Args {
     #[arg(long, env = "NODEPULSE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// Set the `NodePulseHeartbeat` condition on each Node object, as Node Problem Detector
+    /// sets its own: True, False or Unknown for Alive, Dead or Unknown, with the MonitorNode's
+    /// reason and message. Needs `patch` on `nodes/status`.
+    #[arg(long, env = "NODEPULSE_NODE_CONDITION")]
+    pub node_condition: bool,
+
+    /// Remove the `NodePulseHeartbeat` condition from every Node, then exit; with
+    /// `--on-uninstall`, once the controller has stopped.
+    #[arg(long)]
+    pub remove_node_condition: bool,
+
     /// Run as the chart's pre-delete hook, then exit: scale the Deployment `--deployment-name`
     /// (in the leader-election namespace) to zero, wait until no replica holds the Lease, and
     /// mark every MonitorNode Unknown (ControllerRemoved), since nothing will update them.
@@ -105,19 +119,34 @@ pub struct Args {
     /// The controller's own Deployment, for `--on-uninstall`.
     #[arg(long, env = "NODEPULSE_DEPLOYMENT_NAME")]
     pub deployment_name: Option<String>,
+
+    /// With `--on-uninstall`: mark every MonitorNode Unknown (ControllerRemoved) once the
+    /// controller has stopped (true or false).
+    #[arg(long, value_name = "ENABLED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub mark_unknown: bool,
 }
 
 /// Runs the controller until SIGTERM/SIGINT.
 pub async fn run(args: Args) -> Result<()> {
-    if let (true, Some(deployment)) = (args.on_uninstall, &args.deployment_name) {
+    if args.on_uninstall || args.remove_node_condition {
         let client = Client::try_default().await.map_err(Error::KubeConfig)?;
-        removal::run_on_uninstall(
-            &client,
-            &args.leader.namespace,
-            deployment,
-            args.leader.lease_duration,
-        )
-        .await;
+        if let (true, Some(deployment)) = (args.on_uninstall, &args.deployment_name) {
+            removal::run_on_uninstall(
+                &client,
+                &args.leader.namespace,
+                deployment,
+                args.leader.lease_duration,
+                args.mark_unknown,
+            )
+            .await;
+        }
+        if args.remove_node_condition {
+            let removed = removal::remove_node_conditions(&client).await;
+            // The pre-delete hook never fails an uninstall; alone, a failure shows.
+            if !args.on_uninstall {
+                return removed;
+            }
+        }
         return Ok(());
     }
     let mut signals = ShutdownSignals::install().map_err(Error::Signals)?;
@@ -199,6 +228,10 @@ async fn run_reconcilers(
         },
     );
     let (events_tx, events_rx) = mpsc::channel(4096);
+    let node_conditions = match args.node_condition {
+        true => Some(NodeConditions::load(client.clone(), args.usage_write_interval).await),
+        false => None,
+    };
     let tracker = LivenessTracker::new(StatusWriter::new(
         client.clone(),
         recorder,
@@ -208,6 +241,7 @@ async fn run_reconcilers(
         StatusSettings {
             usage_write_interval: args.usage_write_interval,
             max_concurrent_writes: args.max_concurrent_writes,
+            node_conditions,
         },
     ));
     // Owner references need the Node cache; liveness does not wait long for it.

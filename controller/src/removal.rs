@@ -3,7 +3,8 @@
 //! forever. So, before Helm deletes anything, the hook scales the controller's Deployment to
 //! zero, waits until its leader has let go of the Lease (no replica writes any more), and marks
 //! every MonitorNode `Unknown` (`ControllerRemoved`). A reinstalled controller turns them back to
-//! `Alive` from the agents' heartbeats.
+//! `Alive` from the agents' heartbeats. With `--remove-node-condition` it then takes the
+//! `NodePulseHeartbeat` condition off every Node, which nothing would update either.
 
 use std::time::Duration;
 
@@ -16,16 +17,19 @@ use kube::{Client, ResourceExt};
 use nodepulse_crd::v1alpha1::{LivenessReason, MonitorNode, NodeState};
 
 use crate::FIELD_MANAGER;
+use crate::error::{Error, Result};
 use crate::leader::LEASE_NAME;
+use crate::node_condition;
 
 /// Runs the hook: scale to zero, wait for the Lease to be free (at most `lease_duration` plus
-/// 15 s), mark the MonitorNodes. Never fails: a hook that failed would block `helm uninstall`,
-/// so problems are logged and the next step runs anyway.
+/// 15 s), mark the MonitorNodes (unless `mark_unknown` is false). Never fails: a hook that
+/// failed would block `helm uninstall`, so problems are logged and the next step runs anyway.
 pub async fn run_on_uninstall(
     client: &Client,
     namespace: &str,
     deployment: &str,
     lease_duration: Duration,
+    mark_unknown: bool,
 ) {
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), namespace);
     let scale = serde_json::json!({"spec": {"replicas": 0}});
@@ -58,11 +62,27 @@ pub async fn run_on_uninstall(
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    let marked = mark_nodes_unknown(client, "nodepulse is being uninstalled").await;
+    if mark_unknown {
+        let marked = mark_nodes_unknown(client, "nodepulse is being uninstalled").await;
+        tracing::info!(
+            "marked {marked} MonitorNodes Unknown ({})",
+            LivenessReason::ControllerRemoved.as_str()
+        );
+    }
+}
+
+/// Removes the `NodePulseHeartbeat` condition from every Node: a condition nothing updates any
+/// more would lie to whoever acts on it. Fails if any Node keeps it.
+pub async fn remove_node_conditions(client: &Client) -> Result<()> {
+    let (removed, failed) = node_condition::remove_everywhere(client).await?;
     tracing::info!(
-        "marked {marked} MonitorNodes Unknown ({})",
-        LivenessReason::ControllerRemoved.as_str()
+        "removed the {} condition from {removed} Nodes",
+        node_condition::CONDITION_TYPE
     );
+    match failed {
+        0 => Ok(()),
+        n => Err(Error::NodeConditionsLeft(n)),
+    }
 }
 
 /// Whether no replica holds the Lease: none, no holder, or not renewed for its duration.

@@ -23,6 +23,7 @@ use crate::conditions::{compute_status, from_an_earlier_run, usage_moved, withou
 use crate::error::Result;
 use crate::inventory::Inventory;
 use crate::metrics::Metrics;
+use crate::node_condition::NodeConditions;
 use crate::record::{Liveness, NodeRecord};
 
 /// What each node's config key should make its agent run, as the config sync last computed
@@ -40,6 +41,8 @@ pub struct StatusSettings {
     pub usage_write_interval: Duration,
     /// Most status writes in flight at once.
     pub max_concurrent_writes: usize,
+    /// The Node condition each status write carries along, when `--node-condition` is on.
+    pub node_conditions: Option<NodeConditions>,
 }
 
 /// Where one node's writes stand.
@@ -199,6 +202,10 @@ impl StatusWriter {
                     let since = w.last_write.map_or(Duration::MAX, |t| now - t);
                     (w.usage_moved && since >= interval)
                         || (w.usage_dirty && since >= interval * REFRESH_FACTOR)
+                        || self.settings.node_conditions.as_ref().is_some_and(|nc| {
+                            self.inventory.node(name).is_some()
+                                && nc.due(name, rec.written.as_ref(), now)
+                        })
                 }
             };
             let orphan = !w.owner_requested
@@ -254,6 +261,7 @@ impl StatusWriter {
         let permits = self.permits.clone();
         let background = (job.events.is_empty() && job.dead_seen_at.is_none())
             .then(|| self.background_permits.clone());
+        let node_conditions = self.settings.node_conditions.clone();
         self.metrics.status_writes.inc();
         self.writes.push(Box::pin(async move {
             let _background = match background {
@@ -262,6 +270,12 @@ impl StatusWriter {
             };
             let _permit = permits.acquire_owned().await;
             let result = write_status(&api, &recorder, &job).await;
+            // A node without a Node object (simulated, or deleted) has nowhere to show it.
+            if let (Ok(_), Some(nc)) = (&result, node_conditions)
+                && job.owner.is_some()
+            {
+                nc.sync(&job.node, &job.status).await;
+            }
             WriteOutcome { job, result }
         }));
     }

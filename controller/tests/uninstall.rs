@@ -1,19 +1,33 @@
 //! `nodepulse-controller --on-uninstall` (the chart's pre-delete hook) against a real
 //! kube-apiserver, a real etcd, a real agent and a real controller: it scales the controller's
 //! Deployment to zero, waits while a replica still holds the leader Lease (the node stays Alive
-//! meanwhile), then marks the MonitorNode Unknown (ControllerRemoved); a controller started
-//! again turns it back to Alive from the agent's heartbeat.
+//! meanwhile), then marks the MonitorNode Unknown (ControllerRemoved) and removes the Node's
+//! NodePulseHeartbeat condition; a controller started again turns it back to Alive from the
+//! agent's heartbeat.
 
 use std::time::Duration;
 
+use k8s_openapi::api::core::v1::Node;
+use kube::api::Api;
 use nix::sys::signal::Signal;
 use nodepulse_crd::v1alpha1::NodeState;
-use testkit::{KubeApiserver, Lab, wait_until};
+use testkit::{KubeApiserver, Lab, eventually, wait_until};
 
 const DEPLOYMENT: &str = "nodepulse-controller";
 
 /// How long a MonitorNode may take to reach a state.
 const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The status of `node`'s NodePulseHeartbeat condition, if it has one.
+async fn node_condition(lab: &Lab, node: &str) -> Option<String> {
+    let nodes: Api<Node> = Api::all(lab.kube.clone());
+    let node = nodes.get(node).await.expect("get Node");
+    node.status?
+        .conditions?
+        .into_iter()
+        .find(|c| c.type_ == "NodePulseHeartbeat")
+        .map(|c| c.status)
+}
 
 fn replicas(api: &KubeApiserver) -> String {
     api.kubectl_ok(&[
@@ -47,13 +61,26 @@ async fn the_uninstall_hook_stops_the_controller_then_marks_the_nodes_unknown() 
     });
     lab.apply(&deployment.to_string());
 
+    lab.node("gone-1", &[]);
     let _agent = lab.agent("gone-1").ttl(3).start();
-    let mut running = lab.controller("controller-0").spawn();
+    let mut running = lab
+        .controller("controller-0")
+        .args(["--node-condition"])
+        .spawn();
     lab.wait_state("gone-1", NodeState::Alive, DEADLINE).await;
+    eventually("the Node condition", DEADLINE, || async {
+        node_condition(&lab, "gone-1").await.filter(|s| s == "True")
+    })
+    .await;
 
     let mut hook = lab
         .controller("hook")
-        .args(["--on-uninstall", "--deployment-name", DEPLOYMENT])
+        .args([
+            "--on-uninstall",
+            "--deployment-name",
+            DEPLOYMENT,
+            "--remove-node-condition",
+        ])
         .spawn();
     wait_until(
         "the hook scales the Deployment to zero",
@@ -65,6 +92,10 @@ async fn the_uninstall_hook_stops_the_controller_then_marks_the_nodes_unknown() 
     assert_eq!(
         lab.status("gone-1").await.and_then(|s| s.state),
         Some(NodeState::Alive)
+    );
+    assert_eq!(
+        node_condition(&lab, "gone-1").await.as_deref(),
+        Some("True")
     );
 
     // What the Deployment controller does once replicas is 0: SIGTERM; the leader lets go.
@@ -98,6 +129,9 @@ async fn the_uninstall_hook_stops_the_controller_then_marks_the_nodes_unknown() 
         "{}",
         hook.output_text()
     );
+
+    // ...and only then took the Node condition away: nothing would update it either.
+    assert_eq!(node_condition(&lab, "gone-1").await, None);
 
     // Reinstalled: the new controller sees the agent's heartbeat and says Alive again.
     let _again = lab.controller("controller-0").spawn();
