@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Node, NodeCondition};
 use kube::api::{Api, Patch, PatchParams};
 use nodepulse_controller::node_condition;
 use nodepulse_crd::v1alpha1::NodeState;
-use testkit::{KubeApiserver, Lab, eventually, repo_root};
+use testkit::{KubeApiserver, Lab, Launch, eventually, repo_root};
 
 const CONDITION: &str = "NodePulseHeartbeat";
 
@@ -354,6 +354,31 @@ async fn the_chart_lets_the_controller_patch_node_status_only_with_the_node_cond
     for (verb, resource) in [("patch", "nodes"), ("delete", "nodes"), ("get", "secrets")] {
         assert_eq!(can(hook, verb, resource), "no", "hook {verb} {resource}");
     }
+    // The hook's own command, run as the hook's ServiceAccount: that RBAC is all it needs.
+    let as_hook = server.dir().join("kubeconfig-as-hook");
+    let admin = std::fs::read_to_string(&server.kubeconfig).expect("read kubeconfig");
+    let mut kubeconfig: serde_yaml::Value = serde_yaml::from_str(&admin).expect("kubeconfig");
+    for user in kubeconfig["users"].as_sequence_mut().expect("users") {
+        user["user"]["as"] = hook.into();
+    }
+    std::fs::write(&as_hook, serde_yaml::to_string(&kubeconfig).expect("yaml"))
+        .expect("write kubeconfig");
+    let mut removal = Launch::controller(&as_hook, "removal-hook")
+        .args(["--remove-node-condition"])
+        .spawn();
+    let exit = removal.wait_exit(Duration::from_secs(30));
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "{exit:?}: {}",
+        removal.output_text()
+    );
+    assert!(
+        removal
+            .output_text()
+            .contains("removed the NodePulseHeartbeat condition from 1 Nodes"),
+        "{}",
+        removal.output_text()
+    );
 
     // Off (hooks skipped here: no kubelet runs Jobs in this lab): the controller may not.
     helm_ok(&[

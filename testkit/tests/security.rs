@@ -663,8 +663,13 @@ fn chart_rbac_is_least_privilege_by_impersonation() {
     );
     let controller = "system:serviceaccount:nodepulse:nodepulse-controller";
     let agent = "system:serviceaccount:nodepulse:nodepulse-agent";
+    // `resource/subresource` is asked as such (kubectl's own `nodes/status` names a Node).
     let can = |who: &str, verb: &str, resource: &str, ns: &str| -> String {
-        let mut args = vec!["auth", "can-i", verb, resource, "--as", who];
+        let mut args = vec!["auth", "can-i", verb, "--as", who];
+        match resource.split_once('/') {
+            Some((resource, sub)) => args.extend([resource, "--subresource", sub]),
+            None => args.push(resource),
+        }
         if ns.is_empty() {
             args.push("--all-namespaces");
         } else {
