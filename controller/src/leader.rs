@@ -142,7 +142,9 @@ where
             () = &mut shutdown => break Ok(()),
         }
     };
-    // Closing the channel makes the manager release the Lease, so a successor takes over at once.
+    // Closing the channel makes the manager release the Lease. A standby does not watch it: it
+    // takes the Lease when it next reads it, once the holder's last renewal would have expired,
+    // so a rolling update leaves up to a Lease duration without a leader (about 15 s seen).
     drop(leading);
     match tokio::time::timeout(Duration::from_secs(5), task).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "releasing the leader Lease"),
