@@ -1,24 +1,22 @@
-//! Writes one node's MonitorNode status (creating the MonitorNode first when needed) and raises
-//! the Events of the transitions it carries.
+//! Writes one node's MonitorNode status, creating the MonitorNode first when needed.
 
 use std::time::Instant;
 
+use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Resource, ResourceExt};
-use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeSpec, NodeState, transition_line};
+use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeSpec};
 
 use crate::FIELD_MANAGER;
 use crate::error::{Error, Result};
 use crate::writer::WriteJob;
 
 /// Applies the status through the status subresource, creating the MonitorNode first when it
-/// does not exist, then raises the Events of the transitions it carries.
+/// does not exist. Returns when it was written, and the MonitorNode (for the Events).
 pub async fn write_status(
     api: &Api<MonitorNode>,
-    recorder: &Recorder,
     job: &WriteJob,
-) -> Result<Instant> {
+) -> Result<(Instant, ObjectReference)> {
     let patch = serde_json::json!({
         "apiVersion": "nodepulse.io/v1alpha1",
         "kind": "MonitorNode",
@@ -63,36 +61,7 @@ pub async fn write_status(
             tracing::warn!(node = %job.node, error = %e, "could not set the MonitorNode's owner to its Node");
         }
     }
-    let reference = mn.object_ref(&());
-    for t in &job.events {
-        let event = Event {
-            type_: match t.state {
-                NodeState::Alive => EventType::Normal,
-                _ => EventType::Warning,
-            },
-            reason: match t.state {
-                NodeState::Alive => "NodeAlive",
-                NodeState::Unknown => "NodeStatusUnknown",
-                // A death's reason is the status's (HeartbeatExpired, AgentStopped): the
-                // recorder folds Events with the same reason and action into one series under
-                // the first message, so a clean stop after an expiry read "heartbeat expired".
-                _ => t.reason.as_str(),
-            }
-            .into(),
-            note: Some(format!(
-                "{}: {}",
-                transition_line(&job.node, t.state, t.reason),
-                t.message
-            )),
-            action: "Heartbeat".into(),
-            secondary: None,
-        };
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            // The status is what matters; a lost Event is logged, not retried.
-            tracing::warn!(node = %job.node, error = %e, "could not record Event {}", event.reason);
-        }
-    }
-    Ok(written_at)
+    Ok((written_at, mn.object_ref(&())))
 }
 
 /// Creates the MonitorNode, owned by its Node when one exists; one that already exists is fine.

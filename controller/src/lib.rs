@@ -6,7 +6,8 @@
 //!   [`record`];
 //! - [`conditions`]: the MonitorNode status and conditions a record calls for;
 //! - [`writer`]: when each status is written (transitions first, usage rate-limited, one write
-//!   per node at a time, retries); [`apply`]: the server-side apply and the Events;
+//!   per node at a time, retries); [`apply`]: the server-side apply; [`events`]: the
+//!   transitions' Events, summarised when many nodes change at once;
 //! - [`config`] and [`config_keys`]: the MonitorConfig controller and the keys it writes;
 //! - [`effective`]: which MonitorConfig wins which node (pure);
 //! - [`inventory`]: the Node and MonitorNode caches;
@@ -21,6 +22,7 @@ pub mod config;
 pub mod config_keys;
 pub mod effective;
 pub mod error;
+pub mod events;
 pub mod heartbeats;
 pub mod inventory;
 pub mod leader;
@@ -78,7 +80,8 @@ pub struct Args {
 
     /// Least time between two status writes of one node that only refresh its usage figures
     /// (transitions and config changes are written at once). Figures that moved by less than
-    /// one point wait ten times as long.
+    /// one point wait ten times as long. Longer while the API server does not keep up, and no
+    /// refresh while transitions are being written.
     #[arg(long, env = "NODEPULSE_USAGE_WRITE_INTERVAL", default_value = "30s", value_parser = parse_duration)]
     pub usage_write_interval: Duration,
 

@@ -1,5 +1,6 @@
 //! Prometheus metrics and the `/metrics`, `/healthz` (alive) and `/readyz` (etcd answers) endpoint.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -56,6 +57,9 @@ pub struct Metrics {
     pub dead_detection: Histogram,
     /// MonitorNode status writes sent to the API server.
     pub status_writes: Counter,
+    /// The usage-refresh interval in force: `--usage-write-interval`, or longer while the API
+    /// server does not absorb one refresh per node per interval.
+    pub usage_write_interval: Gauge<f64, AtomicU64>,
     /// etcd config keys written or deleted by the controller.
     pub config_key_writes: Counter,
     /// Whether this replica holds the leader Lease (1) or stands by (0).
@@ -96,6 +100,12 @@ impl Default for Metrics {
             "MonitorNode status writes sent to the API server",
             status_writes.clone(),
         );
+        let usage_write_interval = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "usage_write_interval_seconds",
+            "Time between two usage refreshes of one node's status now: the configured interval, longer while the API server does not keep up",
+            usage_write_interval.clone(),
+        );
         let config_key_writes = Counter::default();
         registry.register(
             "config_key_writes",
@@ -115,6 +125,7 @@ impl Default for Metrics {
             reconcile_errors,
             dead_detection,
             status_writes,
+            usage_write_interval,
             config_key_writes,
             leader,
         }

@@ -1,14 +1,17 @@
-//! When each node's MonitorNode status is written: transitions at once, usage figures at most
-//! every `--usage-write-interval`, writes per node kept in order and never two at a time, a
-//! failed one retried with a per-node backoff, and nothing written when nothing changed.
+//! When each node's MonitorNode status is written: transitions at once and ahead of everything
+//! else, usage figures at most every `--usage-write-interval` and not at all while transitions
+//! wait, writes per node kept in order and never two at a time, a failed one retried with a
+//! per-node backoff, and nothing written when nothing changed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::Api;
 use kube::runtime::events::Recorder;
@@ -21,6 +24,7 @@ use tokio::sync::{Semaphore, watch};
 use crate::apply::write_status;
 use crate::conditions::{compute_status, from_an_earlier_run, usage_moved, without_usage};
 use crate::error::Result;
+use crate::events::TransitionEvents;
 use crate::inventory::Inventory;
 use crate::metrics::Metrics;
 use crate::node_condition::NodeConditions;
@@ -33,6 +37,14 @@ pub type DesiredConfigs = Option<Arc<BTreeMap<String, ConfigValue>>>;
 /// Usage-only changes too small to matter are still written after this many usage intervals,
 /// so `lastHeartbeatTime` never lags more than a few minutes.
 const REFRESH_FACTOR: u32 = 10;
+
+/// Usage refreshes may start at most this far ahead of their pace, in seconds of it: the
+/// refreshes due go out spread over time, not in one wave.
+const PACE_BURST_SECONDS: f64 = 1.0;
+
+/// Writes other than transitions wait this long after the last transition write: a mass failure
+/// arrives as deletes spread over seconds, and each write in between would delay a Dead.
+const STORM_QUIET: Duration = Duration::from_secs(2);
 
 /// Tuning of the status writer.
 #[derive(Clone, Debug)]
@@ -81,17 +93,31 @@ pub struct WriteJob {
     pub exists: bool,
 }
 
+/// What became of a write.
+enum Written {
+    /// The status was written at this instant, to this MonitorNode.
+    Done(Instant, ObjectReference),
+    /// Not sent: transitions were waiting for the API server, and this write carries none.
+    Deferred,
+}
+
 /// A write that ended.
 pub struct WriteOutcome {
     job: WriteJob,
-    /// When the status was written (before the Events went out).
-    result: Result<Instant>,
+    result: Result<Written>,
+}
+
+impl WriteJob {
+    /// The write carries a transition (its Event, or a Dead to time).
+    fn is_transition(&self) -> bool {
+        !self.events.is_empty() || self.dead_seen_at.is_some()
+    }
 }
 
 /// Writes MonitorNode status from the node records, in order per node and within the limits.
 pub struct StatusWriter {
     api: Api<MonitorNode>,
-    recorder: Recorder,
+    events: TransitionEvents,
     inventory: Inventory,
     metrics: Arc<Metrics>,
     desired: watch::Receiver<DesiredConfigs>,
@@ -101,6 +127,55 @@ pub struct StatusWriter {
     /// Writes that carry no transition also take one of these, so at most half the permits go
     /// to usage refreshes and a Dead status never queues behind a wave of them.
     background_permits: Arc<Semaphore>,
+    /// Transition writes queued or under way: the others give way to them.
+    transitions_pending: Arc<AtomicUsize>,
+    /// Writes other than transitions start again at this instant (see [`STORM_QUIET`]).
+    quiet_from: Instant,
+    /// Writes without a transition started and not ended yet.
+    background_in_flight: usize,
+    pace: RefreshPace,
+}
+
+/// How fast usage refreshes go out: never faster than one per node per
+/// `--usage-write-interval`, and slower while the API server does not keep up with them (the
+/// refreshes started a tick ago still queue for a permit), so that the writes never exceed what
+/// it absorbs and a transition never waits behind a backlog.
+struct RefreshPace {
+    /// Refreshes per second allowed now (0 until the first tick).
+    rate: f64,
+    /// Refreshes that may start now.
+    allowance: f64,
+    at: Instant,
+}
+
+impl RefreshPace {
+    /// Adjusts the rate to the API server's answer: `backlog` refreshes still waiting for a
+    /// permit of the `lanes` they may use. `ceiling` is one refresh per node per interval.
+    fn adjust(&mut self, backlog: usize, lanes: usize, ceiling: f64, now: Instant) {
+        if self.rate == 0.0 {
+            self.rate = ceiling;
+        }
+        if backlog > lanes {
+            // Behind: back off multiplicatively, as TCP does.
+            self.rate = (self.rate * 0.7).max(1.0);
+        } else if backlog == 0 {
+            self.rate = (self.rate * 1.1 + 1.0).min(ceiling);
+        }
+        self.rate = self.rate.min(ceiling).max(ceiling.min(1.0));
+        let elapsed = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.allowance = (self.allowance + self.rate * elapsed).min(self.rate * PACE_BURST_SECONDS);
+    }
+
+    /// Takes one refresh from the allowance, if any is left.
+    fn take(&mut self) -> bool {
+        if self.allowance >= 1.0 {
+            self.allowance -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 impl StatusWriter {
@@ -118,7 +193,7 @@ impl StatusWriter {
             Arc::new(Semaphore::new(settings.max_concurrent_writes.max(2) / 2));
         StatusWriter {
             api: Api::all(client),
-            recorder,
+            events: TransitionEvents::new(recorder),
             inventory,
             metrics,
             desired,
@@ -126,6 +201,14 @@ impl StatusWriter {
             writes: FuturesUnordered::new(),
             permits,
             background_permits,
+            transitions_pending: Arc::default(),
+            quiet_from: Instant::now(),
+            background_in_flight: 0,
+            pace: RefreshPace {
+                rate: 0.0,
+                allowance: 0.0,
+                at: Instant::now(),
+            },
         }
     }
 
@@ -149,12 +232,20 @@ impl StatusWriter {
         &self.desired
     }
 
-    /// The next write to end; pending forever while none is under way.
+    /// The next write to end (while Events go out meanwhile); pending forever while none is
+    /// under way.
     pub async fn next_outcome(&mut self) -> WriteOutcome {
-        match self.writes.next().await {
-            Some(outcome) => outcome,
-            None => std::future::pending().await,
+        loop {
+            tokio::select! {
+                Some(outcome) = self.writes.next(), if !self.writes.is_empty() => return outcome,
+                () = self.events.published() => {}
+            }
         }
+    }
+
+    /// Whether transitions are being written, or were a moment ago: then nothing else is.
+    fn storming(&self, now: Instant) -> bool {
+        self.transitions_pending.load(Ordering::Relaxed) > 0 || now < self.quiet_from
     }
 
     /// What `node`'s agent should run; `None` before the first config sync.
@@ -187,12 +278,29 @@ impl StatusWriter {
     }
 
     /// Starts the writes that are due: usage refreshes whose interval has passed, retries, and
-    /// MonitorNodes created before their Node object (the next write sets the owner).
+    /// MonitorNodes created before their Node object (the next write sets the owner); and the
+    /// Event summaries whose time has come.
     pub fn flush_due(&mut self, records: &mut HashMap<String, NodeRecord>) {
+        self.events.flush_due();
         let now = Instant::now();
+        let storming = self.storming(now);
         let interval = self.settings.usage_write_interval;
+        if !storming {
+            let ceiling = records.len().max(1) as f64 / interval.as_secs_f64().max(0.001);
+            let lanes = (self.settings.max_concurrent_writes.max(2) / 2).max(1);
+            let waiting = self.background_in_flight.saturating_sub(lanes);
+            self.pace.adjust(waiting, lanes, ceiling, now);
+            let effective = records.len() as f64 / self.pace.rate.max(0.001);
+            self.metrics
+                .usage_write_interval
+                .set(effective.max(interval.as_secs_f64()));
+        }
         for (name, rec) in records.iter_mut() {
             if rec.write.in_flight {
+                continue;
+            }
+            let transition = !rec.pending_events.is_empty() || rec.dead_seen_at.is_some();
+            if storming && !transition {
                 continue;
             }
             let w = &rec.write;
@@ -200,12 +308,13 @@ impl StatusWriter {
                 Some(at) => at <= now,
                 None => {
                     let since = w.last_write.map_or(Duration::MAX, |t| now - t);
-                    (w.usage_moved && since >= interval)
-                        || (w.usage_dirty && since >= interval * REFRESH_FACTOR)
-                        || self.settings.node_conditions.as_ref().is_some_and(|nc| {
-                            self.inventory.node(name).is_some()
-                                && nc.due(name, rec.written.as_ref(), now)
-                        })
+                    let refresh = (w.usage_moved && since >= interval)
+                        || (w.usage_dirty && since >= interval * REFRESH_FACTOR);
+                    let condition_due = self.settings.node_conditions.as_ref().is_some_and(|nc| {
+                        self.inventory.node(name).is_some()
+                            && nc.due(name, rec.written.as_ref(), now)
+                    });
+                    (refresh && self.pace.take()) || condition_due
                 }
             };
             let orphan = !w.owner_requested
@@ -257,24 +366,42 @@ impl StatusWriter {
             owner,
         };
         let api = self.api.clone();
-        let recorder = self.recorder.clone();
+        let metrics = self.metrics.clone();
         let permits = self.permits.clone();
-        let background = (job.events.is_empty() && job.dead_seen_at.is_none())
-            .then(|| self.background_permits.clone());
+        let transition = job.is_transition();
+        let background = (!transition).then(|| self.background_permits.clone());
+        if !transition {
+            self.background_in_flight += 1;
+        }
         let node_conditions = self.settings.node_conditions.clone();
-        self.metrics.status_writes.inc();
+        let pending = self.transitions_pending.clone();
+        if transition {
+            pending.fetch_add(1, Ordering::Relaxed);
+        }
         self.writes.push(Box::pin(async move {
             let _background = match background {
                 Some(b) => b.acquire_owned().await.ok(),
                 None => None,
             };
             let _permit = permits.acquire_owned().await;
-            let result = write_status(&api, &recorder, &job).await;
+            if !transition && pending.load(Ordering::Relaxed) > 0 {
+                return WriteOutcome {
+                    job,
+                    result: Ok(Written::Deferred),
+                };
+            }
+            metrics.status_writes.inc();
+            let result = write_status(&api, &job)
+                .await
+                .map(|(at, mn)| Written::Done(at, mn));
             // A node without a Node object (simulated, or deleted) has nowhere to show it.
             if let (Ok(_), Some(nc)) = (&result, node_conditions)
                 && job.owner.is_some()
             {
                 nc.sync(&job.node, &job.status).await;
+            }
+            if transition {
+                pending.fetch_sub(1, Ordering::Relaxed);
             }
             WriteOutcome { job, result }
         }));
@@ -288,12 +415,28 @@ impl StatusWriter {
             return;
         };
         rec.write.in_flight = false;
+        if job.is_transition() {
+            self.quiet_from = Instant::now() + STORM_QUIET;
+        } else {
+            self.background_in_flight = self.background_in_flight.saturating_sub(1);
+        }
         match result {
-            Ok(written_at) => {
+            Ok(Written::Deferred) => {
+                // Written once the transitions are through (`flush_due` holds it until then).
+                rec.write.retry_at = Some(Instant::now());
+                rec.write.owner_requested = false;
+                if rec.write.write_again {
+                    self.consider(&job.node, rec);
+                }
+            }
+            Ok(Written::Done(written_at, mn)) => {
                 if let Some(seen) = job.dead_seen_at {
                     self.metrics
                         .dead_detection
                         .observe((written_at - seen).as_secs_f64());
+                }
+                for t in &job.events {
+                    self.events.raise(&job.node, &mn, t);
                 }
                 rec.written = Some(job.status);
                 rec.write.last_write = Some(Instant::now());
