@@ -92,13 +92,16 @@ impl Inventory {
             changed: Arc::new(Notify::new()),
             changes: Arc::new(signal::channel(0).0),
         };
+        // The caches keep names, labels, uids and owners; managed fields (a tree of every field
+        // each writer set, larger than the rest of the metadata) would multiply their size.
         let node_stream = reflector::reflector(
             node_writer,
             watch(
                 Api::<PartialObjectMeta<Node>>::all(client.clone()),
                 watcher::Config::default(),
             )
-            .default_backoff(),
+            .default_backoff()
+            .modify(|node| node.managed_fields_mut().clear()),
         );
         let mn_stream = reflector::reflector(
             mn_writer,
@@ -106,7 +109,8 @@ impl Inventory {
                 Api::<PartialObjectMeta<MonitorNode>>::all(client.clone()),
                 watcher::Config::default(),
             )
-            .default_backoff(),
+            .default_backoff()
+            .modify(|mn| mn.managed_fields_mut().clear()),
         );
         let drivers = InventoryDrivers {
             node_events: changes(node_stream, "Node", inventory.clone()).boxed(),

@@ -20,6 +20,9 @@ use crate::metrics::{Metrics, StateLabel};
 use crate::record::{MIN_TTL, NodeRecord, VOUCH_MARGIN};
 use crate::writer::{DesiredConfigs, StatusWriter};
 
+/// MonitorNodes read per request when listing them all.
+const LIST_PAGE: u32 = 500;
+
 /// Owns every node's record: judges liveness from the heartbeat events and has the status
 /// writer write what changed.
 pub struct LivenessTracker {
@@ -252,21 +255,30 @@ impl LivenessTracker {
         });
     }
 
+    /// Every MonitorNode's status, read in pages: only the statuses are kept, so a large
+    /// cluster's full objects are never all in memory at once.
     async fn list_monitor_nodes(&self) -> BTreeMap<String, Option<MonitorNodeStatus>> {
         let mut backoff = Backoff::default();
-        loop {
-            match self.api.list(&ListParams::default()).await {
-                Ok(list) => {
-                    return list
-                        .items
-                        .into_iter()
-                        .map(|mn| (mn.name_any(), mn.status))
-                        .collect();
-                }
-                Err(e) => {
-                    self.metrics.reconcile_error("liveness");
-                    tracing::warn!(error = %e, "list MonitorNodes failed; retrying");
-                    backoff.wait().await;
+        'list: loop {
+            let mut statuses = BTreeMap::new();
+            let mut page = ListParams::default().limit(LIST_PAGE);
+            loop {
+                match self.api.list(&page).await {
+                    Ok(list) => {
+                        statuses
+                            .extend(list.items.into_iter().map(|mn| (mn.name_any(), mn.status)));
+                        match list.metadata.continue_.filter(|c| !c.is_empty()) {
+                            Some(token) => page = page.continue_token(&token),
+                            None => return statuses,
+                        }
+                    }
+                    Err(e) => {
+                        // An expired continue token, or the API server away: start over.
+                        self.metrics.reconcile_error("liveness");
+                        tracing::warn!(error = %e, "list MonitorNodes failed; retrying");
+                        backoff.wait().await;
+                        continue 'list;
+                    }
                 }
             }
         }
