@@ -12,6 +12,7 @@
 //! (a binary missing, a server refusing) becomes a "not measured" row with the reason, and the
 //! other phases still run.
 
+pub mod capacity;
 pub mod cluster;
 pub mod failure;
 pub mod footprint;

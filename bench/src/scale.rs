@@ -1,5 +1,6 @@
 //! Benchmark 4: N simulated nodes (the `loadgen` binary) against one etcd, the controller and a
-//! real kube-apiserver: cold start, steady-state cost, and a mass failure of 10% of the nodes.
+//! real kube-apiserver: the API server's capacity for status writes, cold start, steady-state
+//! cost, a controller restart, and a mass failure of 10% of the nodes.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -7,6 +8,7 @@ use std::time::{Duration, Instant};
 use nodepulse_crd::v1alpha1::NodeState;
 use testkit::{Etcd, KubeApiserver, Process};
 
+use crate::capacity::{self, Capacity};
 use crate::cluster::{
     NodeStates, bin, get, start_apiserver, start_controller, start_etcd, wait_line,
 };
@@ -23,10 +25,28 @@ const LIVE_PREFIX: &str = "sim-a-";
 /// Simulated nodes that die together (10% of N).
 const VICTIM_PREFIX: &str = "sim-b-";
 
+/// A restarted controller must know every status within this, writing nothing meanwhile.
+const RESTART_TARGET: Duration = Duration::from_secs(5);
+/// Controller RSS at 10,000 nodes, MiB.
+const RSS_TARGET_MIB: f64 = 100.0;
+
 /// Figures for one N.
 #[derive(Default)]
 struct Run {
     nodes: usize,
+    capacity: Option<Capacity>,
+    capacity_note: String,
+    /// The 1-minute load average at the end of each phase: capacity, steady, restart, storm.
+    load: Vec<(&'static str, f64)>,
+    usage_interval: Option<f64>,
+    restart_reconciled: Option<Duration>,
+    restart_note: String,
+    restart_writes: Option<f64>,
+    restart_not_alive: usize,
+    restart_rss_mib: f64,
+    storm_status_writes: Option<f64>,
+    storm_event_writes: Option<f64>,
+    all_dead_after_last_delete: Option<Duration>,
     cold_start: Option<Duration>,
     cold_start_note: String,
     rss_mean_mib: f64,
@@ -103,11 +123,28 @@ async fn one(opts: &Options, start: Instant, n: usize) -> Result<Run> {
     })
     .await?;
 
+    // The API server's capacity, with the heartbeats flowing into etcd and nothing else writing
+    // to the API server.
+    progress(
+        start,
+        format!("  N = {n}: the API server's capacity for MonitorNode status writes"),
+    );
+    let probe = if opts.smoke {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(5)
+    };
+    match capacity::measure(apiserver.client().await, probe).await {
+        Ok(c) => run.capacity = Some(c),
+        Err(e) => run.capacity_note = e.to_string(),
+    }
+    run.load.push(("capacity", load_average()));
+
     // Cold start: the heartbeats are all in etcd; the controller starts and must mark all Alive.
     let states = NodeStates::watch(apiserver.client().await);
     progress(start, format!("  N = {n}: controller cold start"));
     let t0 = Instant::now();
-    let (mut controller, _controller_metrics) = start_controller(&etcd, &apiserver, &[]).await?;
+    let (mut controller, controller_metrics) = start_controller(&etcd, &apiserver, &[]).await?;
     // Scaled so that the whole bench stays under 15 minutes on a 2-core machine.
     let cold_timeout = Duration::from_secs(45 + n as u64 / 80);
     let mut alive_progress = Instant::now() + Duration::from_secs(15);
@@ -141,11 +178,12 @@ async fn one(opts: &Options, start: Instant, n: usize) -> Result<Run> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
-    // Steady state: let the first usage writes after start-up pass, then measure a window.
+    // Steady state: every node's first usage refresh falls due one `--usage-write-interval`
+    // (30 s) after its cold-start write; measure a window once refreshes are under way.
     tokio::time::sleep(if opts.smoke {
         Duration::from_secs(1)
     } else {
-        Duration::from_secs(5)
+        Duration::from_secs(30)
     })
     .await;
     progress(
@@ -226,6 +264,48 @@ async fn one(opts: &Options, start: Instant, n: usize) -> Result<Run> {
     run.etcd_requests_per_s = Some(unary.unwrap_or(0.0) + run.keepalives_per_s.unwrap_or(0.0));
 
     run.leases_lost = leases_lost(&live_gen) + leases_lost(&victim_gen);
+    run.usage_interval = get(&controller_metrics, "/metrics").ok().and_then(|text| {
+        prom::parse(&text)
+            .iter()
+            .find(|s| s.name == "nodepulse_controller_usage_write_interval_seconds")
+            .map(|s| s.value)
+    });
+    run.load.push(("steady", load_average()));
+
+    // Restart: SIGKILL and start again with every MonitorNode in place and no liveness change.
+    progress(
+        start,
+        format!("  N = {n}: controller restart with {n} MonitorNodes"),
+    );
+    controller.kill_hard();
+    // Writes the killed controller had on the wire land meanwhile: they are not the new one's.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let api_before = apiserver_metrics(&apiserver).await?;
+    let restarted = Instant::now();
+    let (mut controller, _) = start_controller(&etcd, &apiserver, &[]).await?;
+    let reconciled = wait_line(
+        &mut controller,
+        "reconciled every MonitorNode",
+        Duration::from_secs(60 + n as u64 / 100),
+        |l| l.contains("reconciled every MonitorNode against the heartbeat keys"),
+    )
+    .await;
+    match reconciled {
+        Ok(line) => {
+            run.restart_reconciled = Some(line.at.saturating_duration_since(restarted));
+            let quiet_until = line.at.max(restarted + RESTART_TARGET);
+            tokio::time::sleep_until(quiet_until.into()).await;
+            let api_after = apiserver_metrics(&apiserver).await?;
+            run.restart_writes = Some(
+                prom::sum(&api_after, "apiserver_request_total", writes)
+                    - prom::sum(&api_before, "apiserver_request_total", writes),
+            );
+        }
+        Err(e) => run.restart_note = e.to_string(),
+    }
+    run.restart_not_alive = n - states.count("sim-", NodeState::Alive);
+    run.restart_rss_mib = proc_usage::read(controller.pid())?.rss_kib as f64 / 1024.0;
+    run.load.push(("restart", load_average()));
 
     // Mass failure: 10% of the nodes die at once (their generator is SIGKILLed).
     progress(
@@ -233,6 +313,7 @@ async fn one(opts: &Options, start: Instant, n: usize) -> Result<Run> {
         format!("  N = {n}: SIGKILL the generator holding {victims} nodes"),
     );
     let deletes = DeleteWatch::start(etcd.client().await).await?;
+    let api_before = apiserver_metrics(&apiserver).await?;
     let killed = Instant::now();
     victim_gen.kill_hard();
     let dead = states
@@ -243,12 +324,28 @@ async fn one(opts: &Options, start: Instant, n: usize) -> Result<Run> {
             Duration::from_secs(TTL_SECONDS + 60),
         )
         .await;
-    match dead {
-        Ok(at) => run.mass_failure = Some(at - killed),
-        Err(e) => run.mass_failure_note = e.to_string(),
-    }
+    let api_after = apiserver_metrics(&apiserver).await?;
+    run.storm_status_writes = Some(
+        prom::sum(&api_after, "apiserver_request_total", writes)
+            - prom::sum(&api_before, "apiserver_request_total", writes),
+    );
+    run.storm_event_writes = Some(
+        prom::sum(&api_after, "apiserver_request_total", event_writes)
+            - prom::sum(&api_before, "apiserver_request_total", event_writes),
+    );
+    run.load.push(("storm", load_average()));
     let mut deleted = deletes.all();
     deleted.retain(|node, _| node.starts_with(VICTIM_PREFIX));
+    match dead {
+        Ok(at) => {
+            run.mass_failure = Some(at - killed);
+            run.all_dead_after_last_delete = deleted
+                .values()
+                .max()
+                .map(|last| at.saturating_duration_since(*last));
+        }
+        Err(e) => run.mass_failure_note = e.to_string(),
+    }
     run.last_expiry = deleted
         .values()
         .max()
@@ -332,7 +429,7 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
          third of the TTL) and one heartbeat key per node with a realistic Heartbeat JSON value, rewritten \
          with new usage figures every 5 s per node (the agent's floor). Cold start: all \
          heartbeats exist, then the controller starts; the bench watches MonitorNodes until all N \
-         are Alive. Steady state: a {window} s window after that. Mass failure: SIGKILL of the \
+         are Alive. Steady state: a {window} s window from 30 s after that (once usage refreshes are due). Mass failure: SIGKILL of the \
          generator holding 10% of the nodes; time until the bench sees all of them Dead.{}",
         if smoke { " Smoke run: N = 20." } else { "" }
     );
@@ -352,17 +449,40 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
         s.row(&row);
     };
     add(
-        "cold start -> all MonitorNodes Alive",
+        "API server's capacity for MonitorNode status writes, nothing else writing (32 in flight): server-side apply of a whole status (what the controller sends) / JSON merge patch of only a transition's fields",
+        cell(&|r| match r.capacity {
+            Some(c) => format!("{:.0}/s / {:.0}/s", c.apply_per_s, c.merge_per_s),
+            None => format!("not measured: {}", r.capacity_note),
+        }),
+        "(the limit the storm is judged against: the higher)",
+    );
+    add(
+        "cold start -> all MonitorNodes Alive (first install: every MonitorNode created)",
         cell(&|r| match r.cold_start {
-            Some(d) => format!("{:.1} s", d.as_secs_f64()),
+            Some(d) => format!(
+                "{:.1} s (limit 1.2 × 2N writes / capacity = {})",
+                d.as_secs_f64(),
+                limit(r, 2 * r.nodes, 0.0).map_or("n/a".into(), |l| format!(
+                    "{:.1} s: {}",
+                    l,
+                    met(d.as_secs_f64() <= l)
+                ))
+            ),
             None => format!("not reached: {}", r.cold_start_note),
         }),
-        "",
+        "≤ 1.2 × writes needed / capacity",
     );
     add(
         "controller RSS, steady (mean / max)",
-        cell(&|r| format!("{:.1} / {:.1} MiB", r.rss_mean_mib, r.rss_max_mib)),
-        "",
+        cell(&|r| {
+            let verdict = if r.nodes >= 10_000 {
+                format!(" ({})", met(r.rss_max_mib <= RSS_TARGET_MIB))
+            } else {
+                String::new()
+            };
+            format!("{:.1} / {:.1} MiB{verdict}", r.rss_mean_mib, r.rss_max_mib)
+        }),
+        "≤ 100 MiB at N = 10000",
     );
     add(
         "controller CPU, steady (% of one core)",
@@ -372,14 +492,24 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
     add(
         "API-server writes/s on monitornodes, steady",
         cell(&|r| {
+            let absorbed = r.capacity.map_or(f64::INFINITY, |c| c.best());
+            let most = (r.nodes as f64 / 30.0).min(absorbed);
             format!(
                 "{} (target ≤ {:.0}: {})",
                 opt(r.api_writes_per_s, "/s"),
-                r.nodes as f64 / 30.0,
-                met(r.api_writes_per_s.unwrap_or(f64::INFINITY) <= r.nodes as f64 / 30.0)
+                most,
+                met(r.api_writes_per_s.unwrap_or(f64::INFINITY) <= most)
             )
         }),
-        "≤ N/30",
+        "≤ N/30 and ≤ capacity",
+    );
+    add(
+        "usage-refresh interval the controller chose (its metric), steady",
+        cell(&|r| {
+            r.usage_interval
+                .map_or("n/a".into(), |v| format!("{v:.0} s"))
+        }),
+        "",
     );
     add(
         "API-server writes/s on events (the controller's transition Events), steady",
@@ -414,16 +544,38 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
         "0",
     );
     add(
+        "controller restart (SIGKILL, start again) with every MonitorNode in place: start -> all reconciled",
+        cell(&|r| match r.restart_reconciled {
+            Some(d) => format!("{:.1} s ({})", d.as_secs_f64(), met(d <= RESTART_TARGET)),
+            None => format!("not reached: {}", r.restart_note),
+        }),
+        "≤ 5 s",
+    );
+    add(
+        "  MonitorNode writes by the new controller from its start until 5 s later (or until reconciled, if later)",
+        cell(&|r| {
+            r.restart_writes
+                .map_or("n/a".into(), |w| format!("{w:.0} ({})", met(w == 0.0)))
+        }),
+        "0",
+    );
+    add(
+        "  MonitorNodes not Alive after the restart / controller RSS then",
+        cell(&|r| format!("{} / {:.1} MiB", r.restart_not_alive, r.restart_rss_mib)),
+        "0 / ≤ 100 MiB at N = 10000",
+    );
+    add(
         "mass failure of 10%: SIGKILL -> all Dead",
         cell(&|r| match r.mass_failure {
-            Some(d) => format!(
+            Some(d) if r.nodes < 10_000 => format!(
                 "{:.2} s ({})",
                 d.as_secs_f64(),
                 met(d <= Duration::from_secs(TTL_SECONDS + 3))
             ),
+            Some(d) => format!("{:.2} s", d.as_secs_f64()),
             None => format!("not reached: {}", r.mass_failure_note),
         }),
-        "≤ TTL + 3 s = 8 s",
+        "≤ TTL + 3 s = 8 s (N < 10000)",
     );
     add(
         "  of which SIGKILL -> last heartbeat key deleted by etcd",
@@ -434,38 +586,88 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
         "",
     );
     add(
-        "  etcd delete -> MonitorNode Dead, per node (p50 / p99 / max)",
+        "  etcd delete -> MonitorNode Dead, per node (p50 / p99 / max), against 1.2 × dead nodes / capacity + 1 s",
         cell(&|r| {
             r.dead_lag.as_ref().map_or("n/a".into(), |l| {
-                format!("{} / {} / {}", ms(l.p50), ms(l.p99), ms(l.max))
+                let judged = limit(r, (r.nodes / 10).max(1), 1.0).map_or("n/a".into(), |lim| {
+                    format!("limit {lim:.2} s: {}", met(l.max.as_secs_f64() <= lim))
+                });
+                format!("{} / {} / {} ({judged})", ms(l.p50), ms(l.p99), ms(l.max))
             })
+        }),
+        "≤ 1.2 × dead / capacity + 1 s (the target at N = 10000)",
+    );
+    add(
+        "  last key deleted -> all Dead",
+        cell(&|r| {
+            r.all_dead_after_last_delete
+                .map_or("n/a".into(), |d| format!("{:.2} s", d.as_secs_f64()))
         }),
         "",
     );
+    add(
+        "  API-server writes during the storm: monitornodes / events",
+        cell(&|r| match (r.storm_status_writes, r.storm_event_writes) {
+            (Some(s), Some(e)) => format!("{s:.0} / {e:.0}"),
+            _ => "n/a".into(),
+        }),
+        "one status write per dead node; Events aggregated",
+    );
     add("  the limit", cell(&|r| verdict(r)), "");
-    s.analysis = "What limits it: the API server. Every node costs the controller one \
-        MonitorNode create and one status apply at cold start, and one status write per \
-        `--usage-write-interval` (30 s) afterwards, each a round trip through kube-apiserver's \
-        admission, CRD schema validation and a write to its own etcd. On this machine the API \
-        server shares 2 cores with etcd, the controller, the load generator and the bench, and \
-        takes on the order of 100-200 MonitorNode writes a second; N/30 is 333/s at 10,000 nodes, \
-        more than it absorbs, so the controller's write queue grows, cold start slows, and a Dead \
-        status waits behind usage refreshes: that is what the \"etcd delete -> Dead\" row shows \
-        when it grows with N while etcd deletes the keys on time. etcd is not the limit: keep-alives \
-        (one per node every TTL/3 = 1.67 s) cost it a map update each, the rewrites are the \
-        agent's worst case (every 5 s, each with a change), and its lessor revokes up to 1,000 \
-        expired leases a second, ten times what a 10% failure of 10,000 nodes needs. When the \
-        whole machine is starved, keep-alives arrive late and leases expire (the \"leases lost\" \
-        row). Reading the controller's code for why Dead trails: every status write, usage refresh \
-        or transition, waits for one of 32 permits of one FIFO semaphore \
-        (`--max-concurrent-writes`), so a transition queues behind every refresh already \
-        waiting, and each transition also creates a Kubernetes Event (one more API write). What \
-        would move the figures: writing transitions ahead of usage refreshes (a priority queue \
-        in the controller) keeps failure detection flat in N; a longer \
-        `--usage-write-interval` at large N cuts steady writes linearly; API-server CPU shortens \
-        cold start; a longer TTL cuts keep-alives."
+    add(
+        "load average (1 min) after: capacity / steady / restart / storm",
+        cell(&|r| {
+            r.load
+                .iter()
+                .map(|(_, l)| format!("{l:.2}"))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        }),
+        "(2 cores)",
+    );
+    s.analysis = "What limits it: the API server, whose capacity for MonitorNode status writes the \
+        first row measures in the same run (32 writes in flight, nothing else writing to it, the \
+        load generator running). Where the controller spent it before (its code, and the \
+        2026-11-22 run): each death cost two writes (the status, then a Kubernetes Event, the \
+        status write's permit held meanwhile), usage refreshes kept half the write permits \
+        during a storm, and a cold start raised one Event per node. Counted now from the API \
+        server's apiserver_request_total by resource and verb, a storm asks for one status write per dead node and 20 Events in all (the \"writes during \
+        the storm\" row): the first 20 transitions get an Event each, the rest one summary Event \
+        per state and reason every 5 s; usage refreshes wait while transitions are written; the \
+        lease lookups of deletes run side by side. So the storm is bounded by the capacity row, \
+        and the \"etcd delete -> Dead\" row is the time to write that many statuses at it. The \
+        cheapest patch: the capacity row measures a server-side apply of a whole status against a \
+        JSON merge patch of only what a transition changes; on this machine they are within noise \
+        of each other (the cost is per request: admission, schema validation, the API server's \
+        own etcd, the watch fan-out), so the controller keeps the apply, which also repairs any \
+        field another writer changed. Steady state: refreshes are paced to at most one per node \
+        per `--usage-write-interval` (N/30 a second) and slowed while they queue at the API \
+        server (the interval row: its metric `nodepulse_controller_usage_write_interval_seconds`), \
+        so the writes stay under both N/30 and the capacity; at 50,000 nodes N/30 (1,667/s) is \
+        five times what this API server takes, the interval stretches to about N / (half the \
+        capacity), some 5 minutes here, while transitions keep every write slot they need. A \
+        restart reads the MonitorNodes in pages of 500 and the caches keep no managed fields, \
+        and a status equal to the one listed is not written again. etcd is not the limit: \
+        keep-alives (one per node every TTL/3 = 1.67 s) cost it a map update each and its lessor \
+        revokes up to 1,000 expired leases a second. The load average row says how busy the \
+        2-core machine was (other builds ran beside the bench); when it is starved, keep-alives \
+        arrive late and leases expire (the \"leases lost\" row)."
         .to_string();
     s
+}
+
+/// 1.2 × `writes` / the measured capacity + `plus` seconds, if the capacity was measured.
+fn limit(r: &Run, writes: usize, plus: f64) -> Option<f64> {
+    let capacity = r.capacity?.best();
+    (capacity > 0.0).then(|| 1.2 * writes as f64 / capacity + plus)
+}
+
+/// The 1-minute load average of the machine.
+fn load_average() -> f64 {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 fn met(ok: bool) -> &'static str {
