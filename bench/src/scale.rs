@@ -645,7 +645,7 @@ fn table(runs: &[Result<Run, (usize, Error)>], smoke: bool) -> Section {
         server (the interval row: its metric `nodepulse_controller_usage_write_interval_seconds`), \
         so the writes stay under both N/30 and the capacity; at 50,000 nodes N/30 (1,667/s) is \
         five times what this API server takes, the interval stretches to about N / (half the \
-        capacity), some 5 minutes here, while transitions keep every write slot they need. A \
+        capacity), 5 to 6 minutes here, while transitions keep every write slot they need. A \
         restart reads the MonitorNodes in pages of 500 and the caches keep no managed fields, \
         and a status equal to the one listed is not written again. etcd is not the limit: \
         keep-alives (one per node every TTL/3 = 1.67 s) cost it a map update each and its lessor \
