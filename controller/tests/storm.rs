@@ -55,8 +55,10 @@ async fn a_mass_failure_is_every_node_dead_with_its_events_summarised() {
     let mut client = etcd.client().await;
     let prefix = "storm-";
     let leases = heartbeats(&mut client, prefix).await;
+    // `STORM_CONTROLLER_BIN` runs another build (one from before Events were summarised fails).
     let _controller = lab
         .controller("controller")
+        .program_from_env("STORM_CONTROLLER_BIN")
         .args(["--leader-elect=false"])
         .spawn();
     let api: Api<MonitorNode> = Api::all(lab.kube.clone());
