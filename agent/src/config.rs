@@ -4,12 +4,12 @@
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use nodepulse_crd::etcd::EtcdArgs;
 use nodepulse_crd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
 use nodepulse_crd::wire::{AppliedConfig, ConfigValue, MetricSet};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::connection::EtcdConnection;
 use crate::metrics::AgentMetrics;
 
 /// The configuration in force, and what the agent reports about it.
@@ -172,7 +172,7 @@ pub fn transition(current: &AppliedState, event: KeyEvent<'_>) -> ConfigChange {
 /// configuration.
 pub struct ConfigWatcher {
     key: String,
-    etcd: EtcdArgs,
+    etcd: EtcdConnection,
     shared: Arc<SharedConfig>,
     metrics: Arc<AgentMetrics>,
 }
@@ -181,7 +181,7 @@ impl ConfigWatcher {
     /// A watcher for `node`'s key.
     pub fn new(
         node: &str,
-        etcd: EtcdArgs,
+        etcd: EtcdConnection,
         shared: Arc<SharedConfig>,
         metrics: Arc<AgentMetrics>,
     ) -> Self {
@@ -197,7 +197,7 @@ impl ConfigWatcher {
     /// (the shared watcher resumes from the last revision, and reads the key again after a
     /// compaction or when etcd was rebuilt).
     pub async fn run(self) {
-        let client = self.etcd.connect_retrying("config watch").await;
+        let client = self.etcd.client().await;
         let mut watcher = EtcdWatcher::new(
             client,
             self.key.as_str(),

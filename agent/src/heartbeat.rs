@@ -21,13 +21,15 @@ use etcd_client::{
     PutResponse, Txn, TxnOp, WatchStream,
 };
 use jiff::Timestamp;
-use nodepulse_crd::etcd::{Backoff, EtcdArgs};
+use nodepulse_crd::etcd::Backoff;
 use nodepulse_crd::wire::{AgentState, Heartbeat, UsageSummary, heartbeat_key};
 use tokio::sync::watch;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, timeout};
 use tracing::{debug, info, warn};
 
+use crate::alarm::Alarm;
 use crate::config::SharedConfig;
+use crate::connection::EtcdConnection;
 use crate::error::{Error, Result};
 use crate::metrics::AgentMetrics;
 
@@ -79,7 +81,7 @@ pub struct HeartbeatLease {
     ttl: u32,
     /// Value rewrites: at most every `start()` (news waits), at least every `end()` (no news).
     rewrite: RangeInclusive<Duration>,
-    etcd: EtcdArgs,
+    etcd: EtcdConnection,
     inputs: HeartbeatInputs,
     started_at: Timestamp,
     client: Option<Client>,
@@ -105,7 +107,7 @@ impl HeartbeatLease {
         node: &str,
         ttl: u32,
         rewrite: RangeInclusive<Duration>,
-        etcd: EtcdArgs,
+        etcd: EtcdConnection,
         inputs: HeartbeatInputs,
     ) -> Self {
         HeartbeatLease {
@@ -138,7 +140,7 @@ impl HeartbeatLease {
     }
 
     async fn keep_alive_forever(&mut self) {
-        let client = self.etcd.connect_retrying("heartbeat").await;
+        let client = self.etcd.client().await;
         self.client = Some(client.clone());
         loop {
             let mut client = client.clone();
@@ -179,6 +181,7 @@ impl HeartbeatLease {
         let every = Duration::from_millis(u64::from(self.ttl) * 1000 / 3);
         let ttl = Duration::from_secs(self.ttl.into());
         let mut next_keep_alive = Instant::now() + every;
+        let (mut keep_alive_alarm, mut rewrite_alarm) = (Alarm::new(), Alarm::new());
         let mut last_ack = Instant::now();
         // The key goes on the new (or resumed) lease at once.
         self.last_written = None;
@@ -187,14 +190,17 @@ impl HeartbeatLease {
         let mut put: Option<PendingPut> = None;
         let (mut config_open, mut usage_open) = (true, true);
         loop {
-            let write_at = self
+            // News waits for the shortest rewrite interval; no news, for the longest.
+            let rewrite_after = if pending {
+                self.rewrite.start()
+            } else {
+                self.rewrite.end()
+            };
+            let rewrite_at = self
                 .last_write_at
-                .map_or_else(Instant::now, |t| t + *self.rewrite.start());
-            let refresh_at = self
-                .last_write_at
-                .map_or_else(Instant::now, |t| t + *self.rewrite.end());
+                .map_or_else(Instant::now, |t| t + *rewrite_after);
             tokio::select! {
-                _ = sleep_until(next_keep_alive) => {
+                _ = keep_alive_alarm.sleep_until(next_keep_alive) => {
                     next_keep_alive += every;
                     if last_ack.elapsed() > ttl {
                         return Error::StreamEnded(format!(
@@ -253,12 +259,11 @@ impl HeartbeatLease {
                     usage_open = r.is_ok();
                     pending = true;
                 }
-                _ = sleep_until(refresh_at), if !pending && put.is_none() && self.superseded_by.is_none() => {
-                    // Nothing new for a while: the same value with a fresh `updatedAt`.
-                    self.last_written = None;
-                    pending = true;
-                }
-                _ = sleep_until(write_at), if pending && put.is_none() && self.superseded_by.is_none() => {
+                _ = rewrite_alarm.sleep_until(rewrite_at), if put.is_none() && self.superseded_by.is_none() => {
+                    if !pending {
+                        // Nothing new for a while: the same value with a fresh `updatedAt`.
+                        self.last_written = None;
+                    }
                     pending = false;
                     put = self.start_put(client, AgentState::Running);
                 }

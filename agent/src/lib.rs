@@ -3,14 +3,18 @@
 //! - [`heartbeat`]: `/monitor/heartbeat/<node>` on a lease kept alive (the node's liveness);
 //! - [`config`]: `/monitor/config/<node>` read and watched, applied at once;
 //! - [`collect`] and [`sampling`]: figures from `/proc`, one log line per sample;
-//! - [`metrics`]: the Prometheus registry; [`http`]: `/metrics`, `/healthz`, `/readyz`.
+//! - [`metrics`]: the Prometheus registry; [`http`]: `/metrics`, `/healthz`, `/readyz`;
+//! - [`connection`]: the one etcd connection the heartbeat and the config watch share;
+//!   [`alarm`]: the deadline timer of the sampling and keep-alive loops.
 //!
 //! The jobs share the configuration through [`config::SharedConfig`], a reader-writer lock that
 //! only the config watcher writes.
 #![deny(missing_docs)]
 
+pub mod alarm;
 pub mod collect;
 pub mod config;
+pub mod connection;
 pub mod error;
 pub mod heartbeat;
 pub mod http;
@@ -145,8 +149,9 @@ pub async fn run(args: Args) -> Result<()> {
         usage_tx,
         metrics.clone(),
     ));
+    let etcd = connection::EtcdConnection::new(args.etcd.clone());
     let watcher = tokio::spawn(
-        config::ConfigWatcher::new(&node, args.etcd.clone(), shared.clone(), metrics.clone()).run(),
+        config::ConfigWatcher::new(&node, etcd.clone(), shared.clone(), metrics.clone()).run(),
     );
     let server = tokio::spawn(http::serve(listener, metrics.clone(), registry));
     let heartbeat = tokio::spawn(
@@ -154,7 +159,7 @@ pub async fn run(args: Args) -> Result<()> {
             &node,
             args.heartbeat_ttl,
             args.heartbeat_min_interval..=args.heartbeat_max_interval,
-            args.etcd.clone(),
+            etcd,
             heartbeat::HeartbeatInputs {
                 config: shared.clone(),
                 usage: usage_rx,

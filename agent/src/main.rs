@@ -6,8 +6,8 @@ use nodepulse_crd::runtime::{LogStream, init_logging};
 fn main() -> std::process::ExitCode {
     let args = nodepulse_agent::Args::parse();
     init_logging(args.log_format, LogStream::Stdout, false);
-    // One thread is plenty for three light jobs and keeps the footprint small; /proc reads go to
-    // the blocking pool.
+    // One thread is plenty for three light jobs and keeps the footprint small; samples run on
+    // it too (the blocking pool is left to name resolution).
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .max_blocking_threads(2)

@@ -1,14 +1,16 @@
 //! The sampling loop: one sample per interval, logged in one line, published to `/metrics` and
 //! to the heartbeat; the interval's sleep is cut short when the configuration changes.
 
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
 use nodepulse_crd::wire::{Metric, MetricSet, UsageSummary};
 use tokio::sync::watch;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::alarm::Alarm;
 use crate::collect::{Sample, Sampler};
 use crate::config::SharedConfig;
 use crate::metrics::AgentMetrics;
@@ -18,23 +20,23 @@ const FIRST_SAMPLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Samples until the task is dropped.
 pub async fn run(
-    sampler: Sampler,
+    mut sampler: Sampler,
     config: Arc<SharedConfig>,
     usage: watch::Sender<Option<UsageSummary>>,
     metrics: Arc<AgentMetrics>,
 ) {
-    let paths = sampler.paths().clone();
     let mut changed = config.subscribe();
     let mut config_open = true;
     // Prime the counters rates are computed from, so the first logged sample has them all.
-    let (mut sampler, _) = take_sample(sampler, MetricSet::all()).await;
+    take_sample(&mut sampler, &MetricSet::all());
     let mut last = Instant::now();
     let mut next = last + FIRST_SAMPLE_AFTER.min(config.schedule().0);
     let mut first = true;
     let mut last_errors: Vec<(Metric, String)> = Vec::new();
+    let mut alarm = Alarm::new();
     loop {
         tokio::select! {
-            _ = sleep_until(next) => {}
+            _ = alarm.sleep_until(next) => {}
             r = changed.changed(), if config_open => {
                 config_open = r.is_ok();
                 // A new interval counts from the last sample; when that moment has passed
@@ -46,16 +48,12 @@ pub async fn run(
             }
         }
         let (interval, metrics_set) = config.schedule();
-        let s = match sampler.take() {
-            Some(s) => s,
-            None => Sampler::new(paths.clone()),
-        };
-        let (s, sample) = take_sample(s, metrics_set.clone()).await;
-        sampler = s;
+        let sample = take_sample(&mut sampler, &metrics_set);
         last = Instant::now();
         first = false;
         let Some(sample) = sample else {
             warn!("sampling: a sample failed unexpectedly; starting over with fresh counters");
+            sampler = Sampler::new(sampler.paths().clone());
             next = last + interval;
             continue;
         };
@@ -81,19 +79,10 @@ pub async fn run(
     }
 }
 
-/// Runs one sample on the blocking pool: /proc reads are blocking file I/O and must stay off
-/// the single-threaded runtime. `None`s when the blocking task panicked (a bug).
-async fn take_sample(
-    mut sampler: Sampler,
-    metrics: MetricSet,
-) -> (Option<Sampler>, Option<Sample>) {
-    match tokio::task::spawn_blocking(move || {
-        let sample = sampler.sample(&metrics);
-        (sampler, sample)
-    })
-    .await
-    {
-        Ok((s, sample)) => (Some(s), Some(sample)),
-        Err(_) => (None, None),
-    }
+/// Takes one sample on the runtime's own thread. The /proc files are made by the kernel from
+/// memory and the root filesystem's statvfs answers from its superblock: a whole sample costs
+/// about 0.1 ms and never waits on a disk, while handing it to a blocking thread and back cost
+/// two thread wake-ups, more than the reads. `None` when the sample panicked (a bug).
+fn take_sample(sampler: &mut Sampler, metrics: &MetricSet) -> Option<Sample> {
+    std::panic::catch_unwind(AssertUnwindSafe(|| sampler.sample(metrics))).ok()
 }
