@@ -1,6 +1,6 @@
 //! `memory`: total, available, used % and swap, from `/proc/meminfo`.
 
-use procfs::{FromBufRead, Meminfo};
+use procfs::ProcError;
 use prometheus_client::encoding::DescriptorEncoder;
 
 use super::{HostPaths, gauge, parsed};
@@ -80,26 +80,82 @@ impl MemoryUsage {
 }
 
 /// Parses the text of `/proc/meminfo`.
-pub fn parse_meminfo(text: &str) -> Result<MemoryUsage, procfs::ProcError> {
-    let m = Meminfo::from_buf_read(text.as_bytes())?;
+///
+/// Our own parser, not procfs's: that one builds a map of all sixty fields, which took a quarter
+/// of the agent's user-space instructions; this one reads the six lines the figures need, in one
+/// pass and without allocating.
+pub fn parse_meminfo(text: &str) -> Result<MemoryUsage, ProcError> {
+    let mut fields = MeminfoFields::default();
+    for line in text.lines() {
+        let Some((name, value)) = line.split_once(':') else {
+            continue;
+        };
+        let slot = match name {
+            "MemTotal" => &mut fields.total,
+            "MemFree" => &mut fields.free,
+            "MemAvailable" => &mut fields.available,
+            "Buffers" => &mut fields.buffers,
+            "Cached" => &mut fields.cached,
+            "SwapTotal" => &mut fields.swap_total,
+            "SwapFree" => &mut fields.swap_free,
+            _ => continue,
+        };
+        *slot = Some(bytes(name, value)?);
+    }
+    let need = |v: Option<u64>, name: &str| {
+        v.ok_or_else(|| ProcError::Other(format!("meminfo: no {name} line")))
+    };
+    let total = need(fields.total, "MemTotal")?;
     // Kernels before 3.14 have no MemAvailable: free + buffers + page cache is what `free`
     // showed then.
-    let available = m
-        .mem_available
-        .unwrap_or(m.mem_free + m.buffers + m.cached)
-        .min(m.mem_total);
-    let used_percent = if m.mem_total == 0 {
+    let available = match fields.available {
+        Some(a) => a,
+        None => {
+            need(fields.free, "MemFree")?
+                + need(fields.buffers, "Buffers")?
+                + need(fields.cached, "Cached")?
+        }
+    }
+    .min(total);
+    let used_percent = if total == 0 {
         0.0
     } else {
-        100.0 * (m.mem_total - available) as f64 / m.mem_total as f64
+        100.0 * (total - available) as f64 / total as f64
     };
+    let swap_total = need(fields.swap_total, "SwapTotal")?;
     Ok(MemoryUsage {
-        total_bytes: m.mem_total,
+        total_bytes: total,
         available_bytes: available,
         used_percent,
-        swap_total_bytes: m.swap_total,
-        swap_used_bytes: m.swap_total.saturating_sub(m.swap_free),
+        swap_total_bytes: swap_total,
+        swap_used_bytes: swap_total.saturating_sub(need(fields.swap_free, "SwapFree")?),
     })
+}
+
+/// The `/proc/meminfo` lines the figures come from, in bytes.
+#[derive(Default)]
+struct MeminfoFields {
+    total: Option<u64>,
+    free: Option<u64>,
+    available: Option<u64>,
+    buffers: Option<u64>,
+    cached: Option<u64>,
+    swap_total: Option<u64>,
+    swap_free: Option<u64>,
+}
+
+/// `   8131600 kB` in bytes.
+fn bytes(name: &str, value: &str) -> Result<u64, ProcError> {
+    let value = value.trim();
+    let (number, unit) = match value.strip_suffix("kB") {
+        Some(n) => (n.trim_end(), 1024),
+        None => (value, 1),
+    };
+    number
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .ok_or_else(|| ProcError::Other(format!("meminfo: {name}: {value:?} is not a size")))
 }
 
 #[cfg(test)]
@@ -138,5 +194,44 @@ mod tests {
     #[test]
     fn missing_fields_are_an_error() {
         assert!(parse_meminfo("MemTotal: 5 kB\n").is_err());
+        let no_swap = "MemTotal: 5 kB\nMemAvailable: 1 kB\nSwapTotal: 0 kB\n";
+        assert!(parse_meminfo(no_swap).is_err());
+    }
+
+    #[test]
+    fn garbage_in_a_field_read_is_an_error_and_other_lines_are_ignored() {
+        let text = meminfo(8000, Some(2000)) + "HugePages_Total:       0\nDirectMap1G: x kB\n";
+        assert_eq!(parse_meminfo(&text).unwrap().total_bytes, 8000 * 1024);
+        let bad = meminfo(8000, Some(2000)).replace("SwapFree: 1024 kB", "SwapFree: lots kB");
+        assert!(parse_meminfo(&bad).is_err());
+    }
+
+    #[test]
+    fn agrees_with_procfs_on_the_fixture_trees() {
+        use procfs::{FromBufRead, Meminfo};
+        for tree in ["idle", "busy", "odd-devices", "pod-on-node"] {
+            let path = format!(
+                "{}/tests/fixtures/proc/{tree}/meminfo",
+                env!("CARGO_MANIFEST_DIR")
+            );
+            let text = std::fs::read_to_string(&path).expect("fixture");
+            let ours = parse_meminfo(&text).expect("parses");
+            let theirs = Meminfo::from_buf_read(text.as_bytes()).expect("procfs parses");
+            assert_eq!(ours.total_bytes, theirs.mem_total, "{tree}");
+            assert_eq!(
+                ours.available_bytes,
+                theirs
+                    .mem_available
+                    .unwrap_or(theirs.mem_free + theirs.buffers + theirs.cached)
+                    .min(theirs.mem_total),
+                "{tree}"
+            );
+            assert_eq!(ours.swap_total_bytes, theirs.swap_total, "{tree}");
+            assert_eq!(
+                ours.swap_used_bytes,
+                theirs.swap_total - theirs.swap_free,
+                "{tree}"
+            );
+        }
     }
 }
