@@ -132,6 +132,7 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
     let ne_pid = node_exporter.pid();
     let samples_before = agent_samples(&agent);
     let agent_metrics_before = get(&agent.metrics_addr, "/metrics").unwrap_or_default();
+    let load_before = load_average();
     let (agent_usage, ne_usage, scrapes, scrape_bytes) = tokio::task::spawn_blocking({
         let ne_addr = ne_addr.clone();
         let every = Duration::from_secs(1);
@@ -140,6 +141,10 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
     .await
     .map_err(|e| Error::Unexpected(format!("sampling task: {e}")))??;
     let samples = agent_samples(&agent) - samples_before;
+    let load = format!(
+        "{load_before} at its start and {} at its end",
+        load_average()
+    );
     let agent_metrics_after = get(&agent.metrics_addr, "/metrics").unwrap_or_default();
 
     let mut s = Section::new(
@@ -159,7 +164,8 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
          production; node_exporter {} ran with `--collector.disable-defaults {}` and was scraped \
          by the bench every 1 s (plain HTTP GET of /metrics). CPU is utime+stime from \
          /proc/<pid>/stat (10 ms ticks) and, more precisely, the scheduler's on-CPU time summed \
-         over /proc/<pid>/task/*/schedstat; RSS is VmRSS read once a second.",
+         over /proc/<pid>/task/*/schedstat; RSS is VmRSS read once a second. The machine's \
+         1-minute load average was {load} (other work beside).",
         window.as_secs(),
         version_of_node_exporter(),
         NODE_EXPORTER_COLLECTORS.join(" ")
@@ -405,6 +411,7 @@ async fn realistic_hour(opts: &Options, start: Instant) -> Result<Section> {
     );
     let (agent_pid, ne_pid, ne_addr) = (agent.process.pid(), node_exporter.pid(), ne_port.addr());
     let samples_before = agent_samples(&agent);
+    let load_before = load_average();
     let (a, n, scrapes, _) = tokio::task::spawn_blocking(move || {
         sample_both(
             agent_pid,
@@ -418,6 +425,10 @@ async fn realistic_hour(opts: &Options, start: Instant) -> Result<Section> {
     .await
     .map_err(|e| Error::Unexpected(format!("sampling task: {e}")))??;
     let samples = agent_samples(&agent) - samples_before;
+    let load = format!(
+        "{load_before} at its start and {} at its end",
+        load_average()
+    );
 
     let mut s = Section::new(
         HOUR_TITLE,
@@ -437,7 +448,8 @@ async fn realistic_hour(opts: &Options, start: Instant) -> Result<Section> {
          JSON logs. node_exporter, with the same collectors as above, was scraped every {} s, a \
          common Prometheus `scrape_interval`. CPU is the scheduler's on-CPU time \
          (/proc/<pid>/task/*/schedstat), RSS is VmRSS read once a second, wake-ups are the times \
-         a thread was put on a CPU (third schedstat field), summed over threads.",
+         a thread was put on a CPU (third schedstat field), summed over threads. The machine's \
+         1-minute load average was {load} (other work beside).",
         window.as_secs(),
         3600.0 / window.as_secs_f64(),
         PROMETHEUS_SCRAPE_INTERVAL.as_secs()
@@ -527,6 +539,14 @@ fn version_of_node_exporter() -> String {
                 .map(str::to_string)
         })
         .unwrap_or_default()
+}
+
+/// The machine's 1-minute load average now, as /proc/loadavg shows it.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_string))
+        .unwrap_or_else(|| "unknown".into())
 }
 
 fn met_bool(ok: bool) -> String {
