@@ -44,6 +44,13 @@ pub struct ReconcilerLabel {
     pub reconciler: &'static str,
 }
 
+/// Which status writes, as a metric label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteKindLabel {
+    /// `transition` (a liveness change: goes first) or `usage` (a refresh: gives way).
+    pub kind: &'static str,
+}
+
 /// Every metric the controller exports.
 pub struct Metrics {
     registry: Registry,
@@ -57,6 +64,8 @@ pub struct Metrics {
     pub dead_detection: Histogram,
     /// MonitorNode status writes sent to the API server.
     pub status_writes: Counter,
+    /// Status writes queued or under way, by kind.
+    pub status_writes_pending: Family<WriteKindLabel, Gauge>,
     /// The usage-refresh interval in force: `--usage-write-interval`, or longer while the API
     /// server does not absorb one refresh per node per interval.
     pub usage_write_interval: Gauge<f64, AtomicU64>,
@@ -100,6 +109,15 @@ impl Default for Metrics {
             "MonitorNode status writes sent to the API server",
             status_writes.clone(),
         );
+        let status_writes_pending = Family::<WriteKindLabel, Gauge>::default();
+        for kind in ["transition", "usage"] {
+            let _ = status_writes_pending.get_or_create(&WriteKindLabel { kind });
+        }
+        registry.register(
+            "status_writes_pending",
+            "MonitorNode status writes queued or under way, by kind: transitions go first, usage refreshes give way",
+            status_writes_pending.clone(),
+        );
         let usage_write_interval = Gauge::<f64, AtomicU64>::default();
         registry.register(
             "usage_write_interval_seconds",
@@ -125,6 +143,7 @@ impl Default for Metrics {
             reconcile_errors,
             dead_detection,
             status_writes,
+            status_writes_pending,
             usage_write_interval,
             config_key_writes,
             leader,
@@ -133,6 +152,13 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Sets the queue of status writes of `kind`.
+    pub fn writes_pending(&self, kind: &'static str, n: usize) {
+        self.status_writes_pending
+            .get_or_create(&WriteKindLabel { kind })
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
     /// Counts one failure of `reconciler`.
     pub fn reconcile_error(&self, reconciler: &'static str) {
         self.reconcile_errors

@@ -405,6 +405,15 @@ impl StatusWriter {
             }
             WriteOutcome { job, result }
         }));
+        self.report_queue();
+    }
+
+    /// Exports how many writes of each kind are queued or under way.
+    fn report_queue(&self) {
+        let transitions = self.transitions_pending.load(Ordering::Relaxed);
+        self.metrics.writes_pending("transition", transitions);
+        self.metrics
+            .writes_pending("usage", self.background_in_flight);
     }
 
     /// Takes a write's end into its node's record: what was written, or a retry with the
@@ -420,6 +429,7 @@ impl StatusWriter {
         } else {
             self.background_in_flight = self.background_in_flight.saturating_sub(1);
         }
+        self.report_queue();
         match result {
             Ok(Written::Deferred) => {
                 // Written once the transitions are through (`flush_due` holds it until then).
