@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::{self, Timestamp};
+use futures::StreamExt;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, watcher};
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
 use nodepulse_crd::etcd::parse_duration;
@@ -98,8 +101,9 @@ where
         .build()
         .await
         .map_err(lease_err)?;
-    let (mut leading, task) = manager.watch().await;
+    let (mut leading, mut task) = manager.watch().await;
     tracing::info!(identity, namespace = %args.namespace, lease = LEASE_NAME, "waiting to lead");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &args.namespace);
     let result = loop {
         let became_leader = async {
             while !*leading.borrow_and_update() {
@@ -112,6 +116,20 @@ where
         };
         tokio::select! {
             r = became_leader => if let Err(e) = r { break Err(e) },
+            () = released(&leases) => {
+                // kube-lease-manager's standby sleeps until the holder's last renewal would
+                // expire, up to a Lease duration; a Lease released by a graceful stop (a rolling
+                // update, a drained node) is free now, so the election starts over and takes it.
+                tracing::info!(identity, "the leader released the Lease; taking it");
+                drop(leading);
+                let manager = match task.await {
+                    Ok(Ok(manager)) => manager,
+                    Ok(Err(e)) => break Err(lease_err(e)),
+                    Err(_) => break Err(Error::TaskStopped("leader election")),
+                };
+                (leading, task) = manager.watch().await;
+                continue;
+            }
             () = &mut shutdown => break Ok(()),
         }
         // Write only once the Lease itself says so, with time left on it.
@@ -142,9 +160,8 @@ where
             () = &mut shutdown => break Ok(()),
         }
     };
-    // Closing the channel makes the manager release the Lease. A standby does not watch it: it
-    // takes the Lease when it next reads it, once the holder's last renewal would have expired,
-    // so a rolling update leaves up to a Lease duration without a leader (about 15 s seen).
+    // Closing the channel makes the manager release the Lease; a standby sees it free
+    // ([`released`]) and takes it at once.
     drop(leading);
     match tokio::time::timeout(Duration::from_secs(5), task).await {
         Ok(Ok(Err(e))) => tracing::warn!(error = %e, "releasing the leader Lease"),
@@ -153,6 +170,27 @@ where
     }
     metrics.leader.set(0);
     result
+}
+
+/// Returns once the Lease, seen held, is seen free: its holder released it. Pending while the
+/// API server does not answer (the election's own retries cover that).
+async fn released(leases: &Api<Lease>) {
+    let config = watcher::Config::default().fields(&format!("metadata.name={LEASE_NAME}"));
+    let mut events = watcher(leases.clone(), config)
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    let mut held = false;
+    while let Some(event) = events.next().await {
+        let Ok(lease) = event else { continue };
+        let holder = lease.spec.and_then(|s| s.holder_identity);
+        if holder.as_deref().is_some_and(|h| !h.is_empty()) {
+            held = true;
+        } else if held {
+            return;
+        }
+    }
+    std::future::pending().await
 }
 
 /// The leader's own view of its Lease: the latest renewal it has seen, and so the moment it must
