@@ -24,9 +24,17 @@ CACHE=${NODEPULSE_CACHE:-$HOME/.cache/nodepulse}
 BIN=${NODEPULSE_TOOLS:-$CACHE/tools/bin}
 WORK=$CACHE/tools/src
 mkdir -p "$BIN" "$WORK"
-# Several test binaries may ask at once: one build at a time.
-exec 9>"$CACHE/tools/.lock"
-flock 9
+# Several test binaries may ask at once: one build at a time. The lock is taken only to build,
+# so a tool already built is returned at once while another one builds.
+locked=0
+build_lock() {
+  if ((locked == 0)); then exec 9>"$CACHE/tools/.lock" && flock 9 && locked=1; fi
+}
+# have NAME VERSION: NAME-VERSION is built; point NAME at it (no write when it already does).
+have() {
+  [[ -x $BIN/$1-$2 ]] || return 1
+  [[ $(readlink "$BIN/$1" 2>/dev/null) == "$1-$2" ]] || ln -sfn "$1-$2" "$BIN/$1"
+}
 export GOFLAGS=-mod=mod GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
 
 log() { echo "tools: $*" >&2; }
@@ -37,7 +45,9 @@ log() { echo "tools: $*" >&2; }
 wrapper_build() {
   local name=$1 version=$2 require=$3 pkg=$4 extra=${5:-} ldflags=${6:-}
   local out="$BIN/$name-$version"
-  if [[ -x $out ]]; then ln -sfn "$name-$version" "$BIN/$name"; return; fi
+  have "$name" "$version" && return
+  build_lock
+  have "$name" "$version" && return
   log "building $name $version (first run on this machine; cached afterwards)"
   local dir="$WORK/$name-$version"
   rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
@@ -63,6 +73,8 @@ GOMOD
 # KUBERNETES_VERSION, all from the same pinned module graph.
 build_kubernetes() {
   local name=$1 minor=${KUBERNETES_VERSION#v1.}
+  have "$name" "$KUBERNETES_VERSION" && return
+  build_lock
   local staging=v0.$minor
   # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with local paths,
   # which a dependent module ignores: pin each one to the matching published v0.x tag.
@@ -112,7 +124,9 @@ build_kube_score() {
 # builds in a fraction of the time.
 build_coredns() {
   local out="$BIN/coredns-$COREDNS_VERSION"
-  if [[ -x $out ]]; then ln -sfn "coredns-$COREDNS_VERSION" "$BIN/coredns"; return; fi
+  have coredns "$COREDNS_VERSION" && return
+  build_lock
+  have coredns "$COREDNS_VERSION" && return
   log "building coredns $COREDNS_VERSION (first run on this machine; cached afterwards)"
   local dir="$WORK/coredns-$COREDNS_VERSION"
   rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
