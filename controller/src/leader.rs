@@ -11,9 +11,9 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::jiff::{self, Timestamp};
-use futures::StreamExt;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, watcher};
 use kube::{Api, Client};
@@ -122,10 +122,11 @@ where
                 // update, a drained node) is free now, so the election starts over and takes it.
                 tracing::info!(identity, "the leader released the Lease; taking it");
                 drop(leading);
+                // Standing by, so there is nothing to release if this fails.
                 let manager = match task.await {
                     Ok(Ok(manager)) => manager,
-                    Ok(Err(e)) => break Err(lease_err(e)),
-                    Err(_) => break Err(Error::TaskStopped("leader election")),
+                    Ok(Err(e)) => return Err(lease_err(e)),
+                    Err(_) => return Err(Error::TaskStopped("leader election")),
                 };
                 (leading, task) = manager.watch().await;
                 continue;
