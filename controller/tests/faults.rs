@@ -196,16 +196,16 @@ async fn etcd_restart_longer_than_the_ttl_raises_no_false_alarm() {
     }
     // Away longer than the TTL, the controller could not vouch for the nodes (Unknown, issue
     // 16 item 5); back, they are Alive again, never Dead.
-    assert_eq!(
-        history.states("restart-1"),
-        vec![
-            Some(NodeState::Alive),
-            Some(NodeState::Unknown),
-            Some(NodeState::Alive)
-        ],
-        "{:?}",
-        history.all()
-    );
+    history
+        .assert_states(
+            "restart-1",
+            &[
+                Some(NodeState::Alive),
+                Some(NodeState::Unknown),
+                Some(NodeState::Alive),
+            ],
+        )
+        .await;
 }
 
 /// Three etcd members: SIGKILL the leader, then lose quorum for less than the TTL. Agents and
@@ -361,12 +361,13 @@ async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
         .filter(|l| l.text.contains("Node crash-1 Dead"))
         .collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
-    assert_eq!(
-        history.states("crash-1"),
-        vec![Some(NodeState::Alive), Some(NodeState::Dead)]
-    );
+    history
+        .assert_states("crash-1", &[Some(NodeState::Alive), Some(NodeState::Dead)])
+        .await;
     // The survivor was left alone.
-    assert_eq!(history.states("crash-2"), vec![Some(NodeState::Alive)]);
+    history
+        .assert_states("crash-2", &[Some(NodeState::Alive)])
+        .await;
     assert_eq!(lab.event_count("crash-2", "HeartbeatExpired").await, 0);
     drop(agents);
 }

@@ -144,11 +144,9 @@ async fn a_rebuilt_etcd_is_noticed_heartbeat_config_and_status_come_back() {
         "{node} was shown Dead after the rebuild: {:?}",
         history.states(node)
     );
-    assert_eq!(
-        history.states(victim),
-        [Some(NodeState::Alive), Some(NodeState::Dead)],
-        "{victim} should go from Alive to Dead once"
-    );
+    history
+        .assert_states(victim, &[Some(NodeState::Alive), Some(NodeState::Dead)])
+        .await;
 }
 
 /// A heartbeat key deleted by hand (`etcdctl del`) while its lease lives is no death: the
@@ -191,15 +189,10 @@ async fn a_heartbeat_key_deleted_by_hand_is_no_death_unless_nobody_writes_it_aga
         deleted.elapsed()
     );
     frozen_agent.kill_hard();
-    assert_eq!(
-        history.states(live),
-        [Some(NodeState::Alive)],
-        "{live} must stay Alive through a delete by hand"
-    );
-    assert_eq!(
-        history.states(frozen),
-        [Some(NodeState::Alive), Some(NodeState::Dead)]
-    );
+    history.assert_states(live, &[Some(NodeState::Alive)]).await;
+    history
+        .assert_states(frozen, &[Some(NodeState::Alive), Some(NodeState::Dead)])
+        .await;
 }
 
 /// Item 5: etcd SIGKILLed for longer than the TTL. Every node the controller can no longer
@@ -271,22 +264,26 @@ async fn etcd_away_longer_than_the_ttl_is_unknown_then_each_node_its_true_state(
 
     // Another TTL of watching: a stray transition or Event would show up by now.
     tokio::time::sleep(Duration::from_secs(TTL)).await;
-    assert_eq!(
-        history.states("unknown-live"),
-        vec![
-            Some(NodeState::Alive),
-            Some(NodeState::Unknown),
-            Some(NodeState::Alive)
-        ]
-    );
-    assert_eq!(
-        history.states("unknown-dies"),
-        vec![
-            Some(NodeState::Alive),
-            Some(NodeState::Unknown),
-            Some(NodeState::Dead)
-        ]
-    );
+    history
+        .assert_states(
+            "unknown-live",
+            &[
+                Some(NodeState::Alive),
+                Some(NodeState::Unknown),
+                Some(NodeState::Alive),
+            ],
+        )
+        .await;
+    history
+        .assert_states(
+            "unknown-dies",
+            &[
+                Some(NodeState::Alive),
+                Some(NodeState::Unknown),
+                Some(NodeState::Dead),
+            ],
+        )
+        .await;
     assert_eq!(lab.dead_events("unknown-live").await, 0);
     assert_eq!(lab.dead_events("unknown-dies").await, 1);
     for node in nodes {
@@ -337,14 +334,16 @@ async fn a_controller_started_while_etcd_is_away_says_unknown_then_alive() {
     lab.wait_state(node, NodeState::Alive, Duration::from_secs(TTL + 5))
         .await;
     println!("Alive {:?} after etcd's return", back.elapsed());
-    assert_eq!(
-        history.states(node),
-        vec![
-            Some(NodeState::Alive),
-            Some(NodeState::Unknown),
-            Some(NodeState::Alive)
-        ]
-    );
+    history
+        .assert_states(
+            node,
+            &[
+                Some(NodeState::Alive),
+                Some(NodeState::Unknown),
+                Some(NodeState::Alive),
+            ],
+        )
+        .await;
     assert!(
         !second.output_text().contains(&format!("Node {node} Dead")),
         "{}",
@@ -444,14 +443,16 @@ async fn a_silent_partition_from_etcd_is_unknown_then_alive_never_dead() {
     lab.wait_state(node, NodeState::Alive, Duration::from_secs(30))
         .await;
     println!("Alive {:?} after the network came back", healed.elapsed());
-    assert_eq!(
-        history.states(node),
-        vec![
-            Some(NodeState::Alive),
-            Some(NodeState::Unknown),
-            Some(NodeState::Alive)
-        ]
-    );
+    history
+        .assert_states(
+            node,
+            &[
+                Some(NodeState::Alive),
+                Some(NodeState::Unknown),
+                Some(NodeState::Alive),
+            ],
+        )
+        .await;
     assert!(
         !controller
             .output_text()

@@ -272,6 +272,24 @@ impl History {
         out
     }
 
+    /// Waits until the states `node` went through are `expected`, and panics with what was
+    /// recorded if they are not within 5 s. The recorder sees a change through its watch,
+    /// which may arrive after a GET has already shown it, so a test that has just seen the
+    /// last state compares the history through this, not [`History::states`] at once.
+    pub async fn assert_states(&self, node: &str, expected: &[Option<NodeState>]) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let states = self.states(node);
+            if states == expected {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!("{node} went through {states:?}, expected {expected:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Panics if any recorded version of any node was Dead.
     pub fn assert_never_dead(&self, during: &str) {
         let dead: Vec<Observed> = self
