@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test tooling that no package ships, once per machine, from the Go module proxy:
 # etcd + etcdctl, the Kubernetes components (kube-apiserver, kubectl, and for the local cluster
-# kubelet, kube-controller-manager, kube-scheduler, kube-proxy, coredns), helm, node_exporter, and the
+# kubelet, kube-controller-manager, kube-scheduler, kube-proxy, coredns), helm, node_exporter, the
+# OpenTelemetry Collector (otelcol: the hostmetrics receiver only, the bench's second peer), and the
 # chart's checkers (promtool for the alert rules, kube-score for the rendered manifests). The product
 # is Rust; this is only what the tests, the demo and the benchmarks run against.
 #
@@ -9,7 +10,8 @@
 # with an unversioned symlink beside each. A second run finds them and returns at once.
 #
 # usage: hack/tools.sh [all|etcd|kube-apiserver|kubectl|kubelet|kube-controller-manager|
-#                       kube-scheduler|kube-proxy|coredns|helm|node_exporter|promtool|kube-score]...
+#                       kube-scheduler|kube-proxy|coredns|helm|node_exporter|otelcol|promtool|
+#                       kube-score]...
 set -euo pipefail
 
 KUBERNETES_VERSION=${KUBERNETES_VERSION:-v1.34.4}   # matches k8s-openapi's v1_34 feature
@@ -19,6 +21,10 @@ NODE_EXPORTER_VERSION=${NODE_EXPORTER_VERSION:-v1.10.1}
 COREDNS_VERSION=${COREDNS_VERSION:-v1.14.7}
 PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-v0.316.0}   # Prometheus 3.16's Go module version
 KUBE_SCORE_VERSION=${KUBE_SCORE_VERSION:-v1.20.0}
+# One collector release for every collector module: contrib's hostmetrics receiver and the builder at
+# v0.160.0, core's stable modules at the v1.x of that release.
+OTELCOL_VERSION=${OTELCOL_VERSION:-v0.160.0}
+OTELCOL_STABLE_VERSION=${OTELCOL_STABLE_VERSION:-v1.66.0}
 
 CACHE=${NODEPULSE_CACHE:-$HOME/.cache/nodepulse}
 BIN=${NODEPULSE_TOOLS:-$CACHE/tools/bin}
@@ -35,7 +41,8 @@ have() {
   [[ -x $BIN/$1-$2 ]] || return 1
   [[ $(readlink "$BIN/$1" 2>/dev/null) == "$1-$2" ]] || ln -sfn "$1-$2" "$BIN/$1"
 }
-export GOFLAGS=-mod=mod GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
+# A caller's GOFLAGS (say -p=1, to leave a core free) are kept.
+export GOFLAGS="-mod=mod${GOFLAGS:+ $GOFLAGS}" GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
 
 log() { echo "tools: $*" >&2; }
 
@@ -161,6 +168,40 @@ GO
   log "built $out"
 }
 
+# The OpenTelemetry Collector as the bench runs it (bench/src/footprint.rs): the hostmetrics receiver
+# and the nop exporter, nothing else, built by the collector builder from a manifest, as the
+# collector's documentation has a custom distribution made. Every collector module at one release:
+# with strict versioning the builder fails when a component pulls in another core release.
+build_otelcol() {
+  local out="$BIN/otelcol-$OTELCOL_VERSION"
+  have otelcol "$OTELCOL_VERSION" && return
+  build_lock
+  have otelcol "$OTELCOL_VERSION" && return
+  log "building otelcol $OTELCOL_VERSION (first run on this machine; cached afterwards)"
+  local dir="$WORK/otelcol-$OTELCOL_VERSION"
+  rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
+  cat >manifest.yaml <<YAML
+dist:
+  module: nodepulse.test/tools/otelcol
+  name: otelcol
+  description: OpenTelemetry Collector with the hostmetrics receiver only (nodepulse bench peer)
+  version: ${OTELCOL_VERSION#v}
+  output_path: ./dist
+receivers:
+  - gomod: github.com/open-telemetry/opentelemetry-collector-contrib/receiver/hostmetricsreceiver $OTELCOL_VERSION
+exporters:
+  - gomod: go.opentelemetry.io/collector/exporter/nopexporter $OTELCOL_VERSION
+providers:
+  - gomod: go.opentelemetry.io/collector/confmap/provider/envprovider $OTELCOL_STABLE_VERSION
+  - gomod: go.opentelemetry.io/collector/confmap/provider/fileprovider $OTELCOL_STABLE_VERSION
+YAML
+  go run "go.opentelemetry.io/collector/cmd/builder@$OTELCOL_VERSION" \
+    --config manifest.yaml --skip-strict-versioning=false
+  mv dist/otelcol "$out"
+  ln -sfn "otelcol-$OTELCOL_VERSION" "$BIN/otelcol"
+  log "built $out"
+}
+
 targets=("$@")
 [[ ${#targets[@]} -eq 0 || ${targets[0]} == all ]] && targets=(etcd kube-apiserver kubectl helm node_exporter)
 for t in "${targets[@]}"; do
@@ -170,6 +211,7 @@ for t in "${targets[@]}"; do
     etcd) build_etcd ;;
     helm) build_helm ;;
     node_exporter) build_node_exporter ;;
+    otelcol) build_otelcol ;;
     coredns) build_coredns ;;
     promtool) build_promtool ;;
     kube-score) build_kube_score ;;
