@@ -85,6 +85,6 @@ e2e: tools build ## Only the end-to-end tests (real apiserver, etcd, agents, con
 
 .PHONY: bench
 bench: deps ## Benchmarks; writes bench/RESULTS.md
-	@bash $(TOOLS) etcd kube-apiserver node_exporter >/dev/null
+	@bash $(TOOLS) etcd kube-apiserver node_exporter otelcol >/dev/null
 	$(CARGO) build --release --workspace --bins
 	$(CARGO) run --release -p bench -- --out bench/RESULTS.md

@@ -1,6 +1,7 @@
 //! nodepulse's benchmarks, measured side by side in one run and written to `bench/RESULTS.md`:
 //!
-//! 1. [`footprint`]: the agent's CPU per sample and RSS against prometheus/node_exporter;
+//! 1. [`footprint`]: the agent's CPU per sample and RSS against prometheus/node_exporter and the
+//!    OpenTelemetry Collector's hostmetrics receiver;
 //! 2. [`propagation`]: etcd put -> agent applied, and `kubectl apply` -> agent applied;
 //! 3. [`failure`]: SIGKILL of an agent -> MonitorNode Dead, and the controller's own share;
 //! 4. [`scale`]: thousands of simulated nodes ([`loadgen`]) against one etcd, the controller and
@@ -37,6 +38,9 @@ pub enum Error {
     /// A workspace binary has not been built.
     #[error("{0} is not built: run `cargo build --release --workspace --bins` first")]
     NotBuilt(String),
+    /// An optional test tool that `make bench` builds has not been built on this machine.
+    #[error("{0} is not built: run `hack/tools.sh {0}` (`make bench` does)")]
+    ToolNotBuilt(String),
     /// Reading /proc failed (the process exited?).
     #[error("/proc: {0}")]
     Proc(String),
@@ -61,7 +65,7 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "bench",
-    about = "nodepulse benchmarks: footprint vs node_exporter, config propagation, failure detection, scale, truth under faults"
+    about = "nodepulse benchmarks: footprint vs node_exporter and otelcol, config propagation, failure detection, scale, truth under faults"
 )]
 pub struct Options {
     /// Where to write the results table.
@@ -109,7 +113,10 @@ pub async fn run(opts: &Options) -> Result<Vec<report::Section>, std::io::Error>
     let mut sections = Vec::new();
 
     if opts.wants("footprint") {
-        progress(start, "phase 1/5: agent footprint against node_exporter");
+        progress(
+            start,
+            "phase 1/5: agent footprint against node_exporter and otelcol",
+        );
         sections.extend(footprint::run(opts, start).await);
     }
     // Phases 2 (kubectl half) and 3 share one API server and controller.
@@ -162,7 +169,8 @@ fn intro(opts: &Options) -> String {
     let mut s = String::from(
         "All figures come from one run on one shared machine: absolute numbers move from run to run, \
          the ratios between nodepulse and the tool beside it are what counts. Every server is real \
-         (etcd, kube-apiserver, node_exporter as released), on 127.0.0.1.",
+         (etcd, kube-apiserver, node_exporter as released, the OpenTelemetry Collector built from \
+         its released modules), on 127.0.0.1.",
     );
     if opts.smoke {
         s.push_str(

@@ -117,6 +117,11 @@ impl Environment {
         let versions = vec![
             format!("nodepulse {} (git {git})", env!("CARGO_PKG_VERSION")),
             tool_version("node_exporter"),
+            // Optional (a long build `make bench` does and `make test` does not): never built here.
+            match testkit::built_tool("otelcol") {
+                Some(_) => tool_version("otelcol"),
+                None => "otelcol not built".to_string(),
+            },
             tool_version("etcd"),
             tool_version("kube-apiserver"),
         ];

@@ -38,7 +38,7 @@ pub use ports::ReservedPort;
 pub use process::{Line, Process};
 pub use proxy::TcpProxy;
 pub use slow_etcd::SlowEtcd;
-pub use tools::{Kubectl, kubectl, project_bin, project_bin_dir, repo_root, tool};
+pub use tools::{Kubectl, built_tool, kubectl, project_bin, project_bin_dir, repo_root, tool};
 
 use std::future::Future;
 use std::io::{Read, Write};

@@ -17,18 +17,7 @@ pub fn repo_root() -> PathBuf {
 /// (`$NODEPULSE_TOOLS`, else `$NODEPULSE_CACHE/tools/bin`, else `~/.cache/nodepulse/tools/bin`, as
 /// `hack/tools.sh` has it), so only the first run pays.
 pub fn tool(name: &str) -> PathBuf {
-    let dir = std::env::var_os("NODEPULSE_TOOLS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            let cache = std::env::var_os("NODEPULSE_CACHE")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| {
-                    let home = std::env::var_os("HOME").expect("HOME is set");
-                    Path::new(&home).join(".cache/nodepulse")
-                });
-            cache.join("tools/bin")
-        });
-    let path = dir.join(name);
+    let path = tools_dir().join(name);
     if !path.exists() {
         let target = match name {
             "etcdctl" => "etcd",
@@ -47,6 +36,27 @@ pub fn tool(name: &str) -> PathBuf {
         path.display()
     );
     path
+}
+
+/// A test tool if `hack/tools.sh` has already built it on this machine, without building it: for
+/// the tools that only some runs need and that take long to build (the OpenTelemetry Collector).
+pub fn built_tool(name: &str) -> Option<PathBuf> {
+    Some(tools_dir().join(name)).filter(|p| p.exists())
+}
+
+/// Where `hack/tools.sh` puts its binaries.
+fn tools_dir() -> PathBuf {
+    std::env::var_os("NODEPULSE_TOOLS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("NODEPULSE_CACHE")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| {
+                    let home = std::env::var_os("HOME").expect("HOME is set");
+                    Path::new(&home).join(".cache/nodepulse")
+                });
+            cache.join("tools/bin")
+        })
 }
 
 /// kubectl at the API server's version, built by `hack/tools.sh` like the server itself.
