@@ -190,27 +190,29 @@ async fn the_node_condition_follows_the_heartbeat_and_leaves_the_kubelets_condit
     assert_eq!(kubelets(&nodes, "nc-live").await, kubelet_before);
 
     // Removal (what the chart's hooks run): exactly our condition goes, everywhere.
-    let mut removal = lab
-        .controller("removal")
-        .args(["--remove-node-condition"])
-        .spawn();
+    remove_node_condition(lab.controller("removal"), 2);
+    for name in ["nc-live", "nc-dies", "nc-silent"] {
+        assert_eq!(ours(&nodes, name).await, None, "{name}");
+        assert_eq!(kubelets(&nodes, name).await, kubelet_before, "{name}");
+    }
+}
+
+/// Runs `controller --remove-node-condition` (what the chart's hooks run) to its successful end,
+/// which must say it removed the condition from `nodes` Nodes.
+fn remove_node_condition(controller: Launch, nodes: usize) {
+    let mut removal = controller.args(["--remove-node-condition"]).spawn();
     let exit = removal.wait_exit(Duration::from_secs(30));
     assert!(
         exit.is_some_and(|s| s.success()),
         "{exit:?}: {}",
         removal.output_text()
     );
+    let said = format!("removed the NodePulseHeartbeat condition from {nodes} Nodes");
     assert!(
-        removal
-            .output_text()
-            .contains("removed the NodePulseHeartbeat condition from 2 Nodes"),
+        removal.output_text().contains(&said),
         "{}",
         removal.output_text()
     );
-    for name in ["nc-live", "nc-dies", "nc-silent"] {
-        assert_eq!(ours(&nodes, name).await, None, "{name}");
-        assert_eq!(kubelets(&nodes, name).await, kubelet_before, "{name}");
-    }
 }
 
 fn text(out: &[u8]) -> String {
@@ -256,16 +258,6 @@ async fn the_chart_lets_the_controller_patch_node_status_only_with_the_node_cond
     let server = KubeApiserver::start();
     let chart = repo_root().join("charts/nodepulse");
     let chart = chart.to_str().expect("utf-8 path");
-    let helm_ok = |args: &[&str]| -> String {
-        let out = server.helm(args);
-        assert!(
-            out.status.success(),
-            "helm {args:?}: {}{}",
-            text(&out.stdout),
-            text(&out.stderr)
-        );
-        text(&out.stdout)
-    };
     let node =
         serde_json::json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": "rbac-1"}});
     let out = server.kubectl_stdin(&["apply", "-f", "-"], &node.to_string());
@@ -280,7 +272,7 @@ async fn the_chart_lets_the_controller_patch_node_status_only_with_the_node_cond
         }
         text(&server.kubectl(&args).stdout).trim().to_string()
     };
-    helm_ok(&[
+    server.helm_ok(&[
         "install",
         "nodepulse",
         chart,
@@ -305,7 +297,7 @@ async fn the_chart_lets_the_controller_patch_node_status_only_with_the_node_cond
 
     // Turning it off: Helm, looking at the ClusterRole that still grants it, renders the
     // post-upgrade removal hook with RBAC of its own.
-    let dry_run = helm_ok(&[
+    let dry_run = server.helm_ok(&[
         "upgrade",
         "nodepulse",
         chart,
@@ -363,25 +355,10 @@ async fn the_chart_lets_the_controller_patch_node_status_only_with_the_node_cond
     }
     std::fs::write(&as_hook, serde_yaml::to_string(&kubeconfig).expect("yaml"))
         .expect("write kubeconfig");
-    let mut removal = Launch::controller(&as_hook, "removal-hook")
-        .args(["--remove-node-condition"])
-        .spawn();
-    let exit = removal.wait_exit(Duration::from_secs(30));
-    assert!(
-        exit.is_some_and(|s| s.success()),
-        "{exit:?}: {}",
-        removal.output_text()
-    );
-    assert!(
-        removal
-            .output_text()
-            .contains("removed the NodePulseHeartbeat condition from 1 Nodes"),
-        "{}",
-        removal.output_text()
-    );
+    remove_node_condition(Launch::controller(&as_hook, "removal-hook"), 1);
 
     // Off (hooks skipped here: no kubelet runs Jobs in this lab): the controller may not.
-    helm_ok(&[
+    server.helm_ok(&[
         "upgrade",
         "nodepulse",
         chart,
@@ -397,7 +374,7 @@ async fn the_chart_lets_the_controller_patch_node_status_only_with_the_node_cond
         other => panic!("the controller's patch of nodes/status while off: {other:?}"),
     }
     // ...and once it no longer could, the next upgrade renders no removal hook.
-    let again = helm_ok(&[
+    let again = server.helm_ok(&[
         "upgrade",
         "nodepulse",
         chart,

@@ -159,6 +159,20 @@ impl KubeApiserver {
             .expect("run helm")
     }
 
+    /// Runs helm against this server and panics with its output unless it succeeds; returns
+    /// stdout.
+    pub fn helm_ok(&self, args: &[&str]) -> String {
+        let out = self.helm(args);
+        assert!(
+            out.status.success(),
+            "helm {}: {}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
     /// Applies the generated CRDs and waits until both are established.
     pub fn install_crds(&self) {
         let crds = repo_root().join(nodepulse_crd::GENERATED_CRD_PATHS[1]);
