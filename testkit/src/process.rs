@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader, Read};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -24,6 +25,8 @@ pub struct Line {
 struct Output {
     lines: Mutex<Vec<Line>>,
     changed: Condvar,
+    /// Streams (stdout, stderr) read to their end; counted under `lines`' lock.
+    ended: AtomicUsize,
 }
 
 /// A running child process owned by a test.
@@ -103,6 +106,9 @@ impl Process {
                     });
                     output.changed.notify_all();
                 }
+                let _lines = output.lines.lock().expect("lines lock");
+                output.ended.fetch_add(1, Ordering::SeqCst);
+                output.changed.notify_all();
             });
         }
         Process {
@@ -216,11 +222,27 @@ impl Process {
         let _ = self.child.wait();
     }
 
-    /// Waits for the process to exit, up to `timeout`.
+    /// Waits for the process to exit, up to `timeout`. Once it has, waits (within the same
+    /// `timeout`) until its output is read to the end, so that what it printed last is in
+    /// [`Process::lines`]: the exit can be seen before the reader threads drain the pipes.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
+                let mut lines = self.output.lines.lock().expect("lines lock");
+                // A child of the process that kept the pipes open would hold them: bounded.
+                while self.output.ended.load(Ordering::SeqCst) < 2 {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        break;
+                    }
+                    lines = self
+                        .output
+                        .changed
+                        .wait_timeout(lines, left)
+                        .expect("lines lock")
+                        .0;
+                }
                 return Some(status);
             }
             if Instant::now() >= deadline {
