@@ -5,8 +5,9 @@
 use std::io::IsTerminal;
 
 use tokio::signal::unix::{Signal, SignalKind, signal};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
+use tracing_subscriber::prelude::*;
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -26,11 +27,11 @@ pub enum LogStream {
     Stderr,
 }
 
-/// Sets up logging: `RUST_LOG`-style filter (default info), text or JSON, colours only on a
+/// Sets up logging: `RUST_LOG` filter (default info), text or JSON, colours only on a
 /// terminal. `with_module` adds the module path to each line, which tells the controller's many
 /// tasks apart.
 pub fn init_logging(format: LogFormat, stream: LogStream, with_module: bool) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let (filter, rejected) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let (writer, terminal) = match stream {
         LogStream::Stdout => (
             BoxMakeWriter::new(std::io::stdout),
@@ -41,14 +42,39 @@ pub fn init_logging(format: LogFormat, stream: LogStream, with_module: bool) {
             std::io::stderr().is_terminal(),
         ),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+    let layer = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_target(with_module)
         .with_ansi(terminal);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    let layer = match format {
+        LogFormat::Text => layer.boxed(),
+        LogFormat::Json => layer.json().boxed(),
+    };
+    tracing_subscriber::registry()
+        .with(layer.with_filter(filter))
+        .init();
+    if let Some(why) = rejected {
+        tracing::warn!("{why}");
+    }
+}
+
+/// The log filter `RUST_LOG` asks for: a default level and `target=level` directives, such as
+/// `info,nodepulse_agent=debug` (module paths, as in the log lines; no span or field filters,
+/// which would link a regular-expression engine into every binary for a rarely used feature).
+/// Unset or empty: `info`. Unreadable: `info`, and the reason to log.
+pub fn log_filter(directives: Option<&str>) -> (Targets, Option<String>) {
+    let info = || Targets::new().with_default(LevelFilter::INFO);
+    match directives.map(str::trim) {
+        None | Some("") => (info(), None),
+        Some(d) => match d.parse::<Targets>() {
+            Ok(t) => (t, None),
+            Err(e) => (
+                info(),
+                Some(format!(
+                    "RUST_LOG={d:?} is not a list of [target=]level directives ({e}); logging at info"
+                )),
+            ),
+        },
     }
 }
 
@@ -157,5 +183,36 @@ mod admin {
                 "/metrics, /healthz and /readyz"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tracing::Level;
+
+    use super::*;
+
+    #[test]
+    fn log_filter_takes_a_level_and_target_directives() {
+        let (t, why) = log_filter(Some("info,nodepulse_agent=debug"));
+        assert!(why.is_none());
+        assert!(t.would_enable("nodepulse_agent::heartbeat", &Level::DEBUG));
+        assert!(!t.would_enable("h2::codec", &Level::DEBUG));
+        assert!(t.would_enable("h2::codec", &Level::INFO));
+
+        for unset in [None, Some(""), Some("  ")] {
+            let (t, why) = log_filter(unset);
+            assert!(why.is_none());
+            assert!(t.would_enable("nodepulse_agent", &Level::INFO));
+            assert!(!t.would_enable("nodepulse_agent", &Level::DEBUG));
+        }
+    }
+
+    #[test]
+    fn an_unreadable_filter_logs_at_info_and_says_why() {
+        let (t, why) = log_filter(Some("nodepulse_agent=loud"));
+        assert!(t.would_enable("nodepulse_agent", &Level::INFO));
+        assert!(!t.would_enable("nodepulse_agent", &Level::DEBUG));
+        assert!(why.unwrap().contains("nodepulse_agent=loud"));
     }
 }

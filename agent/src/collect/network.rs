@@ -13,15 +13,14 @@
 //! like node_exporter's `--collector.netdev.device-exclude`), in the sums and in the
 //! per-interface series alike.
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use procfs::FromBufRead;
 use procfs::net::InterfaceDeviceStatus;
 use prometheus_client::encoding::DescriptorEncoder;
-use regex::Regex;
+use regex_lite::Regex;
 
-use super::{HostPaths, gauges, parsed};
+use super::{HostPaths, ProcFile, gauges, parsed};
 use crate::error::Result;
 
 /// The devices left out by default: loopback, and the virtual devices of container runtimes,
@@ -70,7 +69,7 @@ impl Default for DeviceFilter {
 #[derive(Debug, Default)]
 pub struct NetworkCollector {
     prev: Option<(Instant, Vec<InterfaceCounters>)>,
-    text: String,
+    file: ProcFile,
     /// The agent's own network namespace is read because the node's was not readable; said once.
     warned_own_netns: bool,
 }
@@ -78,9 +77,9 @@ pub struct NetworkCollector {
 impl NetworkCollector {
     /// The counted interfaces' rates since the previous reading (none on the first).
     pub fn read(&mut self, paths: &HostPaths) -> Result<NetworkUsage> {
-        let path = self.node_net_dev(paths)?;
+        self.read_node_net_dev(paths)?;
         let at = Instant::now();
-        let mut now = parsed(path, parse_net_dev(&self.text))?;
+        let mut now = parsed(self.file.path(), parse_net_dev(self.file.text()))?;
         now.retain(|i| paths.net_devices.counts(&i.name));
         let usage = match &self.prev {
             Some((t, prev)) => usage(Some(prev), &now, (at - *t).as_secs_f64()),
@@ -99,19 +98,19 @@ impl NetworkCollector {
     /// which is `self/net`, the reader's own: in a pod without `hostNetwork`, the pod's `eth0`.
     /// A proc root without PID 1 (a bare fixture tree, a hardened mount) falls back to it, and
     /// says so once.
-    fn node_net_dev(&mut self, paths: &HostPaths) -> Result<PathBuf> {
-        match paths.read_into("1/net/dev", &mut self.text) {
-            Ok(found) => Ok(found),
-            Err(node_err) => match paths.read_into("net/dev", &mut self.text) {
-                Ok(found) => {
+    fn read_node_net_dev(&mut self, paths: &HostPaths) -> Result<()> {
+        match self.file.read(paths, "1/net/dev") {
+            Ok(()) => Ok(()),
+            Err(node_err) => match self.file.read(paths, "net/dev") {
+                Ok(()) => {
                     if !self.warned_own_netns {
                         self.warned_own_netns = true;
                         tracing::warn!(
                             "network: {node_err}; reading {} instead, the agent's own network namespace (in a pod without hostNetwork, the pod's interfaces, not the node's)",
-                            found.display()
+                            self.file.path().display()
                         );
                     }
-                    Ok(found)
+                    Ok(())
                 }
                 Err(_) => Err(node_err),
             },
