@@ -86,6 +86,9 @@ impl Alarm {
             // left over from an earlier deadline.
             match ready.try_io(|t| t.get_ref().0.wait().map_err(std::io::Error::from)) {
                 Ok(_) => {
+                    // The expiry is read, so the timerfd is no longer readable: say so now,
+                    // or the next deadline would first try a read bound to fail.
+                    ready.clear_ready();
                     self.armed = None;
                     return;
                 }

@@ -3,21 +3,21 @@
 use procfs::{CpuTime, ExplicitSystemInfo, FromBufReadSI, KernelStats};
 use prometheus_client::encoding::DescriptorEncoder;
 
-use super::{HostPaths, gauge, gauges, parsed};
+use super::{HostPaths, ProcFile, gauge, gauges, parsed};
 use crate::error::Result;
 
 /// Reads `stat`, keeping the previous reading the busy % is computed from.
 #[derive(Debug, Default)]
 pub struct CpuCollector {
     prev: Option<CpuTimes>,
-    text: String,
+    file: ProcFile,
 }
 
 impl CpuCollector {
     /// The busy % since the previous reading; none on the first.
     pub fn read(&mut self, paths: &HostPaths) -> Result<Option<CpuUsage>> {
-        let path = paths.read_into("stat", &mut self.text)?;
-        let now = parsed(path, parse_stat(&self.text))?;
+        self.file.read(paths, "stat")?;
+        let now = parsed(self.file.path(), parse_stat(self.file.text()))?;
         let usage = self.prev.as_ref().map(|p| usage(p, &now));
         self.prev = Some(now);
         Ok(usage)

@@ -7,7 +7,7 @@ use std::time::Instant;
 use procfs::DiskStat;
 use prometheus_client::encoding::DescriptorEncoder;
 
-use super::{HostPaths, gauge, gauges};
+use super::{HostPaths, ProcFile, gauge, gauges};
 use crate::error::{Error, Result};
 
 /// Reads `diskstats` and the host root's statvfs, keeping the previous counters the rates are
@@ -15,15 +15,15 @@ use crate::error::{Error, Result};
 #[derive(Debug, Default)]
 pub struct DiskCollector {
     prev: Option<(Instant, Vec<DiskCounters>)>,
-    text: String,
+    file: ProcFile,
 }
 
 impl DiskCollector {
     /// The device rates and root filesystem usage, and why the latter is missing if it is.
     pub fn read(&mut self, paths: &HostPaths) -> Result<(DiskUsage, Option<Error>)> {
-        paths.read_into("diskstats", &mut self.text)?;
+        self.file.read(paths, "diskstats")?;
         let at = Instant::now();
-        let now = parse_diskstats(&self.text);
+        let now = parse_diskstats(self.file.text());
         let (devices, had_previous) = match &self.prev {
             Some((t, prev)) => (rates(prev, &now, (at - *t).as_secs_f64()), true),
             None => (Vec::new(), false),

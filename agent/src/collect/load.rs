@@ -3,20 +3,20 @@
 use procfs::{FromRead, LoadAverage};
 use prometheus_client::encoding::DescriptorEncoder;
 
-use super::{HostPaths, gauge, parsed};
+use super::{HostPaths, ProcFile, gauge, parsed};
 use crate::error::Result;
 
 /// Reads `loadavg`.
 #[derive(Debug, Default)]
 pub struct LoadCollector {
-    text: String,
+    file: ProcFile,
 }
 
 impl LoadCollector {
     /// The load figures now.
     pub fn read(&mut self, paths: &HostPaths) -> Result<LoadFigures> {
-        let path = paths.read_into("loadavg", &mut self.text)?;
-        parsed(path, parse_loadavg(&self.text))
+        self.file.read(paths, "loadavg")?;
+        parsed(self.file.path(), parse_loadavg(self.file.text()))
     }
 }
 

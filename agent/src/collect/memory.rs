@@ -3,20 +3,20 @@
 use procfs::ProcError;
 use prometheus_client::encoding::DescriptorEncoder;
 
-use super::{HostPaths, gauge, parsed};
+use super::{HostPaths, ProcFile, gauge, parsed};
 use crate::error::Result;
 
 /// Reads `meminfo`.
 #[derive(Debug, Default)]
 pub struct MemoryCollector {
-    text: String,
+    file: ProcFile,
 }
 
 impl MemoryCollector {
     /// The memory figures now.
     pub fn read(&mut self, paths: &HostPaths) -> Result<MemoryUsage> {
-        let path = paths.read_into("meminfo", &mut self.text)?;
-        parsed(path, parse_meminfo(&self.text))
+        self.file.read(paths, "meminfo")?;
+        parsed(self.file.path(), parse_meminfo(self.file.text()))
     }
 }
 

@@ -15,7 +15,8 @@ pub mod memory;
 pub mod network;
 
 use std::fmt::Write as _;
-use std::io::Read as _;
+use std::fs::File;
+use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -53,26 +54,106 @@ impl HostPaths {
         self.net_devices = filter;
         self
     }
+}
 
-    /// Reads `name` under the proc root into `text`, a buffer the caller keeps from one sample
-    /// to the next: a sample then costs no allocation for its files, and one `read` per file
-    /// plus the one that finds its end.
-    fn read_into(&self, name: &str, text: &mut String) -> Result<PathBuf> {
-        let path = self.proc_root.join(name);
-        text.clear();
-        // Through `Take` rather than the `File` itself: `File::read_to_string` first asks for the
-        // file's size (a `statx` and an `lseek`), which is always 0 for a /proc file.
-        let read = std::fs::File::open(&path)
-            .and_then(|f| std::io::Read::read_to_string(&mut f.take(u64::MAX), text));
-        match read {
-            Ok(_) => Ok(path),
+/// A file under the proc root, kept open from one sample to the next, and the text last read
+/// from it. Each read asks from offset 0 again (`pread`), where the kernel makes a /proc file's
+/// text anew: a sample costs one read per file and the one that finds its end, with no open or
+/// close, and no allocation once the buffer has grown to the file's size.
+#[derive(Debug, Default)]
+pub struct ProcFile {
+    open: Option<OpenFile>,
+    text: String,
+}
+
+#[derive(Debug)]
+struct OpenFile {
+    name: String,
+    path: PathBuf,
+    file: File,
+}
+
+impl ProcFile {
+    /// Reads `name` under the proc root: [`ProcFile::text`] is then its text.
+    pub fn read(&mut self, paths: &HostPaths, name: &str) -> Result<()> {
+        let kept = self.open.as_ref().is_some_and(|o| o.name == name);
+        if !kept {
+            self.open = None;
+            self.open = Some(OpenFile::new(paths, name)?);
+        }
+        let mut result = self.fill();
+        if result.is_err() && kept {
+            // The handle of an earlier sample may have gone stale: one fresh open before failing.
+            self.open = Some(OpenFile::new(paths, name)?);
+            result = self.fill();
+        }
+        result.map_err(|source| Error::Read {
+            path: self.path().to_path_buf(),
+            source,
+        })
+    }
+
+    /// The path of the file read last.
+    pub fn path(&self) -> &Path {
+        self.open.as_ref().map_or(Path::new(""), |o| &o.path)
+    }
+
+    /// The text read last.
+    pub fn text(&self) -> &str {
+        &self.text
+    }
+
+    /// Reads the open file from its start to its end into `text`, reusing its allocation.
+    fn fill(&mut self) -> std::io::Result<()> {
+        let file = &self.open.as_ref().expect("a file is open").file;
+        let mut buf = std::mem::take(&mut self.text).into_bytes();
+        let size = buf.capacity().max(4096);
+        buf.resize(size, 0);
+        let mut len = 0;
+        let read = loop {
+            if len == buf.len() {
+                buf.resize(buf.len() * 2, 0);
+            }
+            match file.read_at(&mut buf[len..], len as u64) {
+                Ok(0) => break Ok(()),
+                Ok(n) => len += n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => break Err(e),
+            }
+        };
+        buf.truncate(len);
+        match String::from_utf8(buf) {
+            Ok(text) => {
+                self.text = text;
+                read
+            }
+            Err(e) => read.and(Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                e.utf8_error(),
+            ))),
+        }
+    }
+}
+
+impl OpenFile {
+    fn new(paths: &HostPaths, name: &str) -> Result<OpenFile> {
+        let path = paths.proc_root.join(name);
+        match File::open(&path) {
+            Ok(file) => Ok(OpenFile {
+                name: name.to_string(),
+                path,
+                file,
+            }),
             Err(source) => Err(Error::Read { path, source }),
         }
     }
 }
 
-fn parsed<T>(path: PathBuf, r: std::result::Result<T, procfs::ProcError>) -> Result<T> {
-    r.map_err(|source| Error::Parse { path, source })
+fn parsed<T>(path: &Path, r: std::result::Result<T, procfs::ProcError>) -> Result<T> {
+    r.map_err(|source| Error::Parse {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Exports one figure as a gauge without labels.
@@ -331,6 +412,42 @@ mod tests {
             std::fs::write(dir.path().join(name), text).expect("write fixture");
         }
         dir
+    }
+
+    #[test]
+    fn a_kept_file_reads_its_text_anew_each_time() {
+        let proc = proc_tree(&[("stat", STAT)]);
+        let paths = HostPaths::new(proc.path(), "/");
+        let mut file = ProcFile::default();
+        file.read(&paths, "stat").expect("read");
+        assert_eq!(file.text(), STAT);
+        assert_eq!(file.path(), proc.path().join("stat"));
+        // Rewritten in place, shorter, then longer than the first buffer.
+        std::fs::write(proc.path().join("stat"), "cpu 1\n").expect("rewrite");
+        file.read(&paths, "stat").expect("read");
+        assert_eq!(file.text(), "cpu 1\n");
+        let long = "x".repeat(10_000);
+        std::fs::write(proc.path().join("stat"), &long).expect("rewrite");
+        file.read(&paths, "stat").expect("read");
+        assert_eq!(file.text(), long);
+        // Real /proc text, made by the kernel at each read from offset 0: the bytes this
+        // process has read (`rchar`) count the first read by the time of the second.
+        let real = HostPaths::new("/proc", "/");
+        file.read(&real, "self/io").expect("read /proc/self/io");
+        let first = file.text().to_string();
+        file.read(&real, "self/io").expect("read /proc/self/io");
+        assert!(file.text().starts_with("rchar: "), "{}", file.text());
+        assert_ne!(file.text(), first, "a kept /proc file shows fresh figures");
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_read_names_its_path() {
+        let proc = proc_tree(&[]);
+        let mut file = ProcFile::default();
+        let err = file
+            .read(&HostPaths::new(proc.path(), "/"), "stat")
+            .expect_err("no such file");
+        assert!(matches!(&err, Error::Read { path, .. } if *path == proc.path().join("stat")));
     }
 
     #[test]
