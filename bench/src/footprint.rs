@@ -414,20 +414,23 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
          sample is the fixed cost of a networked daemon waking up: the sample's deadline every \
          second, and every TTL/3 a lease keep-alive with etcd's answer and the HTTP/2 ping \
          etcd's gRPC server sends with it, over loopback TCP, plus the kernel formatting /proc \
-         text. Cut so far, each from a profile of the release agent (perf at 4 kHz, strace -c, \
-         callgrind): every /proc file is read into a buffer kept from sample to sample (about \
-         60 to 34 system calls per sample); /proc/meminfo is parsed in one pass over the six \
-         lines the figures need (procfs's map of every field was 28% of the agent's user-space \
+         text. Cut so far, each from a profile of the release agent (perf, strace -c, \
+         callgrind): every /proc file stays open from sample to sample and is read again from \
+         offset 0 (pread), where the kernel makes its text anew: the five files and the root \
+         filesystem take 11 system calls where they took 21 (opening and closing were a tenth \
+         of the agent's CPU at 1 s, perf); /proc/meminfo is parsed in one pass over the six lines the \
+         figures need (procfs's map of every field was 28% of the agent's user-space \
          instructions); a sample runs on the runtime's thread instead of being handed to the \
          blocking pool and back; the sample and keep-alive deadlines wait on a timerfd, which \
          wakes once where tokio's timer wheel woke up to three times; the heartbeat and the \
          config watch share one etcd connection. node_exporter's cost per scrape is building \
          and serialising {} B of exposition text, plus the Go runtime, which also sets its RSS.\
-         {otelcol_analysis} The 1 s ratio against node_exporter still stands above its target: \
-         what is left is mostly per wake-up (the scheduler, loopback TCP, the kernel's /proc \
-         text), of the same order as node_exporter's whole scrape; where the rest goes now \
-         takes a new profile at 1 s. utime+stime has 10 ms resolution; the schedstat row is \
-         precise.",
+         {otelcol_analysis} What is left per second is per wake-up (the scheduler, loopback \
+         TCP, the kernel's /proc text): the sample's, the keep-alive's and its answer's, the \
+         value write's answer, and the HTTP/2 keep-alive timer's (hyper re-arms it after each \
+         answer; tokio's wheel wakes the thread two or three times on the way to its deadline). \
+         That timer is how a connection to a hung etcd member is noticed and left, so it stays. \
+         utime+stime has 10 ms resolution; the schedstat row is precise.",
         n.scrape_bytes
     );
     Ok(s)
@@ -687,6 +690,7 @@ async fn realistic_hour(opts: &Options, start: Instant) -> Result<Section> {
     let load_before = load_average();
     let (a, n, o) = sample_side_by_side(&agent, &node_exporter, &otelcol, window, start).await?;
     let samples = agent_samples(&agent) - samples_before;
+    let resident = proc_usage::resident(agent.process.pid());
     let load = format!(
         "{load_before} at its start and {} at its end",
         load_average()
@@ -784,6 +788,17 @@ async fn realistic_hour(opts: &Options, start: Instant) -> Result<Section> {
         ),
         Err(_) => String::new(),
     };
+    let resident = match &resident {
+        Ok(r) => format!(
+            "/proc/<pid>/smaps_rollup at the window's end showed {:.1} MiB resident: {:.1} MiB \
+             of mapped files (its executable, which the kernel maps whole once it is in the \
+             page cache, and the C library) and {:.1} MiB anonymous memory (heap and stacks)",
+            r.total_mib,
+            r.files_mib(),
+            r.anonymous_mib
+        ),
+        Err(e) => format!("its /proc/<pid>/smaps_rollup was not readable: {e}"),
+    };
     s.analysis = format!(
         "What sets the figures: in an hour of defaults the agent takes {:.0} samples and sends \
          about 1,080 lease keep-alives (every 3.3 s, each answered by etcd and by an HTTP/2 ping \
@@ -791,14 +806,16 @@ async fn realistic_hour(opts: &Options, start: Instant) -> Result<Section> {
          most every 5 s; node_exporter answers 240 scrapes, each reading every collector and \
          serialising the whole exposition, in a Go runtime whose heap and threads set its RSS.\
          {otelcol_analysis} The agent's wake-ups are its two deadlines (the next sample and the \
-         next keep-alive, each on a timerfd that wakes it once) and etcd's answers. Its RSS is \
-         mostly its own executable: /proc/<pid>/smaps_rollup of a release agent at these \
-         defaults showed 8.8 MiB resident, of which 6.0 MiB were pages of the executable and \
-         1.2 MiB anonymous memory (heap and stacks). The release profile builds for size (fat \
-         LTO, one codegen unit, no symbol table, the agent's own code at opt-level s), which \
-         took the executable from 9.1 to 6.7 MiB and the agent's RSS from 8.6 to 7.3 MiB; \
-         below 0.3 of node_exporter's takes about 1.2 MiB less again, from fewer or smaller \
-         dependencies in the executable rather than from less heap.",
+         next keep-alive, each on a timerfd that wakes it once), etcd's answers, and hyper's \
+         HTTP/2 keep-alive timer, which notices a hung etcd member. Measured apart (one agent \
+         each, 60 s, idle machine): the keep-alives alone (sampling every hour) cost about as \
+         much CPU as the samples and value writes alone (TTL 300 s), each about a quarter of \
+         node_exporter's hour; so a tenth of node_exporter's hour is out of reach while the \
+         lease is renewed every 3.3 s over loopback TCP, whatever a sample costs. Its RSS is \
+         mostly its own executable: {resident}. The release profile builds for size (fat LTO, \
+         one codegen unit, no symbol table, the agent's own code at opt-level s); a regular \
+         expression engine left the executable with the network device filter (regex-lite) \
+         and the log filter (`target=level` directives, not span and field filters).",
         samples as f64 * 3600.0 / window.as_secs_f64()
     );
     Ok(s)

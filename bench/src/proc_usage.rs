@@ -41,6 +41,42 @@ pub fn read(pid: u32) -> Result<Usage> {
     })
 }
 
+/// What a process's resident memory is made of, from `/proc/<pid>/smaps_rollup`, in MiB.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Resident {
+    /// All resident pages (`Rss`).
+    pub total_mib: f64,
+    /// Anonymous memory: heap and stacks (`Anonymous`).
+    pub anonymous_mib: f64,
+}
+
+impl Resident {
+    /// Pages of mapped files: the executable and the shared libraries.
+    pub fn files_mib(&self) -> f64 {
+        self.total_mib - self.anonymous_mib
+    }
+}
+
+/// Reads what `pid`'s resident memory is made of now.
+pub fn resident(pid: u32) -> Result<Resident> {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    let text = std::fs::read_to_string(&path).map_err(|e| Error::Proc(format!("{path}: {e}")))?;
+    Ok(parse_smaps_rollup(&text))
+}
+
+fn parse_smaps_rollup(text: &str) -> Resident {
+    let mib = |field: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse::<f64>().ok())
+            .map_or(0.0, |kib| kib / 1024.0)
+    };
+    Resident {
+        total_mib: mib("Rss"),
+        anonymous_mib: mib("Anonymous"),
+    }
+}
+
 /// Readings of one process taken at a fixed period, summarised.
 #[derive(Clone, Debug, Default)]
 pub struct UsageSeries {
@@ -103,5 +139,21 @@ mod tests {
         let u = read(std::process::id()).unwrap();
         assert!(u.rss_kib > 0);
         assert!(u.cpu_sched > Duration::ZERO);
+        let r = resident(std::process::id()).unwrap();
+        assert!(
+            r.total_mib > r.anonymous_mib && r.anonymous_mib > 0.0,
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn smaps_rollup_splits_files_from_anonymous_memory() {
+        let r = parse_smaps_rollup(
+            "55d0-7ffd ---p 00000000 00:00 0 [rollup]\nRss:                5568 kB\n\
+             Pss:                2390 kB\nAnonymous:           628 kB\n",
+        );
+        assert_eq!(r.total_mib, 5568.0 / 1024.0);
+        assert_eq!(r.anonymous_mib, 628.0 / 1024.0);
+        assert_eq!(r.files_mib(), 4940.0 / 1024.0);
     }
 }
