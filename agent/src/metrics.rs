@@ -10,10 +10,17 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
-use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::collect::Sample;
+
+/// 0.1 ms doubling up to 204.8 ms. Written out rather than computed with
+/// `exponential_buckets`, whose `powf` was the only function the agent took from libm: without
+/// it the C math library is not loaded at all (0.4 MiB of the agent's resident memory).
+const SAMPLE_DURATION_BUCKETS: [f64; 12] = [
+    0.0001, 0.0002, 0.0004, 0.0008, 0.0016, 0.0032, 0.0064, 0.0128, 0.0256, 0.0512, 0.1024, 0.2048,
+];
 
 /// The agent's own figures, and the latest sample the node figures are served from.
 #[derive(Debug)]
@@ -43,7 +50,7 @@ impl AgentMetrics {
             config_interval: Gauge::default(),
             lease_held_gauge: Gauge::default(),
             lease_held: AtomicBool::new(false),
-            sample_duration: Histogram::new(exponential_buckets(0.0001, 2.0, 12)),
+            sample_duration: Histogram::new(SAMPLE_DURATION_BUCKETS),
             latest: Arc::default(),
         });
         let mut r = Registry::default();
