@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use etcd_client::Client;
 use nodepulse_crd::etcd::EtcdArgs;
+use nodepulse_crd::failover::ActiveMember;
 use tokio::sync::OnceCell;
 
 /// Connects on first use, retrying until etcd answers; every job gets a clone of the same client.
@@ -16,6 +17,7 @@ use tokio::sync::OnceCell;
 pub struct EtcdConnection {
     args: EtcdArgs,
     client: Arc<OnceCell<Client>>,
+    member: ActiveMember,
 }
 
 impl EtcdConnection {
@@ -24,6 +26,7 @@ impl EtcdConnection {
         EtcdConnection {
             args,
             client: Arc::default(),
+            member: ActiveMember::default(),
         }
     }
 
@@ -31,8 +34,20 @@ impl EtcdConnection {
     /// wait for that connection.
     pub async fn client(&self) -> Client {
         self.client
-            .get_or_init(|| self.args.connect_retrying("etcd"))
+            .get_or_init(|| self.args.connect_retrying_to("etcd", &self.member))
             .await
             .clone()
+    }
+
+    /// Whether there is another etcd member to go to.
+    pub fn has_other_members(&self) -> bool {
+        self.args.endpoints.len() > 1
+    }
+
+    /// Sends the requests from now on to the next etcd member: the one in use stopped answering
+    /// without failing a request (a hung member fails none, and its connection stays open until
+    /// an HTTP/2 ping times out, 15 s later).
+    pub fn leave_member(&self) {
+        self.member.move_on();
     }
 }

@@ -37,6 +37,8 @@ use crate::metrics::AgentMetrics;
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the Stopping write of a clean stop may take: a stop must not hang on a dead etcd.
 const STOP_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a keep-alive answer may still come once the member looks hung.
+const HUNG_GRACE: Duration = Duration::from_millis(200);
 
 /// A value write in flight: the value (with `updated_at` cleared) and etcd's answer.
 type PendingPut =
@@ -180,6 +182,12 @@ impl HeartbeatLease {
         // A third of the TTL: two keep-alives may be lost before the lease expires.
         let every = Duration::from_millis(u64::from(self.ttl) * 1000 / 3);
         let ttl = Duration::from_secs(self.ttl.into());
+        // A keep-alive unanswered when the next one is due: the member may be hung (a hung
+        // member fails no request, and an HTTP/2 ping notices it only after the lease would
+        // have run out), and is left while the lease has a third of its TTL to run, unless an
+        // answer comes within `HUNG_GRACE` (one that arrived while this task was not running).
+        let unanswered = every + every / 2;
+        let mut hung_at: Option<Instant> = None;
         let mut next_keep_alive = Instant::now() + every;
         let (mut keep_alive_alarm, mut rewrite_alarm) = (Alarm::new(), Alarm::new());
         let mut last_ack = Instant::now();
@@ -207,6 +215,9 @@ impl HeartbeatLease {
                             "no keep-alive answer for lease {:x} within its ttl", keeper.id()
                         ));
                     }
+                    if hung_at.is_none() && last_ack.elapsed() > unanswered && self.etcd.has_other_members() {
+                        hung_at = Some(Instant::now() + HUNG_GRACE);
+                    }
                     match timeout(CALL_TIMEOUT, keeper.keep_alive()).await {
                         Ok(Ok(())) => {}
                         Ok(Err(source)) => return Error::Etcd {
@@ -217,8 +228,18 @@ impl HeartbeatLease {
                         },
                     }
                 }
+                _ = tokio::time::sleep_until(hung_at.unwrap_or_else(Instant::now)), if hung_at.is_some() => {
+                    self.etcd.leave_member();
+                    return Error::StreamEnded(format!(
+                        "no keep-alive answer for lease {:x} in {:.1}s; trying the next etcd member",
+                        keeper.id(), last_ack.elapsed().as_secs_f64()
+                    ));
+                }
                 msg = stream.message() => match msg {
-                    Ok(Some(r)) if r.ttl() > 0 => last_ack = Instant::now(),
+                    Ok(Some(r)) if r.ttl() > 0 => {
+                        last_ack = Instant::now();
+                        hung_at = None;
+                    }
                     Ok(Some(_)) => return Error::LeaseLost(keeper.id()),
                     Ok(None) => return Error::StreamEnded(format!(
                         "keep-alive stream of lease {:x} closed by etcd", keeper.id()

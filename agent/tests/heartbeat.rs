@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{EventType, WatchOptions};
 use nix::sys::signal::Signal;
 use nodepulse_crd::wire::{AgentState, Heartbeat, MetricSet, heartbeat_key};
-use testkit::{Etcd, Launch, eventually, heartbeat, http_get, put_config};
+use testkit::{Etcd, EtcdCluster, Launch, eventually, heartbeat, http_get, put_config};
 
 #[tokio::test]
 async fn heartbeat_appears_within_2s_and_sigterm_marks_it_stopping() {
@@ -365,6 +365,72 @@ async fn a_dead_endpoint_in_the_list_is_failed_over() {
         .wait_for_line(Duration::from_secs(10), "config applied", |l| {
             l.contains(&format!("(revision {rev})"))
         });
+}
+
+/// A member that hangs (its connections stay open and nothing is answered: a stopped process, a
+/// frozen machine) is left before the lease runs out, so the node never shows Dead. Its HTTP/2
+/// ping would notice it 15 s after the last answer, when a lease of 9 s had long expired.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hung_member_is_left_before_the_lease_runs_out() {
+    const TTL: u64 = 9;
+    let cluster = tokio::task::spawn_blocking(|| {
+        let cluster = EtcdCluster::start(3);
+        let leader = cluster.wait_leader(Duration::from_secs(30));
+        (cluster, leader)
+    });
+    let (cluster, leader) = cluster.await.expect("start the etcd cluster");
+    // A follower hangs, and the agent uses it: its renewals stop there while the leader keeps
+    // counting the lease down.
+    let hung = (leader + 1) % 3;
+    let mut endpoints = cluster.endpoints();
+    endpoints.rotate_left(hung);
+    let agent = Launch::agent("hung-1")
+        .etcd(&endpoints.join(","))
+        .ttl(TTL)
+        .start();
+    let leader_only = vec![cluster.endpoints()[leader].clone()];
+    let mut client = etcd_client::Client::connect(leader_only, None)
+        .await
+        .expect("connect to the leader");
+    let (_, lease) = eventually("heartbeat key", Duration::from_secs(5), || {
+        heartbeat(&client, "hung-1")
+    })
+    .await;
+    let mut events = client
+        .watch(heartbeat_key("hung-1"), None)
+        .await
+        .expect("watch the heartbeat key");
+    events.message().await.expect("watch created");
+
+    cluster.freeze(hung);
+    let frozen = Instant::now();
+    // Three TTLs: the lease would have run out three times over without the move.
+    let until = frozen + Duration::from_secs(3 * TTL);
+    while let Ok(resp) = tokio::time::timeout_at(until.into(), events.message()).await {
+        let resp = resp.expect("watch stream").expect("watch open");
+        for e in resp.events() {
+            assert_eq!(
+                e.event_type(),
+                EventType::Put,
+                "the heartbeat key was deleted {:?} after the member hung:\n{}",
+                frozen.elapsed(),
+                agent.process.output_text()
+            );
+        }
+    }
+    cluster.thaw(hung);
+    let (_, now) = heartbeat(&client, "hung-1")
+        .await
+        .expect("the heartbeat key is there");
+    let output = agent.process.output_text();
+    assert_eq!(
+        now, lease,
+        "one lease, kept alive through another member:\n{output}"
+    );
+    assert!(
+        output.contains("trying the next etcd member"),
+        "the agent says why it moved:\n{output}"
+    );
 }
 
 /// At an hour's sampling interval there is no news to write, yet the value's `updatedAt` (the

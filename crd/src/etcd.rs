@@ -7,6 +7,8 @@ use std::time::Duration;
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
 use rand::Rng;
 
+use crate::failover::{ActiveMember, FailoverChannel};
+
 /// The HTTP/2 ping period: twice etcd's default `--grpc-keepalive-min-time` (5 s), so that
 /// jitter never makes a ping look too early to the server, and grpc-go's own floor for clients.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(10);
@@ -174,11 +176,16 @@ impl EtcdArgs {
     /// reconnects by itself and moves to the next member when one is unreachable or has no
     /// leader ([`crate::failover`]).
     pub async fn connect(&self) -> Result<Client, ConnectError> {
+        self.connect_to(&ActiveMember::default()).await
+    }
+
+    /// [`EtcdArgs::connect`], with the caller holding the member its requests go to.
+    pub async fn connect_to(&self, member: &ActiveMember) -> Result<Client, ConnectError> {
         let opts = self.connect_options()?;
         Client::connect_with_balanced_channel(
             &self.endpoints,
             Some(opts),
-            crate::failover::FailoverChannel,
+            FailoverChannel(member.clone()),
         )
         .await
         .map_err(|source| ConnectError::Etcd {
@@ -192,10 +199,16 @@ impl EtcdArgs {
     /// `<job>: <error>; retrying`. Call [`EtcdArgs::connect_options`] first to fail at once on
     /// unreadable TLS files.
     pub async fn connect_retrying(&self, job: &str) -> Client {
+        self.connect_retrying_to(job, &ActiveMember::default())
+            .await
+    }
+
+    /// [`EtcdArgs::connect_retrying`], with the caller holding the member its requests go to.
+    pub async fn connect_retrying_to(&self, job: &str, member: &ActiveMember) -> Client {
         let mut backoff = Backoff::default();
         let mut warned = false;
         loop {
-            match self.connect().await {
+            match self.connect_to(member).await {
                 Ok(client) => return client,
                 Err(e) => {
                     if !warned {

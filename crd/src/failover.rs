@@ -6,7 +6,9 @@
 //! back. etcd's own Go client leaves out a member whose connection failed. This channel does the
 //! same with less: every request goes to the active member; a request that cannot reach it (a
 //! transport error) or that it refuses as unavailable (no leader, shutting down) moves the
-//! requests after it on to the next member.
+//! requests after it on to the next member. A member that stops answering without failing
+//! (a hung process, a frozen machine) fails nothing: a client that notices (the agent, whose
+//! lease keep-alives go unanswered) moves on through [`ActiveMember::move_on`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -29,8 +31,19 @@ type Members = Arc<Vec<(Uri, tonic::transport::Channel)>>;
 /// stopping, a connection refused.
 const UNAVAILABLE: &str = "14";
 
+/// Which member a failover channel sends to, shared with its client's user.
+#[derive(Clone, Debug, Default)]
+pub struct ActiveMember(Arc<AtomicUsize>);
+
+impl ActiveMember {
+    /// Sends the requests from now on to the next member (with a single member, to the same).
+    pub fn move_on(&self) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// Hands etcd-client a [`Failover`] channel in place of its balancer.
-pub struct FailoverChannel;
+pub struct FailoverChannel(pub ActiveMember);
 
 impl BalancedChannelBuilder for FailoverChannel {
     type Error = tonic::transport::Error;
@@ -60,7 +73,7 @@ impl BalancedChannelBuilder for FailoverChannel {
         });
         let failover = Failover {
             members,
-            active: Arc::new(AtomicUsize::new(0)),
+            active: self.0.0,
         };
         Ok((
             Channel::Custom(tower::util::BoxCloneSyncService::new(failover)),
@@ -91,6 +104,7 @@ impl Service<Request> for Failover {
         let active = self.active.clone();
         Box::pin(async move {
             let members: Members = members.wait_for(|m| !m.is_empty()).await?.clone();
+            // The index only grows (modulo the members): `move_on` adds one.
             let chosen = active.load(Ordering::Relaxed);
             let (uri, channel) = &members[chosen % members.len()];
             let result = channel.clone().oneshot(request).await;
@@ -106,7 +120,7 @@ impl Service<Request> for Failover {
                 && active
                     .compare_exchange(
                         chosen,
-                        (chosen % members.len() + 1) % members.len(),
+                        chosen.wrapping_add(1),
                         Ordering::Relaxed,
                         Ordering::Relaxed,
                     )

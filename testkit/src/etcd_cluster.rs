@@ -170,6 +170,21 @@ impl EtcdCluster {
         }
     }
 
+    /// Freezes member `i` (SIGSTOP): its connections stay open and nothing on them is answered,
+    /// as with a hung process or a frozen machine. [`Self::thaw`] lets it go on.
+    pub fn freeze(&self, i: usize) {
+        if let Some(p) = &self.members[i].process {
+            p.signal(nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
+    /// Lets a frozen member go on (SIGCONT).
+    pub fn thaw(&self, i: usize) {
+        if let Some(p) = &self.members[i].process {
+            p.signal(nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+
     /// Starts member `i` again on the same ports and data, and waits until it accepts client
     /// connections. It serves requests only once a quorum is up: see [`Self::wait_healthy`].
     pub fn restart(&mut self, i: usize) {
