@@ -39,15 +39,16 @@ impl EtcdConnection {
             .clone()
     }
 
-    /// Whether there is another etcd member to go to.
-    pub fn has_other_members(&self) -> bool {
-        self.args.endpoints.len() > 1
+    /// The etcd member requests go to now, to name it in [`EtcdConnection::leave_member`];
+    /// `None` when there is no other member to go to.
+    pub fn member_in_use(&self) -> Option<usize> {
+        (self.args.endpoints.len() > 1).then(|| self.member.current())
     }
 
-    /// Sends the requests from now on to the next etcd member: the one in use stopped answering
+    /// Sends the requests from now on to the member after `member`, which stopped answering
     /// without failing a request (a hung member fails none, and its connection stays open until
-    /// an HTTP/2 ping times out, 15 s later).
-    pub fn leave_member(&self) {
-        self.member.move_on();
+    /// an HTTP/2 ping times out, 15 s later); nothing if the channel has left it already.
+    pub fn leave_member(&self, member: usize) {
+        self.member.move_on_from(member);
     }
 }

@@ -169,9 +169,17 @@ impl HeartbeatLease {
     /// One stretch of holding the lease: establish it, then keep it alive and rewrite the value
     /// when there is news. Returns why it ended.
     async fn session(&mut self, client: &mut Client) -> Error {
+        // The member this session's streams go to, to leave it if it hangs.
+        let member = self.etcd.member_in_use();
         let (mut keeper, mut stream, mut own_key) = match self.establish(client).await {
             Ok(k) => k,
-            Err(e) => return e,
+            Err(e) => {
+                if let (Error::Timeout { .. }, Some(m)) = (&e, member) {
+                    // A call that went unanswered that long: the member may be hung.
+                    self.etcd.leave_member(m);
+                }
+                return e;
+            }
         };
         self.inputs.metrics.set_lease_held(true);
         self.outage = false;
@@ -182,11 +190,12 @@ impl HeartbeatLease {
         // A third of the TTL: two keep-alives may be lost before the lease expires.
         let every = Duration::from_millis(u64::from(self.ttl) * 1000 / 3);
         let ttl = Duration::from_secs(self.ttl.into());
-        // A keep-alive unanswered when the next one is due: the member may be hung (a hung
-        // member fails no request, and an HTTP/2 ping notices it only after the lease would
-        // have run out), and is left while the lease has a third of its TTL to run, unless an
-        // answer comes within `HUNG_GRACE` (one that arrived while this task was not running).
-        let unanswered = every + every / 2;
+        // A keep-alive still unanswered when the next one is due: the member may be hung (a
+        // hung member fails no request, and an HTTP/2 ping notices it only after the lease
+        // would have run out), and is left while the lease has a third of its TTL to run,
+        // unless an answer comes within `HUNG_GRACE` (one that arrived while this task waited
+        // for the thread is read first).
+        let mut unanswered_since: Option<Instant> = None;
         let mut hung_at: Option<Instant> = None;
         let mut next_keep_alive = Instant::now() + every;
         let (mut keep_alive_alarm, mut rewrite_alarm) = (Alarm::new(), Alarm::new());
@@ -208,6 +217,22 @@ impl HeartbeatLease {
                 .last_write_at
                 .map_or_else(Instant::now, |t| t + *rewrite_after);
             tokio::select! {
+                // Answers first: the hung-member deadline must not win over one already here.
+                biased;
+                msg = stream.message() => match msg {
+                    Ok(Some(r)) if r.ttl() > 0 => {
+                        last_ack = Instant::now();
+                        unanswered_since = None;
+                        hung_at = None;
+                    }
+                    Ok(Some(_)) => return Error::LeaseLost(keeper.id()),
+                    Ok(None) => return Error::StreamEnded(format!(
+                        "keep-alive stream of lease {:x} closed by etcd", keeper.id()
+                    )),
+                    Err(source) => return Error::Etcd {
+                        what: format!("keep lease {:x} alive", keeper.id()), source
+                    },
+                },
                 _ = keep_alive_alarm.sleep_until(next_keep_alive) => {
                     next_keep_alive += every;
                     if last_ack.elapsed() > ttl {
@@ -215,9 +240,13 @@ impl HeartbeatLease {
                             "no keep-alive answer for lease {:x} within its ttl", keeper.id()
                         ));
                     }
-                    if hung_at.is_none() && last_ack.elapsed() > unanswered && self.etcd.has_other_members() {
+                    if hung_at.is_none()
+                        && member.is_some()
+                        && unanswered_since.is_some_and(|t| t.elapsed() >= every / 2)
+                    {
                         hung_at = Some(Instant::now() + HUNG_GRACE);
                     }
+                    unanswered_since.get_or_insert_with(Instant::now);
                     match timeout(CALL_TIMEOUT, keeper.keep_alive()).await {
                         Ok(Ok(())) => {}
                         Ok(Err(source)) => return Error::Etcd {
@@ -229,25 +258,14 @@ impl HeartbeatLease {
                     }
                 }
                 _ = tokio::time::sleep_until(hung_at.unwrap_or_else(Instant::now)), if hung_at.is_some() => {
-                    self.etcd.leave_member();
+                    if let Some(m) = member {
+                        self.etcd.leave_member(m);
+                    }
                     return Error::StreamEnded(format!(
                         "no keep-alive answer for lease {:x} in {:.1}s; trying the next etcd member",
                         keeper.id(), last_ack.elapsed().as_secs_f64()
                     ));
                 }
-                msg = stream.message() => match msg {
-                    Ok(Some(r)) if r.ttl() > 0 => {
-                        last_ack = Instant::now();
-                        hung_at = None;
-                    }
-                    Ok(Some(_)) => return Error::LeaseLost(keeper.id()),
-                    Ok(None) => return Error::StreamEnded(format!(
-                        "keep-alive stream of lease {:x} closed by etcd", keeper.id()
-                    )),
-                    Err(source) => return Error::Etcd {
-                        what: format!("keep lease {:x} alive", keeper.id()), source
-                    },
-                },
                 msg = own_key.message() => match msg {
                     Ok(Some(r)) => {
                         for e in r.events() {

@@ -36,9 +36,21 @@ const UNAVAILABLE: &str = "14";
 pub struct ActiveMember(Arc<AtomicUsize>);
 
 impl ActiveMember {
-    /// Sends the requests from now on to the next member (with a single member, to the same).
-    pub fn move_on(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
+    /// The member in use now, as a position that only grows (taken modulo the members).
+    pub fn current(&self) -> usize {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Sends the requests from now on to the member after `seen` (a [`ActiveMember::current`]),
+    /// unless they have moved on from it already: a caller whose streams sat on a member that
+    /// the channel has left since must not move them once more, maybe back onto that member.
+    pub fn move_on_from(&self, seen: usize) {
+        let _ = self.0.compare_exchange(
+            seen,
+            seen.wrapping_add(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 }
 
