@@ -59,22 +59,37 @@ pub fn init_logging(format: LogFormat, stream: LogStream, with_module: bool) {
 }
 
 /// The log filter `RUST_LOG` asks for: a default level and `target=level` directives, such as
-/// `info,nodepulse_agent=debug` (module paths, as in the log lines; no span or field filters,
-/// which would link a regular-expression engine into every binary for a rarely used feature).
-/// Unset or empty: `info`. Unreadable: `info`, and the reason to log.
+/// `info,nodepulse_agent=debug` (module paths, as in the log lines; spaces and empty directives
+/// are ignored). Span and field filters (`[span]`, `{field}`) are not taken: they would link a
+/// regular-expression engine into every binary for a rarely used feature. Unset or empty:
+/// `info`. Unreadable: `info`, and the reason to log.
 pub fn log_filter(directives: Option<&str>) -> (Targets, Option<String>) {
     let info = || Targets::new().with_default(LevelFilter::INFO);
-    match directives.map(str::trim) {
-        None | Some("") => (info(), None),
-        Some(d) => match d.parse::<Targets>() {
-            Ok(t) => (t, None),
-            Err(e) => (
-                info(),
-                Some(format!(
-                    "RUST_LOG={d:?} is not a list of [target=]level directives ({e}); logging at info"
-                )),
-            ),
-        },
+    let Some(given) = directives else {
+        return (info(), None);
+    };
+    let kept: Vec<&str> = given
+        .split(',')
+        .map(str::trim)
+        .filter(|d| !d.is_empty())
+        .collect();
+    if kept.is_empty() {
+        return (info(), None);
+    }
+    let unreadable = |why: String| {
+        (
+            info(),
+            Some(format!(
+                "RUST_LOG={given:?} is not a list of [target=]level directives ({why}); logging at info"
+            )),
+        )
+    };
+    if let Some(d) = kept.iter().find(|d| d.contains(['[', '{', ' '])) {
+        return unreadable(format!("{d:?}: span and field filters are not supported"));
+    }
+    match kept.join(",").parse::<Targets>() {
+        Ok(t) => (t, None),
+        Err(e) => unreadable(e.to_string()),
     }
 }
 
@@ -200,7 +215,14 @@ mod tests {
         assert!(!t.would_enable("h2::codec", &Level::DEBUG));
         assert!(t.would_enable("h2::codec", &Level::INFO));
 
-        for unset in [None, Some(""), Some("  ")] {
+        // Spaces and empty directives are not directives.
+        let (t, why) = log_filter(Some("info, nodepulse_agent=debug,"));
+        assert!(why.is_none());
+        assert!(t.would_enable("nodepulse_agent::heartbeat", &Level::DEBUG));
+        assert!(t.would_enable("h2::codec", &Level::INFO));
+        assert!(!t.would_enable("h2::codec", &Level::DEBUG));
+
+        for unset in [None, Some(""), Some("  "), Some(" , ")] {
             let (t, why) = log_filter(unset);
             assert!(why.is_none());
             assert!(t.would_enable("nodepulse_agent", &Level::INFO));
@@ -214,5 +236,12 @@ mod tests {
         assert!(t.would_enable("nodepulse_agent", &Level::INFO));
         assert!(!t.would_enable("nodepulse_agent", &Level::DEBUG));
         assert!(why.unwrap().contains("nodepulse_agent=loud"));
+
+        let (t, why) = log_filter(Some("info,nodepulse_agent[heartbeat]=debug"));
+        assert!(!t.would_enable("nodepulse_agent", &Level::DEBUG));
+        assert!(
+            why.unwrap()
+                .contains("span and field filters are not supported")
+        );
     }
 }
