@@ -69,7 +69,9 @@ impl Default for DeviceFilter {
 #[derive(Debug, Default)]
 pub struct NetworkCollector {
     prev: Option<(Instant, Vec<InterfaceCounters>)>,
-    file: ProcFile,
+    /// The node's `net/dev`, and the agent's own, read when the node's is not readable.
+    node_file: ProcFile,
+    own_file: ProcFile,
     /// The agent's own network namespace is read because the node's was not readable; said once.
     warned_own_netns: bool,
 }
@@ -77,9 +79,9 @@ pub struct NetworkCollector {
 impl NetworkCollector {
     /// The counted interfaces' rates since the previous reading (none on the first).
     pub fn read(&mut self, paths: &HostPaths) -> Result<NetworkUsage> {
-        self.read_node_net_dev(paths)?;
+        let file = self.read_node_net_dev(paths)?;
         let at = Instant::now();
-        let mut now = parsed(self.file.path(), parse_net_dev(self.file.text()))?;
+        let mut now = parsed(file.path(), parse_net_dev(file.text()))?;
         now.retain(|i| paths.net_devices.counts(&i.name));
         let usage = match &self.prev {
             Some((t, prev)) => usage(Some(prev), &now, (at - *t).as_secs_f64()),
@@ -98,19 +100,19 @@ impl NetworkCollector {
     /// which is `self/net`, the reader's own: in a pod without `hostNetwork`, the pod's `eth0`.
     /// A proc root without PID 1 (a bare fixture tree, a hardened mount) falls back to it, and
     /// says so once.
-    fn read_node_net_dev(&mut self, paths: &HostPaths) -> Result<()> {
-        match self.file.read(paths, "1/net/dev") {
-            Ok(()) => Ok(()),
-            Err(node_err) => match self.file.read(paths, "net/dev") {
+    fn read_node_net_dev(&mut self, paths: &HostPaths) -> Result<&ProcFile> {
+        match self.node_file.read(paths, "1/net/dev") {
+            Ok(()) => Ok(&self.node_file),
+            Err(node_err) => match self.own_file.read(paths, "net/dev") {
                 Ok(()) => {
                     if !self.warned_own_netns {
                         self.warned_own_netns = true;
                         tracing::warn!(
                             "network: {node_err}; reading {} instead, the agent's own network namespace (in a pod without hostNetwork, the pod's interfaces, not the node's)",
-                            self.file.path().display()
+                            self.own_file.path().display()
                         );
                     }
-                    Ok(())
+                    Ok(&self.own_file)
                 }
                 Err(_) => Err(node_err),
             },
