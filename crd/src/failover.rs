@@ -8,7 +8,7 @@
 //! transport error) or that it refuses as unavailable (no leader, shutting down) moves the
 //! requests after it on to the next member. A member that stops answering without failing
 //! (a hung process, a frozen machine) fails nothing: a client that notices (the agent, whose
-//! lease keep-alives go unanswered) moves on through [`ActiveMember::move_on`].
+//! lease keep-alives go unanswered) moves on through [`ActiveMember::move_on_from`].
 
 use std::future::Future;
 use std::pin::Pin;
@@ -44,13 +44,16 @@ impl ActiveMember {
     /// Sends the requests from now on to the member after `seen` (a [`ActiveMember::current`]),
     /// unless they have moved on from it already: a caller whose streams sat on a member that
     /// the channel has left since must not move them once more, maybe back onto that member.
-    pub fn move_on_from(&self, seen: usize) {
-        let _ = self.0.compare_exchange(
-            seen,
-            seen.wrapping_add(1),
-            Ordering::Relaxed,
-            Ordering::Relaxed,
-        );
+    /// Returns whether this call moved them.
+    pub fn move_on_from(&self, seen: usize) -> bool {
+        self.0
+            .compare_exchange(
+                seen,
+                seen.wrapping_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
     }
 }
 
@@ -85,7 +88,7 @@ impl BalancedChannelBuilder for FailoverChannel {
         });
         let failover = Failover {
             members,
-            active: self.0.0,
+            active: self.0,
         };
         Ok((
             Channel::Custom(tower::util::BoxCloneSyncService::new(failover)),
@@ -98,7 +101,7 @@ impl BalancedChannelBuilder for FailoverChannel {
 #[derive(Clone)]
 struct Failover {
     members: watch::Receiver<Members>,
-    active: Arc<AtomicUsize>,
+    active: ActiveMember,
 }
 
 impl Service<Request> for Failover {
@@ -116,8 +119,7 @@ impl Service<Request> for Failover {
         let active = self.active.clone();
         Box::pin(async move {
             let members: Members = members.wait_for(|m| !m.is_empty()).await?.clone();
-            // The index only grows (modulo the members): `move_on` adds one.
-            let chosen = active.load(Ordering::Relaxed);
+            let chosen = active.current();
             let (uri, channel) = &members[chosen % members.len()];
             let result = channel.clone().oneshot(request).await;
             let unreachable = match &result {
@@ -127,17 +129,7 @@ impl Service<Request> for Failover {
                     .get("grpc-status")
                     .is_some_and(|s| s == UNAVAILABLE),
             };
-            if unreachable
-                && members.len() > 1
-                && active
-                    .compare_exchange(
-                        chosen,
-                        chosen.wrapping_add(1),
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    )
-                    .is_ok()
-            {
+            if unreachable && members.len() > 1 && active.move_on_from(chosen) {
                 tracing::debug!(member = %uri, "etcd member unavailable; using the next one");
             }
             Ok(result?)
