@@ -177,17 +177,13 @@ async fn an_agent_replaced_within_the_ttl_never_lets_the_key_go() {
     .await;
     // Past the old lease's expiry: still there, still on the new lease.
     let outlive = Instant::now() + Duration::from_secs(5);
-    while let Ok(resp) = tokio::time::timeout_at(outlive.into(), events.message()).await {
-        let resp = resp.expect("watch stream").expect("watch open");
-        for e in resp.events() {
-            assert_eq!(
-                e.event_type(),
-                EventType::Put,
-                "the key was deleted during the replacement:\n{}",
-                new.process.output_text()
-            );
-        }
-    }
+    assert_not_deleted_until(&mut events, outlive, || {
+        format!(
+            "the key was deleted during the replacement:\n{}",
+            new.process.output_text()
+        )
+    })
+    .await;
     let (hb, lease) = heartbeat(&client, "worker-6").await.expect("key present");
     assert_eq!((hb.state, lease), (AgentState::Running, new_lease));
 }
@@ -406,18 +402,14 @@ async fn a_hung_member_is_left_before_the_lease_runs_out() {
     let frozen = Instant::now();
     // Three TTLs: the lease would have run out three times over without the move.
     let until = frozen + Duration::from_secs(3 * TTL);
-    while let Ok(resp) = tokio::time::timeout_at(until.into(), events.message()).await {
-        let resp = resp.expect("watch stream").expect("watch open");
-        for e in resp.events() {
-            assert_eq!(
-                e.event_type(),
-                EventType::Put,
-                "the heartbeat key was deleted {:?} after the member hung:\n{}",
-                frozen.elapsed(),
-                agent.process.output_text()
-            );
-        }
-    }
+    assert_not_deleted_until(&mut events, until, || {
+        format!(
+            "the heartbeat key was deleted {:?} after the member hung:\n{}",
+            frozen.elapsed(),
+            agent.process.output_text()
+        )
+    })
+    .await;
     cluster.thaw(hung);
     let (_, now) = heartbeat(&client, "hung-1")
         .await
@@ -541,4 +533,18 @@ async fn of_two_agents_for_one_node_the_newer_holds_the_key() {
     }
     let (hb, lease) = heartbeat(&client, "worker-10").await.expect("key present");
     assert_eq!((hb.state, lease), (AgentState::Running, new_lease));
+}
+
+/// Reads the watch on a heartbeat key until `until`, failing with `why()` at a delete.
+async fn assert_not_deleted_until(
+    events: &mut etcd_client::WatchStream,
+    until: Instant,
+    why: impl Fn() -> String,
+) {
+    while let Ok(resp) = tokio::time::timeout_at(until.into(), events.message()).await {
+        let resp = resp.expect("watch stream").expect("watch open");
+        for e in resp.events() {
+            assert_eq!(e.event_type(), EventType::Put, "{}", why());
+        }
+    }
 }

@@ -162,15 +162,7 @@ impl KubeApiserver {
     /// Runs helm against this server and panics with its output unless it succeeds; returns
     /// stdout.
     pub fn helm_ok(&self, args: &[&str]) -> String {
-        let out = self.helm(args);
-        assert!(
-            out.status.success(),
-            "helm {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        crate::tools::succeeded("helm", args, self.helm(args))
     }
 
     /// Applies the generated CRDs and waits until both are established.

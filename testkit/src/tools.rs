@@ -118,15 +118,7 @@ impl Kubectl {
 
     /// Runs kubectl and panics with its output unless it succeeds; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "kubectl {}: {}{}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        succeeded("kubectl", args, self.run(args))
     }
 
     /// Runs kubectl with `stdin` as input (`kubectl apply -f -`).
@@ -146,4 +138,17 @@ impl Kubectl {
             .expect("write kubectl stdin");
         child.wait_with_output().expect("kubectl output")
     }
+}
+
+/// The stdout of `<program> <args>`, which ran as `out`; panics with its whole output unless it
+/// succeeded.
+pub(crate) fn succeeded(program: &str, args: &[&str], out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{program} {}: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
