@@ -96,6 +96,16 @@ impl Alarm {
             }
         }
     }
+
+    /// Forgets the deadline armed, so that a deadline nobody waits for any more does not wake
+    /// the thread.
+    pub fn disarm(&mut self) {
+        if let (Some(timer), Some(_)) = (&self.timer, self.armed.take())
+            && let Err(e) = timer.get_ref().0.unset()
+        {
+            tracing::debug!("disarm the timerfd: {e}");
+        }
+    }
 }
 
 impl Default for Alarm {
@@ -137,6 +147,25 @@ mod tests {
         assert!(
             took >= Duration::from_millis(30) && took < Duration::from_secs(5),
             "{took:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_disarmed_alarm_does_not_expire() {
+        let mut alarm = Alarm::new();
+        let armed = alarm.sleep_until(Instant::now() + Duration::from_millis(10));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(1), armed)
+                .await
+                .is_err()
+        );
+        alarm.disarm();
+        tokio::time::sleep(Duration::from_millis(40)).await;
+        let timer = alarm.timer.as_ref().expect("a timerfd on Linux");
+        assert_eq!(
+            timer.get_ref().0.wait(),
+            Err(nix::errno::Errno::EAGAIN),
+            "no expiry once disarmed"
         );
     }
 

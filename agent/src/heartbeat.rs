@@ -5,6 +5,8 @@
 //! with nothing new, every `--heartbeat-max-interval` all the same, so that its `updatedAt` says
 //! the agent is there even at an hour's sampling interval.
 //! Renewals never wait for a value write: a put stuck behind a slow etcd disk runs beside them.
+//! Each sample wakes the heartbeat too: a keep-alive due before the next sample, and a rewrite
+//! due, go out then, so that at short sampling intervals neither wakes the agent on its own.
 //!
 //! A clean stop does not revoke the lease: it marks the value Stopping and lets the lease run out.
 //! An agent replaced within the TTL (a rolling update, a deleted pod) takes the key over on a
@@ -198,6 +200,9 @@ impl HeartbeatLease {
         let mut unanswered_since: Option<Instant> = None;
         let mut hung_at: Option<Instant> = None;
         let mut next_keep_alive = Instant::now() + every;
+        // A keep-alive due before the next sample, or a value write due within `rewrite_slack`,
+        // goes out with the sample instead of waking the thread on its own.
+        let rewrite_slack = *self.rewrite.start() / 20;
         let (mut keep_alive_alarm, mut rewrite_alarm) = (Alarm::new(), Alarm::new());
         let mut last_ack = Instant::now();
         // The key goes on the new (or resumed) lease at once.
@@ -207,6 +212,7 @@ impl HeartbeatLease {
         let mut put: Option<PendingPut> = None;
         let (mut config_open, mut usage_open) = (true, true);
         loop {
+            let (mut renew, mut write) = (false, false);
             // News waits for the shortest rewrite interval; no news, for the longest.
             let rewrite_after = if pending {
                 self.rewrite.start()
@@ -233,30 +239,7 @@ impl HeartbeatLease {
                         what: format!("keep lease {:x} alive", keeper.id()), source
                     },
                 },
-                _ = keep_alive_alarm.sleep_until(next_keep_alive) => {
-                    next_keep_alive += every;
-                    if last_ack.elapsed() > ttl {
-                        return Error::StreamEnded(format!(
-                            "no keep-alive answer for lease {:x} within its ttl", keeper.id()
-                        ));
-                    }
-                    if hung_at.is_none()
-                        && member.is_some()
-                        && unanswered_since.is_some_and(|t| t.elapsed() >= every / 2)
-                    {
-                        hung_at = Some(Instant::now() + HUNG_GRACE);
-                    }
-                    unanswered_since.get_or_insert_with(Instant::now);
-                    match timeout(CALL_TIMEOUT, keeper.keep_alive()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(source)) => return Error::Etcd {
-                            what: format!("keep lease {:x} alive", keeper.id()), source
-                        },
-                        Err(_) => return Error::Timeout {
-                            what: format!("keep lease {:x} alive", keeper.id()), after: CALL_TIMEOUT
-                        },
-                    }
-                }
+                _ = keep_alive_alarm.sleep_until(next_keep_alive) => renew = true,
                 _ = tokio::time::sleep_until(hung_at.unwrap_or_else(Instant::now)), if hung_at.is_some() => {
                     if let Some(m) = member {
                         self.etcd.leave_member(m);
@@ -292,23 +275,24 @@ impl HeartbeatLease {
                     config_open = r.is_ok();
                     pending = true;
                 }
-                // Once a write is due, later samples change nothing until it goes out: the
-                // write reads the latest summary then, and the task sleeps meanwhile.
-                r = usage.changed(), if usage_open && !pending => {
+                r = usage.changed(), if usage_open => {
                     usage_open = r.is_ok();
                     pending = true;
+                    let now = Instant::now();
+                    let (interval, _) = self.inputs.config.schedule();
+                    renew = next_keep_alive <= now + interval.min(every / 2);
+                    write = self.last_write_at.is_none_or(|t| t + *self.rewrite.start() <= now + rewrite_slack);
                 }
                 _ = rewrite_alarm.sleep_until(rewrite_at), if put.is_none() && self.superseded_by.is_none() => {
                     if !pending {
                         // Nothing new for a while: the same value with a fresh `updatedAt`.
                         self.last_written = None;
+                        pending = true;
                     }
-                    pending = false;
-                    put = self.start_put(client, AgentState::Running);
+                    write = true;
                 }
                 (value, result) = async { put.as_mut().expect("guarded by is_some").await }, if put.is_some() => {
                     put = None;
-                    self.last_write_at = Some(Instant::now());
                     match result {
                         Ok(_) => self.last_written = Some(value),
                         Err(e) if is_lease_not_found(&e) => return Error::LeaseLost(keeper.id()),
@@ -319,6 +303,49 @@ impl HeartbeatLease {
                             pending = true;
                         }
                     }
+                }
+            }
+            if renew {
+                let now = Instant::now();
+                // Early with a sample: the next one a whole `every` later; late (a busy
+                // thread): on the original schedule.
+                next_keep_alive = next_keep_alive.min(now) + every;
+                if last_ack.elapsed() > ttl {
+                    return Error::StreamEnded(format!(
+                        "no keep-alive answer for lease {:x} within its ttl",
+                        keeper.id()
+                    ));
+                }
+                if hung_at.is_none()
+                    && member.is_some()
+                    && unanswered_since.is_some_and(|t| t.elapsed() >= every / 2)
+                {
+                    hung_at = Some(now + HUNG_GRACE);
+                }
+                unanswered_since.get_or_insert(now);
+                match timeout(CALL_TIMEOUT, keeper.keep_alive()).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(source)) => {
+                        return Error::Etcd {
+                            what: format!("keep lease {:x} alive", keeper.id()),
+                            source,
+                        };
+                    }
+                    Err(_) => {
+                        return Error::Timeout {
+                            what: format!("keep lease {:x} alive", keeper.id()),
+                            after: CALL_TIMEOUT,
+                        };
+                    }
+                }
+            }
+            if write && put.is_none() && self.superseded_by.is_none() {
+                pending = false;
+                put = self.start_put(client, AgentState::Running);
+                if put.is_some() {
+                    // Rewrites are spaced from start to start, as samples are.
+                    self.last_write_at = Some(Instant::now());
+                    rewrite_alarm.disarm();
                 }
             }
         }

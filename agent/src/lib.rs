@@ -49,7 +49,8 @@ pub struct Args {
     #[arg(long, env = "NODEPULSE_HEARTBEAT_TTL", default_value = "10", value_parser = parse_ttl)]
     pub heartbeat_ttl: u32,
 
-    /// Shortest time between two rewrites of the heartbeat value (liveness itself rides on the
+    /// Shortest time between two rewrites of the heartbeat value, less a twentieth: a rewrite goes
+    /// out with the sample due then, not on a wake-up of its own (liveness itself rides on the
     /// lease keep-alive).
     #[arg(long, env = "NODEPULSE_HEARTBEAT_MIN_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat_min_interval: Duration,

@@ -452,18 +452,7 @@ async fn with_nothing_new_the_value_is_refreshed_every_max_interval() {
             "2s",
         ])
         .start();
-    let mut writes: Vec<Heartbeat> = Vec::new();
-    while writes.len() < 5 {
-        let resp = tokio::time::timeout(Duration::from_secs(5), events.message())
-            .await
-            .unwrap_or_else(|_| panic!("a write within 5 s:\n{}", agent.process.output_text()))
-            .expect("watch stream")
-            .expect("watch open");
-        for e in resp.events() {
-            assert_eq!(e.event_type(), EventType::Put);
-            writes.push(Heartbeat::parse(e.kv().expect("kv").value()).expect("parses"));
-        }
-    }
+    let writes = next_writes(&mut events, 5, &agent).await;
     // The first writes (at most three) carry the start, the config and the first sample; the
     // last two are refreshes.
     let (a, b) = (&writes[3], &writes[4]);
@@ -478,6 +467,58 @@ async fn with_nothing_new_the_value_is_refreshed_every_max_interval() {
         ..hb.clone()
     };
     assert_eq!(same(a), same(b), "a refresh carries the same value");
+}
+
+/// At a short sampling interval every sample brings news, and the value is rewritten with the
+/// sample due when `--heartbeat-min-interval` has passed, never sooner than a twentieth before.
+#[tokio::test]
+async fn news_is_written_no_more_often_than_the_min_interval() {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    put_config(
+        &client,
+        "worker-12",
+        r#"{"interval": 1, "metrics": ["cpu", "memory", "load"]}"#,
+    )
+    .await;
+    let mut events = client
+        .watch(heartbeat_key("worker-12"), Some(WatchOptions::new()))
+        .await
+        .expect("watch heartbeat");
+    events.message().await.expect("watch created");
+    let agent = Launch::agent("worker-12")
+        .etcd(&etcd.endpoint)
+        .args(["--heartbeat-min-interval", "2s"])
+        .start();
+    let writes = next_writes(&mut events, 6, &agent).await;
+    for pair in writes.windows(2) {
+        let gap = pair[1].updated_at.duration_since(pair[0].updated_at);
+        assert!(
+            gap >= jiff::SignedDuration::from_millis(1900),
+            "two writes {gap:?} apart: {writes:#?}"
+        );
+    }
+}
+
+/// The next `n` values written to the heartbeat key, as `events` (a watch on it) shows them.
+async fn next_writes(
+    events: &mut etcd_client::WatchStream,
+    n: usize,
+    agent: &testkit::Daemon,
+) -> Vec<Heartbeat> {
+    let mut writes: Vec<Heartbeat> = Vec::new();
+    while writes.len() < n {
+        let resp = tokio::time::timeout(Duration::from_secs(5), events.message())
+            .await
+            .unwrap_or_else(|_| panic!("a write within 5 s:\n{}", agent.process.output_text()))
+            .expect("watch stream")
+            .expect("watch open");
+        for e in resp.events() {
+            assert_eq!(e.event_type(), EventType::Put);
+            writes.push(Heartbeat::parse(e.kv().expect("kv").value()).expect("parses"));
+        }
+    }
+    writes
 }
 
 /// Two agents for one node at once (a rolling update with surge): the newer one holds the key,
