@@ -1,6 +1,6 @@
 //! `cpu`: busy % in total and per core, from deltas of `/proc/stat`.
 
-use procfs::{CpuTime, ExplicitSystemInfo, FromBufReadSI, KernelStats};
+use procfs::ProcError;
 use prometheus_client::encoding::DescriptorEncoder;
 
 use super::{HostPaths, ProcFile, gauge, gauges, parsed};
@@ -50,21 +50,30 @@ pub struct Ticks {
     pub total: u64,
 }
 
-impl From<&CpuTime> for Ticks {
-    fn from(t: &CpuTime) -> Self {
-        // guest and guest_nice are already counted in user and nice: adding them would count
-        // virtual machines' time twice.
-        let idle = t.idle + t.iowait.unwrap_or(0);
-        let busy = t.user
-            + t.nice
-            + t.system
-            + t.irq.unwrap_or(0)
-            + t.softirq.unwrap_or(0)
-            + t.steal.unwrap_or(0);
-        Ticks {
-            busy,
-            total: busy + idle,
+impl Ticks {
+    /// The ticks of one `cpu` line's fields: user nice system idle iowait irq softirq steal
+    /// (guest and guest_nice, already counted in user and nice, are left out: adding them would
+    /// count virtual machines' time twice). Kernels before 2.6 had only the first four.
+    fn parse(fields: &str) -> Result<Ticks, ProcError> {
+        let mut t = [0u64; 8];
+        let mut n = 0;
+        for (slot, field) in t.iter_mut().zip(fields.split_ascii_whitespace()) {
+            *slot = field
+                .parse()
+                .map_err(|_| ProcError::Other(format!("stat: {field:?} is not a tick count")))?;
+            n += 1;
         }
+        if n < 4 {
+            return Err(ProcError::Other(format!(
+                "stat: a cpu line with {n} fields, not at least 4"
+            )));
+        }
+        let [user, nice, system, idle, iowait, irq, softirq, steal] = t;
+        let busy = user + nice + system + irq + softirq + steal;
+        Ok(Ticks {
+            busy,
+            total: busy + idle + iowait,
+        })
     }
 }
 
@@ -97,30 +106,36 @@ impl CpuUsage {
 }
 
 /// Parses the text of `/proc/stat`.
-pub fn parse_stat(text: &str) -> Result<CpuTimes, procfs::ProcError> {
-    // Only ratios of ticks are used, so the tick rate does not matter; procfs wants one anyway.
-    let info = ExplicitSystemInfo {
-        boot_time_secs: 0,
-        ticks_per_second: 100,
-        page_size: 4096,
-        is_little_endian: cfg!(target_endian = "little"),
-    };
-    let stats = KernelStats::from_buf_read(text.as_bytes(), &info)?;
-    // procfs keeps the per-core lines in order but drops their numbers; read them back so that
-    // a machine with an offline core labels the others correctly.
-    let numbers = text.lines().filter_map(|l| {
-        let rest = l.strip_prefix("cpu")?;
-        let (n, _) = rest.split_once(' ')?;
-        n.parse::<u32>().ok()
-    });
-    let cores = numbers
-        .zip(stats.cpu_time.iter())
-        .map(|(n, t)| (n, Ticks::from(t)))
-        .collect();
+///
+/// Our own parser, not procfs's: that one also parses every number of the `intr` and `softirq`
+/// lines (one per interrupt), which the figures do not need; this one reads the `cpu` lines and
+/// `procs_running`.
+pub fn parse_stat(text: &str) -> Result<CpuTimes, ProcError> {
+    let mut total = None;
+    let mut cores = Vec::new();
+    let mut procs_running = None;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("cpu") {
+            let (id, fields) = rest
+                .split_once(' ')
+                .ok_or_else(|| ProcError::Other(format!("stat: {line:?} has no fields")))?;
+            let ticks = Ticks::parse(fields)?;
+            if id.is_empty() {
+                total = Some(ticks);
+            } else {
+                let n = id
+                    .parse::<u32>()
+                    .map_err(|_| ProcError::Other(format!("stat: no core number in {line:?}")))?;
+                cores.push((n, ticks));
+            }
+        } else if let Some(n) = line.strip_prefix("procs_running ") {
+            procs_running = n.trim().parse().ok();
+        }
+    }
     Ok(CpuTimes {
-        total: Ticks::from(&stats.total),
+        total: total.ok_or_else(|| ProcError::Other("stat: no cpu line".into()))?,
         cores,
-        procs_running: stats.procs_running,
+        procs_running,
     })
 }
 
@@ -187,5 +202,48 @@ mod tests {
     #[test]
     fn garbage_is_an_error() {
         assert!(parse_stat("cpu  x y z\n").is_err());
+        assert!(parse_stat("cpu  1 2 3\n").is_err());
+        assert!(parse_stat("intr 1 2 3\n").is_err());
+    }
+
+    #[test]
+    fn agrees_with_procfs_on_the_fixture_trees() {
+        use procfs::{CpuTime, ExplicitSystemInfo, FromBufReadSI, KernelStats};
+        let ticks = |t: &CpuTime| {
+            let idle = t.idle + t.iowait.unwrap_or(0);
+            let busy = t.user
+                + t.nice
+                + t.system
+                + t.irq.unwrap_or(0)
+                + t.softirq.unwrap_or(0)
+                + t.steal.unwrap_or(0);
+            Ticks {
+                busy,
+                total: busy + idle,
+            }
+        };
+        let info = ExplicitSystemInfo {
+            boot_time_secs: 0,
+            ticks_per_second: 100,
+            page_size: 4096,
+            is_little_endian: cfg!(target_endian = "little"),
+        };
+        let fixtures = ["idle", "busy", "odd-devices", "pod-on-node"].map(|t| {
+            format!(
+                "{}/tests/fixtures/proc/{t}/stat",
+                env!("CARGO_MANIFEST_DIR")
+            )
+        });
+        // And this machine's, as its kernel writes it.
+        for tree in fixtures.iter().map(String::as_str).chain(["/proc/stat"]) {
+            let text = std::fs::read_to_string(tree).expect("readable");
+            let ours = parse_stat(&text).expect("parses");
+            let theirs = KernelStats::from_buf_read(text.as_bytes(), &info).expect("procfs parses");
+            assert_eq!(ours.total, ticks(&theirs.total), "{tree}");
+            let their_cores: Vec<Ticks> = theirs.cpu_time.iter().map(ticks).collect();
+            let our_cores: Vec<Ticks> = ours.cores.iter().map(|c| c.1).collect();
+            assert_eq!(our_cores, their_cores, "{tree}");
+            assert_eq!(ours.procs_running, theirs.procs_running, "{tree}");
+        }
     }
 }

@@ -63,6 +63,8 @@ impl HostPaths {
 #[derive(Debug, Default)]
 pub struct ProcFile {
     open: Option<OpenFile>,
+    /// What the reads land in, zeroed once when it grows rather than before every read.
+    buf: Vec<u8>,
     text: String,
 }
 
@@ -103,12 +105,13 @@ impl ProcFile {
         &self.text
     }
 
-    /// Reads the open file from its start to its end into `text`, reusing its allocation.
+    /// Reads the open file from its start to its end into `text`, reusing the allocations.
     fn fill(&mut self) -> std::io::Result<()> {
         let file = &self.open.as_ref().expect("a file is open").file;
-        let mut buf = std::mem::take(&mut self.text).into_bytes();
-        let size = buf.capacity().max(4096);
-        buf.resize(size, 0);
+        let buf = &mut self.buf;
+        if buf.is_empty() {
+            buf.resize(4096, 0);
+        }
         let mut len = 0;
         let read = loop {
             if len == buf.len() {
@@ -121,16 +124,13 @@ impl ProcFile {
                 Err(e) => break Err(e),
             }
         };
-        buf.truncate(len);
-        match String::from_utf8(buf) {
+        self.text.clear();
+        match std::str::from_utf8(&buf[..len]) {
             Ok(text) => {
-                self.text = text;
+                self.text.push_str(text);
                 read
             }
-            Err(e) => read.and(Err(std::io::Error::new(
-                std::io::ErrorKind::InvalidData,
-                e.utf8_error(),
-            ))),
+            Err(e) => read.and(Err(std::io::Error::new(std::io::ErrorKind::InvalidData, e))),
         }
     }
 }

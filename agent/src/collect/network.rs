@@ -15,8 +15,7 @@
 
 use std::time::Instant;
 
-use procfs::FromBufRead;
-use procfs::net::InterfaceDeviceStatus;
+use procfs::ProcError;
 use prometheus_client::encoding::DescriptorEncoder;
 use regex_lite::Regex;
 
@@ -74,6 +73,10 @@ pub struct NetworkCollector {
     own_file: ProcFile,
     /// The agent's own network namespace is read because the node's was not readable; said once.
     warned_own_netns: bool,
+    /// Whether each device seen counts under the exclude pattern `verdicts_of`, so that the
+    /// pattern runs once per new device, not once per device and sample.
+    verdicts: Vec<(String, bool)>,
+    verdicts_of: String,
 }
 
 impl NetworkCollector {
@@ -82,7 +85,22 @@ impl NetworkCollector {
         let file = self.read_node_net_dev(paths)?;
         let at = Instant::now();
         let mut now = parsed(file.path(), parse_net_dev(file.text()))?;
-        now.retain(|i| paths.net_devices.counts(&i.name));
+        if self.verdicts_of != paths.net_devices.pattern() {
+            self.verdicts.clear();
+            self.verdicts_of = paths.net_devices.pattern().to_string();
+        } else if self.verdicts.len() > 2 * now.len() + 64 {
+            // Devices come and go (a veth per pod): forget those gone.
+            self.verdicts
+                .retain(|(n, _)| now.iter().any(|i| i.name == *n));
+        }
+        now.retain(|i| match self.verdicts.iter().find(|(n, _)| *n == i.name) {
+            Some((_, counts)) => *counts,
+            None => {
+                let counts = paths.net_devices.counts(&i.name);
+                self.verdicts.push((i.name.clone(), counts));
+                counts
+            }
+        });
         let usage = match &self.prev {
             Some((t, prev)) => usage(Some(prev), &now, (at - *t).as_secs_f64()),
             None => usage(None, &now, 0.0),
@@ -223,36 +241,39 @@ impl NetworkUsage {
 }
 
 /// Parses the text of `/proc/net/dev`, every device (loopback too), sorted by name.
-pub fn parse_net_dev(text: &str) -> Result<Vec<InterfaceCounters>, procfs::ProcError> {
-    // Older kernels printed "%6s:%8lu", so once an interface had received 100 MB its byte count
-    // touched the colon ("eth0:123456789") and a whitespace split sees one field too few.
-    // Interface names cannot contain ':', so splitting at the first one is always right.
-    let mut fixed = String::with_capacity(text.len() + 64);
-    for (i, line) in text.lines().enumerate() {
-        match line.split_once(':') {
-            Some((name, rest)) if i >= 2 => {
-                fixed.push_str(name);
-                fixed.push_str(": ");
-                fixed.push_str(rest);
-            }
-            _ => fixed.push_str(line),
+///
+/// Our own parser, not procfs's: that one goes through a map of every counter of every device.
+pub fn parse_net_dev(text: &str) -> Result<Vec<InterfaceCounters>, ProcError> {
+    let mut out = Vec::new();
+    // Two header lines, then one line per device: its receive counters (bytes packets errs drop
+    // fifo frame compressed multicast), then its transmit counters (bytes packets errs ...).
+    for line in text.lines().skip(2).filter(|l| !l.trim().is_empty()) {
+        // Older kernels printed "%6s:%8lu", so once an interface had received 100 MB its byte
+        // count touched the colon ("eth0:123456789"). Interface names cannot contain ':', so
+        // splitting at the first one is always right.
+        let (name, counters) = line
+            .split_once(':')
+            .ok_or_else(|| ProcError::Other(format!("net/dev: no device in {line:?}")))?;
+        let mut fields = counters.split_ascii_whitespace();
+        let mut c = [0u64; 16];
+        for slot in c.iter_mut() {
+            let field = fields.next().ok_or_else(|| {
+                ProcError::Other(format!("net/dev: fewer than 16 counters in {line:?}"))
+            })?;
+            *slot = field
+                .parse()
+                .map_err(|_| ProcError::Other(format!("net/dev: {field:?} is not a counter")))?;
         }
-        fixed.push('\n');
+        out.push(InterfaceCounters {
+            name: name.trim().to_string(),
+            rx_bytes: c[0],
+            rx_packets: c[1],
+            rx_errors: c[2],
+            tx_bytes: c[8],
+            tx_packets: c[9],
+            tx_errors: c[10],
+        });
     }
-    let parsed = InterfaceDeviceStatus::from_buf_read(fixed.as_bytes())?;
-    let mut out: Vec<InterfaceCounters> = parsed
-        .0
-        .into_values()
-        .map(|d| InterfaceCounters {
-            name: d.name,
-            rx_bytes: d.recv_bytes,
-            tx_bytes: d.sent_bytes,
-            rx_packets: d.recv_packets,
-            tx_packets: d.sent_packets,
-            rx_errors: d.recv_errs,
-            tx_errors: d.sent_errs,
-        })
-        .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
@@ -313,6 +334,52 @@ mod tests {
         assert_eq!(n[0].rx_errors, 1);
         assert_eq!(n[0].tx_errors, 2);
         assert_eq!(n[1].name, "lo");
+    }
+
+    #[test]
+    fn garbage_is_an_error() {
+        assert!(parse_net_dev(&format!("{HEADER}  eth0: 1 2 3\n")).is_err());
+        assert!(
+            parse_net_dev(&format!(
+                "{HEADER}  eth0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16\n"
+            ))
+            .is_err()
+        );
+        let x = format!("{HEADER}  eth0: x 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16\n");
+        assert!(parse_net_dev(&x).is_err());
+    }
+
+    #[test]
+    fn agrees_with_procfs_on_the_fixture_trees() {
+        use procfs::FromBufRead;
+        use procfs::net::InterfaceDeviceStatus;
+        let fixtures = [
+            "idle/net/dev",
+            "busy/net/dev",
+            "odd-devices/net/dev",
+            "pod-on-node/1/net/dev",
+            "pod-on-node/net/dev",
+        ]
+        .map(|f| format!("{}/tests/fixtures/proc/{f}", env!("CARGO_MANIFEST_DIR")));
+        // And this machine's, as its kernel writes it.
+        for tree in fixtures.iter().map(String::as_str).chain(["/proc/net/dev"]) {
+            let text = std::fs::read_to_string(tree).expect("readable");
+            let ours = parse_net_dev(&text).expect("parses");
+            // procfs splits at whitespace only: part a counter touching the colon from it.
+            let spaced: String = text
+                .lines()
+                .map(|l| l.replacen(':', ": ", 1) + "\n")
+                .collect();
+            let theirs = InterfaceDeviceStatus::from_buf_read(spaced.as_bytes()).expect("procfs");
+            assert_eq!(ours.len(), theirs.0.len(), "{tree}");
+            for i in &ours {
+                let d = &theirs.0[&i.name];
+                let t = (d.recv_bytes, d.recv_packets, d.recv_errs);
+                assert_eq!((i.rx_bytes, i.rx_packets, i.rx_errors), t, "{tree}");
+                let t = (d.sent_bytes, d.sent_packets, d.sent_errs);
+                assert_eq!((i.tx_bytes, i.tx_packets, i.tx_errors), t, "{tree}");
+            }
+        }
     }
 
     #[test]
