@@ -4,7 +4,6 @@
 use std::path::Path;
 use std::time::Instant;
 
-use procfs::DiskStat;
 use prometheus_client::encoding::DescriptorEncoder;
 
 use super::{HostPaths, ProcFile, gauge, gauges};
@@ -202,19 +201,35 @@ pub fn is_whole_disk(name: &str) -> bool {
 
 /// Parses the text of `/proc/diskstats`. A line that does not parse (an old kernel's short
 /// partition line, a future field layout) is skipped rather than losing every device.
+///
+/// Our own parser, not procfs's: that one reads all twenty fields of every line into a struct
+/// with the name copied out, loop devices included, for the four figures kept here.
 pub fn parse_diskstats(text: &str) -> Vec<DiskCounters> {
-    text.lines()
-        .filter(|l| !l.trim().is_empty())
-        .filter_map(|l| DiskStat::from_line(l).ok())
-        .filter(|d| !is_ignored(&d.name))
-        .map(|d| DiskCounters {
-            read_bytes: d.sectors_read.saturating_mul(SECTOR_BYTES),
-            written_bytes: d.sectors_written.saturating_mul(SECTOR_BYTES),
-            reads: d.reads,
-            writes: d.writes,
-            name: d.name,
-        })
-        .collect()
+    text.lines().filter_map(parse_diskstats_line).collect()
+}
+
+/// One line: major minor name, then at least eleven counters (reads, reads merged, sectors
+/// read, ms reading, writes, writes merged, sectors written, ...); `None` for a device left out
+/// or a line that does not parse.
+fn parse_diskstats_line(line: &str) -> Option<DiskCounters> {
+    let mut fields = line.split_ascii_whitespace();
+    fields.next()?.parse::<i32>().ok()?;
+    fields.next()?.parse::<i32>().ok()?;
+    let name = fields.next()?;
+    if is_ignored(name) {
+        return None;
+    }
+    let mut c = [0u64; 11];
+    for slot in c.iter_mut() {
+        *slot = fields.next()?.parse().ok()?;
+    }
+    Some(DiskCounters {
+        read_bytes: c[2].saturating_mul(SECTOR_BYTES),
+        written_bytes: c[6].saturating_mul(SECTOR_BYTES),
+        reads: c[0],
+        writes: c[4],
+        name: name.to_string(),
+    })
 }
 
 /// Rates between two readings `seconds` apart; devices present in both only.
@@ -303,6 +318,37 @@ mod tests {
         assert_eq!(d[0].written_bytes, 4096 * 512);
         assert_eq!(d[0].reads, 100);
         assert_eq!(d[0].writes, 50);
+    }
+
+    #[test]
+    fn agrees_with_procfs_on_the_fixture_trees() {
+        let fixtures = ["idle", "busy", "odd-devices", "pod-on-node"].map(|t| {
+            format!(
+                "{}/tests/fixtures/proc/{t}/diskstats",
+                env!("CARGO_MANIFEST_DIR")
+            )
+        });
+        // And this machine's, as its kernel writes it.
+        for tree in fixtures
+            .iter()
+            .map(String::as_str)
+            .chain(["/proc/diskstats"])
+        {
+            let text = std::fs::read_to_string(tree).expect("readable");
+            let theirs: Vec<DiskCounters> = text
+                .lines()
+                .filter_map(|l| procfs::DiskStat::from_line(l).ok())
+                .filter(|d| !is_ignored(&d.name))
+                .map(|d| DiskCounters {
+                    read_bytes: d.sectors_read.saturating_mul(SECTOR_BYTES),
+                    written_bytes: d.sectors_written.saturating_mul(SECTOR_BYTES),
+                    reads: d.reads,
+                    writes: d.writes,
+                    name: d.name,
+                })
+                .collect();
+            assert_eq!(parse_diskstats(&text), theirs, "{tree}");
+        }
     }
 
     #[test]

@@ -101,6 +101,10 @@ pub fn parse_meminfo(text: &str) -> Result<MemoryUsage, ProcError> {
             _ => continue,
         };
         *slot = Some(bytes(name, value)?);
+        if fields.all_read() {
+            // The rest (fifty lines) holds none of them.
+            break;
+        }
     }
     let need = |v: Option<u64>, name: &str| {
         v.ok_or_else(|| ProcError::Other(format!("meminfo: no {name} line")))
@@ -142,6 +146,22 @@ struct MeminfoFields {
     cached: Option<u64>,
     swap_total: Option<u64>,
     swap_free: Option<u64>,
+}
+
+impl MeminfoFields {
+    fn all_read(&self) -> bool {
+        [
+            self.total,
+            self.free,
+            self.available,
+            self.buffers,
+            self.cached,
+            self.swap_total,
+            self.swap_free,
+        ]
+        .iter()
+        .all(Option::is_some)
+    }
 }
 
 /// `   8131600 kB` in bytes.
