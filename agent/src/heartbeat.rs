@@ -6,7 +6,8 @@
 //! the agent is there even at an hour's sampling interval.
 //! Renewals never wait for a value write: a put stuck behind a slow etcd disk runs beside them.
 //! Each sample wakes the heartbeat too: a keep-alive due before the next sample, and a rewrite
-//! due, go out then, so that at short sampling intervals neither wakes the agent on its own.
+//! due within a twentieth of the minimum interval, go out then, so that at short sampling
+//! intervals neither wakes the agent on its own.
 //!
 //! A clean stop does not revoke the lease: it marks the value Stopping and lets the lease run out.
 //! An agent replaced within the TTL (a rolling update, a deleted pod) takes the key over on a
@@ -192,16 +193,18 @@ impl HeartbeatLease {
         // A third of the TTL: two keep-alives may be lost before the lease expires.
         let every = Duration::from_millis(u64::from(self.ttl) * 1000 / 3);
         let ttl = Duration::from_secs(self.ttl.into());
-        // A keep-alive still unanswered when the next one is due: the member may be hung (a
-        // hung member fails no request, and an HTTP/2 ping notices it only after the lease
-        // would have run out), and is left while the lease has a third of its TTL to run,
-        // unless an answer comes within `HUNG_GRACE` (one that arrived while this task waited
-        // for the thread is read first).
+        // A keep-alive still unanswered a whole `every` after it went out: the member may be
+        // hung (a hung member fails no request, and an HTTP/2 ping notices it only after the
+        // lease would have run out), and is left while the lease has a third of its TTL to run,
+        // unless an answer comes within `HUNG_GRACE` more (one that arrived while this task
+        // waited for the thread is read first). The deadline is set once a second keep-alive
+        // goes out unanswered, early with a sample or not.
         let mut unanswered_since: Option<Instant> = None;
         let mut hung_at: Option<Instant> = None;
         let mut next_keep_alive = Instant::now() + every;
         // A keep-alive due before the next sample, or a value write due within `rewrite_slack`,
-        // goes out with the sample instead of waking the thread on its own.
+        // goes out with the sample instead of waking the thread on its own; a write's own alarm
+        // waits that much longer, so that the sample due with it comes first.
         let rewrite_slack = *self.rewrite.start() / 20;
         let (mut keep_alive_alarm, mut rewrite_alarm) = (Alarm::new(), Alarm::new());
         let mut last_ack = Instant::now();
@@ -221,7 +224,7 @@ impl HeartbeatLease {
             };
             let rewrite_at = self
                 .last_write_at
-                .map_or_else(Instant::now, |t| t + *rewrite_after);
+                .map_or_else(Instant::now, |t| t + *rewrite_after + rewrite_slack);
             tokio::select! {
                 // Answers first: the hung-member deadline must not win over one already here.
                 biased;
@@ -300,6 +303,7 @@ impl HeartbeatLease {
                             // The lease is what keeps the node alive; the value is tried again
                             // after the usual pause, and the keep-alives tell whether etcd is gone.
                             debug!("heartbeat: put {} failed: {e}; trying again", self.key);
+                            self.last_write_at = Some(Instant::now());
                             pending = true;
                         }
                     }
@@ -316,11 +320,8 @@ impl HeartbeatLease {
                         keeper.id()
                     ));
                 }
-                if hung_at.is_none()
-                    && member.is_some()
-                    && unanswered_since.is_some_and(|t| t.elapsed() >= every / 2)
-                {
-                    hung_at = Some(now + HUNG_GRACE);
+                if let (None, Some(_), Some(since)) = (hung_at, member, unanswered_since) {
+                    hung_at = Some(since + every + HUNG_GRACE);
                 }
                 unanswered_since.get_or_insert(now);
                 match timeout(CALL_TIMEOUT, keeper.keep_alive()).await {

@@ -50,8 +50,8 @@ pub struct Args {
     pub heartbeat_ttl: u32,
 
     /// Shortest time between two rewrites of the heartbeat value, less a twentieth: a rewrite goes
-    /// out with the sample due then, not on a wake-up of its own (liveness itself rides on the
-    /// lease keep-alive).
+    /// out with a sample that comes that little early rather than on a wake-up of its own
+    /// (liveness itself rides on the lease keep-alive).
     #[arg(long, env = "NODEPULSE_HEARTBEAT_MIN_INTERVAL", default_value = "5s", value_parser = parse_duration)]
     pub heartbeat_min_interval: Duration,
 
