@@ -73,6 +73,14 @@ impl SharedConfig {
         (s.interval(), s.value.metrics.clone())
     }
 
+    /// The sampling interval alone, without copying the metric set.
+    pub fn interval(&self) -> Duration {
+        self.state
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .interval()
+    }
+
     /// A wake-up that fires after every change.
     pub fn subscribe(&self) -> watch::Receiver<()> {
         self.changed.subscribe()

@@ -282,8 +282,7 @@ impl HeartbeatLease {
                     usage_open = r.is_ok();
                     pending = true;
                     let now = Instant::now();
-                    let (interval, _) = self.inputs.config.schedule();
-                    renew = next_keep_alive <= now + interval.min(every / 2);
+                    renew = next_keep_alive <= now + self.inputs.config.interval().min(every / 2);
                     write = self.last_write_at.is_none_or(|t| t + *self.rewrite.start() <= now + rewrite_slack);
                 }
                 _ = rewrite_alarm.sleep_until(rewrite_at), if put.is_none() && self.superseded_by.is_none() => {

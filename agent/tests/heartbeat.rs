@@ -429,19 +429,8 @@ async fn a_hung_member_is_left_before_the_lease_runs_out() {
 /// MonitorNode's LAST-HEARTBEAT) is refreshed every `--heartbeat-max-interval`.
 #[tokio::test]
 async fn with_nothing_new_the_value_is_refreshed_every_max_interval() {
-    let etcd = Etcd::start();
-    let mut client = etcd.client().await;
-    put_config(
-        &client,
-        "worker-9",
-        r#"{"interval": 3600, "metrics": ["load"]}"#,
-    )
-    .await;
-    let mut events = client
-        .watch(heartbeat_key("worker-9"), Some(WatchOptions::new()))
-        .await
-        .expect("watch heartbeat");
-    events.message().await.expect("watch created");
+    let (etcd, mut events) =
+        etcd_watching_heartbeat("worker-9", r#"{"interval": 3600, "metrics": ["load"]}"#).await;
     let agent = Launch::agent("worker-9")
         .etcd(&etcd.endpoint)
         .ttl(3)
@@ -473,19 +462,8 @@ async fn with_nothing_new_the_value_is_refreshed_every_max_interval() {
 /// `--heartbeat-min-interval` has passed, never sooner than a twentieth before.
 #[tokio::test]
 async fn news_is_written_no_more_often_than_the_min_interval() {
-    let etcd = Etcd::start();
-    let mut client = etcd.client().await;
-    put_config(
-        &client,
-        "worker-12",
-        r#"{"interval": 1, "metrics": ["load"]}"#,
-    )
-    .await;
-    let mut events = client
-        .watch(heartbeat_key("worker-12"), Some(WatchOptions::new()))
-        .await
-        .expect("watch heartbeat");
-    events.message().await.expect("watch created");
+    let (etcd, mut events) =
+        etcd_watching_heartbeat("worker-12", r#"{"interval": 1, "metrics": ["load"]}"#).await;
     // A proc root whose load average moves every 50 ms, so that every sample is news.
     let proc_root = tempfile::tempdir().expect("tempdir");
     let loadavg = proc_root.path().join("loadavg");
@@ -516,6 +494,19 @@ async fn news_is_written_no_more_often_than_the_min_interval() {
             "two writes {gap:?} apart: {writes:#?}"
         );
     }
+}
+
+/// An etcd holding `config` for `node`, and a watch on the node's heartbeat key from now on.
+async fn etcd_watching_heartbeat(node: &str, config: &str) -> (Etcd, etcd_client::WatchStream) {
+    let etcd = Etcd::start();
+    let mut client = etcd.client().await;
+    put_config(&client, node, config).await;
+    let mut events = client
+        .watch(heartbeat_key(node), Some(WatchOptions::new()))
+        .await
+        .expect("watch heartbeat");
+    events.message().await.expect("watch created");
+    (etcd, events)
 }
 
 /// The next `n` values written to the heartbeat key, as `events` (a watch on it) shows them.
