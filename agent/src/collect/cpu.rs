@@ -228,19 +228,7 @@ mod tests {
             page_size: 4096,
             is_little_endian: cfg!(target_endian = "little"),
         };
-        let fixtures = ["idle", "busy", "odd-devices", "pod-on-node"].map(|t| {
-            format!(
-                "{}/tests/fixtures/proc/{t}/stat",
-                env!("CARGO_MANIFEST_DIR")
-            )
-        });
-        // And this machine's, as its kernel writes it.
-        for tree in fixtures.iter().map(String::as_str).chain(["/proc/stat"]) {
-            let Ok(text) = std::fs::read_to_string(tree) else {
-                // A sandbox may have no such file in its /proc; the fixtures must be there.
-                assert!(tree.starts_with("/proc/"), "{tree} unreadable");
-                continue;
-            };
+        for (tree, text) in crate::collect::reference_texts("stat") {
             let ours = parse_stat(&text).expect("parses");
             let theirs = KernelStats::from_buf_read(text.as_bytes(), &info).expect("procfs parses");
             assert_eq!(ours.total, ticks(&theirs.total), "{tree}");

@@ -322,23 +322,7 @@ mod tests {
 
     #[test]
     fn agrees_with_procfs_on_the_fixture_trees() {
-        let fixtures = ["idle", "busy", "odd-devices", "pod-on-node"].map(|t| {
-            format!(
-                "{}/tests/fixtures/proc/{t}/diskstats",
-                env!("CARGO_MANIFEST_DIR")
-            )
-        });
-        // And this machine's, as its kernel writes it.
-        for tree in fixtures
-            .iter()
-            .map(String::as_str)
-            .chain(["/proc/diskstats"])
-        {
-            let Ok(text) = std::fs::read_to_string(tree) else {
-                // A sandbox may have no such file in its /proc; the fixtures must be there.
-                assert!(tree.starts_with("/proc/"), "{tree} unreadable");
-                continue;
-            };
+        for (tree, text) in crate::collect::reference_texts("diskstats") {
             let theirs: Vec<DiskCounters> = text
                 .lines()
                 .filter_map(|l| procfs::DiskStat::from_line(l).ok())

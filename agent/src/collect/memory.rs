@@ -229,12 +229,7 @@ mod tests {
     #[test]
     fn agrees_with_procfs_on_the_fixture_trees() {
         use procfs::{FromBufRead, Meminfo};
-        for tree in ["idle", "busy", "odd-devices", "pod-on-node"] {
-            let path = format!(
-                "{}/tests/fixtures/proc/{tree}/meminfo",
-                env!("CARGO_MANIFEST_DIR")
-            );
-            let text = std::fs::read_to_string(&path).expect("fixture");
+        for (tree, text) in crate::collect::reference_texts("meminfo") {
             let ours = parse_meminfo(&text).expect("parses");
             let theirs = Meminfo::from_buf_read(text.as_bytes()).expect("procfs parses");
             assert_eq!(ours.total_bytes, theirs.mem_total, "{tree}");

@@ -354,21 +354,7 @@ mod tests {
     fn agrees_with_procfs_on_the_fixture_trees() {
         use procfs::FromBufRead;
         use procfs::net::InterfaceDeviceStatus;
-        let fixtures = [
-            "idle/net/dev",
-            "busy/net/dev",
-            "odd-devices/net/dev",
-            "pod-on-node/1/net/dev",
-            "pod-on-node/net/dev",
-        ]
-        .map(|f| format!("{}/tests/fixtures/proc/{f}", env!("CARGO_MANIFEST_DIR")));
-        // And this machine's, as its kernel writes it.
-        for tree in fixtures.iter().map(String::as_str).chain(["/proc/net/dev"]) {
-            let Ok(text) = std::fs::read_to_string(tree) else {
-                // A sandbox may have no such file in its /proc; the fixtures must be there.
-                assert!(tree.starts_with("/proc/"), "{tree} unreadable");
-                continue;
-            };
+        for (tree, text) in crate::collect::reference_texts("net/dev") {
             let ours = parse_net_dev(&text).expect("parses");
             // procfs splits at whitespace only: part a counter touching the colon from it.
             let spaced: String = text
