@@ -30,6 +30,10 @@ const HOUR_RSS_TARGET: f64 = 0.3;
 /// Every figure of the agent against the OpenTelemetry Collector's, as a fraction of it:
 /// nodepulse should be ahead of both peers.
 const OTELCOL_TARGET: f64 = 1.0;
+/// The agent's default `--heartbeat-ttl`: a lease keep-alive every 3.3 s.
+const AGENT_DEFAULT_TTL: u32 = 10;
+/// A shorter lease TTL, for a second agent beside the first: a keep-alive every 1.7 s.
+const SHORT_TTL: u32 = 5;
 /// A common Prometheus scrape interval, and the collector's collection interval in the hour.
 const PROMETHEUS_SCRAPE_INTERVAL: Duration = Duration::from_secs(15);
 
@@ -233,36 +237,42 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
     };
     let every = Duration::from_secs(1);
     let etcd = start_etcd().await;
-    let node = "bench-footprint";
+    let (node, short_node) = ("bench-footprint", "bench-footprint-short-ttl");
     // Same sampling rate as the node_exporter scrapes: one a second, all five metrics.
     let mut client = etcd.client().await;
-    client
-        .put(
-            config_key(node),
-            r#"{"interval":1,"metrics":["cpu","memory","disk","network","load"]}"#,
-            None,
-        )
-        .await
-        .map_err(|e| Error::Etcd(format!("put {}: {e}", config_key(node))))?;
+    for node in [node, short_node] {
+        client
+            .put(
+                config_key(node),
+                r#"{"interval":1,"metrics":["cpu","memory","disk","network","load"]}"#,
+                None,
+            )
+            .await
+            .map_err(|e| Error::Etcd(format!("put {}: {e}", config_key(node))))?;
+    }
 
     let node_exporter = Peer::node_exporter(every).await?;
     let otelcol = Peer::otelcol(every).await.map_err(|e| e.to_string());
-    let agent = Agent::start(&etcd.endpoint, node, 5).await?;
+    let agent = Agent::start(&etcd.endpoint, node, AGENT_DEFAULT_TTL).await?;
+    let short = Agent::start(&etcd.endpoint, short_node, SHORT_TTL).await?;
 
-    // Warm up: all three have started their runtimes and taken a few samples.
-    let warm = agent.process.line_count();
+    // Warm up: all of them have started their runtimes and taken a few samples.
+    let warm = [&agent, &short].map(|a| a.process.line_count());
     for _ in 0..3 {
         node_exporter.metrics()?;
         tokio::time::sleep(every).await;
     }
-    if agent.process.lines()[warm..]
-        .iter()
-        .all(|l| !log_message(&l.text).starts_with("sample "))
-    {
-        return Err(Error::Unexpected(format!(
-            "the agent logged no `sample ` line in 3 s; its output:\n{}",
-            agent.process.output_text()
-        )));
+    for (a, warm) in [&agent, &short].into_iter().zip(warm) {
+        if a.process.lines()[warm..]
+            .iter()
+            .all(|l| !log_message(&l.text).starts_with("sample "))
+        {
+            return Err(Error::Unexpected(format!(
+                "agent {} logged no `sample ` line in 3 s; its output:\n{}",
+                a.node,
+                a.process.output_text()
+            )));
+        }
     }
     progress(
         start,
@@ -272,11 +282,13 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
         ),
     );
 
-    let samples_before = agent_samples(&agent);
+    let samples_before = [&agent, &short].map(agent_samples);
     let agent_metrics_before = get(&agent.metrics_addr, "/metrics").unwrap_or_default();
     let load_before = load_average();
-    let (a, n, o) = sample_side_by_side(&agent, &node_exporter, &otelcol, window, start).await?;
-    let samples = agent_samples(&agent) - samples_before;
+    let agents = [&agent, &short];
+    let ([a, a_short], n, o) =
+        sample_side_by_side(agents, &node_exporter, &otelcol, window, start).await?;
+    let [samples, short_samples] = [0, 1].map(|i| agent_samples(agents[i]) - samples_before[i]);
     let load = format!(
         "{load_before} at its start and {} at its end",
         load_average()
@@ -287,7 +299,9 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
     s.setup = format!(
         "The three processes ran side by side for {} s. The agent sampled all five metrics every \
          1 s (config key `{{\"interval\":1,...}}`) and kept its etcd lease and heartbeat key as in \
-         production; node_exporter {} ran with `--collector.disable-defaults {}` and was scraped \
+         production, at its default lease TTL of {AGENT_DEFAULT_TTL} s (a keep-alive every \
+         3.3 s); a second agent beside it, the same but for a TTL of {SHORT_TTL} s (a keep-alive \
+         every 1.7 s), gives the row below the CPU rows; node_exporter {} ran with `--collector.disable-defaults {}` and was scraped \
          by the bench every 1 s (plain HTTP GET of /metrics); {} CPU is utime+stime from \
          /proc/<pid>/stat (10 ms ticks) and, more precisely, the scheduler's on-CPU time summed \
          over /proc/<pid>/task/*/schedstat; RSS is VmRSS read once a second. The machine's \
@@ -328,6 +342,15 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
         &o_fig(&|w| per(w.usage.cpu_sched().as_secs_f64(), w.collections)),
         Some(CPU_PER_SAMPLE_TARGET),
     ));
+    let short_sched = per(a_short.usage.cpu_sched().as_secs_f64(), short_samples);
+    s.row(&compared(
+        &format!("  the same, the agent on a lease TTL of {SHORT_TTL} s ({short_samples} samples)"),
+        millis,
+        short_sched,
+        n_sched,
+        &o_fig(&|w| per(w.usage.cpu_sched().as_secs_f64(), w.collections)),
+        None,
+    ));
     s.row(&compared(
         "RSS, mean",
         mib,
@@ -355,6 +378,7 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
     ]));
     // Measured alone, with the daemons gone, so they do not compete for the cores.
     drop(agent);
+    drop(short);
     drop(node_exporter);
     drop(otelcol);
     let in_process = if opts.smoke { 20 } else { 1000 };
@@ -414,7 +438,8 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
          sample is the fixed cost of a networked daemon waking up: the sample's deadline every \
          second, and every TTL/3 a lease keep-alive with etcd's answer and the HTTP/2 ping \
          etcd's gRPC server sends with it, over loopback TCP, plus the kernel formatting /proc \
-         text. Cut so far, each from a profile of the release agent (perf, strace -c, \
+         text. The keep-alives' share shows in the agent on a TTL of {SHORT_TTL} s: twice as \
+         many of them, {:+.3} ms per sample. Cut so far, each from a profile of the release agent (perf, strace -c, \
          callgrind): every /proc file stays open from sample to sample and is read again from \
          offset 0 (pread), where the kernel makes its text anew: the five files and the root \
          filesystem take 11 system calls where they took 21 (opening and closing were a tenth \
@@ -438,8 +463,11 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
          user space 41% with no function above 3%. The wake-ups are the sample's, etcd's \
          answers and the HTTP/2 keep-alive timer's (hyper re-arms it after each answer; \
          tokio's wheel wakes the thread two or three times on the way to its deadline): that \
-         timer is how a dead connection to etcd is dropped, so it stays. utime+stime has 10 ms \
-         resolution; the schedstat row is precise.",
+         timer is how a dead connection to etcd is dropped, so it stays (an agent built without \
+         it, side by side with one with it: a sixth fewer wake-ups, the same CPU within the \
+         noise; an empty wake-up is cheap). utime+stime has 10 ms resolution; the schedstat row \
+         is precise.",
+        short_sched - a_sched,
         n.scrape_bytes
     );
     Ok(s)
@@ -555,23 +583,21 @@ struct Watched {
 
 /// The agent and its peers side by side for `window`: one /proc reading of each a second,
 /// node_exporter scraped at its period, the collector's telemetry read at both ends.
-async fn sample_side_by_side(
-    agent: &Agent,
+async fn sample_side_by_side<const N: usize>(
+    agents: [&Agent; N],
     node_exporter: &Peer,
     otelcol: &Result<Peer, String>,
     window: Duration,
     start: Instant,
-) -> Result<(Watched, Watched, Result<Watched, String>)> {
+) -> Result<([Watched; N], Watched, Result<Watched, String>)> {
     let otel_before = otelcol.as_ref().map(|p| p.metrics().unwrap_or_default());
-    let mut watched = vec![
-        (agent.process.pid(), None),
-        (
-            node_exporter.pid(),
-            node_exporter
-                .scrape_every
-                .map(|every| (node_exporter.port.addr(), every)),
-        ),
-    ];
+    let mut watched: Vec<_> = agents.iter().map(|a| (a.process.pid(), None)).collect();
+    watched.push((
+        node_exporter.pid(),
+        node_exporter
+            .scrape_every
+            .map(|every| (node_exporter.port.addr(), every)),
+    ));
     if let Ok(p) = otelcol {
         watched.push((p.pid(), None));
     }
@@ -579,7 +605,8 @@ async fn sample_side_by_side(
         .await
         .map_err(|e| Error::Unexpected(format!("sampling task: {e}")))??
         .into_iter();
-    let (Some(a), Some(n)) = (seen.next(), seen.next()) else {
+    let a: Vec<Watched> = seen.by_ref().take(N).collect();
+    let (Ok(a), Some(n)) = (<[Watched; N]>::try_from(a), seen.next()) else {
         return Err(Error::Unexpected("sampling lost a process".into()));
     };
     let o = match (otelcol, otel_before, seen.next()) {
@@ -674,7 +701,7 @@ async fn realistic_hour(opts: &Options, start: Instant) -> Result<Section> {
     let otelcol = Peer::otelcol(PROMETHEUS_SCRAPE_INTERVAL)
         .await
         .map_err(|e| e.to_string());
-    let agent = Agent::start(&etcd.endpoint, "bench-defaults", 10).await?;
+    let agent = Agent::start(&etcd.endpoint, "bench-defaults", AGENT_DEFAULT_TTL).await?;
     // Warm up: the runtime started, the lease granted, the first sample (1 s after start) taken.
     let deadline = Instant::now() + Duration::from_secs(10);
     while agent_samples(&agent) == 0 {
@@ -697,7 +724,8 @@ async fn realistic_hour(opts: &Options, start: Instant) -> Result<Section> {
     );
     let samples_before = agent_samples(&agent);
     let load_before = load_average();
-    let (a, n, o) = sample_side_by_side(&agent, &node_exporter, &otelcol, window, start).await?;
+    let ([a], n, o) =
+        sample_side_by_side([&agent], &node_exporter, &otelcol, window, start).await?;
     let samples = agent_samples(&agent) - samples_before;
     let resident = proc_usage::resident(agent.process.pid());
     let load = format!(
