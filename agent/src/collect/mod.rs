@@ -398,28 +398,29 @@ fn rate(bytes_per_sec: f64) -> String {
     }
 }
 
-/// Every text of `file` a parser of ours must read the way procfs reads it: the fixture trees'
-/// (each tree that has the file, the pod-on-node tree's PID 1 too) and this machine's, as its
-/// kernel writes it (a sandbox's /proc may lack it). Pairs of the path and the text.
+/// Every text of `file` a parser of ours must read the way procfs reads it: the four fixture
+/// trees' (each must have it), the pod-on-node tree's PID 1 where it has one, and this
+/// machine's, as its kernel writes it (a sandbox's /proc may lack it). Pairs of the path and
+/// the text.
 #[cfg(test)]
 fn reference_texts(file: &str) -> Vec<(String, String)> {
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/proc");
-    let trees = [
-        "idle",
-        "busy",
-        "odd-devices",
-        "pod-on-node",
-        "pod-on-node/1",
-    ];
-    let mut texts: Vec<(String, String)> = trees
+    let mut texts: Vec<(String, String)> = ["idle", "busy", "odd-devices", "pod-on-node"]
         .iter()
-        .map(|tree| format!("{fixtures}/{tree}/{file}"))
-        .filter_map(|path| std::fs::read_to_string(&path).ok().map(|text| (path, text)))
+        .map(|tree| {
+            let path = format!("{fixtures}/{tree}/{file}");
+            let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+            (path, text)
+        })
         .collect();
-    assert!(texts.len() >= 4, "the fixture trees lack {file}");
-    let host = format!("/proc/{file}");
-    if let Ok(text) = std::fs::read_to_string(&host) {
-        texts.push((host, text));
+    let optional = [
+        format!("{fixtures}/pod-on-node/1/{file}"),
+        format!("/proc/{file}"),
+    ];
+    for path in optional {
+        if let Ok(text) = std::fs::read_to_string(&path) {
+            texts.push((path, text));
+        }
     }
     texts
 }

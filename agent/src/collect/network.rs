@@ -354,7 +354,14 @@ mod tests {
     fn agrees_with_procfs_on_the_fixture_trees() {
         use procfs::FromBufRead;
         use procfs::net::InterfaceDeviceStatus;
-        for (tree, text) in crate::collect::reference_texts("net/dev") {
+        let texts = crate::collect::reference_texts("net/dev");
+        // The node's interfaces as a pod reads them through PID 1, beside the pod's own.
+        assert!(
+            texts
+                .iter()
+                .any(|(path, _)| path.contains("pod-on-node/1/"))
+        );
+        for (tree, text) in texts {
             let ours = parse_net_dev(&text).expect("parses");
             // procfs splits at whitespace only: part a counter touching the colon from it.
             let spaced: String = text
