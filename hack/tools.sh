@@ -46,18 +46,37 @@ export GOFLAGS="-mod=mod${GOFLAGS:+ $GOFLAGS}" GOTOOLCHAIN=${GOTOOLCHAIN:-auto}
 
 log() { echo "tools: $*" >&2; }
 
+# built NAME VERSION: whether NAME-VERSION is there. When it is not, the caller holds the build
+# lock on return (another run may have built it while this one waited for the lock).
+built() {
+  have "$1" "$2" && return
+  build_lock
+  have "$1" "$2"
+}
+
+# begin_build NAME VERSION: NAME-VERSION's build starts, in a clean work directory.
+begin_build() {
+  log "building $1 $2 (first run on this machine; cached afterwards)"
+  local dir="$WORK/$1-$2"
+  rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
+}
+
+# end_build NAME VERSION FILE: the FILE just built becomes NAME-VERSION (renamed in place, so that
+# no run sees half a file) and NAME points at it.
+end_build() {
+  mv "$3" "$BIN/$1-$2.tmp"
+  mv "$BIN/$1-$2.tmp" "$BIN/$1-$2"
+  ln -sfn "$1-$2" "$BIN/$1"
+  log "built $BIN/$1-$2"
+}
+
 # wrapper_build NAME VERSION MODULE@VER PACKAGE [go.mod extra lines] [ldflags]
 # Builds PACKAGE (a main package inside a dependency) from a throwaway wrapper module, because
 # `go install pkg@version` refuses modules whose go.mod carries replace directives.
 wrapper_build() {
   local name=$1 version=$2 require=$3 pkg=$4 extra=${5:-} ldflags=${6:-}
-  local out="$BIN/$name-$version"
-  have "$name" "$version" && return
-  build_lock
-  have "$name" "$version" && return
-  log "building $name $version (first run on this machine; cached afterwards)"
-  local dir="$WORK/$name-$version"
-  rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
+  built "$name" "$version" && return
+  begin_build "$name" "$version"
   cat >go.mod <<GOMOD
 module nodepulse.test/tools/$name
 
@@ -70,18 +89,15 @@ GOMOD
   # dependencies at the versions the required module pins.
   printf '//go:build tools\n\npackage tools\n\nimport _ "%s"\n' "$pkg" >tools.go
   go mod tidy
-  CGO_ENABLED=0 go build -trimpath -ldflags "-s -w $ldflags" -o "$out.tmp" "$pkg"
-  mv "$out.tmp" "$out"
-  ln -sfn "$name-$version" "$BIN/$name"
-  log "built $out"
+  CGO_ENABLED=0 go build -trimpath -ldflags "-s -w $ldflags" -o "$name" "$pkg"
+  end_build "$name" "$version" "$name"
 }
 
 # build_kubernetes NAME: one Kubernetes component (kube-apiserver, kubectl, kubelet, ...) at
 # KUBERNETES_VERSION, all from the same pinned module graph.
 build_kubernetes() {
   local name=$1 minor=${KUBERNETES_VERSION#v1.}
-  have "$name" "$KUBERNETES_VERSION" && return
-  build_lock
+  built "$name" "$KUBERNETES_VERSION" && return
   local staging=v0.$minor
   # k8s.io/kubernetes requires its staging modules at v0.0.0 and replaces them with local paths,
   # which a dependent module ignores: pin each one to the matching published v0.x tag.
@@ -130,13 +146,8 @@ build_kube_score() {
 # a main of our own that sets dnsserver.Directives is CoreDNS's documented way to trim them, and
 # builds in a fraction of the time.
 build_coredns() {
-  local out="$BIN/coredns-$COREDNS_VERSION"
-  have coredns "$COREDNS_VERSION" && return
-  build_lock
-  have coredns "$COREDNS_VERSION" && return
-  log "building coredns $COREDNS_VERSION (first run on this machine; cached afterwards)"
-  local dir="$WORK/coredns-$COREDNS_VERSION"
-  rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
+  built coredns "$COREDNS_VERSION" && return
+  begin_build coredns "$COREDNS_VERSION"
   printf 'module nodepulse.test/tools/coredns\n\ngo 1.24\n\nrequire github.com/coredns/coredns %s\n' \
     "$COREDNS_VERSION" >go.mod
   cat >main.go <<'GO'
@@ -162,10 +173,8 @@ func main() { coremain.Run() }
 GO
   go mod tidy
   CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -X github.com/coredns/coredns/coremain.GitCommit=$COREDNS_VERSION" \
-    -o "$out.tmp" .
-  mv "$out.tmp" "$out"
-  ln -sfn "coredns-$COREDNS_VERSION" "$BIN/coredns"
-  log "built $out"
+    -o coredns .
+  end_build coredns "$COREDNS_VERSION" coredns
 }
 
 # The OpenTelemetry Collector as the bench runs it (bench/src/footprint.rs): the hostmetrics receiver
@@ -173,13 +182,8 @@ GO
 # collector's documentation has a custom distribution made. Every collector module at one release:
 # with strict versioning the builder fails when a component pulls in another core release.
 build_otelcol() {
-  local out="$BIN/otelcol-$OTELCOL_VERSION"
-  have otelcol "$OTELCOL_VERSION" && return
-  build_lock
-  have otelcol "$OTELCOL_VERSION" && return
-  log "building otelcol $OTELCOL_VERSION (first run on this machine; cached afterwards)"
-  local dir="$WORK/otelcol-$OTELCOL_VERSION"
-  rm -rf "$dir" && mkdir -p "$dir" && cd "$dir"
+  built otelcol "$OTELCOL_VERSION" && return
+  begin_build otelcol "$OTELCOL_VERSION"
   cat >manifest.yaml <<YAML
 dist:
   module: nodepulse.test/tools/otelcol
@@ -197,9 +201,7 @@ providers:
 YAML
   go run "go.opentelemetry.io/collector/cmd/builder@$OTELCOL_VERSION" \
     --config manifest.yaml --skip-strict-versioning=false
-  mv dist/otelcol "$out"
-  ln -sfn "otelcol-$OTELCOL_VERSION" "$BIN/otelcol"
-  log "built $out"
+  end_build otelcol "$OTELCOL_VERSION" dist/otelcol
 }
 
 targets=("$@")
