@@ -346,12 +346,13 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
         &o_fig(&|w| per(w.usage.cpu_seconds(), w.collections)),
         Some(CPU_PER_SAMPLE_TARGET),
     ));
+    let o_sched = o_fig(&|w| per(w.usage.cpu_sched().as_secs_f64(), w.collections));
     s.row(&compared(
         "CPU per sample, schedstat",
         millis,
         a_sched,
         n_sched,
-        &o_fig(&|w| per(w.usage.cpu_sched().as_secs_f64(), w.collections)),
+        &o_sched,
         Some(CPU_PER_SAMPLE_TARGET),
     ));
     let short_sched = per(a_short.usage.cpu_sched().as_secs_f64(), short_samples);
@@ -360,7 +361,7 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
         millis,
         short_sched,
         n_sched,
-        &o_fig(&|w| per(w.usage.cpu_sched().as_secs_f64(), w.collections)),
+        &o_sched,
         Some(CPU_PER_SAMPLE_TARGET),
     ));
     s.row(&compared(
@@ -428,9 +429,8 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
             Some(("< 1 ms", mean < 0.001)),
         ));
     }
-    let otelcol_analysis = match &o {
-        Ok(w) => {
-            let o_sched = per(w.usage.cpu_sched().as_secs_f64(), w.collections);
+    let otelcol_analysis = match o_sched {
+        Ok(o_sched) => {
             format!(
                 " The collector's {o_sched:.3} ms per collection ({:.1} times node_exporter's per \
                  scrape, though it serialises nothing here: the nop exporter drops each batch) \
@@ -751,8 +751,8 @@ async fn realistic_hour(opts: &Options, start: Instant) -> Result<Section> {
     let mut s = Section::new(HOUR_TITLE, &COLUMNS);
     s.setup = format!(
         "The three side by side for {} s, extrapolated to an hour (× {:.0}). The agent ran with \
-         its defaults and no config key: interval 10 s, all five metrics, `--heartbeat-ttl 10` \
-         (keep-alive every 3.3 s, value rewritten when a sample brings news, at most every 5 s), \
+         its defaults and no config key: interval 10 s, all five metrics, `--heartbeat-ttl \
+         {AGENT_DEFAULT_TTL}` (keep-alive every {:.1} s, value rewritten when a sample brings news, at most every 5 s), \
          JSON logs. node_exporter, with the same collectors as above, was scraped every {} s, a \
          common Prometheus `scrape_interval`; {} CPU is the scheduler's on-CPU time \
          (/proc/<pid>/task/*/schedstat), RSS is VmRSS read once a second, wake-ups are the times \
@@ -760,6 +760,7 @@ async fn realistic_hour(opts: &Options, start: Instant) -> Result<Section> {
          1-minute load average was {load} (other work beside).",
         window.as_secs(),
         3600.0 / window.as_secs_f64(),
+        keep_alive_period(AGENT_DEFAULT_TTL),
         PROMETHEUS_SCRAPE_INTERVAL.as_secs(),
         match &otelcol {
             Ok(_) => format!(
