@@ -399,9 +399,10 @@ async fn agent_cut_off_longer_than_the_ttl_is_dead_then_alive_on_a_new_lease() {
         .await;
     let after = stopped.elapsed();
     assert_eq!(dead.reason.as_deref(), Some("HeartbeatExpired"));
-    // Dead only once the lease ran out: at least the TTL minus the last keep-alive's period.
+    // Dead only once the lease ran out: at least the TTL minus the last keep-alive's period
+    // (the agent's TTL/3, in milliseconds: 1.33 s at TTL 4, not a whole second).
     assert!(
-        after >= Duration::from_secs(TTL - TTL / 3),
+        after >= Duration::from_millis(TTL * 1000 - TTL * 1000 / 3),
         "Dead {after:?} after SIGSTOP"
     );
     println!("Dead {after:?} after SIGSTOP");
