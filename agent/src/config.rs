@@ -4,8 +4,8 @@
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::Duration;
 
-use nodepulse_crd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
 use nodepulse_crd::wire::{AppliedConfig, ConfigValue, MetricSet};
+use nodepulse_etcd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
 use tokio::sync::watch;
 use tracing::{info, warn};
 

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 
 use etcd_client::Client;
-use nodepulse_crd::etcd::EtcdArgs;
-use nodepulse_crd::failover::ActiveMember;
+use nodepulse_etcd::EtcdArgs;
+use nodepulse_etcd::failover::ActiveMember;
 use tokio::sync::OnceCell;
 
 /// Connects on first use, retrying until etcd answers; every job gets a clone of the same client.

@@ -40,7 +40,7 @@ pub enum Error {
     Hostname(#[source] nix::errno::Errno),
     /// The etcd flags are unusable (a TLS file is missing, ...).
     #[error(transparent)]
-    EtcdSetup(#[from] nodepulse_crd::etcd::ConnectError),
+    EtcdSetup(#[from] nodepulse_etcd::ConnectError),
     /// An etcd call failed.
     #[error("{what}: {source}")]
     Etcd {

@@ -24,8 +24,8 @@ use etcd_client::{
     PutResponse, Txn, TxnOp, WatchStream,
 };
 use jiff::Timestamp;
-use nodepulse_crd::etcd::Backoff;
 use nodepulse_crd::wire::{AgentState, Heartbeat, UsageSummary, heartbeat_key};
+use nodepulse_runtime::Backoff;
 use tokio::sync::watch;
 use tokio::time::{Instant, timeout};
 use tracing::{debug, info, warn};

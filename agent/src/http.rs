@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use axum::http::StatusCode;
 use axum::routing::get;
-use nodepulse_crd::runtime::{healthz, openmetrics, serve_admin};
+use nodepulse_runtime::{healthz, openmetrics, serve_admin};
 use prometheus_client::registry::Registry;
 
 use crate::error::{Error, Result};

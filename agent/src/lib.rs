@@ -25,9 +25,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use nodepulse_crd::etcd::{EtcdArgs, parse_duration};
-use nodepulse_crd::runtime::{LogFormat, ShutdownSignals};
 use nodepulse_crd::wire::validate_node_name;
+use nodepulse_etcd::EtcdArgs;
+use nodepulse_runtime::parse_duration;
+use nodepulse_runtime::{LogFormat, ShutdownSignals};
 use tokio::sync::watch;
 use tracing::info;
 

@@ -1,7 +1,7 @@
 //! nodepulse-agent: parse flags, set up logging, run the library.
 
 use clap::Parser;
-use nodepulse_crd::runtime::{LogStream, init_logging};
+use nodepulse_runtime::{LogStream, init_logging};
 
 fn main() -> std::process::ExitCode {
     let args = nodepulse_agent::Args::parse();

@@ -10,10 +10,10 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
 use futures::channel::mpsc;
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
-use nodepulse_crd::etcd::Backoff;
 use nodepulse_crd::v1alpha1::MonitorConfig;
-use nodepulse_crd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
 use nodepulse_crd::wire::{CONFIG_PREFIX, ConfigValue, config_key, node_of_config_key};
+use nodepulse_etcd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
+use nodepulse_runtime::Backoff;
 use tokio::sync::{Mutex, Notify, watch};
 
 use crate::effective::{CompiledConfig, same_value, winners};

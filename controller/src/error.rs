@@ -7,7 +7,7 @@ use std::time::Duration;
 pub enum Error {
     /// The etcd connection could not even be set up (bad TLS files or flags).
     #[error("etcd: {0}")]
-    EtcdConnect(#[from] nodepulse_crd::etcd::ConnectError),
+    EtcdConnect(#[from] nodepulse_etcd::ConnectError),
 
     /// An etcd request failed.
     #[error("{action}: {source}")]

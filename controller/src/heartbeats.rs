@@ -9,9 +9,9 @@ use etcd_client::Client;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use nodepulse_crd::etcd::Backoff;
-use nodepulse_crd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
 use nodepulse_crd::wire::{HEARTBEAT_PREFIX, Heartbeat, node_of_heartbeat_key, validate_node_name};
+use nodepulse_etcd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
+use nodepulse_runtime::Backoff;
 use tokio::sync::{Semaphore, mpsc};
 
 /// What the heartbeat prefix says about the nodes.

@@ -18,7 +18,7 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, watcher};
 use kube::{Api, Client};
 use kube_lease_manager::LeaseManagerBuilder;
-use nodepulse_crd::etcd::parse_duration;
+use nodepulse_runtime::parse_duration;
 
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;

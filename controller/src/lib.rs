@@ -46,9 +46,10 @@ use kube::runtime::controller::Controller;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, reflector};
 use kube::runtime::watcher::{self, watcher};
-use nodepulse_crd::etcd::{EtcdArgs, parse_duration};
-use nodepulse_crd::runtime::{LogFormat, ShutdownSignals};
 use nodepulse_crd::v1alpha1::MonitorConfig;
+use nodepulse_etcd::EtcdArgs;
+use nodepulse_runtime::parse_duration;
+use nodepulse_runtime::{LogFormat, ShutdownSignals};
 use tokio::sync::{mpsc, watch};
 
 pub use error::{Error, Result};

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 
 use kube::ResourceExt;
 use kube::api::{Api, ListParams};
-use nodepulse_crd::etcd::Backoff;
 use nodepulse_crd::v1alpha1::{LivenessReason, MonitorNode, MonitorNodeStatus, NodeState};
 use nodepulse_crd::wire::{AgentState, HEARTBEAT_PREFIX, Heartbeat};
+use nodepulse_runtime::Backoff;
 use tokio::sync::{mpsc, watch};
 
 use crate::error::{Error, Result};

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use nodepulse_controller::Args;
-use nodepulse_crd::runtime::{LogStream, init_logging};
+use nodepulse_runtime::{LogStream, init_logging};
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use axum::http::StatusCode;
 use axum::routing::get;
-use nodepulse_crd::runtime::{healthz, openmetrics, serve_admin};
 use nodepulse_crd::v1alpha1::NodeState;
+use nodepulse_runtime::{healthz, openmetrics, serve_admin};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

@@ -22,8 +22,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
-use nodepulse_crd::etcd::Backoff;
 use nodepulse_crd::v1alpha1::{MonitorNodeStatus, NodeState};
+use nodepulse_runtime::Backoff;
 
 use crate::FIELD_MANAGER;
 use crate::error::{Error, Result};

@@ -16,9 +16,9 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::Api;
 use kube::runtime::events::Recorder;
 use kube::{Client, ResourceExt};
-use nodepulse_crd::etcd::Backoff;
 use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeStatus};
 use nodepulse_crd::wire::ConfigValue;
+use nodepulse_runtime::Backoff;
 use tokio::sync::{Semaphore, watch};
 
 use crate::apply::write_status;

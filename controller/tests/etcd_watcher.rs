@@ -1,4 +1,4 @@
-//! The shared list-and-watch (`nodepulse_crd::watch`) against a real etcd: what it delivers,
+//! The shared list-and-watch (`nodepulse_etcd::watch`) against a real etcd: what it delivers,
 //! and when it lists again (compaction, a rebuilt etcd) or resumes (a plain restart).
 //!
 //! Here rather than in the `crd` crate because the harness (`testkit`) depends on `crd`.
@@ -6,8 +6,9 @@
 use std::time::Duration;
 
 use etcd_client::{Client, CompactionOptions};
-use nodepulse_crd::etcd::{Backoff, EtcdArgs};
-use nodepulse_crd::watch::{EtcdWatcher, Kv, WatchEvent, WatcherSettings};
+use nodepulse_etcd::EtcdArgs;
+use nodepulse_etcd::watch::{EtcdWatcher, Kv, WatchEvent, WatcherSettings};
+use nodepulse_runtime::Backoff;
 use testkit::Etcd;
 
 const PREFIX: &str = "/w/";

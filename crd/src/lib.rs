@@ -1,25 +1,10 @@
-//! nodepulse's API in one place.
+//! nodepulse's API in one place, and nothing else (no I/O, no async runtime):
 //!
 //! - [`v1alpha1`]: the `MonitorNode` and `MonitorConfig` custom resources;
-//! - [`wire`]: the etcd keys and JSON values the agent, the controller and `nodepulsectl` share;
-//! - [`etcd`]: how all three connect to etcd (flags, TLS, keep-alive, retry backoff);
-//! - [`watch`]: the one list-and-watch of etcd keys all three use;
-//! - [`runtime`]: what the three binaries share at start-up (logging, shutdown signals, the admin
-//!   HTTP server).
-//!
-//! Only the types are built by default; the features `etcd`, `runtime` and `admin` add the rest,
-//! so that a consumer of the types does not compile etcd's client or an HTTP server.
+//! - [`wire`]: the etcd keys and JSON values the agent, the controller and `nodepulsectl` share.
 #![deny(missing_docs)]
 
-#[cfg(feature = "etcd")]
-pub mod etcd;
-#[cfg(feature = "etcd")]
-pub mod failover;
-#[cfg(feature = "runtime")]
-pub mod runtime;
 pub mod v1alpha1;
-#[cfg(feature = "etcd")]
-pub mod watch;
 pub mod wire;
 
 use kube::CustomResourceExt;

@@ -3,8 +3,9 @@
 use std::time::Duration;
 
 use clap::{ArgGroup, Args, Parser, Subcommand};
-use nodepulse_crd::etcd::{EtcdArgs, parse_duration};
-use nodepulse_crd::runtime::LogFormat;
+use nodepulse_etcd::EtcdArgs;
+use nodepulse_runtime::LogFormat;
+use nodepulse_runtime::parse_duration;
 
 use crate::OutputFormat;
 use crate::error::EXIT_CODES_HELP;

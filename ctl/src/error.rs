@@ -1,6 +1,6 @@
 //! The one error type of `nodepulsectl`, and the exit code each kind of failure maps to.
 
-use nodepulse_crd::etcd::ConnectError;
+use nodepulse_etcd::ConnectError;
 
 /// Exit code: success.
 pub const EXIT_OK: u8 = 0;

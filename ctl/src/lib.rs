@@ -16,7 +16,7 @@ pub mod watch;
 use std::future::Future;
 use std::time::Duration;
 
-use nodepulse_crd::etcd::EtcdArgs;
+use nodepulse_etcd::EtcdArgs;
 
 use crate::cli::{Command, ConfigCommand, GlobalArgs};
 use crate::error::{Error, Result};

@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use nodepulse_crd::runtime::{LogStream, ShutdownSignals, init_logging};
+use nodepulse_runtime::{LogStream, ShutdownSignals, init_logging};
 use nodepulsectl::cli::Cli;
 use nodepulsectl::error::{EXIT_OK, Error};
 

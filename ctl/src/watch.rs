@@ -1,14 +1,15 @@
 //! `nodepulsectl watch`: liveness as it happens. Lists `/monitor/heartbeat/`, prints the table, then
 //! watches the prefix from the next revision and prints one line per node that comes alive or
-//! dies. It outlives etcd restarts through the shared watcher (`nodepulse_crd::watch`): resume
+//! dies. It outlives etcd restarts through the shared watcher (`nodepulse_etcd::watch`): resume
 //! from the last revision seen, re-list when that revision was compacted or etcd was rebuilt.
 
 use std::io::Write;
 
 use jiff::Timestamp;
-use nodepulse_crd::etcd::{Backoff, EtcdArgs};
-use nodepulse_crd::watch::{EtcdWatcher, Kv, WatchEvent, WatcherSettings};
 use nodepulse_crd::wire::{HEARTBEAT_PREFIX, Heartbeat, node_of_heartbeat_key};
+use nodepulse_etcd::EtcdArgs;
+use nodepulse_etcd::watch::{EtcdWatcher, Kv, WatchEvent, WatcherSettings};
+use nodepulse_runtime::Backoff;
 use serde::Serialize;
 
 use crate::OutputFormat;

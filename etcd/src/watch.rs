@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, EventType, GetOptions, WatchOptions, WatchResponse, WatchStream};
 use tracing::{debug, info, warn};
 
-use crate::etcd::Backoff;
+use nodepulse_runtime::Backoff;
 
 /// A key and its value as etcd holds them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -1,11 +1,12 @@
-//! How every nodepulse binary reaches etcd: the same flags, the same environment variables, the
-//! same keep-alive settings and the same retry backoff.
+//! How every nodepulse binary reaches etcd: the same flags, the same environment variables and
+//! the same keep-alive settings.
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
-use rand::Rng;
+
+use nodepulse_runtime::{Backoff, parse_duration};
 
 use crate::failover::{ActiveMember, FailoverChannel};
 
@@ -105,17 +106,6 @@ pub enum ConnectError {
         #[source]
         source: etcd_client::Error,
     },
-}
-
-/// Parses `500ms`, `5s`, `2m`, `1h30m` (jiff's friendly format) or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let invalid = || format!("{s:?} is not a duration such as 500ms, 5s or 2m");
-    if let Ok(secs) = s.parse::<f64>() {
-        return Duration::try_from_secs_f64(secs).map_err(|_| invalid());
-    }
-    let d: jiff::SignedDuration = s.parse().map_err(|_| invalid())?;
-    Duration::try_from(d).map_err(|_| invalid())
 }
 
 impl EtcdArgs {
@@ -229,54 +219,6 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, ConnectError> {
     })
 }
 
-/// Capped exponential backoff with jitter, for every loop that retries etcd.
-///
-/// Kept rather than `backon`: its jitter adds up to a whole delay on top of the cap, and the
-/// retry caps are promises (at most 2.5 s between watch retries, TTL/3 for the heartbeat).
-#[derive(Clone, Debug)]
-pub struct Backoff {
-    min: Duration,
-    max: Duration,
-    next: Duration,
-}
-
-impl Default for Backoff {
-    /// 100 ms doubling up to 5 s: quick to recover from a blip, gentle on a dead etcd.
-    fn default() -> Self {
-        Backoff::new(Duration::from_millis(100), Duration::from_secs(5))
-    }
-}
-
-impl Backoff {
-    /// A backoff starting at `min` and doubling up to `max`.
-    pub fn new(min: Duration, max: Duration) -> Self {
-        Backoff {
-            min,
-            max,
-            next: min,
-        }
-    }
-
-    /// The delay before the next attempt: uniformly random in [next/2, next], so that a fleet of
-    /// agents cut off together does not come back in lockstep.
-    pub fn next_delay(&mut self) -> Duration {
-        let cap = self.next;
-        self.next = (self.next * 2).min(self.max);
-        let half = cap / 2;
-        half + rand::rng().random_range(Duration::ZERO..=half)
-    }
-
-    /// Sleeps for [`Backoff::next_delay`].
-    pub async fn wait(&mut self) {
-        tokio::time::sleep(self.next_delay()).await;
-    }
-
-    /// Back to the shortest delay, after a success.
-    pub fn reset(&mut self) {
-        self.next = self.min;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -292,31 +234,5 @@ mod tests {
             debug.contains("<redacted>") && debug.contains("nodepulse-agent"),
             "{debug}"
         );
-    }
-
-    #[test]
-    fn durations_parse() {
-        assert_eq!(parse_duration("5s"), Ok(Duration::from_secs(5)));
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
-        assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert_eq!(parse_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        for bad in ["fast", "5y", "-5s", "-1", "NaN", "inf", ""] {
-            assert!(parse_duration(bad).is_err(), "{bad}");
-        }
-    }
-
-    #[test]
-    fn backoff_grows_to_its_cap_with_jitter_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        let delays: Vec<_> = (0..8).map(|_| b.next_delay()).collect();
-        assert!(delays[0] >= Duration::from_millis(50) && delays[0] <= Duration::from_millis(100));
-        for d in &delays {
-            assert!(*d <= Duration::from_secs(1), "{d:?}");
-        }
-        assert!(delays[7] >= Duration::from_millis(500), "{delays:?}");
-        b.reset();
-        assert!(b.next_delay() <= Duration::from_millis(100));
     }
 }
