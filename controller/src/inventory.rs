@@ -15,8 +15,10 @@ use kube::{Client, ResourceExt};
 use nodepulse_crd::v1alpha1::MonitorNode;
 use tokio::sync::{Notify, watch as signal};
 
-use crate::effective::Labels;
 use crate::error::{Error, Result};
+
+/// A node's labels (empty for a node that has a MonitorNode but no Node object).
+pub type Labels = BTreeMap<String, String>;
 
 /// Whether a reflector's store holds a full list, for any number of waiters.
 ///

@@ -1,37 +1,22 @@
 //! nodepulse-controller: heartbeats in etcd into MonitorNode status, MonitorConfigs into etcd
-//! config keys.
+//! config keys. Two halves, each a pipeline in one direction, sharing only what both read:
 //!
-//! - [`heartbeats`]: list + watch `/monitor/heartbeat/`, re-listing after any failure;
-//! - [`liveness`]: judges each node Alive, Dead or Unknown from those events, on its
-//!   [`record`];
-//! - [`conditions`]: the MonitorNode status and conditions a record calls for;
-//! - [`writer`]: when each status is written (transitions first, usage rate-limited, one write
-//!   per node at a time, retries); [`apply`]: the server-side apply; [`events`]: the
-//!   transitions' Events, summarised when many nodes change at once;
-//! - [`config`] and [`config_keys`]: the MonitorConfig controller and the keys it writes;
-//! - [`effective`]: which MonitorConfig wins which node (pure);
-//! - [`inventory`]: the Node and MonitorNode caches;
-//! - [`leader`]: Lease-based leader election; [`metrics`]: `/metrics`, `/healthz` and `/readyz`;
-//! - [`node_condition`]: the `NodePulseHeartbeat` condition on the Node objects;
+//! - [`status`]: heartbeats -> liveness -> record -> render -> writer -> apply, with the
+//!   transitions' Events and the Node condition;
+//! - [`config`]: MonitorConfigs -> which one wins each node -> the `/monitor/config/<node>` keys,
+//!   and the desired configs the status half judges applied configs against;
+//! - shared: [`inventory`] (the Node and MonitorNode caches), [`leader`] (Lease-based leader
+//!   election), [`metrics`] (`/metrics`, `/healthz`, `/readyz`), [`error`];
 //! - [`removal`]: `--on-uninstall`, the chart's pre-delete hook.
 #![deny(missing_docs)]
 
-pub mod apply;
-pub mod conditions;
 pub mod config;
-pub mod config_keys;
-pub mod effective;
 pub mod error;
-pub mod events;
-pub mod heartbeats;
 pub mod inventory;
 pub mod leader;
-pub mod liveness;
 pub mod metrics;
-pub mod node_condition;
-pub mod record;
 pub mod removal;
-pub mod writer;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -54,14 +39,15 @@ use tokio::sync::{mpsc, watch};
 
 pub use error::{Error, Result};
 
-use crate::config_keys::ConfigKeys;
-use crate::heartbeats::HeartbeatWatcher;
+use crate::config::DesiredConfigs;
+use crate::config::keys::ConfigKeys;
 use crate::inventory::{Inventory, StoreReady};
 use crate::leader::LeaderArgs;
-use crate::liveness::LivenessTracker;
 use crate::metrics::Metrics;
-use crate::node_condition::NodeConditions;
-use crate::writer::{DesiredConfigs, StatusSettings, StatusWriter};
+use crate::status::heartbeats::HeartbeatWatcher;
+use crate::status::node_condition::NodeConditions;
+use crate::status::tracker::LivenessTracker;
+use crate::status::writer::{StatusSettings, StatusWriter};
 
 /// The one field manager of every write the controller makes.
 pub const FIELD_MANAGER: &str = "nodepulse-controller";
@@ -265,7 +251,7 @@ async fn run_reconcilers(
     tokio::select! {
         r = liveness => r,
         () = drivers.run() => Err(Error::TaskStopped("Node/MonitorNode watches")),
-        () = config::run(controller, client.clone(), keys.clone(), metrics.clone(), refresh_rx) => Err(Error::TaskStopped("MonitorConfig controller")),
+        () = config::reconciler::run(controller, client.clone(), keys.clone(), metrics.clone(), refresh_rx) => Err(Error::TaskStopped("MonitorConfig controller")),
         r = keys.clone().run_sync_loop(refresh_tx, args.config_resync) => r,
         r = keys.clone().watch_keys() => r,
     }

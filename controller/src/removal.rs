@@ -19,7 +19,7 @@ use nodepulse_crd::v1alpha1::{LivenessReason, MonitorNode, NodeState};
 use crate::FIELD_MANAGER;
 use crate::error::{Error, Result};
 use crate::leader::LEASE_NAME;
-use crate::node_condition;
+use crate::status::node_condition;
 
 /// Runs the hook: scale to zero, wait for the Lease to be free (at most `lease_duration` plus
 /// 15 s), mark the MonitorNodes (unless `mark_unknown` is false). Never fails: a hook that

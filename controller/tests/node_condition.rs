@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::{Node, NodeCondition};
 use kube::api::{Api, Patch, PatchParams};
-use nodepulse_controller::node_condition;
+use nodepulse_controller::status::node_condition;
 use nodepulse_crd::v1alpha1::NodeState;
 use testkit::{KubeApiserver, Lab, Launch, eventually, repo_root};
 

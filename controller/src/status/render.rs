@@ -6,7 +6,7 @@ use k8s_openapi::jiff::Timestamp;
 use nodepulse_crd::v1alpha1::{AppliedConfigStatus, MonitorNodeStatus, NodeState};
 use nodepulse_crd::wire::{ConfigValue, Heartbeat, UsageSummary};
 
-use crate::record::NodeRecord;
+use crate::status::record::NodeRecord;
 
 /// Figures that moved less than this (percentage points, or load) are not worth a write of
 /// their own; they go out with the next write, or after a few usage intervals.
@@ -154,7 +154,7 @@ mod tests {
     use nodepulse_crd::v1alpha1::LivenessReason;
     use nodepulse_crd::wire::MetricSet;
 
-    use crate::record::Liveness;
+    use crate::status::record::Liveness;
 
     fn heartbeat(interval: u32, cpu: f64) -> Heartbeat {
         let mut hb = Heartbeat::running("worker-1", 3, "2026-11-22T05:00:00Z".parse().unwrap());

@@ -13,12 +13,13 @@ use nodepulse_crd::wire::{AgentState, HEARTBEAT_PREFIX, Heartbeat};
 use nodepulse_runtime::Backoff;
 use tokio::sync::{mpsc, watch};
 
+use crate::config::DesiredConfigs;
 use crate::error::{Error, Result};
-use crate::heartbeats::HeartbeatEvent;
 use crate::inventory::Inventory;
 use crate::metrics::{Metrics, StateLabel};
-use crate::record::{MIN_TTL, NodeRecord, VOUCH_MARGIN};
-use crate::writer::{DesiredConfigs, StatusWriter};
+use crate::status::heartbeats::HeartbeatEvent;
+use crate::status::record::{MIN_TTL, NodeRecord, VOUCH_MARGIN};
+use crate::status::writer::StatusWriter;
 
 /// MonitorNodes read per request when listing them all.
 const LIST_PAGE: u32 = 500;

@@ -3,7 +3,7 @@
 //! wait, writes per node kept in order and never two at a time, a failed one retried with a
 //! per-node backoff, and nothing written when nothing changed.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -21,18 +21,15 @@ use nodepulse_crd::wire::ConfigValue;
 use nodepulse_runtime::Backoff;
 use tokio::sync::{Semaphore, watch};
 
-use crate::apply::write_status;
-use crate::conditions::{compute_status, from_an_earlier_run, usage_moved, without_usage};
+use crate::config::DesiredConfigs;
 use crate::error::Result;
-use crate::events::TransitionEvents;
 use crate::inventory::Inventory;
 use crate::metrics::Metrics;
-use crate::node_condition::NodeConditions;
-use crate::record::{Liveness, NodeRecord};
-
-/// What each node's config key should make its agent run, as the config sync last computed
-/// it; nodes absent run on the defaults. `None` until the first sync.
-pub type DesiredConfigs = Option<Arc<BTreeMap<String, ConfigValue>>>;
+use crate::status::apply::write_status;
+use crate::status::events::TransitionEvents;
+use crate::status::node_condition::NodeConditions;
+use crate::status::record::{Liveness, NodeRecord};
+use crate::status::render::{compute_status, from_an_earlier_run, usage_moved, without_usage};
 
 /// Usage-only changes too small to matter are still written after this many usage intervals,
 /// so `lastHeartbeatTime` never lags more than a few minutes.

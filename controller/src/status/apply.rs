@@ -9,7 +9,7 @@ use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeSpec};
 
 use crate::FIELD_MANAGER;
 use crate::error::{Error, Result};
-use crate::writer::WriteJob;
+use crate::status::writer::WriteJob;
 
 /// Applies the status through the status subresource, creating the MonitorNode first when it
 /// does not exist. Returns when it was written, and the MonitorNode (for the Events).

@@ -16,11 +16,11 @@ use nodepulse_etcd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
 use nodepulse_runtime::Backoff;
 use tokio::sync::{Mutex, Notify, watch};
 
-use crate::effective::{CompiledConfig, same_value, winners};
+use crate::config::DesiredConfigs;
+use crate::config::selection::{CompiledConfig, same_value, winners};
 use crate::error::{Error, Result};
 use crate::inventory::{Inventory, StoreReady};
 use crate::metrics::Metrics;
-use crate::writer::DesiredConfigs;
 
 /// What one sync did for one MonitorConfig, for its status.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -7,8 +7,7 @@ use kube::core::{Selector, SelectorExt};
 use nodepulse_crd::v1alpha1::MonitorConfig;
 use nodepulse_crd::wire::{CONTROLLER_MANAGER, ConfigSource, ConfigValue, MetricSet};
 
-/// A node's labels (empty for a node that has a MonitorNode but no Node object).
-pub type Labels = BTreeMap<String, String>;
+use crate::inventory::Labels;
 
 /// A MonitorConfig checked and ready to match nodes.
 #[derive(Clone, Debug, PartialEq)]

@@ -9,7 +9,7 @@ use nodepulse_crd::v1alpha1::{LivenessReason, MonitorNodeStatus, NodeState, tran
 use nodepulse_crd::wire::Heartbeat;
 
 use crate::metrics::{Metrics, StateLabel};
-use crate::writer::WriteState;
+use crate::status::writer::WriteState;
 
 /// The agent's shortest heartbeat TTL, in seconds.
 pub const MIN_TTL: u64 = 2;

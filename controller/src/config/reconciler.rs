@@ -1,5 +1,5 @@
 //! The MonitorConfig reconciler: a kube-runtime `Controller` whose reconcile, wrapped in the
-//! `finalizer` helper, brings the config keys in line (see [`crate::config_keys`]) and reports
+//! `finalizer` helper, brings the config keys in line (see [`crate::config::keys`]) and reports
 //! in the MonitorConfig's status what it did.
 
 use std::sync::Arc;
@@ -16,7 +16,7 @@ use kube::{Client, ResourceExt};
 use nodepulse_crd::v1alpha1::{MonitorConfig, MonitorConfigStatus};
 
 use crate::FIELD_MANAGER;
-use crate::config_keys::{ConfigKeys, ConfigReport};
+use crate::config::keys::{ConfigKeys, ConfigReport};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 

@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
 use nodepulse_crd::v1alpha1::{NodeState, transition_line};
 
-use crate::record::Liveness;
+use crate::status::record::Liveness;
 
 /// Transitions with an Event each before the budget runs out.
 const BURST: f64 = 20.0;

@@ -3,7 +3,7 @@
 //! (`kube_node_status_condition`) and remediation operators see what nodepulse knows: `True`
 //! for Alive, `False` for Dead, `Unknown` for Unknown, with the MonitorNode's reason and message.
 //!
-//! It rides on the MonitorNode status writes (see [`crate::writer`]): after a status is written,
+//! It rides on the MonitorNode status writes (see [`crate::status::writer`]): after a status is written,
 //! the condition is patched if it says something new (a transition goes out at once, with the
 //! transition's priority), and otherwise refreshed at most every ten usage intervals. Only our
 //! own condition is touched: a strategic merge patch of `nodes/status` merges conditions by

@@ -1,0 +1,17 @@
+//! Heartbeats in etcd into MonitorNode status, in one direction:
+//!
+//! [`heartbeats`] (list + watch `/monitor/heartbeat/`) -> [`liveness`] (the rules: Alive, Dead
+//! or Unknown, pure) -> [`record`] (each node's verdict and what was written) -> [`render`] (the
+//! status a record calls for) -> [`writer`] (when each status is written) -> [`apply`] (the
+//! server-side apply), with [`events`] (the transitions' Events) and [`node_condition`] (the
+//! `NodePulseHeartbeat` condition on the Node) going out with the writes. [`tracker`] is the
+//! task that moves the events through.
+
+pub mod apply;
+pub mod events;
+pub mod heartbeats;
+pub mod node_condition;
+pub mod record;
+pub mod render;
+pub mod tracker;
+pub mod writer;
