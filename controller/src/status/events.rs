@@ -13,7 +13,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
 use nodepulse_crd::v1alpha1::{NodeState, transition_line};
 
-use crate::status::record::Liveness;
+use crate::status::record::Verdict;
 
 /// Transitions with an Event each before the budget runs out.
 const BURST: f64 = 20.0;
@@ -57,7 +57,7 @@ impl TransitionEvents {
     }
 
     /// `node` went through transition `t`, now written to its MonitorNode `regarding`.
-    pub fn raise(&mut self, node: &str, regarding: &ObjectReference, t: &Liveness) {
+    pub fn raise(&mut self, node: &str, regarding: &ObjectReference, t: &Verdict) {
         let now = Instant::now();
         self.budget = (self.budget
             + now.duration_since(self.refilled_at).as_secs_f64() * REFILL_PER_SECOND)
@@ -176,7 +176,7 @@ fn event(state: NodeState, reason: &str, note: String, action: &str) -> Event {
 /// The Event reason of a transition. A death's reason is the status's (HeartbeatExpired,
 /// AgentStopped): the recorder folds Events with the same reason and action into one series
 /// under the first message, so a clean stop after an expiry would read "heartbeat expired".
-fn reason(t: &Liveness) -> &'static str {
+fn reason(t: &Verdict) -> &'static str {
     match t.state {
         NodeState::Alive => "NodeAlive",
         NodeState::Unknown => "NodeStatusUnknown",

@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod events;
 pub mod heartbeats;
+pub mod liveness;
 pub mod node_condition;
 pub mod record;
 pub mod render;

@@ -1,28 +1,20 @@
-//! One node's record: its liveness as the controller judges it, the heartbeat it judges from,
-//! the status last written, and the rules by which a re-list or an outage moves it.
+//! One node's record: its verdict as the controller judges it, the heartbeat it judges from,
+//! the status last written and where its writes stand, and the rules by which a re-list moves
+//! it.
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
-use nodepulse_crd::v1alpha1::{LivenessReason, MonitorNodeStatus, NodeState, transition_line};
+use nodepulse_crd::v1alpha1::{LivenessReason, MonitorNodeStatus, NodeState};
 use nodepulse_crd::wire::Heartbeat;
 
-use crate::metrics::{Metrics, StateLabel};
-use crate::status::writer::WriteState;
-
-/// The agent's shortest heartbeat TTL, in seconds.
-pub const MIN_TTL: u64 = 2;
-
-/// A node whose key stays there after the watch's return is vouched for after twice its TTL
-/// and this margin: etcd extends every lease when a leader takes over (a restart, an election),
-/// by an election timeout on top of the TTL, so a dead node's key may outlive one TTL.
-pub const VOUCH_MARGIN: Duration = Duration::from_secs(1);
+use nodepulse_runtime::Backoff;
 
 /// What the status's `state`, `reason`, `message` and `lastTransitionTime` say; a transition
 /// waiting for its Event is one of these too.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Liveness {
+pub struct Verdict {
     /// Alive, Dead or Unknown.
     pub state: NodeState,
     /// Why.
@@ -33,17 +25,14 @@ pub struct Liveness {
     pub since: Time,
 }
 
-impl Liveness {
+impl Verdict {
     /// The liveness a listed status shows, if it is one the controller could have written.
-    fn from_status(status: &MonitorNodeStatus) -> Option<Liveness> {
-        Some(Liveness {
+    fn from_status(status: &MonitorNodeStatus, now: Timestamp) -> Option<Verdict> {
+        Some(Verdict {
             state: status.state?,
             reason: LivenessReason::parse(status.reason.as_deref()?)?,
             message: status.message.clone().unwrap_or_default(),
-            since: status
-                .last_transition_time
-                .clone()
-                .unwrap_or_else(|| Time(Timestamp::now())),
+            since: status.last_transition_time.clone().unwrap_or(Time(now)),
         })
     }
 }
@@ -52,13 +41,13 @@ impl Liveness {
 #[derive(Default)]
 pub struct NodeRecord {
     /// `None` until the node is first judged.
-    pub liveness: Option<Liveness>,
+    pub verdict: Option<Verdict>,
     /// The last heartbeat value that parsed.
     pub heartbeat: Option<Heartbeat>,
     /// The status last written (or read from the API server on a re-list).
     pub written: Option<MonitorNodeStatus>,
     /// Transitions whose Events have not gone out yet.
-    pub pending_events: Vec<Liveness>,
+    pub pending_events: Vec<Verdict>,
     /// When the delete that made the node Dead arrived, to time the status write.
     pub dead_seen_at: Option<Instant>,
     /// Unknown since an outage, its key listed again but not yet proven live: Alive at this
@@ -74,41 +63,30 @@ pub struct NodeRecord {
 impl NodeRecord {
     /// The node's state, once judged.
     pub fn state(&self) -> Option<NodeState> {
-        self.liveness.as_ref().map(|l| l.state)
+        self.verdict.as_ref().map(|l| l.state)
     }
 
     /// The reason of the node's state, once judged.
     pub fn reason(&self) -> Option<LivenessReason> {
-        self.liveness.as_ref().map(|l| l.reason)
+        self.verdict.as_ref().map(|l| l.reason)
     }
 
-    /// Moves the node to `state`: one log line, one Event to come, the transition counted.
+    /// Moves the node to `state` at wall time `at`, with its Event to come.
     pub fn transition(
         &mut self,
-        metrics: &Metrics,
-        node: &str,
         state: NodeState,
         reason: LivenessReason,
         message: String,
+        at: Timestamp,
     ) {
-        tracing::info!(
-            node,
-            reason = reason.as_str(),
-            "{}",
-            transition_line(node, state, reason)
-        );
-        metrics
-            .transitions
-            .get_or_create(&StateLabel::of(state))
-            .inc();
-        let liveness = Liveness {
+        let verdict = Verdict {
             state,
             reason,
             message,
-            since: Time(Timestamp::now()),
+            since: Time(at),
         };
-        self.pending_events.push(liveness.clone());
-        self.liveness = Some(liveness);
+        self.pending_events.push(verdict.clone());
+        self.verdict = Some(verdict);
     }
 
     /// The node's heartbeat TTL in seconds, as last reported (10, the agent's default, if never).
@@ -151,11 +129,16 @@ impl NodeRecord {
     /// ours still being written (or waiting for a retry) is newer than what the list returned:
     /// then the record keeps its liveness, or the re-list would undo a transition whose Event is
     /// on its way and raise it a second time.
-    pub fn adopt_listed(&mut self, status: Option<&MonitorNodeStatus>, now: Instant) {
+    pub fn adopt_listed(
+        &mut self,
+        status: Option<&MonitorNodeStatus>,
+        now: Instant,
+        wall: Timestamp,
+    ) {
         if let Some(status) = status
             && !self.ours_pending()
         {
-            self.liveness = Liveness::from_status(status);
+            self.verdict = Verdict::from_status(status, wall);
         }
         self.written = Some(status.cloned().unwrap_or_default());
         self.write.last_write.get_or_insert(now);
@@ -177,6 +160,27 @@ impl NodeRecord {
     }
 }
 
+/// Where one node's writes stand.
+#[derive(Default)]
+pub struct WriteState {
+    /// When the last write ended (or the status was listed).
+    pub last_write: Option<Instant>,
+    /// The usage figures or heartbeat time differ from what was written.
+    pub usage_dirty: bool,
+    /// ...and by enough to be worth a write once the usage interval has passed.
+    pub usage_moved: bool,
+    /// A write is queued or on its way.
+    pub in_flight: bool,
+    /// Something changed while it was: write again when it ends.
+    pub write_again: bool,
+    /// A failed write is retried at this instant.
+    pub retry_at: Option<Instant>,
+    /// The backoff of the retries, while writes fail.
+    pub retry_backoff: Option<Backoff>,
+    /// A write was started to give the MonitorNode its Node as owner.
+    pub owner_requested: bool,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -186,8 +190,8 @@ mod tests {
         hb
     }
 
-    fn liveness(state: NodeState, reason: LivenessReason) -> Option<Liveness> {
-        Some(Liveness {
+    fn liveness(state: NodeState, reason: LivenessReason) -> Option<Verdict> {
+        Some(Verdict {
             state,
             reason,
             message: String::new(),
@@ -200,7 +204,7 @@ mod tests {
         // A Dead transition is being written (its Event goes out with it) when a re-list
         // returns the MonitorNode as it was before: still Alive.
         let mut rec = NodeRecord {
-            liveness: liveness(NodeState::Dead, LivenessReason::HeartbeatExpired),
+            verdict: liveness(NodeState::Dead, LivenessReason::HeartbeatExpired),
             ..Default::default()
         };
         rec.write.in_flight = true;
@@ -209,13 +213,13 @@ mod tests {
             reason: Some("HeartbeatSeen".into()),
             ..Default::default()
         };
-        rec.adopt_listed(Some(&listed), Instant::now());
+        rec.adopt_listed(Some(&listed), Instant::now(), Timestamp::now());
         // Taking the listed Alive would make the absent key a second Dead, and a second Event.
         assert_eq!(rec.state(), Some(NodeState::Dead));
         assert_eq!(rec.reason(), Some(LivenessReason::HeartbeatExpired));
         // Nothing of ours pending: the API server's view is taken.
         rec.write.in_flight = false;
-        rec.adopt_listed(Some(&listed), Instant::now());
+        rec.adopt_listed(Some(&listed), Instant::now(), Timestamp::now());
         assert_eq!(rec.state(), Some(NodeState::Alive));
     }
 
@@ -224,7 +228,7 @@ mod tests {
         // A new node's first write (which creates its MonitorNode, with the NodeAlive Event) is
         // in flight when a re-list comes back without that MonitorNode.
         let mut rec = NodeRecord {
-            liveness: liveness(NodeState::Alive, LivenessReason::HeartbeatSeen),
+            verdict: liveness(NodeState::Alive, LivenessReason::HeartbeatSeen),
             heartbeat: Some(heartbeat()),
             ..Default::default()
         };
@@ -248,7 +252,7 @@ mod tests {
     fn only_a_heartbeat_written_after_the_outage_proves_life() {
         let before = heartbeat();
         let rec = NodeRecord {
-            liveness: liveness(NodeState::Unknown, LivenessReason::EtcdUnreachable),
+            verdict: liveness(NodeState::Unknown, LivenessReason::EtcdUnreachable),
             heartbeat: Some(before.clone()),
             ..Default::default()
         };
@@ -270,8 +274,8 @@ mod tests {
             message: Some("the controller was uninstalled".into()),
             ..Default::default()
         };
-        rec.adopt_listed(Some(&listed), Instant::now());
-        let l = rec.liveness.as_ref().expect("adopted");
+        rec.adopt_listed(Some(&listed), Instant::now(), Timestamp::now());
+        let l = rec.verdict.as_ref().expect("adopted");
         assert_eq!(
             (l.state, l.reason, l.message.as_str()),
             (

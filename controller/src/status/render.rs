@@ -20,7 +20,7 @@ const USAGE_STEP: f64 = 1.0;
 pub fn compute_status(rec: &NodeRecord, desired: Option<&ConfigValue>) -> MonitorNodeStatus {
     let written = rec.written.as_ref();
     let mut status = written.cloned().unwrap_or_default();
-    let liveness = rec.liveness.as_ref();
+    let liveness = rec.verdict.as_ref();
     status.state = liveness.map(|l| l.state);
     status.reason = liveness.map(|l| l.reason.as_str().to_string());
     status.message = liveness.map(|l| l.message.clone());
@@ -154,7 +154,7 @@ mod tests {
     use nodepulse_crd::v1alpha1::LivenessReason;
     use nodepulse_crd::wire::MetricSet;
 
-    use crate::status::record::Liveness;
+    use crate::status::record::Verdict;
 
     fn heartbeat(interval: u32, cpu: f64) -> Heartbeat {
         let mut hb = Heartbeat::running("worker-1", 3, "2026-11-22T05:00:00Z".parse().unwrap());
@@ -169,7 +169,7 @@ mod tests {
 
     fn alive(hb: Heartbeat) -> NodeRecord {
         NodeRecord {
-            liveness: Some(Liveness {
+            verdict: Some(Verdict {
                 state: NodeState::Alive,
                 reason: LivenessReason::HeartbeatSeen,
                 message: String::new(),

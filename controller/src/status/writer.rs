@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::status::apply::write_status;
 use crate::status::events::TransitionEvents;
 use crate::status::node_condition::NodeConditions;
-use crate::status::record::{Liveness, NodeRecord};
+use crate::status::record::{NodeRecord, Verdict};
 use crate::status::render::{compute_status, from_an_earlier_run, usage_moved, without_usage};
 
 /// Usage-only changes too small to matter are still written after this many usage intervals,
@@ -54,26 +54,6 @@ pub struct StatusSettings {
     pub node_conditions: Option<NodeConditions>,
 }
 
-/// Where one node's writes stand.
-#[derive(Default)]
-pub struct WriteState {
-    /// When the last write ended (or the status was listed).
-    pub last_write: Option<Instant>,
-    /// The usage figures or heartbeat time differ from what was written.
-    pub usage_dirty: bool,
-    /// ...and by enough to be worth a write once the usage interval has passed.
-    pub usage_moved: bool,
-    /// A write is queued or on its way.
-    pub in_flight: bool,
-    /// Something changed while it was: write again when it ends.
-    pub write_again: bool,
-    /// A failed write is retried at this instant.
-    pub retry_at: Option<Instant>,
-    retry_backoff: Option<Backoff>,
-    /// A write was started to give the MonitorNode its Node as owner.
-    pub owner_requested: bool,
-}
-
 /// One status write and the Events it carries.
 pub struct WriteJob {
     /// The node.
@@ -81,7 +61,7 @@ pub struct WriteJob {
     /// The full status to apply.
     pub status: MonitorNodeStatus,
     /// Transitions whose Events go out once the status is written.
-    pub events: Vec<Liveness>,
+    pub events: Vec<Verdict>,
     /// When the delete behind a Dead transition arrived.
     pub dead_seen_at: Option<Instant>,
     /// The MonitorNode's owner: its Node, when one exists.
@@ -256,7 +236,7 @@ impl StatusWriter {
     /// Writes at once when something other than the usage figures changed; otherwise marks the
     /// usage dirty for the next periodic flush.
     pub fn consider(&mut self, node: &str, rec: &mut NodeRecord) {
-        if rec.liveness.is_none() {
+        if rec.verdict.is_none() {
             return;
         }
         let status = compute_status(rec, self.desired_for(node).as_ref());

@@ -1,0 +1,1080 @@
+//! The liveness rules: every node judged Alive, Dead or Unknown from the heartbeat events.
+//!
+//! Pure, as kube-runtime's watcher `State` is: events go in with the time they happen at
+//! ([`Now`]), verdicts come out (a node's new [`Verdict`] with its Event to raise, and the nodes
+//! whose status is to be written again, in [`Decisions`]). No clock, no etcd client and no API
+//! server inside: the task around it ([`crate::status::tracker`]) reads the MonitorNodes and the
+//! Nodes, passes them in, and hands the decisions to the status writer. So every rule below is
+//! tested with made-up instants, without a server.
+//!
+//! The rules, as the state table in `docs/architecture.md` gives them:
+//! - a heartbeat put (on a live lease) is Alive (`HeartbeatSeen`);
+//! - a heartbeat deleted by its lease's expiry is Dead: `AgentStopped` when the agent said it
+//!   was stopping, `HeartbeatExpired` otherwise; deleted by hand while its lease lives, Dead only
+//!   if no agent writes it again before that lease would run out;
+//! - no working watch for longer than a node's TTL: Alive nodes go Unknown (`EtcdUnreachable`),
+//!   Dead ones stay Dead; when the watch is back, a key listed again proves life only if it was
+//!   written after the outage began, or once it outlived twice its TTL (etcd extends every lease
+//!   when a leader takes over);
+//! - a rebuilt store (new cluster, revisions gone back) that lacks a live node's key: Dead only
+//!   if no agent writes it within a TTL;
+//! - a Node whose agent has never written a heartbeat is Unknown (`NoHeartbeat`);
+//! - on every re-list (start, leader hand-over, after a watch error) the API server's statuses
+//!   are adopted first, so a restart repeats no transition and raises no Event twice.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::jiff::Timestamp;
+use nodepulse_crd::v1alpha1::{LivenessReason, MonitorNodeStatus, NodeState};
+use nodepulse_crd::wire::{AgentState, HEARTBEAT_PREFIX, Heartbeat};
+
+use crate::status::heartbeats::HeartbeatEvent;
+use crate::status::record::NodeRecord;
+
+/// The agent's shortest heartbeat TTL, in seconds.
+pub const MIN_TTL: u64 = 2;
+
+/// A node whose key stays there after the watch's return is vouched for after twice its TTL
+/// and this margin: etcd extends every lease when a leader takes over (a restart, an election),
+/// by an election timeout on top of the TTL, so a dead node's key may outlive one TTL.
+pub const VOUCH_MARGIN: Duration = Duration::from_secs(1);
+
+/// The time an event happens at: the monotonic instant the rules count with, and the wall time
+/// a transition is stamped with (`lastTransitionTime`).
+#[derive(Clone, Copy, Debug)]
+pub struct Now {
+    /// For deadlines.
+    pub instant: Instant,
+    /// For the status.
+    pub wall: Timestamp,
+}
+
+impl Now {
+    /// This moment, from the clocks: only the task around the rules reads them.
+    pub fn read() -> Now {
+        Now {
+            instant: Instant::now(),
+            wall: Timestamp::now(),
+        }
+    }
+}
+
+/// A node's move to a new state, for the log line and the transitions metric (its Event waits
+/// in the node's record until the status is written).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    /// The node.
+    pub node: String,
+    /// The state entered.
+    pub state: NodeState,
+    /// Why.
+    pub reason: LivenessReason,
+}
+
+/// What the rules decided since the last [`Liveness::take_decisions`].
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Decisions {
+    /// Transitions, in the order they happened.
+    pub transitions: Vec<Transition>,
+    /// Nodes whose status the writer should look at again (it writes only what changed).
+    pub touched: BTreeSet<String>,
+}
+
+/// Every node's record and the rules that move it.
+pub struct Liveness {
+    records: HashMap<String, NodeRecord>,
+    /// Since when the heartbeat watch has been down (from the start until the first list).
+    blind_since: Option<Instant>,
+    /// The MonitorNodes were read from the API server at least once (by a snapshot, or, when
+    /// etcd is away from the start, so that they can be marked Unknown).
+    adopted: bool,
+    decisions: Decisions,
+}
+
+impl Liveness {
+    /// No records yet, and blind since `started`: nothing is known until the first list.
+    pub fn new(started: Instant) -> Self {
+        Liveness {
+            records: HashMap::new(),
+            blind_since: Some(started),
+            adopted: false,
+            decisions: Decisions::default(),
+        }
+    }
+
+    /// Every node's record.
+    pub fn records(&self) -> &HashMap<String, NodeRecord> {
+        &self.records
+    }
+
+    /// Every node's record, for the writer to track its writes in.
+    pub fn records_mut(&mut self) -> &mut HashMap<String, NodeRecord> {
+        &mut self.records
+    }
+
+    /// What was decided since the last call.
+    pub fn take_decisions(&mut self) -> Decisions {
+        std::mem::take(&mut self.decisions)
+    }
+
+    /// Nodes by state: Alive, Dead, Unknown (a node not judged yet counts as Unknown).
+    pub fn counts(&self) -> [usize; 3] {
+        let mut counts = [0; 3];
+        for rec in self.records.values() {
+            match rec.state() {
+                Some(NodeState::Alive) => counts[0] += 1,
+                Some(NodeState::Dead) => counts[1] += 1,
+                Some(NodeState::Unknown) | None => counts[2] += 1,
+            }
+        }
+        counts
+    }
+
+    /// Whether the heartbeats cannot be seen right now.
+    pub fn is_blind(&self) -> bool {
+        self.blind_since.is_some()
+    }
+
+    /// A heartbeat event other than a snapshot (which needs the MonitorNodes: [`Liveness::reconcile`]).
+    pub fn observe(&mut self, event: HeartbeatEvent, now: Now) {
+        match event {
+            HeartbeatEvent::Snapshot { .. } => {
+                debug_assert!(false, "a snapshot goes through reconcile");
+            }
+            HeartbeatEvent::Interrupted { since } => {
+                self.blind_since.get_or_insert(since);
+            }
+            HeartbeatEvent::Put { node, heartbeat } => self.observe_alive(&node, heartbeat, now),
+            HeartbeatEvent::Delete {
+                node,
+                last,
+                lease_left,
+                seen_at,
+            } => self.observe_delete(&node, last, lease_left, seen_at, now),
+        }
+    }
+
+    fn observe_delete(
+        &mut self,
+        node: &str,
+        last: Option<Heartbeat>,
+        lease_left: Option<Duration>,
+        seen_at: Instant,
+        now: Now,
+    ) {
+        let Some(rec) = self.records.get_mut(node) else {
+            return;
+        };
+        if let Some(left) = lease_left {
+            // Deleted by hand: the agent on the lease writes the key again within a third of
+            // its TTL. Dead only if nobody has when the lease would run out.
+            tracing::warn!(node, lease_left = ?left, "heartbeat key deleted while its lease lives; Dead only if no agent writes it again before the lease runs out");
+            rec.doom_at = Some(seen_at + left + VOUCH_MARGIN);
+            return;
+        }
+        let last = last.or_else(|| rec.heartbeat.clone());
+        let stopping = last
+            .as_ref()
+            .is_some_and(|hb| hb.state == AgentState::Stopping);
+        let (reason, message) = if stopping {
+            (
+                LivenessReason::AgentStopped,
+                "the agent stopped and no agent took over within its TTL".to_string(),
+            )
+        } else {
+            let ttl = last
+                .as_ref()
+                .map_or_else(String::new, |hb| format!(" ({}s TTL)", hb.ttl_seconds));
+            (
+                LivenessReason::HeartbeatExpired,
+                format!("the heartbeat lease expired{ttl}: no keep-alive from the agent"),
+            )
+        };
+        rec.vouch_at = None;
+        rec.doom_at = None;
+        if rec.state() != Some(NodeState::Dead) {
+            rec.dead_seen_at = Some(seen_at);
+            transition(
+                &mut self.decisions,
+                node,
+                rec,
+                NodeState::Dead,
+                reason,
+                message,
+                now,
+            );
+        }
+        self.decisions.touched.insert(node.to_string());
+    }
+
+    /// A snapshot of the heartbeat keys, reconciled against every MonitorNode's status as the
+    /// API server listed it (`listed`) and the Nodes that exist (`nodes`): the API server's
+    /// view, not memory, says what is shown.
+    pub fn reconcile(
+        &mut self,
+        heartbeats: BTreeMap<String, Option<Heartbeat>>,
+        store_replaced: bool,
+        listed: BTreeMap<String, Option<MonitorNodeStatus>>,
+        nodes: &BTreeSet<String>,
+        now: Now,
+    ) {
+        for (name, rec) in self.records.iter_mut() {
+            match listed.get(name) {
+                Some(status) => rec.adopt_listed(status.as_ref(), now.instant, now.wall),
+                None => rec.forget_unlisted(),
+            }
+        }
+        for (name, status) in &listed {
+            if !self.records.contains_key(name) {
+                let mut rec = NodeRecord::default();
+                rec.adopt_listed(status.as_ref(), now.instant, now.wall);
+                self.records.insert(name.clone(), rec);
+            }
+        }
+        let names: BTreeSet<String> = listed.keys().chain(heartbeats.keys()).cloned().collect();
+        for name in &names {
+            let rec = self.records.entry(name.clone()).or_default();
+            match heartbeats.get(name) {
+                Some(hb) if rec.is_blind_unknown() && !rec.proves_life(hb.as_ref()) => {
+                    // etcd resets every lease's TTL when it comes back, so a key present
+                    // now says nothing yet: a dead node's key vanishes within a TTL, a live
+                    // agent writes its value again. Until either, the node stays Unknown.
+                    let ttl = Duration::from_secs(rec.ttl_seconds().into());
+                    if hb.is_some() {
+                        rec.heartbeat = hb.clone();
+                    }
+                    rec.vouch_at = Some(now.instant + 2 * ttl + VOUCH_MARGIN);
+                }
+                Some(hb) => self.observe_alive(name, hb.clone(), now),
+                None => {
+                    rec.vouch_at = None;
+                    let was_live = rec.state() == Some(NodeState::Alive) || rec.is_blind_unknown();
+                    if was_live && store_replaced {
+                        // A new store holds no lease yet: a live agent grants one and writes its
+                        // key within a third of its TTL. Dead if none has by then.
+                        let ttl = Duration::from_secs(rec.ttl_seconds().into());
+                        rec.doom_at.get_or_insert(now.instant + ttl + VOUCH_MARGIN);
+                    } else if was_live {
+                        transition(
+                            &mut self.decisions,
+                            name,
+                            rec,
+                            NodeState::Dead,
+                            LivenessReason::HeartbeatExpired,
+                            "the heartbeat key was gone when the controller listed the heartbeats"
+                                .into(),
+                            now,
+                        );
+                    }
+                }
+            }
+            self.decisions.touched.insert(name.clone());
+        }
+        self.records.retain(|name, _| names.contains(name));
+        self.blind_since = None;
+        self.adopted = true;
+        self.nodes_changed(nodes, now);
+    }
+
+    /// The set of Node objects changed. Every Node has a MonitorNode: one whose agent has never
+    /// written a heartbeat is `Unknown` (`NoHeartbeat`), so that `kubectl get monitornodes` shows
+    /// the whole cluster. Its record goes with its Node (the MonitorNode itself goes through its
+    /// owner reference).
+    pub fn nodes_changed(&mut self, nodes: &BTreeSet<String>, now: Now) {
+        if self.blind_since.is_some() {
+            // The heartbeats are not known right now: "never seen" cannot be told.
+            return;
+        }
+        for name in nodes {
+            if self.records.get(name).is_some_and(|r| r.verdict.is_some()) {
+                continue;
+            }
+            let rec = self.records.entry(name.clone()).or_default();
+            transition(
+                &mut self.decisions,
+                name,
+                rec,
+                NodeState::Unknown,
+                LivenessReason::NoHeartbeat,
+                "no agent has written a heartbeat for this node: is one scheduled and running there?"
+                    .into(),
+                now,
+            );
+            self.decisions.touched.insert(name.clone());
+        }
+        self.records.retain(|name, rec| {
+            nodes.contains(name)
+                || rec.heartbeat.is_some()
+                || rec.reason() != Some(LivenessReason::NoHeartbeat)
+        });
+    }
+
+    /// A controller started while etcd is away has no records to mark Unknown: once blind for
+    /// the shortest TTL, it should read the MonitorNodes the API server holds (their TTL is in
+    /// them) and pass them to [`Liveness::adopt`].
+    pub fn wants_adoption(&self, now: Instant) -> bool {
+        match self.blind_since {
+            Some(since) => {
+                !self.adopted && now.duration_since(since) >= Duration::from_secs(MIN_TTL)
+            }
+            None => false,
+        }
+    }
+
+    /// The MonitorNodes' statuses, read while blind (see [`Liveness::wants_adoption`]).
+    pub fn adopt(&mut self, listed: BTreeMap<String, Option<MonitorNodeStatus>>, now: Now) {
+        self.adopted = true;
+        for (name, status) in &listed {
+            let rec = self.records.entry(name.clone()).or_default();
+            rec.adopt_listed(status.as_ref(), now.instant, now.wall);
+        }
+    }
+
+    /// Time passed: the deadlines that are due now fire.
+    pub fn tick(&mut self, now: Now) {
+        self.mark_unknown_while_blind(now);
+        self.vouch_due(now);
+        self.doom_due(now);
+    }
+
+    /// While the heartbeat watch is down: every Alive node whose TTL has passed since then goes
+    /// Unknown, since a node may have died meanwhile without the controller seeing it. Dead
+    /// nodes stay Dead: nothing suggests their lease came back.
+    fn mark_unknown_while_blind(&mut self, now: Now) {
+        let Some(since) = self.blind_since else {
+            return;
+        };
+        let blind = now.instant.saturating_duration_since(since);
+        for (name, rec) in self.records.iter_mut() {
+            let ttl = rec.ttl_seconds();
+            if rec.state() != Some(NodeState::Alive) || blind <= Duration::from_secs(ttl.into()) {
+                continue;
+            }
+            let message = format!(
+                "the controller has had no working watch on {HEARTBEAT_PREFIX} for {:.0}s, longer than the node's {ttl}s TTL: it cannot tell whether the node is alive",
+                blind.as_secs_f64(),
+            );
+            rec.vouch_at = None;
+            transition(
+                &mut self.decisions,
+                name,
+                rec,
+                NodeState::Unknown,
+                LivenessReason::EtcdUnreachable,
+                message,
+                now,
+            );
+            self.decisions.touched.insert(name.clone());
+        }
+    }
+
+    /// Unknown nodes whose key outlived twice their TTL after the watch came back: their lease
+    /// is kept alive, so they are Alive.
+    fn vouch_due(&mut self, now: Now) {
+        if self.blind_since.is_some() {
+            return;
+        }
+        let due: Vec<String> = self
+            .records
+            .iter()
+            .filter(|(_, rec)| rec.vouch_at.is_some_and(|at| at <= now.instant))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in due {
+            self.observe_alive(&name, None, now);
+        }
+    }
+
+    /// Nodes whose key went away without their lease expiring and was not written again in
+    /// time: their lease has run out by now, so they are Dead.
+    fn doom_due(&mut self, now: Now) {
+        if self.blind_since.is_some() {
+            return;
+        }
+        for (name, rec) in self.records.iter_mut() {
+            if rec.doom_at.is_none_or(|at| at > now.instant) {
+                continue;
+            }
+            let doomed_at = rec.doom_at.take();
+            if rec.state() != Some(NodeState::Dead) {
+                rec.dead_seen_at = doomed_at;
+                let message = format!(
+                    "the heartbeat key went away and no agent wrote it again within its {}s TTL",
+                    rec.ttl_seconds()
+                );
+                transition(
+                    &mut self.decisions,
+                    name,
+                    rec,
+                    NodeState::Dead,
+                    LivenessReason::HeartbeatExpired,
+                    message,
+                    now,
+                );
+            }
+            self.decisions.touched.insert(name.clone());
+        }
+    }
+
+    fn observe_alive(&mut self, node: &str, heartbeat: Option<Heartbeat>, now: Now) {
+        let rec = self.records.entry(node.to_string()).or_default();
+        rec.doom_at = None;
+        if heartbeat.is_some() {
+            rec.heartbeat = heartbeat;
+        }
+        if rec.state() != Some(NodeState::Alive) {
+            let message = match &rec.heartbeat {
+                Some(hb) => format!(
+                    "agent {} holds its heartbeat lease ({}s TTL)",
+                    hb.agent_version, hb.ttl_seconds
+                ),
+                None => "the heartbeat key exists".to_string(),
+            };
+            rec.dead_seen_at = None;
+            rec.vouch_at = None;
+            transition(
+                &mut self.decisions,
+                node,
+                rec,
+                NodeState::Alive,
+                LivenessReason::HeartbeatSeen,
+                message,
+                now,
+            );
+        }
+        self.decisions.touched.insert(node.to_string());
+    }
+}
+
+/// Moves `rec` to `state` and records the transition among the decisions.
+fn transition(
+    decisions: &mut Decisions,
+    node: &str,
+    rec: &mut NodeRecord,
+    state: NodeState,
+    reason: LivenessReason,
+    message: String,
+    now: Now,
+) {
+    rec.transition(state, reason, message, now.wall);
+    decisions.transitions.push(Transition {
+        node: node.to_string(),
+        state,
+        reason,
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    //! Every rule, with made-up instants: no server, no clock, no sleep.
+
+    use super::*;
+
+    const TTL: u32 = 10;
+
+    /// A clock that only moves when the test says so.
+    struct Clock {
+        start: Instant,
+        wall: Timestamp,
+        offset: Duration,
+    }
+
+    impl Clock {
+        fn new() -> Clock {
+            Clock {
+                start: Instant::now(),
+                wall: "2026-12-07T12:00:00Z".parse().unwrap(),
+                offset: Duration::ZERO,
+            }
+        }
+        fn now(&self) -> Now {
+            Now {
+                instant: self.start + self.offset,
+                wall: self.wall + self.offset,
+            }
+        }
+        fn at(&self, secs: f64) -> Now {
+            let offset = Duration::from_secs_f64(secs);
+            Now {
+                instant: self.start + offset,
+                wall: self.wall + offset,
+            }
+        }
+        fn advance(&mut self, d: Duration) -> Now {
+            self.offset += d;
+            self.now()
+        }
+    }
+
+    fn heartbeat(node: &str, written_secs: i64) -> Heartbeat {
+        let start: Timestamp = "2026-12-07T11:00:00Z".parse().unwrap();
+        let mut hb = Heartbeat::running(node, TTL, start);
+        hb.updated_at = start + k8s_openapi::jiff::SignedDuration::from_secs(written_secs);
+        hb
+    }
+
+    fn stopping(node: &str) -> Heartbeat {
+        let mut hb = heartbeat(node, 0);
+        hb.state = AgentState::Stopping;
+        hb
+    }
+
+    fn put(node: &str, hb: Heartbeat) -> HeartbeatEvent {
+        HeartbeatEvent::Put {
+            node: node.into(),
+            heartbeat: Some(hb),
+        }
+    }
+
+    fn expired(node: &str, last: Option<Heartbeat>, seen_at: Instant) -> HeartbeatEvent {
+        HeartbeatEvent::Delete {
+            node: node.into(),
+            last,
+            lease_left: None,
+            seen_at,
+        }
+    }
+
+    fn state(l: &Liveness, node: &str) -> Option<(NodeState, LivenessReason)> {
+        let rec = l.records().get(node)?;
+        Some((rec.state()?, rec.reason()?))
+    }
+
+    fn transitions(d: &Decisions) -> Vec<(&str, NodeState, LivenessReason)> {
+        d.transitions
+            .iter()
+            .map(|t| (t.node.as_str(), t.state, t.reason))
+            .collect()
+    }
+
+    fn names(list: &[&str]) -> BTreeSet<String> {
+        list.iter().map(|n| n.to_string()).collect()
+    }
+
+    fn listed_status(state: NodeState, reason: LivenessReason) -> Option<MonitorNodeStatus> {
+        Some(MonitorNodeStatus {
+            state: Some(state),
+            reason: Some(reason.as_str().into()),
+            ttl_seconds: Some(TTL),
+            ..Default::default()
+        })
+    }
+
+    /// A tracker that has listed once: `alive` hold keys, `nodes` are the Node objects.
+    fn started(clock: &Clock, alive: &[&str], nodes: &[&str]) -> Liveness {
+        let mut l = Liveness::new(clock.now().instant);
+        let heartbeats = alive
+            .iter()
+            .map(|n| (n.to_string(), Some(heartbeat(n, 0))))
+            .collect();
+        l.reconcile(
+            heartbeats,
+            false,
+            BTreeMap::new(),
+            &names(nodes),
+            clock.now(),
+        );
+        l.take_decisions();
+        l
+    }
+
+    #[test]
+    fn a_heartbeat_is_alive_with_one_transition_and_its_event() {
+        let clock = Clock::new();
+        let mut l = started(&clock, &[], &[]);
+        l.observe(put("worker-1", heartbeat("worker-1", 0)), clock.now());
+        let d = l.take_decisions();
+        assert_eq!(
+            transitions(&d),
+            [("worker-1", NodeState::Alive, LivenessReason::HeartbeatSeen)]
+        );
+        assert_eq!(d.touched, names(&["worker-1"]));
+        let rec = &l.records()["worker-1"];
+        assert_eq!(rec.pending_events.len(), 1);
+        let verdict = rec.verdict.as_ref().unwrap();
+        assert_eq!(verdict.since.0, clock.now().wall);
+        assert!(verdict.message.contains("10s TTL"), "{}", verdict.message);
+
+        // A value rewrite is news for the status, not a transition.
+        l.observe(put("worker-1", heartbeat("worker-1", 5)), clock.now());
+        let d = l.take_decisions();
+        assert!(d.transitions.is_empty());
+        assert_eq!(d.touched, names(&["worker-1"]));
+        assert_eq!(l.records()["worker-1"].pending_events.len(), 1);
+    }
+
+    #[test]
+    fn a_lease_that_expires_is_dead_heartbeat_expired() {
+        let mut clock = Clock::new();
+        let mut l = started(&clock, &["worker-1"], &["worker-1"]);
+        let seen = clock.advance(Duration::from_secs(11)).instant;
+        l.observe(
+            expired("worker-1", Some(heartbeat("worker-1", 0)), seen),
+            clock.now(),
+        );
+        let d = l.take_decisions();
+        assert_eq!(
+            transitions(&d),
+            [(
+                "worker-1",
+                NodeState::Dead,
+                LivenessReason::HeartbeatExpired
+            )]
+        );
+        let rec = &l.records()["worker-1"];
+        assert_eq!(rec.dead_seen_at, Some(seen), "the delete times the write");
+        assert!(rec.verdict.as_ref().unwrap().message.contains("10s TTL"));
+
+        // A second delete (a watch replay) is no second Dead.
+        l.observe(expired("worker-1", None, seen), clock.now());
+        assert!(l.take_decisions().transitions.is_empty());
+    }
+
+    #[test]
+    fn an_agent_that_said_it_was_stopping_is_dead_agent_stopped() {
+        let clock = Clock::new();
+        let mut l = started(&clock, &["worker-1"], &[]);
+        l.observe(put("worker-1", stopping("worker-1")), clock.now());
+        l.take_decisions();
+        // The value before the delete is not always known: the last one seen counts.
+        l.observe(expired("worker-1", None, clock.now().instant), clock.now());
+        assert_eq!(
+            transitions(&l.take_decisions()),
+            [("worker-1", NodeState::Dead, LivenessReason::AgentStopped)]
+        );
+    }
+
+    #[test]
+    fn a_dead_node_whose_agent_comes_back_is_alive() {
+        let clock = Clock::new();
+        let mut l = started(&clock, &["worker-1"], &[]);
+        l.observe(expired("worker-1", None, clock.now().instant), clock.now());
+        l.observe(put("worker-1", heartbeat("worker-1", 30)), clock.at(30.0));
+        let d = l.take_decisions();
+        assert_eq!(
+            transitions(&d),
+            [
+                (
+                    "worker-1",
+                    NodeState::Dead,
+                    LivenessReason::HeartbeatExpired
+                ),
+                ("worker-1", NodeState::Alive, LivenessReason::HeartbeatSeen)
+            ]
+        );
+        assert_eq!(l.records()["worker-1"].dead_seen_at, None);
+    }
+
+    #[test]
+    fn a_key_deleted_by_hand_while_its_lease_lives_is_dead_only_once_the_lease_would_have_run_out()
+    {
+        let clock = Clock::new();
+        let mut l = started(&clock, &["worker-1", "worker-2"], &[]);
+        for node in ["worker-1", "worker-2"] {
+            l.observe(
+                HeartbeatEvent::Delete {
+                    node: node.into(),
+                    last: None,
+                    lease_left: Some(Duration::from_secs(7)),
+                    seen_at: clock.now().instant,
+                },
+                clock.now(),
+            );
+        }
+        assert_eq!(l.take_decisions(), Decisions::default());
+        // worker-1's agent writes its key again (within a third of its TTL).
+        l.observe(put("worker-1", heartbeat("worker-1", 3)), clock.at(3.0));
+        // Up to the lease's end and the margin, nothing: exactly at it, the deadline is due.
+        l.tick(clock.at(7.999));
+        assert!(l.take_decisions().transitions.is_empty());
+        l.tick(clock.at(8.0));
+        let d = l.take_decisions();
+        assert_eq!(
+            transitions(&d),
+            [(
+                "worker-2",
+                NodeState::Dead,
+                LivenessReason::HeartbeatExpired
+            )]
+        );
+        assert_eq!(
+            state(&l, "worker-1"),
+            Some((NodeState::Alive, LivenessReason::HeartbeatSeen))
+        );
+        assert_eq!(
+            l.records()["worker-1"].pending_events.len(),
+            1,
+            "no second Alive"
+        );
+        assert_eq!(
+            l.records()["worker-2"].dead_seen_at,
+            Some(clock.at(8.0).instant)
+        );
+    }
+
+    #[test]
+    fn a_delete_of_a_node_never_seen_is_ignored() {
+        let clock = Clock::new();
+        let mut l = started(&clock, &[], &[]);
+        l.observe(expired("ghost", None, clock.now().instant), clock.now());
+        assert_eq!(l.take_decisions(), Decisions::default());
+        assert!(l.records().is_empty());
+    }
+
+    #[test]
+    fn blind_for_longer_than_the_ttl_alive_nodes_are_unknown_dead_ones_stay_dead() {
+        let clock = Clock::new();
+        let mut l = started(&clock, &["worker-1", "worker-2"], &[]);
+        l.observe(expired("worker-2", None, clock.now().instant), clock.now());
+        l.take_decisions();
+        l.observe(
+            HeartbeatEvent::Interrupted {
+                since: clock.at(1.0).instant,
+            },
+            clock.at(1.0),
+        );
+        assert!(l.is_blind());
+        // Exactly one TTL blind is not yet longer than the TTL.
+        l.tick(clock.at(11.0));
+        assert!(l.take_decisions().transitions.is_empty());
+        l.tick(clock.at(11.001));
+        let d = l.take_decisions();
+        assert_eq!(
+            transitions(&d),
+            [(
+                "worker-1",
+                NodeState::Unknown,
+                LivenessReason::EtcdUnreachable
+            )]
+        );
+        assert_eq!(d.touched, names(&["worker-1"]));
+        assert_eq!(
+            state(&l, "worker-2"),
+            Some((NodeState::Dead, LivenessReason::HeartbeatExpired))
+        );
+        // A second interruption does not move the start of the outage.
+        l.observe(
+            HeartbeatEvent::Interrupted {
+                since: clock.at(20.0).instant,
+            },
+            clock.at(20.0),
+        );
+        l.tick(clock.at(30.0));
+        assert!(l.take_decisions().transitions.is_empty());
+    }
+
+    fn blind_unknown(clock: &Clock) -> Liveness {
+        let mut l = started(clock, &["worker-1"], &[]);
+        l.observe(
+            HeartbeatEvent::Interrupted {
+                since: clock.now().instant,
+            },
+            clock.now(),
+        );
+        l.tick(clock.at(20.0));
+        assert_eq!(
+            state(&l, "worker-1"),
+            Some((NodeState::Unknown, LivenessReason::EtcdUnreachable))
+        );
+        l.take_decisions();
+        l
+    }
+
+    fn relist(l: &mut Liveness, heartbeats: &[(&str, Heartbeat)], store_replaced: bool, now: Now) {
+        let heartbeats = heartbeats
+            .iter()
+            .map(|(n, hb)| (n.to_string(), Some(hb.clone())))
+            .collect();
+        // The API server shows what the records say (the writes went through).
+        let listed = l
+            .records()
+            .iter()
+            .map(|(n, r)| {
+                let status = r.verdict.as_ref().map(|v| MonitorNodeStatus {
+                    state: Some(v.state),
+                    reason: Some(v.reason.as_str().into()),
+                    ttl_seconds: Some(TTL),
+                    ..Default::default()
+                });
+                (n.clone(), status)
+            })
+            .collect();
+        l.reconcile(heartbeats, store_replaced, listed, &BTreeSet::new(), now);
+    }
+
+    #[test]
+    fn after_an_outage_a_heartbeat_written_since_proves_life_at_once() {
+        let clock = Clock::new();
+        let mut l = blind_unknown(&clock);
+        relist(
+            &mut l,
+            &[("worker-1", heartbeat("worker-1", 25))],
+            false,
+            clock.at(25.0),
+        );
+        assert_eq!(
+            transitions(&l.take_decisions()),
+            [("worker-1", NodeState::Alive, LivenessReason::HeartbeatSeen)]
+        );
+    }
+
+    #[test]
+    fn after_an_outage_an_old_key_is_alive_only_once_it_outlived_twice_its_ttl() {
+        let clock = Clock::new();
+        let mut l = blind_unknown(&clock);
+        // The same value as before the outage: etcd may have extended a dead node's lease.
+        relist(
+            &mut l,
+            &[("worker-1", heartbeat("worker-1", 0))],
+            false,
+            clock.at(25.0),
+        );
+        assert!(l.take_decisions().transitions.is_empty());
+        assert!(!l.is_blind());
+        // Vouched for at 25 + 2 x 10 + 1 s.
+        l.tick(clock.at(45.999));
+        assert!(l.take_decisions().transitions.is_empty());
+        l.tick(clock.at(46.0));
+        assert_eq!(
+            transitions(&l.take_decisions()),
+            [("worker-1", NodeState::Alive, LivenessReason::HeartbeatSeen)]
+        );
+    }
+
+    #[test]
+    fn after_an_outage_an_old_key_that_expires_is_dead_once() {
+        let clock = Clock::new();
+        let mut l = blind_unknown(&clock);
+        relist(
+            &mut l,
+            &[("worker-1", heartbeat("worker-1", 0))],
+            false,
+            clock.at(25.0),
+        );
+        l.observe(
+            expired("worker-1", None, clock.at(33.0).instant),
+            clock.at(33.0),
+        );
+        l.tick(clock.at(60.0));
+        assert_eq!(
+            transitions(&l.take_decisions()),
+            [(
+                "worker-1",
+                NodeState::Dead,
+                LivenessReason::HeartbeatExpired
+            )]
+        );
+    }
+
+    #[test]
+    fn after_an_outage_a_key_gone_from_the_list_is_dead() {
+        let clock = Clock::new();
+        let mut l = blind_unknown(&clock);
+        relist(&mut l, &[], false, clock.at(25.0));
+        let d = l.take_decisions();
+        assert_eq!(
+            transitions(&d),
+            [(
+                "worker-1",
+                NodeState::Dead,
+                LivenessReason::HeartbeatExpired
+            )]
+        );
+        assert!(d.touched.contains("worker-1"));
+    }
+
+    #[test]
+    fn a_rebuilt_store_without_a_live_nodes_key_waits_a_ttl_for_its_agent() {
+        let clock = Clock::new();
+        let mut l = started(&clock, &["worker-1", "worker-2"], &[]);
+        relist(&mut l, &[], true, clock.at(1.0));
+        assert!(l.take_decisions().transitions.is_empty(), "nothing expired");
+        // worker-1's agent grants a lease on the new store and writes its key.
+        l.observe(put("worker-1", heartbeat("worker-1", 2)), clock.at(2.0));
+        l.tick(clock.at(11.999));
+        assert!(l.take_decisions().transitions.is_empty());
+        l.tick(clock.at(12.0));
+        assert_eq!(
+            transitions(&l.take_decisions()),
+            [(
+                "worker-2",
+                NodeState::Dead,
+                LivenessReason::HeartbeatExpired
+            )]
+        );
+        assert_eq!(
+            state(&l, "worker-1"),
+            Some((NodeState::Alive, LivenessReason::HeartbeatSeen))
+        );
+    }
+
+    #[test]
+    fn a_node_without_a_heartbeat_is_unknown_and_goes_with_its_node() {
+        let clock = Clock::new();
+        let mut l = Liveness::new(clock.now().instant);
+        // Blind: "never seen" cannot be told yet.
+        l.nodes_changed(&names(&["worker-1"]), clock.now());
+        assert_eq!(l.take_decisions(), Decisions::default());
+        l.reconcile(
+            BTreeMap::new(),
+            false,
+            BTreeMap::new(),
+            &names(&["worker-1"]),
+            clock.now(),
+        );
+        assert_eq!(
+            transitions(&l.take_decisions()),
+            [("worker-1", NodeState::Unknown, LivenessReason::NoHeartbeat)]
+        );
+        // Its agent starts.
+        l.observe(put("worker-1", heartbeat("worker-1", 0)), clock.now());
+        assert_eq!(
+            transitions(&l.take_decisions()),
+            [("worker-1", NodeState::Alive, LivenessReason::HeartbeatSeen)]
+        );
+        // A second Node joins; then it is deleted before any agent ran there.
+        l.nodes_changed(&names(&["worker-1", "worker-2"]), clock.now());
+        assert_eq!(
+            transitions(&l.take_decisions()),
+            [("worker-2", NodeState::Unknown, LivenessReason::NoHeartbeat)]
+        );
+        l.nodes_changed(&names(&["worker-1"]), clock.now());
+        assert!(!l.records().contains_key("worker-2"));
+        // A node with a heartbeat stays, Node object or not (simulated nodes have none).
+        l.nodes_changed(&BTreeSet::new(), clock.now());
+        assert!(l.records().contains_key("worker-1"));
+    }
+
+    #[test]
+    fn a_restart_or_leader_hand_over_repeats_no_transition() {
+        let clock = Clock::new();
+        let mut l = Liveness::new(clock.now().instant);
+        // What the previous leader wrote: worker-1 Alive, worker-2 Dead, worker-3 never seen,
+        // worker-4 shown Unknown by the uninstall hook.
+        let listed = BTreeMap::from([
+            (
+                "worker-1".to_string(),
+                listed_status(NodeState::Alive, LivenessReason::HeartbeatSeen),
+            ),
+            (
+                "worker-2".to_string(),
+                listed_status(NodeState::Dead, LivenessReason::HeartbeatExpired),
+            ),
+            (
+                "worker-3".to_string(),
+                listed_status(NodeState::Unknown, LivenessReason::NoHeartbeat),
+            ),
+            (
+                "worker-4".to_string(),
+                listed_status(NodeState::Unknown, LivenessReason::ControllerRemoved),
+            ),
+        ]);
+        let heartbeats = BTreeMap::from([("worker-1".to_string(), Some(heartbeat("worker-1", 0)))]);
+        let nodes = names(&["worker-1", "worker-2", "worker-3", "worker-4"]);
+        l.reconcile(heartbeats, false, listed, &nodes, clock.now());
+        let d = l.take_decisions();
+        assert_eq!(
+            transitions(&d),
+            [],
+            "the statuses already say it: no transition, no Event"
+        );
+        assert_eq!(
+            state(&l, "worker-2"),
+            Some((NodeState::Dead, LivenessReason::HeartbeatExpired))
+        );
+        // ControllerRemoved is adopted as the API server shows it (the writer then writes the
+        // true state: worker-4 has no heartbeat, so it is reconsidered).
+        assert_eq!(
+            state(&l, "worker-4"),
+            Some((NodeState::Unknown, LivenessReason::ControllerRemoved))
+        );
+        assert!(d.touched.contains("worker-4"));
+        assert!(l.records().values().all(|r| r.pending_events.is_empty()));
+    }
+
+    #[test]
+    fn a_restart_that_finds_a_shown_alive_nodes_key_gone_makes_it_dead_once() {
+        let clock = Clock::new();
+        let mut l = Liveness::new(clock.now().instant);
+        let listed = BTreeMap::from([(
+            "worker-1".to_string(),
+            listed_status(NodeState::Alive, LivenessReason::HeartbeatSeen),
+        )]);
+        l.reconcile(
+            BTreeMap::new(),
+            false,
+            listed,
+            &names(&["worker-1"]),
+            clock.now(),
+        );
+        assert_eq!(
+            transitions(&l.take_decisions()),
+            [(
+                "worker-1",
+                NodeState::Dead,
+                LivenessReason::HeartbeatExpired
+            )]
+        );
+    }
+
+    #[test]
+    fn a_controller_started_while_etcd_is_away_marks_what_it_cannot_vouch_for_unknown() {
+        let clock = Clock::new();
+        let mut l = Liveness::new(clock.now().instant);
+        assert!(!l.wants_adoption(clock.at(1.9).instant));
+        assert!(l.wants_adoption(clock.at(2.0).instant));
+        let listed = BTreeMap::from([
+            (
+                "worker-1".to_string(),
+                listed_status(NodeState::Alive, LivenessReason::HeartbeatSeen),
+            ),
+            (
+                "worker-2".to_string(),
+                listed_status(NodeState::Dead, LivenessReason::HeartbeatExpired),
+            ),
+        ]);
+        l.adopt(listed, clock.at(2.0));
+        assert!(!l.wants_adoption(clock.at(3.0).instant), "once");
+        l.tick(clock.at(10.0));
+        assert!(l.take_decisions().transitions.is_empty(), "within the TTL");
+        l.tick(clock.at(10.5));
+        assert_eq!(
+            transitions(&l.take_decisions()),
+            [(
+                "worker-1",
+                NodeState::Unknown,
+                LivenessReason::EtcdUnreachable
+            )]
+        );
+    }
+
+    #[test]
+    fn a_mass_failure_is_one_dead_transition_per_node() {
+        let clock = Clock::new();
+        let all: Vec<String> = (0..1000).map(|i| format!("node-{i:04}")).collect();
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        let mut l = started(&clock, &refs, &[]);
+        for (i, node) in all.iter().enumerate().take(100) {
+            let at = clock.at(10.0 + i as f64 * 0.01);
+            l.observe(expired(node, None, at.instant), at);
+        }
+        let d = l.take_decisions();
+        assert_eq!(d.transitions.len(), 100);
+        assert!(
+            d.transitions
+                .iter()
+                .all(|t| t.state == NodeState::Dead && t.reason == LivenessReason::HeartbeatExpired)
+        );
+        assert_eq!(d.touched.len(), 100);
+        assert_eq!(l.counts(), [900, 100, 0]);
+    }
+
+    #[test]
+    fn counts_are_by_state() {
+        let clock = Clock::new();
+        let mut l = started(&clock, &["a", "b"], &["a", "b", "c"]);
+        l.observe(expired("b", None, clock.now().instant), clock.now());
+        assert_eq!(l.counts(), [1, 1, 1]);
+    }
+}
