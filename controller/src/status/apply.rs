@@ -3,13 +3,37 @@
 use std::time::Instant;
 
 use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::{Resource, ResourceExt};
-use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeSpec};
+use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeSpec, MonitorNodeStatus};
 
 use crate::FIELD_MANAGER;
 use crate::error::{Error, Result};
-use crate::status::writer::WriteJob;
+use crate::status::record::Verdict;
+
+/// One status write and the Events it carries.
+pub struct WriteJob {
+    /// The node.
+    pub node: String,
+    /// The full status to apply.
+    pub status: MonitorNodeStatus,
+    /// Transitions whose Events go out once the status is written.
+    pub events: Vec<Verdict>,
+    /// When the delete behind a Dead transition arrived.
+    pub dead_seen_at: Option<Instant>,
+    /// The MonitorNode's owner: its Node, when one exists.
+    pub owner: Option<OwnerReference>,
+    /// The MonitorNode is known to exist: apply the status straight away.
+    pub exists: bool,
+}
+
+impl WriteJob {
+    /// The write carries a transition (its Event, or a Dead to time).
+    pub fn is_transition(&self) -> bool {
+        !self.events.is_empty() || self.dead_seen_at.is_some()
+    }
+}
 
 /// Applies the status through the status subresource, creating the MonitorNode first when it
 /// does not exist. Returns when it was written, and the MonitorNode (for the Events).

@@ -35,7 +35,7 @@ use crate::status::record::NodeRecord;
 /// The agent's shortest heartbeat TTL, in seconds.
 pub const MIN_TTL: u64 = 2;
 
-/// A node whose key stays there after the watch's return is vouched for after twice its TTL
+/// A node whose key stays there after the watch's return is taken for alive after twice its TTL
 /// and this margin: etcd extends every lease when a leader takes over (a restart, an election),
 /// by an election timeout on top of the TTL, so a dead node's key may outlive one TTL.
 pub const VOUCH_MARGIN: Duration = Duration::from_secs(1);
@@ -85,7 +85,7 @@ pub struct Decisions {
 pub struct Liveness {
     records: HashMap<String, NodeRecord>,
     /// Since when the heartbeat watch has been down (from the start until the first list).
-    blind_since: Option<Instant>,
+    watch_lost_since: Option<Instant>,
     /// The MonitorNodes were read from the API server at least once (by a snapshot, or, when
     /// etcd is away from the start, so that they can be marked Unknown).
     adopted: bool,
@@ -93,11 +93,11 @@ pub struct Liveness {
 }
 
 impl Liveness {
-    /// No records yet, and blind since `started`: nothing is known until the first list.
+    /// No records yet, and no watch since `started`: nothing is known until the first list.
     pub fn new(started: Instant) -> Self {
         Liveness {
             records: HashMap::new(),
-            blind_since: Some(started),
+            watch_lost_since: Some(started),
             adopted: false,
             decisions: Decisions::default(),
         }
@@ -132,8 +132,8 @@ impl Liveness {
     }
 
     /// Whether the heartbeats cannot be seen right now.
-    pub fn is_blind(&self) -> bool {
-        self.blind_since.is_some()
+    pub fn watch_lost(&self) -> bool {
+        self.watch_lost_since.is_some()
     }
 
     /// A heartbeat event other than a snapshot (which needs the MonitorNodes: [`Liveness::reconcile`]).
@@ -143,7 +143,7 @@ impl Liveness {
                 debug_assert!(false, "a snapshot goes through reconcile");
             }
             HeartbeatEvent::Interrupted { since } => {
-                self.blind_since.get_or_insert(since);
+                self.watch_lost_since.get_or_insert(since);
             }
             HeartbeatEvent::Put { node, heartbeat } => self.observe_alive(&node, heartbeat, now),
             HeartbeatEvent::Delete {
@@ -170,7 +170,7 @@ impl Liveness {
             // Deleted by hand: the agent on the lease writes the key again within a third of
             // its TTL. Dead only if nobody has when the lease would run out.
             tracing::warn!(node, lease_left = ?left, "heartbeat key deleted while its lease lives; Dead only if no agent writes it again before the lease runs out");
-            rec.doom_at = Some(seen_at + left + VOUCH_MARGIN);
+            rec.dead_at = Some(seen_at + left + VOUCH_MARGIN);
             return;
         }
         let last = last.or_else(|| rec.heartbeat.clone());
@@ -191,8 +191,8 @@ impl Liveness {
                 format!("the heartbeat lease expired{ttl}: no keep-alive from the agent"),
             )
         };
-        rec.vouch_at = None;
-        rec.doom_at = None;
+        rec.alive_at = None;
+        rec.dead_at = None;
         if rec.state() != Some(NodeState::Dead) {
             rec.dead_seen_at = Some(seen_at);
             transition(
@@ -236,7 +236,7 @@ impl Liveness {
         for name in &names {
             let rec = self.records.entry(name.clone()).or_default();
             match heartbeats.get(name) {
-                Some(hb) if rec.is_blind_unknown() && !rec.proves_life(hb.as_ref()) => {
+                Some(hb) if rec.is_unknown_for_etcd() && !rec.proves_life(hb.as_ref()) => {
                     // etcd resets every lease's TTL when it comes back, so a key present
                     // now says nothing yet: a dead node's key vanishes within a TTL, a live
                     // agent writes its value again. Until either, the node stays Unknown.
@@ -244,17 +244,18 @@ impl Liveness {
                     if hb.is_some() {
                         rec.heartbeat = hb.clone();
                     }
-                    rec.vouch_at = Some(now.instant + 2 * ttl + VOUCH_MARGIN);
+                    rec.alive_at = Some(now.instant + 2 * ttl + VOUCH_MARGIN);
                 }
                 Some(hb) => self.observe_alive(name, hb.clone(), now),
                 None => {
-                    rec.vouch_at = None;
-                    let was_live = rec.state() == Some(NodeState::Alive) || rec.is_blind_unknown();
+                    rec.alive_at = None;
+                    let was_live =
+                        rec.state() == Some(NodeState::Alive) || rec.is_unknown_for_etcd();
                     if was_live && store_replaced {
                         // A new store holds no lease yet: a live agent grants one and writes its
                         // key within a third of its TTL. Dead if none has by then.
                         let ttl = Duration::from_secs(rec.ttl_seconds().into());
-                        rec.doom_at.get_or_insert(now.instant + ttl + VOUCH_MARGIN);
+                        rec.dead_at.get_or_insert(now.instant + ttl + VOUCH_MARGIN);
                     } else if was_live {
                         transition(
                             &mut self.decisions,
@@ -272,7 +273,7 @@ impl Liveness {
             self.decisions.touched.insert(name.clone());
         }
         self.records.retain(|name, _| names.contains(name));
-        self.blind_since = None;
+        self.watch_lost_since = None;
         self.adopted = true;
         self.nodes_changed(nodes, now);
     }
@@ -282,7 +283,7 @@ impl Liveness {
     /// the whole cluster. Its record goes with its Node (the MonitorNode itself goes through its
     /// owner reference).
     pub fn nodes_changed(&mut self, nodes: &BTreeSet<String>, now: Now) {
-        if self.blind_since.is_some() {
+        if self.watch_lost_since.is_some() {
             // The heartbeats are not known right now: "never seen" cannot be told.
             return;
         }
@@ -310,11 +311,11 @@ impl Liveness {
         });
     }
 
-    /// A controller started while etcd is away has no records to mark Unknown: once blind for
+    /// A controller started while etcd is away has no records to mark Unknown: once without a watch for
     /// the shortest TTL, it should read the MonitorNodes the API server holds (their TTL is in
     /// them) and pass them to [`Liveness::adopt`].
     pub fn wants_adoption(&self, now: Instant) -> bool {
-        match self.blind_since {
+        match self.watch_lost_since {
             Some(since) => {
                 !self.adopted && now.duration_since(since) >= Duration::from_secs(MIN_TTL)
             }
@@ -322,7 +323,7 @@ impl Liveness {
         }
     }
 
-    /// The MonitorNodes' statuses, read while blind (see [`Liveness::wants_adoption`]).
+    /// The MonitorNodes' statuses, read while the watch is lost (see [`Liveness::wants_adoption`]).
     pub fn adopt(&mut self, listed: BTreeMap<String, Option<MonitorNodeStatus>>, now: Now) {
         self.adopted = true;
         for (name, status) in &listed {
@@ -333,29 +334,29 @@ impl Liveness {
 
     /// Time passed: the deadlines that are due now fire.
     pub fn tick(&mut self, now: Now) {
-        self.mark_unknown_while_blind(now);
-        self.vouch_due(now);
-        self.doom_due(now);
+        self.mark_unknown_while_watch_lost(now);
+        self.confirm_alive_due(now);
+        self.confirm_dead_due(now);
     }
 
     /// While the heartbeat watch is down: every Alive node whose TTL has passed since then goes
     /// Unknown, since a node may have died meanwhile without the controller seeing it. Dead
     /// nodes stay Dead: nothing suggests their lease came back.
-    fn mark_unknown_while_blind(&mut self, now: Now) {
-        let Some(since) = self.blind_since else {
+    fn mark_unknown_while_watch_lost(&mut self, now: Now) {
+        let Some(since) = self.watch_lost_since else {
             return;
         };
-        let blind = now.instant.saturating_duration_since(since);
+        let lost = now.instant.saturating_duration_since(since);
         for (name, rec) in self.records.iter_mut() {
             let ttl = rec.ttl_seconds();
-            if rec.state() != Some(NodeState::Alive) || blind <= Duration::from_secs(ttl.into()) {
+            if rec.state() != Some(NodeState::Alive) || lost <= Duration::from_secs(ttl.into()) {
                 continue;
             }
             let message = format!(
                 "the controller has had no working watch on {HEARTBEAT_PREFIX} for {:.0}s, longer than the node's {ttl}s TTL: it cannot tell whether the node is alive",
-                blind.as_secs_f64(),
+                lost.as_secs_f64(),
             );
-            rec.vouch_at = None;
+            rec.alive_at = None;
             transition(
                 &mut self.decisions,
                 name,
@@ -371,14 +372,14 @@ impl Liveness {
 
     /// Unknown nodes whose key outlived twice their TTL after the watch came back: their lease
     /// is kept alive, so they are Alive.
-    fn vouch_due(&mut self, now: Now) {
-        if self.blind_since.is_some() {
+    fn confirm_alive_due(&mut self, now: Now) {
+        if self.watch_lost_since.is_some() {
             return;
         }
         let due: Vec<String> = self
             .records
             .iter()
-            .filter(|(_, rec)| rec.vouch_at.is_some_and(|at| at <= now.instant))
+            .filter(|(_, rec)| rec.alive_at.is_some_and(|at| at <= now.instant))
             .map(|(name, _)| name.clone())
             .collect();
         for name in due {
@@ -388,17 +389,17 @@ impl Liveness {
 
     /// Nodes whose key went away without their lease expiring and was not written again in
     /// time: their lease has run out by now, so they are Dead.
-    fn doom_due(&mut self, now: Now) {
-        if self.blind_since.is_some() {
+    fn confirm_dead_due(&mut self, now: Now) {
+        if self.watch_lost_since.is_some() {
             return;
         }
         for (name, rec) in self.records.iter_mut() {
-            if rec.doom_at.is_none_or(|at| at > now.instant) {
+            if rec.dead_at.is_none_or(|at| at > now.instant) {
                 continue;
             }
-            let doomed_at = rec.doom_at.take();
+            let dead_since = rec.dead_at.take();
             if rec.state() != Some(NodeState::Dead) {
-                rec.dead_seen_at = doomed_at;
+                rec.dead_seen_at = dead_since;
                 let message = format!(
                     "the heartbeat key went away and no agent wrote it again within its {}s TTL",
                     rec.ttl_seconds()
@@ -419,7 +420,7 @@ impl Liveness {
 
     fn observe_alive(&mut self, node: &str, heartbeat: Option<Heartbeat>, now: Now) {
         let rec = self.records.entry(node.to_string()).or_default();
-        rec.doom_at = None;
+        rec.dead_at = None;
         if heartbeat.is_some() {
             rec.heartbeat = heartbeat;
         }
@@ -432,7 +433,7 @@ impl Liveness {
                 None => "the heartbeat key exists".to_string(),
             };
             rec.dead_seen_at = None;
-            rec.vouch_at = None;
+            rec.alive_at = None;
             transition(
                 &mut self.decisions,
                 node,
@@ -723,7 +724,7 @@ mod tests {
     }
 
     #[test]
-    fn blind_for_longer_than_the_ttl_alive_nodes_are_unknown_dead_ones_stay_dead() {
+    fn without_a_watch_for_longer_than_the_ttl_alive_nodes_are_unknown_dead_ones_stay_dead() {
         let clock = Clock::new();
         let mut l = started(&clock, &["worker-1", "worker-2"], &[]);
         l.observe(expired("worker-2", None, clock.now().instant), clock.now());
@@ -734,8 +735,8 @@ mod tests {
             },
             clock.at(1.0),
         );
-        assert!(l.is_blind());
-        // Exactly one TTL blind is not yet longer than the TTL.
+        assert!(l.watch_lost());
+        // Exactly one TTL without a watch is not yet longer than the TTL.
         l.tick(clock.at(11.0));
         assert!(l.take_decisions().transitions.is_empty());
         l.tick(clock.at(11.001));
@@ -764,7 +765,7 @@ mod tests {
         assert!(l.take_decisions().transitions.is_empty());
     }
 
-    fn blind_unknown(clock: &Clock) -> Liveness {
+    fn unknown_after_outage(clock: &Clock) -> Liveness {
         let mut l = started(clock, &["worker-1"], &[]);
         l.observe(
             HeartbeatEvent::Interrupted {
@@ -806,7 +807,7 @@ mod tests {
     #[test]
     fn after_an_outage_a_heartbeat_written_since_proves_life_at_once() {
         let clock = Clock::new();
-        let mut l = blind_unknown(&clock);
+        let mut l = unknown_after_outage(&clock);
         relist(
             &mut l,
             &[("worker-1", heartbeat("worker-1", 25))],
@@ -822,7 +823,7 @@ mod tests {
     #[test]
     fn after_an_outage_an_old_key_is_alive_only_once_it_outlived_twice_its_ttl() {
         let clock = Clock::new();
-        let mut l = blind_unknown(&clock);
+        let mut l = unknown_after_outage(&clock);
         // The same value as before the outage: etcd may have extended a dead node's lease.
         relist(
             &mut l,
@@ -831,7 +832,7 @@ mod tests {
             clock.at(25.0),
         );
         assert!(l.take_decisions().transitions.is_empty());
-        assert!(!l.is_blind());
+        assert!(!l.watch_lost());
         // Vouched for at 25 + 2 x 10 + 1 s.
         l.tick(clock.at(45.999));
         assert!(l.take_decisions().transitions.is_empty());
@@ -845,7 +846,7 @@ mod tests {
     #[test]
     fn after_an_outage_an_old_key_that_expires_is_dead_once() {
         let clock = Clock::new();
-        let mut l = blind_unknown(&clock);
+        let mut l = unknown_after_outage(&clock);
         relist(
             &mut l,
             &[("worker-1", heartbeat("worker-1", 0))],
@@ -870,7 +871,7 @@ mod tests {
     #[test]
     fn after_an_outage_a_key_gone_from_the_list_is_dead() {
         let clock = Clock::new();
-        let mut l = blind_unknown(&clock);
+        let mut l = unknown_after_outage(&clock);
         relist(&mut l, &[], false, clock.at(25.0));
         let d = l.take_decisions();
         assert_eq!(

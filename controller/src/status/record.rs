@@ -52,10 +52,10 @@ pub struct NodeRecord {
     pub dead_seen_at: Option<Instant>,
     /// Unknown since an outage, its key listed again but not yet proven live: Alive at this
     /// instant if its key is still there (its lease then outlived any extension etcd gave it).
-    pub vouch_at: Option<Instant>,
+    pub alive_at: Option<Instant>,
     /// Its key is gone but a live agent would write it again (deleted by hand while its lease
     /// lives, or absent from a rebuilt store): Dead at this instant unless one has.
-    pub doom_at: Option<Instant>,
+    pub dead_at: Option<Instant>,
     /// Where the node's status writes stand.
     pub write: WriteState,
 }
@@ -99,7 +99,7 @@ impl NodeRecord {
     }
 
     /// Unknown because the controller could not see etcd (not for another reason).
-    pub fn is_blind_unknown(&self) -> bool {
+    pub fn is_unknown_for_etcd(&self) -> bool {
         self.state() == Some(NodeState::Unknown)
             && self.reason() == Some(LivenessReason::EtcdUnreachable)
     }
@@ -256,7 +256,7 @@ mod tests {
             heartbeat: Some(before.clone()),
             ..Default::default()
         };
-        assert!(rec.is_blind_unknown());
+        assert!(rec.is_unknown_for_etcd());
         assert!(!rec.proves_life(Some(&before)));
         assert!(!rec.proves_life(None));
         let mut after = before.clone();

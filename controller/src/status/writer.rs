@@ -25,7 +25,7 @@ use crate::config::DesiredConfigs;
 use crate::error::Result;
 use crate::inventory::Inventory;
 use crate::metrics::Metrics;
-use crate::status::apply::write_status;
+use crate::status::apply::{WriteJob, write_status};
 use crate::status::events::TransitionEvents;
 use crate::status::node_condition::NodeConditions;
 use crate::status::record::{NodeRecord, Verdict};
@@ -54,22 +54,6 @@ pub struct StatusSettings {
     pub node_conditions: Option<NodeConditions>,
 }
 
-/// One status write and the Events it carries.
-pub struct WriteJob {
-    /// The node.
-    pub node: String,
-    /// The full status to apply.
-    pub status: MonitorNodeStatus,
-    /// Transitions whose Events go out once the status is written.
-    pub events: Vec<Verdict>,
-    /// When the delete behind a Dead transition arrived.
-    pub dead_seen_at: Option<Instant>,
-    /// The MonitorNode's owner: its Node, when one exists.
-    pub owner: Option<OwnerReference>,
-    /// The MonitorNode is known to exist: apply the status straight away.
-    pub exists: bool,
-}
-
 /// What became of a write.
 enum Written {
     /// The status was written at this instant, to this MonitorNode.
@@ -82,13 +66,6 @@ enum Written {
 pub struct WriteOutcome {
     job: WriteJob,
     result: Result<Written>,
-}
-
-impl WriteJob {
-    /// The write carries a transition (its Event, or a Dead to time).
-    fn is_transition(&self) -> bool {
-        !self.events.is_empty() || self.dead_seen_at.is_some()
-    }
 }
 
 /// Writes MonitorNode status from the node records, in order per node and within the limits.
@@ -445,5 +422,68 @@ impl StatusWriter {
                 rec.write.retry_at = Some(Instant::now() + backoff.next_delay());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pace(at: Instant) -> RefreshPace {
+        RefreshPace {
+            rate: 0.0,
+            allowance: 0.0,
+            at,
+        }
+    }
+
+    #[test]
+    fn refreshes_start_at_one_per_node_per_interval_and_never_burst_past_a_second_of_it() {
+        let t0 = Instant::now();
+        let mut p = pace(t0);
+        // 1,000 nodes, 10 s interval: 100 refreshes a second at most.
+        p.adjust(0, 16, 100.0, t0 + Duration::from_secs(5));
+        assert_eq!(p.rate, 100.0);
+        // Five seconds' worth of allowance is capped at one second's.
+        assert_eq!(p.allowance, 100.0);
+        assert_eq!((0..150).filter(|_| p.take()).count(), 100);
+    }
+
+    #[test]
+    fn refreshes_slow_down_while_the_api_server_falls_behind_and_recover_after() {
+        let t0 = Instant::now();
+        let mut p = pace(t0);
+        let mut at = t0;
+        let mut tick = |p: &mut RefreshPace, backlog| {
+            at += Duration::from_millis(500);
+            p.adjust(backlog, 16, 100.0, at);
+            p.rate
+        };
+        assert_eq!(tick(&mut p, 0), 100.0);
+        // A backlog beyond the lanes: multiplicative decrease, never below one a second.
+        assert_eq!(tick(&mut p, 17), 70.0);
+        assert!((tick(&mut p, 17) - 49.0).abs() < 1e-9);
+        for _ in 0..50 {
+            tick(&mut p, 100);
+        }
+        assert_eq!(p.rate, 1.0);
+        // A backlog within the lanes holds the rate.
+        assert_eq!(tick(&mut p, 5), 1.0);
+        // None: it grows back, up to the ceiling and no further.
+        assert_eq!(tick(&mut p, 0), 2.1);
+        for _ in 0..100 {
+            tick(&mut p, 0);
+        }
+        assert_eq!(p.rate, 100.0);
+    }
+
+    #[test]
+    fn a_smaller_fleet_lowers_the_ceiling_at_once() {
+        let t0 = Instant::now();
+        let mut p = pace(t0);
+        p.adjust(0, 16, 100.0, t0 + Duration::from_secs(1));
+        p.adjust(0, 16, 10.0, t0 + Duration::from_secs(2));
+        assert_eq!(p.rate, 10.0);
+        assert!(p.allowance <= 10.0);
     }
 }
