@@ -38,7 +38,7 @@ pub const MIN_TTL: u64 = 2;
 /// A node whose key stays there after the watch's return is taken for alive after twice its TTL
 /// and this margin: etcd extends every lease when a leader takes over (a restart, an election),
 /// by an election timeout on top of the TTL, so a dead node's key may outlive one TTL.
-pub const VOUCH_MARGIN: Duration = Duration::from_secs(1);
+pub const LEASE_GRACE: Duration = Duration::from_secs(1);
 
 /// The time an event happens at: the monotonic instant the rules count with, and the wall time
 /// a transition is stamped with (`lastTransitionTime`).
@@ -170,7 +170,7 @@ impl Liveness {
             // Deleted by hand: the agent on the lease writes the key again within a third of
             // its TTL. Dead only if nobody has when the lease would run out.
             tracing::warn!(node, lease_left = ?left, "heartbeat key deleted while its lease lives; Dead only if no agent writes it again before the lease runs out");
-            rec.dead_at = Some(seen_at + left + VOUCH_MARGIN);
+            rec.dead_at = Some(seen_at + left + LEASE_GRACE);
             return;
         }
         let last = last.or_else(|| rec.heartbeat.clone());
@@ -244,7 +244,7 @@ impl Liveness {
                     if hb.is_some() {
                         rec.heartbeat = hb.clone();
                     }
-                    rec.alive_at = Some(now.instant + 2 * ttl + VOUCH_MARGIN);
+                    rec.alive_at = Some(now.instant + 2 * ttl + LEASE_GRACE);
                 }
                 Some(hb) => self.observe_alive(name, hb.clone(), now),
                 None => {
@@ -255,7 +255,7 @@ impl Liveness {
                         // A new store holds no lease yet: a live agent grants one and writes its
                         // key within a third of its TTL. Dead if none has by then.
                         let ttl = Duration::from_secs(rec.ttl_seconds().into());
-                        rec.dead_at.get_or_insert(now.instant + ttl + VOUCH_MARGIN);
+                        rec.dead_at.get_or_insert(now.instant + ttl + LEASE_GRACE);
                     } else if was_live {
                         transition(
                             &mut self.decisions,
@@ -474,6 +474,15 @@ mod tests {
 
     const TTL: u32 = 10;
 
+    /// A state and its reason, as the state table pairs them.
+    type Verdict = (NodeState, LivenessReason);
+    const ALIVE: Verdict = (NodeState::Alive, LivenessReason::HeartbeatSeen);
+    const EXPIRED: Verdict = (NodeState::Dead, LivenessReason::HeartbeatExpired);
+    const STOPPED: Verdict = (NodeState::Dead, LivenessReason::AgentStopped);
+    const ETCD_UNREACHABLE: Verdict = (NodeState::Unknown, LivenessReason::EtcdUnreachable);
+    const NO_HEARTBEAT: Verdict = (NodeState::Unknown, LivenessReason::NoHeartbeat);
+    const CONTROLLER_REMOVED: Verdict = (NodeState::Unknown, LivenessReason::ControllerRemoved);
+
     /// A clock that only moves when the test says so.
     struct Clock {
         start: Instant,
@@ -537,16 +546,22 @@ mod tests {
         }
     }
 
-    fn state(l: &Liveness, node: &str) -> Option<(NodeState, LivenessReason)> {
+    fn state(l: &Liveness, node: &str) -> Option<Verdict> {
         let rec = l.records().get(node)?;
         Some((rec.state()?, rec.reason()?))
     }
 
-    fn transitions(d: &Decisions) -> Vec<(&str, NodeState, LivenessReason)> {
+    fn transitions(d: &Decisions) -> Vec<(&str, Verdict)> {
         d.transitions
             .iter()
-            .map(|t| (t.node.as_str(), t.state, t.reason))
+            .map(|t| (t.node.as_str(), (t.state, t.reason)))
             .collect()
+    }
+
+    /// The transitions decided since the last look are `expected`.
+    #[track_caller]
+    fn assert_decided(l: &mut Liveness, expected: &[(&str, Verdict)]) {
+        assert_eq!(transitions(&l.take_decisions()), expected);
     }
 
     fn names(list: &[&str]) -> BTreeSet<String> {
@@ -586,10 +601,7 @@ mod tests {
         let mut l = started(&clock, &[], &[]);
         l.observe(put("worker-1", heartbeat("worker-1", 0)), clock.now());
         let d = l.take_decisions();
-        assert_eq!(
-            transitions(&d),
-            [("worker-1", NodeState::Alive, LivenessReason::HeartbeatSeen)]
-        );
+        assert_eq!(transitions(&d), [("worker-1", ALIVE)]);
         assert_eq!(d.touched, names(&["worker-1"]));
         let rec = &l.records()["worker-1"];
         assert_eq!(rec.pending_events.len(), 1);
@@ -615,21 +627,14 @@ mod tests {
             clock.now(),
         );
         let d = l.take_decisions();
-        assert_eq!(
-            transitions(&d),
-            [(
-                "worker-1",
-                NodeState::Dead,
-                LivenessReason::HeartbeatExpired
-            )]
-        );
+        assert_eq!(transitions(&d), [("worker-1", EXPIRED)]);
         let rec = &l.records()["worker-1"];
         assert_eq!(rec.dead_seen_at, Some(seen), "the delete times the write");
         assert!(rec.verdict.as_ref().unwrap().message.contains("10s TTL"));
 
         // A second delete (a watch replay) is no second Dead.
         l.observe(expired("worker-1", None, seen), clock.now());
-        assert!(l.take_decisions().transitions.is_empty());
+        assert_decided(&mut l, &[]);
     }
 
     #[test]
@@ -640,10 +645,7 @@ mod tests {
         l.take_decisions();
         // The value before the delete is not always known: the last one seen counts.
         l.observe(expired("worker-1", None, clock.now().instant), clock.now());
-        assert_eq!(
-            transitions(&l.take_decisions()),
-            [("worker-1", NodeState::Dead, LivenessReason::AgentStopped)]
-        );
+        assert_decided(&mut l, &[("worker-1", STOPPED)]);
     }
 
     #[test]
@@ -655,14 +657,7 @@ mod tests {
         let d = l.take_decisions();
         assert_eq!(
             transitions(&d),
-            [
-                (
-                    "worker-1",
-                    NodeState::Dead,
-                    LivenessReason::HeartbeatExpired
-                ),
-                ("worker-1", NodeState::Alive, LivenessReason::HeartbeatSeen)
-            ]
+            [("worker-1", EXPIRED), ("worker-1", ALIVE)]
         );
         assert_eq!(l.records()["worker-1"].dead_seen_at, None);
     }
@@ -688,21 +683,11 @@ mod tests {
         l.observe(put("worker-1", heartbeat("worker-1", 3)), clock.at(3.0));
         // Up to the lease's end and the margin, nothing: exactly at it, the deadline is due.
         l.tick(clock.at(7.999));
-        assert!(l.take_decisions().transitions.is_empty());
+        assert_decided(&mut l, &[]);
         l.tick(clock.at(8.0));
         let d = l.take_decisions();
-        assert_eq!(
-            transitions(&d),
-            [(
-                "worker-2",
-                NodeState::Dead,
-                LivenessReason::HeartbeatExpired
-            )]
-        );
-        assert_eq!(
-            state(&l, "worker-1"),
-            Some((NodeState::Alive, LivenessReason::HeartbeatSeen))
-        );
+        assert_eq!(transitions(&d), [("worker-2", EXPIRED)]);
+        assert_eq!(state(&l, "worker-1"), Some(ALIVE));
         assert_eq!(
             l.records()["worker-1"].pending_events.len(),
             1,
@@ -738,22 +723,12 @@ mod tests {
         assert!(l.watch_lost());
         // Exactly one TTL without a watch is not yet longer than the TTL.
         l.tick(clock.at(11.0));
-        assert!(l.take_decisions().transitions.is_empty());
+        assert_decided(&mut l, &[]);
         l.tick(clock.at(11.001));
         let d = l.take_decisions();
-        assert_eq!(
-            transitions(&d),
-            [(
-                "worker-1",
-                NodeState::Unknown,
-                LivenessReason::EtcdUnreachable
-            )]
-        );
+        assert_eq!(transitions(&d), [("worker-1", ETCD_UNREACHABLE)]);
         assert_eq!(d.touched, names(&["worker-1"]));
-        assert_eq!(
-            state(&l, "worker-2"),
-            Some((NodeState::Dead, LivenessReason::HeartbeatExpired))
-        );
+        assert_eq!(state(&l, "worker-2"), Some(EXPIRED));
         // A second interruption does not move the start of the outage.
         l.observe(
             HeartbeatEvent::Interrupted {
@@ -762,7 +737,7 @@ mod tests {
             clock.at(20.0),
         );
         l.tick(clock.at(30.0));
-        assert!(l.take_decisions().transitions.is_empty());
+        assert_decided(&mut l, &[]);
     }
 
     fn unknown_after_outage(clock: &Clock) -> Liveness {
@@ -774,10 +749,7 @@ mod tests {
             clock.now(),
         );
         l.tick(clock.at(20.0));
-        assert_eq!(
-            state(&l, "worker-1"),
-            Some((NodeState::Unknown, LivenessReason::EtcdUnreachable))
-        );
+        assert_eq!(state(&l, "worker-1"), Some(ETCD_UNREACHABLE));
         l.take_decisions();
         l
     }
@@ -804,84 +776,57 @@ mod tests {
         l.reconcile(heartbeats, store_replaced, listed, &BTreeSet::new(), now);
     }
 
+    /// worker-1 Unknown after an outage, then the heartbeats listed again 25 s in: its key
+    /// written `key_written` seconds after the agent started (or gone).
+    fn relisted_after_outage(clock: &Clock, key_written: Option<i64>) -> Liveness {
+        let mut l = unknown_after_outage(clock);
+        let key: Vec<(&str, Heartbeat)> = key_written
+            .map(|secs| ("worker-1", heartbeat("worker-1", secs)))
+            .into_iter()
+            .collect();
+        relist(&mut l, &key, false, clock.at(25.0));
+        l
+    }
+
     #[test]
     fn after_an_outage_a_heartbeat_written_since_proves_life_at_once() {
         let clock = Clock::new();
-        let mut l = unknown_after_outage(&clock);
-        relist(
-            &mut l,
-            &[("worker-1", heartbeat("worker-1", 25))],
-            false,
-            clock.at(25.0),
-        );
-        assert_eq!(
-            transitions(&l.take_decisions()),
-            [("worker-1", NodeState::Alive, LivenessReason::HeartbeatSeen)]
-        );
+        let mut l = relisted_after_outage(&clock, Some(25));
+        assert_decided(&mut l, &[("worker-1", ALIVE)]);
     }
 
     #[test]
     fn after_an_outage_an_old_key_is_alive_only_once_it_outlived_twice_its_ttl() {
         let clock = Clock::new();
-        let mut l = unknown_after_outage(&clock);
         // The same value as before the outage: etcd may have extended a dead node's lease.
-        relist(
-            &mut l,
-            &[("worker-1", heartbeat("worker-1", 0))],
-            false,
-            clock.at(25.0),
-        );
-        assert!(l.take_decisions().transitions.is_empty());
+        let mut l = relisted_after_outage(&clock, Some(0));
+        assert_decided(&mut l, &[]);
         assert!(!l.watch_lost());
         // Vouched for at 25 + 2 x 10 + 1 s.
         l.tick(clock.at(45.999));
-        assert!(l.take_decisions().transitions.is_empty());
+        assert_decided(&mut l, &[]);
         l.tick(clock.at(46.0));
-        assert_eq!(
-            transitions(&l.take_decisions()),
-            [("worker-1", NodeState::Alive, LivenessReason::HeartbeatSeen)]
-        );
+        assert_decided(&mut l, &[("worker-1", ALIVE)]);
     }
 
     #[test]
     fn after_an_outage_an_old_key_that_expires_is_dead_once() {
         let clock = Clock::new();
-        let mut l = unknown_after_outage(&clock);
-        relist(
-            &mut l,
-            &[("worker-1", heartbeat("worker-1", 0))],
-            false,
-            clock.at(25.0),
-        );
+        let mut l = relisted_after_outage(&clock, Some(0));
         l.observe(
             expired("worker-1", None, clock.at(33.0).instant),
             clock.at(33.0),
         );
         l.tick(clock.at(60.0));
-        assert_eq!(
-            transitions(&l.take_decisions()),
-            [(
-                "worker-1",
-                NodeState::Dead,
-                LivenessReason::HeartbeatExpired
-            )]
-        );
+        assert_decided(&mut l, &[("worker-1", EXPIRED)]);
     }
 
     #[test]
     fn after_an_outage_a_key_gone_from_the_list_is_dead() {
         let clock = Clock::new();
-        let mut l = unknown_after_outage(&clock);
-        relist(&mut l, &[], false, clock.at(25.0));
+        let mut l = relisted_after_outage(&clock, None);
         let d = l.take_decisions();
-        assert_eq!(
-            transitions(&d),
-            [(
-                "worker-1",
-                NodeState::Dead,
-                LivenessReason::HeartbeatExpired
-            )]
-        );
+        assert_eq!(transitions(&d), [("worker-1", EXPIRED)]);
         assert!(d.touched.contains("worker-1"));
     }
 
@@ -894,20 +839,10 @@ mod tests {
         // worker-1's agent grants a lease on the new store and writes its key.
         l.observe(put("worker-1", heartbeat("worker-1", 2)), clock.at(2.0));
         l.tick(clock.at(11.999));
-        assert!(l.take_decisions().transitions.is_empty());
+        assert_decided(&mut l, &[]);
         l.tick(clock.at(12.0));
-        assert_eq!(
-            transitions(&l.take_decisions()),
-            [(
-                "worker-2",
-                NodeState::Dead,
-                LivenessReason::HeartbeatExpired
-            )]
-        );
-        assert_eq!(
-            state(&l, "worker-1"),
-            Some((NodeState::Alive, LivenessReason::HeartbeatSeen))
-        );
+        assert_decided(&mut l, &[("worker-2", EXPIRED)]);
+        assert_eq!(state(&l, "worker-1"), Some(ALIVE));
     }
 
     #[test]
@@ -924,22 +859,13 @@ mod tests {
             &names(&["worker-1"]),
             clock.now(),
         );
-        assert_eq!(
-            transitions(&l.take_decisions()),
-            [("worker-1", NodeState::Unknown, LivenessReason::NoHeartbeat)]
-        );
+        assert_decided(&mut l, &[("worker-1", NO_HEARTBEAT)]);
         // Its agent starts.
         l.observe(put("worker-1", heartbeat("worker-1", 0)), clock.now());
-        assert_eq!(
-            transitions(&l.take_decisions()),
-            [("worker-1", NodeState::Alive, LivenessReason::HeartbeatSeen)]
-        );
+        assert_decided(&mut l, &[("worker-1", ALIVE)]);
         // A second Node joins; then it is deleted before any agent ran there.
         l.nodes_changed(&names(&["worker-1", "worker-2"]), clock.now());
-        assert_eq!(
-            transitions(&l.take_decisions()),
-            [("worker-2", NodeState::Unknown, LivenessReason::NoHeartbeat)]
-        );
+        assert_decided(&mut l, &[("worker-2", NO_HEARTBEAT)]);
         l.nodes_changed(&names(&["worker-1"]), clock.now());
         assert!(!l.records().contains_key("worker-2"));
         // A node with a heartbeat stays, Node object or not (simulated nodes have none).
@@ -980,16 +906,10 @@ mod tests {
             [],
             "the statuses already say it: no transition, no Event"
         );
-        assert_eq!(
-            state(&l, "worker-2"),
-            Some((NodeState::Dead, LivenessReason::HeartbeatExpired))
-        );
+        assert_eq!(state(&l, "worker-2"), Some(EXPIRED));
         // ControllerRemoved is adopted as the API server shows it (the writer then writes the
         // true state: worker-4 has no heartbeat, so it is reconsidered).
-        assert_eq!(
-            state(&l, "worker-4"),
-            Some((NodeState::Unknown, LivenessReason::ControllerRemoved))
-        );
+        assert_eq!(state(&l, "worker-4"), Some(CONTROLLER_REMOVED));
         assert!(d.touched.contains("worker-4"));
         assert!(l.records().values().all(|r| r.pending_events.is_empty()));
     }
@@ -1009,14 +929,7 @@ mod tests {
             &names(&["worker-1"]),
             clock.now(),
         );
-        assert_eq!(
-            transitions(&l.take_decisions()),
-            [(
-                "worker-1",
-                NodeState::Dead,
-                LivenessReason::HeartbeatExpired
-            )]
-        );
+        assert_decided(&mut l, &[("worker-1", EXPIRED)]);
     }
 
     #[test]
@@ -1040,14 +953,7 @@ mod tests {
         l.tick(clock.at(10.0));
         assert!(l.take_decisions().transitions.is_empty(), "within the TTL");
         l.tick(clock.at(10.5));
-        assert_eq!(
-            transitions(&l.take_decisions()),
-            [(
-                "worker-1",
-                NodeState::Unknown,
-                LivenessReason::EtcdUnreachable
-            )]
-        );
+        assert_decided(&mut l, &[("worker-1", ETCD_UNREACHABLE)]);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::Api;
 use kube::runtime::events::Recorder;
 use kube::{Client, ResourceExt};
-use nodepulse_crd::v1alpha1::{MonitorNode, MonitorNodeStatus};
+use nodepulse_crd::v1alpha1::MonitorNode;
 use nodepulse_crd::wire::ConfigValue;
 use nodepulse_runtime::Backoff;
 use tokio::sync::{Semaphore, watch};
@@ -28,7 +28,7 @@ use crate::metrics::Metrics;
 use crate::status::apply::{WriteJob, write_status};
 use crate::status::events::TransitionEvents;
 use crate::status::node_condition::NodeConditions;
-use crate::status::record::{NodeRecord, Verdict};
+use crate::status::record::NodeRecord;
 use crate::status::render::{compute_status, from_an_earlier_run, usage_moved, without_usage};
 
 /// Usage-only changes too small to matter are still written after this many usage intervals,
