@@ -17,6 +17,9 @@ use tokio::sync::{Notify, watch as signal};
 
 use crate::error::{Error, Result};
 
+/// The well-known label naming a Node's zone.
+pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
+
 /// A node's labels (empty for a node that has a MonitorNode but no Node object).
 pub type Labels = BTreeMap<String, String>;
 
@@ -151,6 +154,18 @@ impl Inventory {
     /// The names of the Node objects in the cache.
     pub fn node_names(&self) -> impl Iterator<Item = String> + use<> {
         self.nodes.state().into_iter().map(|n| n.name_any())
+    }
+
+    /// Each Node object's zone (its `topology.kubernetes.io/zone` label; empty without one).
+    pub fn node_zones(&self) -> BTreeMap<String, String> {
+        self.nodes
+            .state()
+            .iter()
+            .map(|n| {
+                let zone = n.labels().get(ZONE_LABEL).cloned().unwrap_or_default();
+                (n.name_any(), zone)
+            })
+            .collect()
     }
 
     /// A receiver that sees every change [`Inventory::changed`] signals, for a listener of its

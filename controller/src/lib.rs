@@ -45,9 +45,18 @@ use crate::inventory::{Inventory, StoreReady};
 use crate::leader::LeaderArgs;
 use crate::metrics::Metrics;
 use crate::status::heartbeats::HeartbeatWatcher;
+use crate::status::liveness::DisruptionBrake;
 use crate::status::node_condition::NodeConditions;
 use crate::status::tracker::LivenessTracker;
 use crate::status::writer::{StatusSettings, StatusWriter};
+
+/// A share from 0 to 1.
+fn parse_share(s: &str) -> std::result::Result<f64, String> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if (0.0..=1.0).contains(&v) => Ok(v),
+        _ => Err(format!("{s:?} is not a share from 0 to 1, such as 0.55")),
+    }
+}
 
 /// The one field manager of every write the controller makes.
 pub const FIELD_MANAGER: &str = "nodepulse-controller";
@@ -75,6 +84,17 @@ pub struct Args {
     /// Most MonitorNode status writes in flight at once.
     #[arg(long, env = "NODEPULSE_MAX_CONCURRENT_WRITES", default_value_t = 32)]
     pub max_concurrent_writes: usize,
+
+    /// When more than this share (0 to 1) of a zone's or of the fleet's live nodes lose their
+    /// heartbeat within one TTL, they are Unknown (MassDisruption), not Dead: a network or etcd
+    /// fault is likelier than so many deaths. 1 turns the brake off.
+    #[arg(long, env = "NODEPULSE_DISRUPTION_THRESHOLD", default_value_t = 0.55, value_parser = parse_share)]
+    pub disruption_threshold: f64,
+
+    /// The fewest lost nodes that make a mass disruption: fewer are deaths, whatever their
+    /// share (a small cluster's).
+    #[arg(long, env = "NODEPULSE_DISRUPTION_MIN_NODES", default_value_t = 3)]
+    pub disruption_min_nodes: usize,
 
     /// How often the config keys are checked against the MonitorConfigs even if nothing
     /// signalled a change.
@@ -222,18 +242,24 @@ async fn run_reconcilers(
         true => Some(NodeConditions::load(client.clone(), args.usage_write_interval).await),
         false => None,
     };
-    let tracker = LivenessTracker::new(StatusWriter::new(
-        client.clone(),
-        recorder,
-        inventory.clone(),
-        metrics.clone(),
-        desired_rx,
-        StatusSettings {
-            usage_write_interval: args.usage_write_interval,
-            max_concurrent_writes: args.max_concurrent_writes,
-            node_conditions,
+    let tracker = LivenessTracker::new(
+        StatusWriter::new(
+            client.clone(),
+            recorder,
+            inventory.clone(),
+            metrics.clone(),
+            desired_rx,
+            StatusSettings {
+                usage_write_interval: args.usage_write_interval,
+                max_concurrent_writes: args.max_concurrent_writes,
+                node_conditions,
+            },
+        ),
+        DisruptionBrake {
+            threshold: args.disruption_threshold,
+            min_nodes: args.disruption_min_nodes,
         },
-    ));
+    );
     // Owner references need the Node cache; liveness does not wait long for it.
     let ready = inventory.clone();
     let liveness = async move {

@@ -58,6 +58,10 @@ pub struct Metrics {
     pub nodes: Family<StateLabel, Gauge>,
     /// Liveness transitions, by the state entered.
     pub transitions: Family<StateLabel, Counter>,
+    /// Mass disruptions found: heartbeats lost together by more than the brake's share.
+    pub disruptions: Counter,
+    /// Nodes Unknown now because their heartbeat was lost in a mass disruption.
+    pub nodes_disrupted: Gauge,
     /// Failed reconciles and writes, by reconciler.
     pub reconcile_errors: Family<ReconcilerLabel, Counter>,
     /// Seconds from an etcd delete event on a heartbeat key to the Dead status being written.
@@ -85,6 +89,18 @@ impl Default for Metrics {
             "transitions",
             "Node liveness transitions, by the state entered",
             transitions.clone(),
+        );
+        let disruptions = Counter::default();
+        registry.register(
+            "mass_disruptions",
+            "Mass disruptions found: more than the brake's share of a zone's or the fleet's live nodes lost their heartbeat within one TTL, so they were marked Unknown instead of Dead",
+            disruptions.clone(),
+        );
+        let nodes_disrupted = Gauge::default();
+        registry.register(
+            "nodes_disrupted",
+            "Nodes Unknown because their heartbeat was lost in a mass disruption (reason MassDisruption)",
+            nodes_disrupted.clone(),
         );
         let reconcile_errors = Family::<ReconcilerLabel, Counter>::default();
         // Exported at 0 from the start: a series that appears only at the first error hides
@@ -140,6 +156,8 @@ impl Default for Metrics {
             registry,
             nodes,
             transitions,
+            disruptions,
+            nodes_disrupted,
             reconcile_errors,
             dead_detection,
             status_writes,

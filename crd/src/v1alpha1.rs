@@ -42,17 +42,23 @@ pub enum LivenessReason {
     NoHeartbeat,
     /// Unknown: the controller was uninstalled, so nothing updates the status any more.
     ControllerRemoved,
+    /// Unknown: the heartbeat was lost together with those of more than a set share of the
+    /// node's zone or of the fleet within one TTL. A mass loss is a network or etcd fault far
+    /// more often than a mass death, so nodepulse does not say Dead (and asks for no
+    /// remediation) until the heartbeats tell it more.
+    MassDisruption,
 }
 
 impl LivenessReason {
     /// Every reason, in the order of the states they explain.
-    pub const ALL: [LivenessReason; 6] = [
+    pub const ALL: [LivenessReason; 7] = [
         LivenessReason::HeartbeatSeen,
         LivenessReason::HeartbeatExpired,
         LivenessReason::AgentStopped,
         LivenessReason::EtcdUnreachable,
         LivenessReason::NoHeartbeat,
         LivenessReason::ControllerRemoved,
+        LivenessReason::MassDisruption,
     ];
 
     /// The status's `reason` string.
@@ -64,6 +70,7 @@ impl LivenessReason {
             LivenessReason::EtcdUnreachable => "EtcdUnreachable",
             LivenessReason::NoHeartbeat => "NoHeartbeat",
             LivenessReason::ControllerRemoved => "ControllerRemoved",
+            LivenessReason::MassDisruption => "MassDisruption",
         }
     }
 
@@ -76,6 +83,7 @@ impl LivenessReason {
             LivenessReason::EtcdUnreachable => "etcd unreachable",
             LivenessReason::NoHeartbeat => "no heartbeat yet",
             LivenessReason::ControllerRemoved => "controller removed",
+            LivenessReason::MassDisruption => "mass disruption",
         }
     }
 
@@ -114,7 +122,7 @@ pub fn transition_line(node: &str, state: NodeState, reason: LivenessReason) -> 
     category = "monitoring",
     status = "MonitorNodeStatus",
     doc = "Liveness and latest usage of one node, as its nodepulse agent reports them through etcd.",
-    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.state","description":"Alive: a heartbeat on a live lease. Dead: the lease expired (reason HeartbeatExpired or AgentStopped). Unknown: nodepulse cannot tell (reason EtcdUnreachable, NoHeartbeat or ControllerRemoved)"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.state","description":"Alive: a heartbeat on a live lease. Dead: the lease expired (reason HeartbeatExpired or AgentStopped). Unknown: nodepulse cannot tell (reason EtcdUnreachable, MassDisruption, NoHeartbeat or ControllerRemoved)"}"#,
     printcolumn = r#"{"name":"CPU%","type":"number","jsonPath":".status.usage.cpuPercent"}"#,
     printcolumn = r#"{"name":"Memory%","type":"number","jsonPath":".status.usage.memoryPercent"}"#,
     printcolumn = r#"{"name":"Disk%","type":"number","jsonPath":".status.usage.diskPercent"}"#,
@@ -135,7 +143,8 @@ pub struct MonitorNodeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<NodeState>,
     /// Machine-readable cause of the state: HeartbeatSeen (Alive); HeartbeatExpired or
-    /// AgentStopped (Dead); EtcdUnreachable, NoHeartbeat or ControllerRemoved (Unknown).
+    /// AgentStopped (Dead); EtcdUnreachable, MassDisruption, NoHeartbeat or ControllerRemoved
+    /// (Unknown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// A sentence for people.

@@ -40,6 +40,45 @@ pub const MIN_TTL: u64 = 2;
 /// by an election timeout on top of the TTL, so a dead node's key may outlive one TTL.
 pub const LEASE_GRACE: Duration = Duration::from_secs(1);
 
+/// The brake on mass verdicts: when more than `threshold` of a zone's or of the fleet's live
+/// nodes lose their heartbeat within one TTL, and at least `min_nodes` of them, they are Unknown
+/// (`MassDisruption`), not Dead. The node lifecycle controller stops evicting on the same rule
+/// (`--unhealthy-zone-threshold` 0.55, more than two nodes), and so do Node Health Check's
+/// `minHealthy` and Cluster API's `maxUnhealthy`: a rack switch, a zone's network or one etcd
+/// member failing looks like a mass death and is not one.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct DisruptionBrake {
+    /// The share of live nodes (0 to 1) whose loss within one TTL is a disruption; 1 turns the
+    /// brake off.
+    pub threshold: f64,
+    /// The fewest lost nodes that can make a disruption: below it, a small cluster's losses
+    /// are deaths.
+    pub min_nodes: usize,
+}
+
+impl Default for DisruptionBrake {
+    fn default() -> Self {
+        DisruptionBrake {
+            threshold: 0.55,
+            min_nodes: 3,
+        }
+    }
+}
+
+impl DisruptionBrake {
+    /// How long a lost heartbeat waits before it is judged, so that the losses of nodes cut off
+    /// together are counted together: their leases run out within a keep-alive period (TTL/3)
+    /// of each other, and etcd revokes expired leases every half second. At most 1.5 s, which
+    /// keeps a real death's Dead within TTL + 2 s.
+    pub fn hold(&self, ttl_seconds: u32) -> Duration {
+        if self.threshold >= 1.0 {
+            return Duration::ZERO;
+        }
+        (Duration::from_secs(ttl_seconds.into()) / 3 + Duration::from_millis(500))
+            .min(Duration::from_millis(1500))
+    }
+}
+
 /// The time an event happens at: the monotonic instant the rules count with, and the wall time
 /// a transition is stamped with (`lastTransitionTime`).
 #[derive(Clone, Copy, Debug)]
@@ -73,17 +112,40 @@ pub struct Transition {
 }
 
 /// What the rules decided since the last [`Liveness::take_decisions`].
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default, PartialEq)]
 pub struct Decisions {
     /// Transitions, in the order they happened.
     pub transitions: Vec<Transition>,
     /// Nodes whose status the writer should look at again (it writes only what changed).
     pub touched: BTreeSet<String>,
+    /// Mass disruptions found (each made its lost nodes Unknown instead of Dead).
+    pub disruptions: Vec<Disruption>,
+}
+
+/// A mass loss of heartbeats.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Disruption {
+    /// The zone it hit; `None`: the fleet.
+    pub zone: Option<String>,
+    /// Nodes that lost their heartbeat within the window.
+    pub lost: usize,
+    /// Live nodes in its scope (the lost ones included).
+    pub live: usize,
+    /// The window: one TTL and the hold.
+    pub window: Duration,
 }
 
 /// Every node's record and the rules that move it.
 pub struct Liveness {
     records: HashMap<String, NodeRecord>,
+    /// Each Node's zone (empty: none); nodes without a Node object are in the empty zone too.
+    zones: BTreeMap<String, String>,
+    brake: DisruptionBrake,
+    /// When each disruption (by zone; `None`: the fleet) was last found: losses that join it
+    /// within a window are the same disruption, reported once.
+    disruptions_seen: BTreeMap<Option<String>, Instant>,
+    /// The earliest `dead_at` of any record, or earlier (never later).
+    next_dead_at: Option<Instant>,
     /// Since when the heartbeat watch has been down (from the start until the first list).
     watch_lost_since: Option<Instant>,
     /// The MonitorNodes were read from the API server at least once (by a snapshot, or, when
@@ -94,9 +156,13 @@ pub struct Liveness {
 
 impl Liveness {
     /// No records yet, and no watch since `started`: nothing is known until the first list.
-    pub fn new(started: Instant) -> Self {
+    pub fn new(started: Instant, brake: DisruptionBrake) -> Self {
         Liveness {
             records: HashMap::new(),
+            zones: BTreeMap::new(),
+            brake,
+            next_dead_at: None,
+            disruptions_seen: BTreeMap::new(),
             watch_lost_since: Some(started),
             adopted: false,
             decisions: Decisions::default(),
@@ -131,6 +197,14 @@ impl Liveness {
         counts
     }
 
+    /// Nodes Unknown because of a mass disruption.
+    pub fn disrupted(&self) -> usize {
+        self.records
+            .values()
+            .filter(|r| r.reason() == Some(LivenessReason::MassDisruption))
+            .count()
+    }
+
     /// Whether the heartbeats cannot be seen right now.
     pub fn watch_lost(&self) -> bool {
         self.watch_lost_since.is_some()
@@ -151,7 +225,7 @@ impl Liveness {
                 last,
                 lease_left,
                 seen_at,
-            } => self.observe_delete(&node, last, lease_left, seen_at, now),
+            } => self.observe_delete(&node, last, lease_left, seen_at),
         }
     }
 
@@ -161,7 +235,6 @@ impl Liveness {
         last: Option<Heartbeat>,
         lease_left: Option<Duration>,
         seen_at: Instant,
-        now: Now,
     ) {
         let Some(rec) = self.records.get_mut(node) else {
             return;
@@ -170,7 +243,9 @@ impl Liveness {
             // Deleted by hand: the agent on the lease writes the key again within a third of
             // its TTL. Dead only if nobody has when the lease would run out.
             tracing::warn!(node, lease_left = ?left, "heartbeat key deleted while its lease lives; Dead only if no agent writes it again before the lease runs out");
-            rec.dead_at = Some(seen_at + left + LEASE_GRACE);
+            let at = seen_at + left + LEASE_GRACE;
+            rec.dead_at = Some(at);
+            self.next_dead_at = Some(self.next_dead_at.map_or(at, |n| n.min(at)));
             return;
         }
         let last = last.or_else(|| rec.heartbeat.clone());
@@ -192,20 +267,16 @@ impl Liveness {
             )
         };
         rec.alive_at = None;
-        rec.dead_at = None;
-        if rec.state() != Some(NodeState::Dead) {
-            rec.dead_seen_at = Some(seen_at);
-            transition(
-                &mut self.decisions,
-                node,
-                rec,
-                NodeState::Dead,
-                reason,
-                message,
-                now,
-            );
+        if rec.state() == Some(NodeState::Dead) {
+            rec.dead_at = None;
+            return;
         }
-        self.decisions.touched.insert(node.to_string());
+        // Judged in a moment (see [`DisruptionBrake::hold`]), with the losses around it.
+        rec.lost_at = Some(seen_at);
+        rec.dead_reason = Some((reason, message));
+        let at = seen_at + self.brake.hold(rec.ttl_seconds());
+        rec.dead_at = Some(at);
+        self.next_dead_at = Some(self.next_dead_at.map_or(at, |n| n.min(at)));
     }
 
     /// A snapshot of the heartbeat keys, reconciled against every MonitorNode's status as the
@@ -216,7 +287,7 @@ impl Liveness {
         heartbeats: BTreeMap<String, Option<Heartbeat>>,
         store_replaced: bool,
         listed: BTreeMap<String, Option<MonitorNodeStatus>>,
-        nodes: &BTreeSet<String>,
+        nodes: &BTreeMap<String, String>,
         now: Now,
     ) {
         for (name, rec) in self.records.iter_mut() {
@@ -256,17 +327,17 @@ impl Liveness {
                         // key within a third of its TTL. Dead if none has by then.
                         let ttl = Duration::from_secs(rec.ttl_seconds().into());
                         rec.dead_at.get_or_insert(now.instant + ttl + LEASE_GRACE);
-                    } else if was_live {
-                        transition(
-                            &mut self.decisions,
-                            name,
-                            rec,
-                            NodeState::Dead,
+                    } else if was_live && rec.dead_at.is_none() {
+                        rec.lost_at = Some(now.instant);
+                        rec.dead_reason = Some((
                             LivenessReason::HeartbeatExpired,
                             "the heartbeat key was gone when the controller listed the heartbeats"
                                 .into(),
-                            now,
-                        );
+                        ));
+                        rec.dead_at = Some(now.instant + self.brake.hold(rec.ttl_seconds()));
+                    }
+                    if let Some(at) = rec.dead_at {
+                        self.next_dead_at = Some(self.next_dead_at.map_or(at, |n| n.min(at)));
                     }
                 }
             }
@@ -282,12 +353,13 @@ impl Liveness {
     /// written a heartbeat is `Unknown` (`NoHeartbeat`), so that `kubectl get monitornodes` shows
     /// the whole cluster. Its record goes with its Node (the MonitorNode itself goes through its
     /// owner reference).
-    pub fn nodes_changed(&mut self, nodes: &BTreeSet<String>, now: Now) {
+    pub fn nodes_changed(&mut self, nodes: &BTreeMap<String, String>, now: Now) {
+        self.zones.clone_from(nodes);
         if self.watch_lost_since.is_some() {
             // The heartbeats are not known right now: "never seen" cannot be told.
             return;
         }
-        for name in nodes {
+        for name in nodes.keys() {
             if self.records.get(name).is_some_and(|r| r.verdict.is_some()) {
                 continue;
             }
@@ -305,7 +377,7 @@ impl Liveness {
             self.decisions.touched.insert(name.clone());
         }
         self.records.retain(|name, rec| {
-            nodes.contains(name)
+            nodes.contains_key(name)
                 || rec.heartbeat.is_some()
                 || rec.reason() != Some(LivenessReason::NoHeartbeat)
         });
@@ -330,6 +402,12 @@ impl Liveness {
             let rec = self.records.entry(name.clone()).or_default();
             rec.adopt_listed(status.as_ref(), now.instant, now.wall);
         }
+    }
+
+    /// When the next verdict on a lost heartbeat is due, if one is waiting: the task wakes
+    /// then, so a Dead is not late by a tick.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.next_dead_at
     }
 
     /// Time passed: the deadlines that are due now fire.
@@ -387,40 +465,163 @@ impl Liveness {
         }
     }
 
-    /// Nodes whose key went away without their lease expiring and was not written again in
-    /// time: their lease has run out by now, so they are Dead.
+    /// Nodes whose heartbeat was lost and not written again in time: Dead, unless they are
+    /// part of a mass disruption.
     fn confirm_dead_due(&mut self, now: Now) {
         if self.watch_lost_since.is_some() {
             return;
         }
-        for (name, rec) in self.records.iter_mut() {
-            if rec.dead_at.is_none_or(|at| at > now.instant) {
+        let mut due: Vec<String> = self
+            .records
+            .iter()
+            .filter(|(_, rec)| rec.dead_at.is_some_and(|at| at <= now.instant))
+            .map(|(name, _)| name.clone())
+            .collect();
+        due.sort();
+        self.next_dead_at = self
+            .records
+            .values()
+            .filter_map(|r| r.dead_at)
+            .filter(|at| *at > now.instant)
+            .min();
+        for name in due {
+            let rec = self.records.get_mut(&name).expect("due");
+            if rec.dead_at.is_none() {
+                continue; // taken in a disruption judged just before
+            }
+            // A key that went away by hand or with a rebuilt store is lost now.
+            rec.lost_at = rec.lost_at.or(rec.dead_at);
+            if let Some(scope) = self.disruption(&name, now.instant) {
+                self.brake_disruption(scope, now);
                 continue;
             }
+            let rec = self.records.get_mut(&name).expect("due");
             let dead_since = rec.dead_at.take();
+            let (reason, message) = rec.dead_reason.take().unwrap_or_else(|| {
+                (
+                    LivenessReason::HeartbeatExpired,
+                    format!(
+                        "the heartbeat key went away and no agent wrote it again within its {}s TTL",
+                        rec.ttl_seconds()
+                    ),
+                )
+            });
             if rec.state() != Some(NodeState::Dead) {
-                rec.dead_seen_at = dead_since;
-                let message = format!(
-                    "the heartbeat key went away and no agent wrote it again within its {}s TTL",
-                    rec.ttl_seconds()
-                );
+                rec.dead_seen_at = rec.lost_at.or(dead_since);
                 transition(
                     &mut self.decisions,
-                    name,
+                    &name,
                     rec,
                     NodeState::Dead,
-                    LivenessReason::HeartbeatExpired,
+                    reason,
                     message,
                     now,
                 );
             }
+            self.decisions.touched.insert(name);
+        }
+    }
+
+    /// Whether `node`'s lost heartbeat is part of a mass disruption: of the live nodes of its
+    /// zone, or of the fleet, more than the brake's share lost theirs within one TTL.
+    fn disruption(&self, node: &str, now: Instant) -> Option<Disruption> {
+        if self.brake.threshold >= 1.0 {
+            return None;
+        }
+        let rec = &self.records[node];
+        let window =
+            Duration::from_secs(rec.ttl_seconds().into()) + self.brake.hold(rec.ttl_seconds());
+        let zone = self.zones.get(node).cloned().unwrap_or_default();
+        let mut fleet = (0, 0);
+        let mut in_zone = (0, 0);
+        for (name, r) in &self.records {
+            let lost = r
+                .lost_at
+                .is_some_and(|at| now.saturating_duration_since(at) <= window);
+            let live = lost || r.state() == Some(NodeState::Alive);
+            if !live {
+                continue;
+            }
+            let same_zone = self.zones.get(name).map_or("", String::as_str) == zone;
+            for (counts, counted) in [(&mut fleet, true), (&mut in_zone, same_zone)] {
+                if counted {
+                    counts.0 += usize::from(lost);
+                    counts.1 += 1;
+                }
+            }
+        }
+        let disrupted = |(lost, live): (usize, usize)| {
+            lost >= self.brake.min_nodes && lost as f64 > self.brake.threshold * live as f64
+        };
+        if disrupted(fleet) {
+            Some(Disruption {
+                zone: None,
+                lost: fleet.0,
+                live: fleet.1,
+                window,
+            })
+        } else if !zone.is_empty() && disrupted(in_zone) {
+            Some(Disruption {
+                zone: Some(zone),
+                lost: in_zone.0,
+                live: in_zone.1,
+                window,
+            })
+        } else {
+            None
+        }
+    }
+
+    /// Every node lost within the disruption's window and scope is Unknown (`MassDisruption`):
+    /// those waiting for their verdict, and those already shown Dead in it.
+    fn brake_disruption(&mut self, d: Disruption, now: Now) {
+        let scope = match &d.zone {
+            Some(zone) => format!("zone {zone}"),
+            None => "the fleet".to_string(),
+        };
+        let message = format!(
+            "{} of {} live nodes in {scope} lost their heartbeat within {:.0}s, more than {:.0}%: a network or etcd fault is likelier than so many deaths, so nodepulse cannot tell whether this node is alive",
+            d.lost,
+            d.live,
+            d.window.as_secs_f64(),
+            self.brake.threshold * 100.0,
+        );
+        for (name, rec) in self.records.iter_mut() {
+            let in_scope = match &d.zone {
+                Some(zone) => self.zones.get(name) == Some(zone),
+                None => true,
+            };
+            let lost = rec
+                .lost_at
+                .is_some_and(|at| now.instant.saturating_duration_since(at) <= d.window);
+            if !in_scope || !lost || rec.reason() == Some(LivenessReason::MassDisruption) {
+                continue;
+            }
+            rec.dead_at = None;
+            rec.dead_reason = None;
+            rec.dead_seen_at = None;
+            transition(
+                &mut self.decisions,
+                name,
+                rec,
+                NodeState::Unknown,
+                LivenessReason::MassDisruption,
+                message.clone(),
+                now,
+            );
             self.decisions.touched.insert(name.clone());
+        }
+        let last = self.disruptions_seen.insert(d.zone.clone(), now.instant);
+        if last.is_none_or(|at| now.instant.saturating_duration_since(at) > d.window) {
+            self.decisions.disruptions.push(d);
         }
     }
 
     fn observe_alive(&mut self, node: &str, heartbeat: Option<Heartbeat>, now: Now) {
         let rec = self.records.entry(node.to_string()).or_default();
         rec.dead_at = None;
+        rec.dead_reason = None;
+        rec.lost_at = None;
         if heartbeat.is_some() {
             rec.heartbeat = heartbeat;
         }
@@ -482,6 +683,7 @@ mod tests {
     const ETCD_UNREACHABLE: Verdict = (NodeState::Unknown, LivenessReason::EtcdUnreachable);
     const NO_HEARTBEAT: Verdict = (NodeState::Unknown, LivenessReason::NoHeartbeat);
     const CONTROLLER_REMOVED: Verdict = (NodeState::Unknown, LivenessReason::ControllerRemoved);
+    const MASS_DISRUPTION: Verdict = (NodeState::Unknown, LivenessReason::MassDisruption);
 
     /// A clock that only moves when the test says so.
     struct Clock {
@@ -564,6 +766,16 @@ mod tests {
         assert_eq!(transitions(&l.take_decisions()), expected);
     }
 
+    /// How long a lost heartbeat waits for its verdict at TTL 10 s.
+    const HOLD: f64 = 1.5;
+
+    /// Nodes in `zone`, as the inventory gives them.
+    fn nodes_in(zone: &str, list: &[&str]) -> BTreeMap<String, String> {
+        list.iter()
+            .map(|n| (n.to_string(), zone.to_string()))
+            .collect()
+    }
+
     fn names(list: &[&str]) -> BTreeSet<String> {
         list.iter().map(|n| n.to_string()).collect()
     }
@@ -579,7 +791,7 @@ mod tests {
 
     /// A tracker that has listed once: `alive` hold keys, `nodes` are the Node objects.
     fn started(clock: &Clock, alive: &[&str], nodes: &[&str]) -> Liveness {
-        let mut l = Liveness::new(clock.now().instant);
+        let mut l = Liveness::new(clock.now().instant, DisruptionBrake::default());
         let heartbeats = alive
             .iter()
             .map(|n| (n.to_string(), Some(heartbeat(n, 0))))
@@ -588,7 +800,7 @@ mod tests {
             heartbeats,
             false,
             BTreeMap::new(),
-            &names(nodes),
+            &nodes_in("", nodes),
             clock.now(),
         );
         l.take_decisions();
@@ -626,8 +838,15 @@ mod tests {
             expired("worker-1", Some(heartbeat("worker-1", 0)), seen),
             clock.now(),
         );
+        // Judged a moment later, with the losses around it.
+        assert_decided(&mut l, &[]);
+        assert_eq!(l.next_deadline(), Some(clock.at(11.0 + HOLD).instant));
+        l.tick(clock.at(11.0 + HOLD - 0.001));
+        assert_decided(&mut l, &[]);
+        l.tick(clock.at(11.0 + HOLD));
         let d = l.take_decisions();
         assert_eq!(transitions(&d), [("worker-1", EXPIRED)]);
+        assert_eq!(l.next_deadline(), None);
         let rec = &l.records()["worker-1"];
         assert_eq!(rec.dead_seen_at, Some(seen), "the delete times the write");
         assert!(rec.verdict.as_ref().unwrap().message.contains("10s TTL"));
@@ -645,6 +864,7 @@ mod tests {
         l.take_decisions();
         // The value before the delete is not always known: the last one seen counts.
         l.observe(expired("worker-1", None, clock.now().instant), clock.now());
+        l.tick(clock.at(HOLD));
         assert_decided(&mut l, &[("worker-1", STOPPED)]);
     }
 
@@ -653,6 +873,7 @@ mod tests {
         let clock = Clock::new();
         let mut l = started(&clock, &["worker-1"], &[]);
         l.observe(expired("worker-1", None, clock.now().instant), clock.now());
+        l.tick(clock.at(HOLD));
         l.observe(put("worker-1", heartbeat("worker-1", 30)), clock.at(30.0));
         let d = l.take_decisions();
         assert_eq!(
@@ -713,18 +934,19 @@ mod tests {
         let clock = Clock::new();
         let mut l = started(&clock, &["worker-1", "worker-2"], &[]);
         l.observe(expired("worker-2", None, clock.now().instant), clock.now());
+        l.tick(clock.at(HOLD));
         l.take_decisions();
         l.observe(
             HeartbeatEvent::Interrupted {
-                since: clock.at(1.0).instant,
+                since: clock.at(2.0).instant,
             },
-            clock.at(1.0),
+            clock.at(2.0),
         );
         assert!(l.watch_lost());
         // Exactly one TTL without a watch is not yet longer than the TTL.
-        l.tick(clock.at(11.0));
+        l.tick(clock.at(12.0));
         assert_decided(&mut l, &[]);
-        l.tick(clock.at(11.001));
+        l.tick(clock.at(12.001));
         let d = l.take_decisions();
         assert_eq!(transitions(&d), [("worker-1", ETCD_UNREACHABLE)]);
         assert_eq!(d.touched, names(&["worker-1"]));
@@ -773,7 +995,7 @@ mod tests {
                 (n.clone(), status)
             })
             .collect();
-        l.reconcile(heartbeats, store_replaced, listed, &BTreeSet::new(), now);
+        l.reconcile(heartbeats, store_replaced, listed, &BTreeMap::new(), now);
     }
 
     /// worker-1 Unknown after an outage, then the heartbeats listed again 25 s in: its key
@@ -825,6 +1047,7 @@ mod tests {
     fn after_an_outage_a_key_gone_from_the_list_is_dead() {
         let clock = Clock::new();
         let mut l = relisted_after_outage(&clock, None);
+        l.tick(clock.at(25.0 + HOLD));
         let d = l.take_decisions();
         assert_eq!(transitions(&d), [("worker-1", EXPIRED)]);
         assert!(d.touched.contains("worker-1"));
@@ -848,15 +1071,15 @@ mod tests {
     #[test]
     fn a_node_without_a_heartbeat_is_unknown_and_goes_with_its_node() {
         let clock = Clock::new();
-        let mut l = Liveness::new(clock.now().instant);
+        let mut l = Liveness::new(clock.now().instant, DisruptionBrake::default());
         // Blind: "never seen" cannot be told yet.
-        l.nodes_changed(&names(&["worker-1"]), clock.now());
+        l.nodes_changed(&nodes_in("", &["worker-1"]), clock.now());
         assert_eq!(l.take_decisions(), Decisions::default());
         l.reconcile(
             BTreeMap::new(),
             false,
             BTreeMap::new(),
-            &names(&["worker-1"]),
+            &nodes_in("", &["worker-1"]),
             clock.now(),
         );
         assert_decided(&mut l, &[("worker-1", NO_HEARTBEAT)]);
@@ -864,19 +1087,19 @@ mod tests {
         l.observe(put("worker-1", heartbeat("worker-1", 0)), clock.now());
         assert_decided(&mut l, &[("worker-1", ALIVE)]);
         // A second Node joins; then it is deleted before any agent ran there.
-        l.nodes_changed(&names(&["worker-1", "worker-2"]), clock.now());
+        l.nodes_changed(&nodes_in("", &["worker-1", "worker-2"]), clock.now());
         assert_decided(&mut l, &[("worker-2", NO_HEARTBEAT)]);
-        l.nodes_changed(&names(&["worker-1"]), clock.now());
+        l.nodes_changed(&nodes_in("", &["worker-1"]), clock.now());
         assert!(!l.records().contains_key("worker-2"));
         // A node with a heartbeat stays, Node object or not (simulated nodes have none).
-        l.nodes_changed(&BTreeSet::new(), clock.now());
+        l.nodes_changed(&BTreeMap::new(), clock.now());
         assert!(l.records().contains_key("worker-1"));
     }
 
     #[test]
     fn a_restart_or_leader_hand_over_repeats_no_transition() {
         let clock = Clock::new();
-        let mut l = Liveness::new(clock.now().instant);
+        let mut l = Liveness::new(clock.now().instant, DisruptionBrake::default());
         // What the previous leader wrote: worker-1 Alive, worker-2 Dead, worker-3 never seen,
         // worker-4 shown Unknown by the uninstall hook.
         let listed = BTreeMap::from([
@@ -898,7 +1121,7 @@ mod tests {
             ),
         ]);
         let heartbeats = BTreeMap::from([("worker-1".to_string(), Some(heartbeat("worker-1", 0)))]);
-        let nodes = names(&["worker-1", "worker-2", "worker-3", "worker-4"]);
+        let nodes = nodes_in("", &["worker-1", "worker-2", "worker-3", "worker-4"]);
         l.reconcile(heartbeats, false, listed, &nodes, clock.now());
         let d = l.take_decisions();
         assert_eq!(
@@ -917,7 +1140,7 @@ mod tests {
     #[test]
     fn a_restart_that_finds_a_shown_alive_nodes_key_gone_makes_it_dead_once() {
         let clock = Clock::new();
-        let mut l = Liveness::new(clock.now().instant);
+        let mut l = Liveness::new(clock.now().instant, DisruptionBrake::default());
         let listed = BTreeMap::from([(
             "worker-1".to_string(),
             listed_status(NodeState::Alive, LivenessReason::HeartbeatSeen),
@@ -926,16 +1149,17 @@ mod tests {
             BTreeMap::new(),
             false,
             listed,
-            &names(&["worker-1"]),
+            &nodes_in("", &["worker-1"]),
             clock.now(),
         );
+        l.tick(clock.at(HOLD));
         assert_decided(&mut l, &[("worker-1", EXPIRED)]);
     }
 
     #[test]
     fn a_controller_started_while_etcd_is_away_marks_what_it_cannot_vouch_for_unknown() {
         let clock = Clock::new();
-        let mut l = Liveness::new(clock.now().instant);
+        let mut l = Liveness::new(clock.now().instant, DisruptionBrake::default());
         assert!(!l.wants_adoption(clock.at(1.9).instant));
         assert!(l.wants_adoption(clock.at(2.0).instant));
         let listed = BTreeMap::from([
@@ -966,7 +1190,10 @@ mod tests {
             let at = clock.at(10.0 + i as f64 * 0.01);
             l.observe(expired(node, None, at.instant), at);
         }
+        l.tick(clock.at(11.0 + HOLD));
+        // A tenth of the fleet is a mass failure, not a disruption: every one is Dead.
         let d = l.take_decisions();
+        assert!(d.disruptions.is_empty());
         assert_eq!(d.transitions.len(), 100);
         assert!(
             d.transitions
@@ -982,6 +1209,198 @@ mod tests {
         let clock = Clock::new();
         let mut l = started(&clock, &["a", "b"], &["a", "b", "c"]);
         l.observe(expired("b", None, clock.now().instant), clock.now());
+        l.tick(clock.at(HOLD));
         assert_eq!(l.counts(), [1, 1, 1]);
+    }
+
+    /// `count` nodes (`n00`, `n01`, ...) Alive in `zone`.
+    fn fleet(clock: &Clock, zones: &[(&str, usize)], brake: DisruptionBrake) -> Liveness {
+        let mut l = Liveness::new(clock.now().instant, brake);
+        let mut heartbeats = BTreeMap::new();
+        let mut nodes = BTreeMap::new();
+        for (zone, count) in zones {
+            for i in 0..*count {
+                let name = format!("{zone}-n{i:02}");
+                heartbeats.insert(name.clone(), Some(heartbeat(&name, 0)));
+                nodes.insert(name, zone.to_string());
+            }
+        }
+        l.reconcile(heartbeats, false, BTreeMap::new(), &nodes, clock.now());
+        l.take_decisions();
+        l
+    }
+
+    /// Loses `node`'s heartbeat at `at` seconds.
+    fn lose(l: &mut Liveness, clock: &Clock, node: &str, at: f64) {
+        l.observe(expired(node, None, clock.at(at).instant), clock.at(at));
+    }
+
+    /// Ticks every 100 ms from `from` to `to` seconds, gathering every decision.
+    fn run(l: &mut Liveness, clock: &Clock, from: f64, to: f64) -> Decisions {
+        let mut all = Decisions::default();
+        let mut t = from;
+        while t <= to {
+            l.tick(clock.at(t));
+            let d = l.take_decisions();
+            all.transitions.extend(d.transitions);
+            all.touched.extend(d.touched);
+            all.disruptions.extend(d.disruptions);
+            t += 0.1;
+        }
+        all
+    }
+
+    #[test]
+    fn six_of_ten_lost_together_are_unknown_never_dead() {
+        let clock = Clock::new();
+        let mut l = fleet(&clock, &[("", 10)], DisruptionBrake::default());
+        // Frozen at once: their leases run out within a keep-alive period of each other.
+        for (i, at) in [10.0, 10.3, 10.6, 10.9, 11.1, 11.3].into_iter().enumerate() {
+            lose(&mut l, &clock, &format!("-n{i:02}"), at);
+        }
+        let d = run(&mut l, &clock, 10.0, 30.0);
+        assert!(
+            d.transitions
+                .iter()
+                .all(|t| (t.state, t.reason) == MASS_DISRUPTION),
+            "{:?}",
+            d.transitions
+        );
+        assert_eq!(d.transitions.len(), 6);
+        assert_eq!(d.disruptions.len(), 1, "one disruption, reported once");
+        assert_eq!((d.disruptions[0].lost, d.disruptions[0].live), (6, 10));
+        assert_eq!(d.disruptions[0].zone, None);
+        assert_eq!(l.counts(), [4, 0, 6]);
+        assert_eq!(l.disrupted(), 6);
+        let message = &l.records()["-n00"].verdict.as_ref().unwrap().message;
+        assert!(
+            message.starts_with("6 of 10 live nodes in the fleet"),
+            "{message}"
+        );
+        assert!(
+            l.records()["-n00"].dead_seen_at.is_none(),
+            "no Dead to time"
+        );
+
+        // Their heartbeats come back: Alive.
+        for i in 0..6 {
+            let node = format!("-n{i:02}");
+            l.observe(put(&node, heartbeat(&node, 40)), clock.at(40.0));
+        }
+        assert_eq!(l.take_decisions().transitions.len(), 6);
+        assert_eq!(l.counts(), [10, 0, 0]);
+    }
+
+    #[test]
+    fn one_of_ten_lost_is_dead() {
+        let clock = Clock::new();
+        let mut l = fleet(&clock, &[("", 10)], DisruptionBrake::default());
+        lose(&mut l, &clock, "-n03", 10.0);
+        let d = run(&mut l, &clock, 10.0, 12.0);
+        assert_eq!(transitions(&d), [("-n03", EXPIRED)]);
+        assert!(d.disruptions.is_empty());
+    }
+
+    #[test]
+    fn a_dead_shown_before_the_share_was_crossed_turns_unknown_when_it_is() {
+        let clock = Clock::new();
+        let mut l = fleet(&clock, &[("", 10)], DisruptionBrake::default());
+        lose(&mut l, &clock, "-n00", 10.0);
+        let first = run(&mut l, &clock, 10.0, 12.0);
+        assert_eq!(transitions(&first), [("-n00", EXPIRED)]);
+        // Within the same TTL, five more: the first was part of it.
+        for i in 1..6 {
+            lose(&mut l, &clock, &format!("-n{i:02}"), 14.0);
+        }
+        let d = run(&mut l, &clock, 12.0, 20.0);
+        assert_eq!(d.transitions.len(), 6);
+        assert!(
+            d.transitions
+                .iter()
+                .all(|t| (t.state, t.reason) == MASS_DISRUPTION)
+        );
+        assert_eq!(l.counts(), [4, 0, 6]);
+    }
+
+    #[test]
+    fn losses_more_than_a_ttl_apart_are_deaths() {
+        let clock = Clock::new();
+        let mut l = fleet(&clock, &[("", 10)], DisruptionBrake::default());
+        let mut d = Decisions::default();
+        for i in 0..6 {
+            let at = 10.0 + 12.0 * i as f64;
+            lose(&mut l, &clock, &format!("-n{i:02}"), at);
+            d.transitions
+                .extend(run(&mut l, &clock, at, at + 11.9).transitions);
+        }
+        assert_eq!(d.transitions.len(), 6);
+        assert!(
+            d.transitions.iter().all(|t| (t.state, t.reason) == EXPIRED),
+            "{:?}",
+            d.transitions
+        );
+    }
+
+    #[test]
+    fn a_zone_that_loses_most_of_its_nodes_is_disrupted_and_the_others_are_not() {
+        let clock = Clock::new();
+        let mut l = fleet(&clock, &[("a", 5), ("b", 5)], DisruptionBrake::default());
+        // 4 of zone a's 5 (80%), 4 of the fleet's 10 (40%).
+        for i in 0..4 {
+            lose(&mut l, &clock, &format!("a-n{i:02}"), 10.0 + 0.2 * i as f64);
+        }
+        let d = run(&mut l, &clock, 10.0, 15.0);
+        assert_eq!(d.transitions.len(), 4);
+        assert!(
+            d.transitions
+                .iter()
+                .all(|t| (t.state, t.reason) == MASS_DISRUPTION)
+        );
+        assert_eq!(d.disruptions.len(), 1);
+        assert_eq!(d.disruptions[0].zone.as_deref(), Some("a"));
+        assert_eq!((d.disruptions[0].lost, d.disruptions[0].live), (4, 5));
+        // One of zone b dies meanwhile: a death.
+        lose(&mut l, &clock, "b-n00", 15.0);
+        let d = run(&mut l, &clock, 15.0, 17.0);
+        assert_eq!(transitions(&d), [("b-n00", EXPIRED)]);
+    }
+
+    #[test]
+    fn a_small_cluster_losing_fewer_than_the_minimum_sees_deaths() {
+        let clock = Clock::new();
+        let mut l = fleet(&clock, &[("", 3)], DisruptionBrake::default());
+        lose(&mut l, &clock, "-n00", 10.0);
+        lose(&mut l, &clock, "-n01", 10.2);
+        let d = run(&mut l, &clock, 10.0, 13.0);
+        assert_eq!(transitions(&d), [("-n00", EXPIRED), ("-n01", EXPIRED)]);
+    }
+
+    #[test]
+    fn with_the_brake_off_every_loss_is_dead_at_once() {
+        let clock = Clock::new();
+        let off = DisruptionBrake {
+            threshold: 1.0,
+            min_nodes: 3,
+        };
+        assert_eq!(off.hold(10), Duration::ZERO);
+        let mut l = fleet(&clock, &[("", 10)], off);
+        for i in 0..6 {
+            lose(&mut l, &clock, &format!("-n{i:02}"), 10.0);
+        }
+        l.tick(clock.at(10.0));
+        let d = l.take_decisions();
+        assert_eq!(d.transitions.len(), 6);
+        assert!(d.transitions.iter().all(|t| (t.state, t.reason) == EXPIRED));
+    }
+
+    #[test]
+    fn the_hold_covers_a_keep_alive_period_and_etcds_revoke_pass_up_to_a_second_and_a_half() {
+        let brake = DisruptionBrake::default();
+        assert_eq!(
+            brake.hold(2),
+            Duration::from_secs(2) / 3 + Duration::from_millis(500)
+        );
+        assert_eq!(brake.hold(3), Duration::from_millis(1500));
+        assert_eq!(brake.hold(10), Duration::from_millis(1500));
     }
 }

@@ -53,9 +53,15 @@ pub struct NodeRecord {
     /// Unknown since an outage, its key listed again but not yet proven live: Alive at this
     /// instant if its key is still there (its lease then outlived any extension etcd gave it).
     pub alive_at: Option<Instant>,
-    /// Its key is gone but a live agent would write it again (deleted by hand while its lease
-    /// lives, or absent from a rebuilt store): Dead at this instant unless one has.
+    /// Its heartbeat is gone: Dead at this instant unless an agent writes it again first (a
+    /// key deleted by hand while its lease lives, one absent from a rebuilt store) or the loss
+    /// turns out to be part of a mass disruption (every lost heartbeat waits a moment for
+    /// that).
     pub dead_at: Option<Instant>,
+    /// The verdict `dead_at` brings, when it is not the default `HeartbeatExpired`.
+    pub dead_reason: Option<(LivenessReason, String)>,
+    /// When its heartbeat was lost (and not back since): counted for a mass disruption.
+    pub lost_at: Option<Instant>,
     /// Where the node's status writes stand.
     pub write: WriteState,
 }

@@ -2,7 +2,7 @@
 //! it reads the clocks, the MonitorNodes and the Nodes, feeds them to [`Liveness`], logs and
 //! counts the transitions, and has the writer write what changed. It decides nothing itself.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -17,11 +17,19 @@ use crate::error::{Error, Result};
 use crate::inventory::Inventory;
 use crate::metrics::{Metrics, StateLabel};
 use crate::status::heartbeats::HeartbeatEvent;
-use crate::status::liveness::{Liveness, Now};
+use crate::status::liveness::{DisruptionBrake, Liveness, Now};
 use crate::status::writer::StatusWriter;
 
 /// MonitorNodes read per request when listing them all.
 const LIST_PAGE: u32 = 500;
+
+/// Sleeps until `at` (forever for `None`: the branch is disabled then).
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
 
 /// How often deadlines are checked and due writes started.
 const TICK: Duration = Duration::from_millis(500);
@@ -43,7 +51,7 @@ pub struct LivenessTracker {
 impl LivenessTracker {
     /// A tracker having `writer` write the statuses; it reads the MonitorNodes, the Node
     /// inventory and the desired configs through the writer's client and caches.
-    pub fn new(writer: StatusWriter) -> Self {
+    pub fn new(writer: StatusWriter, brake: DisruptionBrake) -> Self {
         let inventory = writer.inventory().clone();
         LivenessTracker {
             api: writer.api().clone(),
@@ -51,7 +59,7 @@ impl LivenessTracker {
             metrics: writer.metrics().clone(),
             node_changes: inventory.watch_changes(),
             inventory,
-            liveness: Liveness::new(Instant::now()),
+            liveness: Liveness::new(Instant::now(), brake),
             writer,
         }
     }
@@ -61,6 +69,7 @@ impl LivenessTracker {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
+            let verdict_due = self.liveness.next_deadline();
             tokio::select! {
                 event = events.recv() => match event {
                     Some(event) => self.handle(event).await,
@@ -70,7 +79,7 @@ impl LivenessTracker {
                     self.writer.finish(outcome, self.liveness.records_mut());
                 }
                 Ok(()) = self.node_changes.changed() => {
-                    let nodes = self.node_names();
+                    let nodes = self.inventory.node_zones();
                     self.liveness.nodes_changed(&nodes, Now::read());
                     self.apply_decisions();
                 }
@@ -78,6 +87,11 @@ impl LivenessTracker {
                     for (name, rec) in self.liveness.records_mut().iter_mut() {
                         self.writer.consider(name, rec);
                     }
+                }
+                () = sleep_until(verdict_due), if verdict_due.is_some() => {
+                    self.liveness.tick(Now::read());
+                    self.apply_decisions();
+                    self.writer.flush_due(self.liveness.records_mut());
                 }
                 _ = tick.tick() => {
                     if self.liveness.wants_adoption(Instant::now()) {
@@ -105,7 +119,7 @@ impl LivenessTracker {
             } => {
                 let listed = self.list_monitor_nodes().await;
                 let (keys, monitor_nodes) = (heartbeats.len(), listed.len());
-                let nodes = self.node_names();
+                let nodes = self.inventory.node_zones();
                 self.liveness
                     .reconcile(heartbeats, store_replaced, listed, &nodes, Now::read());
                 self.apply_decisions();
@@ -138,16 +152,28 @@ impl LivenessTracker {
                 .get_or_create(&StateLabel::of(t.state))
                 .inc();
         }
+        for d in &decisions.disruptions {
+            let zone = d.zone.as_deref().unwrap_or("");
+            tracing::warn!(
+                zone,
+                lost = d.lost,
+                live = d.live,
+                "mass disruption: {} of {} live nodes{} lost their heartbeat within {:.0}s; they are Unknown (MassDisruption), not Dead",
+                d.lost,
+                d.live,
+                d.zone
+                    .as_ref()
+                    .map_or(String::new(), |z| format!(" in zone {z}")),
+                d.window.as_secs_f64(),
+            );
+            self.metrics.disruptions.inc();
+        }
         let records = self.liveness.records_mut();
         for name in &decisions.touched {
             if let Some(rec) = records.get_mut(name) {
                 self.writer.consider(name, rec);
             }
         }
-    }
-
-    fn node_names(&self) -> BTreeSet<String> {
-        self.inventory.node_names().collect()
     }
 
     /// Every MonitorNode's status, read in pages: only the statuses are kept, so a large
@@ -180,6 +206,9 @@ impl LivenessTracker {
     }
 
     fn update_gauges(&self) {
+        self.metrics
+            .nodes_disrupted
+            .set(self.liveness.disrupted() as i64);
         let counts = self.liveness.counts();
         for (state, n) in [NodeState::Alive, NodeState::Dead, NodeState::Unknown]
             .into_iter()
