@@ -148,77 +148,32 @@ mod tests {
         Cli::command().debug_assert();
     }
 
+    /// Parses `line`, words split at spaces, as the words after `nodepulsectl`.
+    fn parse(line: &str) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("nodepulsectl").chain(line.split_whitespace()))
+    }
+
     #[test]
     fn set_needs_targets_and_a_change() {
-        let parse = |args: &[&str]| Cli::try_parse_from(args);
-        assert!(parse(&["nodepulsectl", "config", "set", "w1", "--interval", "2"]).is_ok());
-        assert!(parse(&["nodepulsectl", "config", "set", "--all", "--metrics", "cpu"]).is_ok());
-        assert!(parse(&["nodepulsectl", "config", "set", "--interval", "2"]).is_err());
-        assert!(parse(&["nodepulsectl", "config", "set", "w1"]).is_err());
-        assert!(
-            parse(&[
-                "nodepulsectl",
-                "config",
-                "set",
-                "w1",
-                "--all",
-                "--interval",
-                "2"
-            ])
-            .is_err()
-        );
+        assert!(parse("config set w1 --interval 2").is_ok());
+        assert!(parse("config set --all --metrics cpu").is_ok());
+        assert!(parse("config set --interval 2").is_err());
+        assert!(parse("config set w1").is_err());
+        assert!(parse("config set w1 --all --interval 2").is_err());
         // A negative interval reaches the validator (and its message) instead of clap.
-        assert!(parse(&["nodepulsectl", "config", "set", "w1", "--interval", "-1"]).is_ok());
+        assert!(parse("config set w1 --interval -1").is_ok());
     }
 
     #[test]
     fn global_flags_go_before_or_after_the_subcommand() {
         let endpoint = "http://127.0.0.1:1";
-        let lines: [&[&str]; 3] = [
-            &[
-                "--etcd-endpoints",
-                endpoint,
-                "-o",
-                "json",
-                "--timeout",
-                "3s",
-                "config",
-                "set",
-                "n1",
-                "--interval",
-                "2",
-            ],
-            &[
-                "config",
-                "--etcd-endpoints",
-                endpoint,
-                "set",
-                "-o",
-                "json",
-                "n1",
-                "--interval",
-                "2",
-                "--timeout",
-                "3s",
-            ],
-            &[
-                "config",
-                "set",
-                "n1",
-                "--interval",
-                "2",
-                "--etcd-endpoints",
-                endpoint,
-                "--timeout",
-                "3s",
-                "-o",
-                "json",
-            ],
+        let lines = [
+            format!("--etcd-endpoints {endpoint} -o json --timeout 3s config set n1 --interval 2"),
+            format!("config --etcd-endpoints {endpoint} set -o json n1 --interval 2 --timeout 3s"),
+            format!("config set n1 --interval 2 --etcd-endpoints {endpoint} --timeout 3s -o json"),
         ];
         for line in lines {
-            let cli =
-                Cli::try_parse_from(std::iter::once("nodepulsectl").chain(line.iter().copied()))
-                    .unwrap_or_else(|e| panic!("{line:?}: {e}"));
+            let cli = parse(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"));
             assert_eq!(cli.global.etcd.endpoints, [endpoint], "{line:?}");
             assert_eq!(cli.global.output, OutputFormat::Json, "{line:?}");
             assert_eq!(cli.global.timeout, Duration::from_secs(3), "{line:?}");
