@@ -64,15 +64,26 @@ async fn put_heartbeat(client: &mut Client, node: &str, ttl: i64) -> i64 {
         .await
         .expect("lease grant")
         .id();
+    put_on_lease(client, node, AgentState::Running, 10, lease).await;
+    lease
+}
+
+/// Writes `node`'s heartbeat value again, on the lease it already has, as an agent would.
+async fn put_on_lease(
+    client: &mut Client,
+    node: &str,
+    state: AgentState,
+    interval: u32,
+    lease: i64,
+) {
     client
         .put(
             heartbeat_key(node),
-            heartbeat(node, AgentState::Running, 10),
+            heartbeat(node, state, interval),
             Some(PutOptions::new().with_lease(lease)),
         )
         .await
-        .expect("put heartbeat");
-    lease
+        .unwrap_or_else(|e| panic!("put the heartbeat of {node}: {e}"));
 }
 
 async fn config_keys(client: &mut Client) -> Vec<(String, String)> {
@@ -87,6 +98,18 @@ async fn config_keys(client: &mut Client) -> Vec<(String, String)> {
         .iter()
         .map(|kv| (text(kv.key()), text(kv.value())))
         .collect()
+}
+
+/// Writes `node`'s config key as the controller would, for MonitorConfig `fast`.
+async fn put_managed_config(client: &mut Client, node: &str) {
+    client
+        .put(
+            config_key(node),
+            r#"{"interval":7,"metrics":["cpu"],"managedBy":"nodepulse-controller","source":{"monitorConfig":"fast","generation":2}}"#,
+            None,
+        )
+        .await
+        .expect("put managed key");
 }
 
 #[tokio::test]
@@ -177,14 +200,7 @@ async fn config_set_refuses_bad_values_writes_nothing_and_exits_2() {
     assert!(text(&out.stderr).contains("no config key /monitor/config/worker-2"));
 
     // A key the controller manages: the write goes through, with a warning.
-    client
-        .put(
-            config_key("worker-1"),
-            r#"{"interval":7,"metrics":["cpu"],"managedBy":"nodepulse-controller","source":{"monitorConfig":"fast","generation":2}}"#,
-            None,
-        )
-        .await
-        .expect("put managed key");
+    put_managed_config(&mut client, "worker-1").await;
     let out = ctl(&etcd, &["config", "set", "worker-1", "--interval", "3"]);
     assert!(out.status.success());
     let stderr = text(&out.stderr);
@@ -205,14 +221,7 @@ async fn config_set_refuses_bad_values_writes_nothing_and_exits_2() {
     assert_eq!(config_keys(&mut client).await, vec![]);
 
     // Deleting a managed key says the controller will write it again.
-    client
-        .put(
-            config_key("worker-1"),
-            r#"{"interval":7,"metrics":["cpu"],"managedBy":"nodepulse-controller","source":{"monitorConfig":"fast","generation":2}}"#,
-            None,
-        )
-        .await
-        .expect("put managed key");
+    put_managed_config(&mut client, "worker-1").await;
     let out = ctl(&etcd, &["config", "delete", "worker-1", "worker-9"]);
     assert!(out.status.success());
     let stdout = text(&out.stdout);
@@ -243,6 +252,27 @@ fn an_unreachable_etcd_is_exit_code_1() {
     assert!(text(&out.stderr).contains(&format!("127.0.0.1:{port}")));
 }
 
+/// Brings `node` alive and waits for the watch to say so, writes its `last` value (state and
+/// interval), revokes its lease and waits up to `dead_secs` for the line `Node <node> <dead>`.
+async fn alive_then_revoked(
+    client: &mut Client,
+    w: &Process,
+    node: &str,
+    last: (AgentState, u32),
+    dead: &str,
+    dead_secs: u64,
+) {
+    let lease = put_heartbeat(client, node, 30).await;
+    let alive = format!("Node {node} Alive");
+    w.wait_for_line(Duration::from_secs(5), &alive, |l| l.ends_with(&alive));
+    put_on_lease(client, node, last.0, last.1, lease).await;
+    client.lease_revoke(lease).await.expect("revoke");
+    let dead = format!("Node {node} {dead}");
+    w.wait_for_line(Duration::from_secs(dead_secs), &dead, |l| {
+        l.ends_with(&dead)
+    });
+}
+
 #[tokio::test]
 async fn watch_prints_alive_then_each_kind_of_death() {
     let etcd = Etcd::start();
@@ -255,22 +285,16 @@ async fn watch_prints_alive_then_each_kind_of_death() {
     // Comes alive; a value update prints nothing; the key vanishing without a Stopping value is
     // "heartbeat expired" (a real lease expiry is in the JSON test and the demo test: here the
     // lease is revoked, so that a slow machine cannot expire it before the update is written).
-    let lease = put_heartbeat(&mut client, "worker-1", 30).await;
-    w.wait_for_line(Duration::from_secs(5), "Alive", |l| {
-        l.ends_with("Node worker-1 Alive")
-    });
-    client
-        .put(
-            heartbeat_key("worker-1"),
-            heartbeat("worker-1", AgentState::Running, 2),
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .expect("update heartbeat");
-    client.lease_revoke(lease).await.expect("revoke");
-    w.wait_for_line(Duration::from_secs(6), "Dead (heartbeat expired)", |l| {
-        l.ends_with("Node worker-1 Dead (heartbeat expired)")
-    });
+    let update = (AgentState::Running, 2);
+    alive_then_revoked(
+        &mut client,
+        &w,
+        "worker-1",
+        update,
+        "Dead (heartbeat expired)",
+        6,
+    )
+    .await;
     let worker_lines: Vec<_> = w
         .lines()
         .into_iter()
@@ -284,22 +308,16 @@ async fn watch_prints_alive_then_each_kind_of_death() {
     );
 
     // A clean stop: the agent says Stopping, then revokes its lease.
-    let lease = put_heartbeat(&mut client, "worker-2", 30).await;
-    w.wait_for_line(Duration::from_secs(5), "worker-2 Alive", |l| {
-        l.ends_with("Node worker-2 Alive")
-    });
-    client
-        .put(
-            heartbeat_key("worker-2"),
-            heartbeat("worker-2", AgentState::Stopping, 10),
-            Some(PutOptions::new().with_lease(lease)),
-        )
-        .await
-        .expect("put stopping");
-    client.lease_revoke(lease).await.expect("revoke");
-    w.wait_for_line(Duration::from_secs(5), "Dead (agent stopped)", |l| {
-        l.ends_with("Node worker-2 Dead (agent stopped)")
-    });
+    let stopping = (AgentState::Stopping, 10);
+    alive_then_revoked(
+        &mut client,
+        &w,
+        "worker-2",
+        stopping,
+        "Dead (agent stopped)",
+        5,
+    )
+    .await;
 
     // Every event line starts with a timestamp.
     for l in w.lines().iter().filter(|l| l.text.contains("Node ")) {
