@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nodepulse_crd::v1alpha1::NodeState;
-use nodepulse_crd::wire::heartbeat_key;
+use nodepulse_crd::wire::{HEARTBEAT_PREFIX, heartbeat_key};
 use testkit::{
     Daemon, EtcdCluster, History, Lab, Process, config_json, eventually, http_get, put_config,
 };
@@ -43,6 +43,74 @@ fn agent(lab: &Lab, node: &str) -> Daemon {
         .ttl(TTL)
         .args(["--heartbeat-min-interval", "500ms"])
         .start()
+}
+
+/// Agents on some nodes, all seen Alive, and the record of their MonitorNodes' states since.
+struct Fleet<'a> {
+    lab: &'a Lab,
+    nodes: &'a [&'a str],
+    agents: Vec<Daemon>,
+    history: History,
+}
+
+impl<'a> Fleet<'a> {
+    /// Starts an agent on each of `nodes`, waits until every one is Alive and records their
+    /// MonitorNodes' states from then on.
+    async fn start(lab: &'a Lab, nodes: &'a [&'a str]) -> Fleet<'a> {
+        let agents = nodes.iter().map(|n| agent(lab, n)).collect();
+        for node in nodes {
+            lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+                .await;
+        }
+        let history = lab.record(nodes).await;
+        Fleet {
+            lab,
+            nodes,
+            agents,
+            history,
+        }
+    }
+
+    /// [`assert_no_false_alarm`] over twice the TTL, then every agent still holds its lease:
+    /// the leases are really kept alive, not just left over.
+    async fn assert_calm(&self, controller: &Process, during: &str) {
+        let window = Duration::from_secs(2 * TTL);
+        assert_no_false_alarm(
+            self.lab,
+            &self.history,
+            controller,
+            self.nodes,
+            window,
+            during,
+        )
+        .await;
+        for agent in &self.agents {
+            assert!(lease_held(agent), "{}", agent.process.output_text());
+        }
+    }
+
+    /// Puts `interval` in the config key of the fleet's node `i`, then waits for its agent to
+    /// apply it (its log from line `mark` on, `within` counted from `since`, when the fault
+    /// began) and for the controller to report it (`within` again).
+    async fn push_config(
+        &self,
+        client: &etcd_client::Client,
+        i: usize,
+        mark: usize,
+        interval: u32,
+        since: Instant,
+        within: Duration,
+    ) {
+        let node = self.nodes[i];
+        put_config(client, node, config_json(interval)).await;
+        let taken = since.elapsed();
+        wait_config_applied(&self.agents[i], mark, interval, since, within);
+        wait_interval(self.lab, node, interval, within).await;
+        println!(
+            "{node}: etcd took the config {taken:?} after the fault, reported {:?} after",
+            since.elapsed()
+        );
+    }
 }
 
 /// Waits until `node`'s status says its agent runs `interval`.
@@ -87,6 +155,17 @@ fn lease_held(agent: &Daemon) -> bool {
     http_get(&agent.http, "/readyz").is_some_and(|(code, _)| code == 200)
 }
 
+/// The controller's log from line `mark` on says its heartbeat watch broke.
+fn assert_watch_interrupted(controller: &Process, mark: usize) {
+    assert!(
+        controller.lines()[mark..]
+            .iter()
+            .any(|l| l.text.contains("heartbeat watch interrupted")),
+        "the controller should have noticed the outage:\n{}",
+        controller.output_text()
+    );
+}
+
 /// Keeps watching for `window` (the recorder runs meanwhile), then checks that no node went
 /// Dead, no Dead Event (HeartbeatExpired, AgentStopped) was raised and the controller never
 /// logged a Dead transition.
@@ -107,12 +186,10 @@ async fn assert_no_false_alarm(
             0,
             "Dead Event on {node} during {during}"
         );
+        let log = controller.output_text();
         assert!(
-            !controller
-                .output_text()
-                .contains(&format!("Node {node} Dead")),
-            "the controller marked {node} Dead during {during}:\n{}",
-            controller.output_text()
+            !log.contains(&format!("Node {node} Dead")),
+            "the controller marked {node} Dead during {during}:\n{log}"
         );
     }
 }
@@ -126,13 +203,12 @@ async fn etcd_restart_longer_than_the_ttl_raises_no_false_alarm() {
     let (lab, mut etcd) = Lab::start_shared().await;
     let nodes = ["restart-1", "restart-2"];
     let controller = controller(&lab, "faults-restart");
-    let agents: Vec<Daemon> = nodes.iter().map(|n| agent(&lab, n)).collect();
-    for node in nodes {
-        lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
-            .await;
-    }
-    let history = lab.record(&nodes).await;
-    let marks: Vec<usize> = agents.iter().map(|a| a.process.line_count()).collect();
+    let fleet = Fleet::start(&lab, &nodes).await;
+    let marks: Vec<usize> = fleet
+        .agents
+        .iter()
+        .map(|a| a.process.line_count())
+        .collect();
     let controller_mark = controller.line_count();
 
     tokio::task::block_in_place(|| etcd.kill());
@@ -146,7 +222,7 @@ async fn etcd_restart_longer_than_the_ttl_raises_no_false_alarm() {
     let client = etcd.client().await;
     let rev = put_config(&client, "restart-1", config_json(2)).await;
     let within = Duration::from_secs(5);
-    for (agent, mark) in agents.iter().zip(&marks) {
+    for (agent, mark) in fleet.agents.iter().zip(&marks) {
         let left = within.saturating_sub(back.elapsed());
         agent
             .process
@@ -158,7 +234,7 @@ async fn etcd_restart_longer_than_the_ttl_raises_no_false_alarm() {
         "heartbeats resumed {:?} after etcd's return",
         back.elapsed()
     );
-    wait_config_applied(&agents[0], marks[0], 2, back, within);
+    wait_config_applied(&fleet.agents[0], marks[0], 2, back, within);
     println!(
         "config (revision {rev}) applied {:?} after etcd's return",
         back.elapsed()
@@ -173,38 +249,16 @@ async fn etcd_restart_longer_than_the_ttl_raises_no_false_alarm() {
     )
     .await;
     println!("controller saw it {:?} after etcd's return", back.elapsed());
-    assert!(
-        controller.lines()[controller_mark..]
-            .iter()
-            .any(|l| l.text.contains("heartbeat watch interrupted")),
-        "the controller should have noticed the outage:\n{}",
-        controller.output_text()
-    );
+    assert_watch_interrupted(&controller, controller_mark);
 
     // Past the reset TTL: the leases are really kept alive, not just left over.
-    assert_no_false_alarm(
-        &lab,
-        &history,
-        &controller,
-        &nodes,
-        Duration::from_secs(2 * TTL),
-        "the etcd restart",
-    )
-    .await;
-    for agent in &agents {
-        assert!(lease_held(agent), "{}", agent.process.output_text());
-    }
+    fleet.assert_calm(&controller, "the etcd restart").await;
     // Away longer than the TTL, the controller could not vouch for the nodes (Unknown, issue
     // 16 item 5); back, they are Alive again, never Dead.
-    history
-        .assert_states(
-            "restart-1",
-            &[
-                Some(NodeState::Alive),
-                Some(NodeState::Unknown),
-                Some(NodeState::Alive),
-            ],
-        )
+    let states = [NodeState::Alive, NodeState::Unknown, NodeState::Alive];
+    fleet
+        .history
+        .assert_states("restart-1", &states.map(Some))
         .await;
 }
 
@@ -219,42 +273,18 @@ async fn etcd_cluster_leader_loss_and_quorum_loss_raise_no_false_alarm() {
     let lab = Lab::shared(&cluster.endpoints_flag()).await;
     let nodes = ["cluster-1", "cluster-2"];
     let controller = controller(&lab, "faults-cluster");
-    let agents: Vec<Daemon> = nodes.iter().map(|n| agent(&lab, n)).collect();
-    for node in nodes {
-        lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
-            .await;
-    }
-    let history = lab.record(&nodes).await;
+    let fleet = Fleet::start(&lab, &nodes).await;
     let client = cluster.client().await;
 
     // SIGKILL the leader; a config change made during the election still arrives.
     let leader = tokio::task::block_in_place(|| cluster.wait_leader(Duration::from_secs(10)));
-    let mark = agents[0].process.line_count();
+    let mark = fleet.agents[0].process.line_count();
     tokio::task::block_in_place(|| cluster.kill(leader));
     let killed = Instant::now();
-    put_config(&client, "cluster-1", config_json(2)).await;
-    println!(
-        "member {leader} killed; etcd took the config {:?} later",
-        killed.elapsed()
-    );
-    wait_config_applied(&agents[0], mark, 2, killed, Duration::from_secs(15));
-    wait_interval(&lab, "cluster-1", 2, Duration::from_secs(15)).await;
-    println!(
-        "member {leader} killed; config arrived and reported {:?} later",
-        killed.elapsed()
-    );
-    assert_no_false_alarm(
-        &lab,
-        &history,
-        &controller,
-        &nodes,
-        Duration::from_secs(2 * TTL),
-        "the leader's loss",
-    )
-    .await;
-    for agent in &agents {
-        assert!(lease_held(agent), "{}", agent.process.output_text());
-    }
+    fleet
+        .push_config(&client, 0, mark, 2, killed, Duration::from_secs(15))
+        .await;
+    fleet.assert_calm(&controller, "the leader's loss").await;
     tokio::task::block_in_place(|| {
         cluster.restart(leader);
         cluster.wait_healthy(Duration::from_secs(30));
@@ -263,7 +293,7 @@ async fn etcd_cluster_leader_loss_and_quorum_loss_raise_no_false_alarm() {
     // Lose quorum (two members down) for less than the TTL, then bring them back.
     let leader = tokio::task::block_in_place(|| cluster.wait_leader(Duration::from_secs(10)));
     let other = (leader + 1) % 3;
-    let mark = agents[1].process.line_count();
+    let mark = fleet.agents[1].process.line_count();
     tokio::task::block_in_place(|| {
         cluster.kill(leader);
         cluster.kill(other);
@@ -276,25 +306,10 @@ async fn etcd_cluster_leader_loss_and_quorum_loss_raise_no_false_alarm() {
         cluster.wait_healthy(Duration::from_secs(30));
     });
     let back = Instant::now();
-    put_config(&client, "cluster-2", config_json(3)).await;
-    wait_config_applied(&agents[1], mark, 3, back, Duration::from_secs(10));
-    wait_interval(&lab, "cluster-2", 3, Duration::from_secs(10)).await;
-    println!(
-        "quorum back; config arrived and reported {:?} later",
-        back.elapsed()
-    );
-    assert_no_false_alarm(
-        &lab,
-        &history,
-        &controller,
-        &nodes,
-        Duration::from_secs(2 * TTL),
-        "the quorum loss",
-    )
-    .await;
-    for agent in &agents {
-        assert!(lease_held(agent), "{}", agent.process.output_text());
-    }
+    fleet
+        .push_config(&client, 1, mark, 3, back, Duration::from_secs(10))
+        .await;
+    fleet.assert_calm(&controller, "the quorum loss").await;
 }
 
 /// Two controller replicas: SIGKILL the leader while the other waits. The other takes the Lease
@@ -318,12 +333,7 @@ async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
         l.contains("waiting to lead")
     });
     let nodes = ["crash-1", "crash-2"];
-    let mut agents: Vec<Daemon> = nodes.iter().map(|n| agent(&lab, n)).collect();
-    for node in nodes {
-        lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
-            .await;
-    }
-    let history = lab.record(&nodes).await;
+    let mut fleet = Fleet::start(&lab, &nodes).await;
     assert!(
         !b.output_text().contains("became leader"),
         "{}",
@@ -333,7 +343,7 @@ async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
     // The leader crashes; crash-1's agent dies right after, during the takeover.
     a.kill_hard();
     let crashed = Instant::now();
-    agents[0].process.kill_hard();
+    fleet.agents[0].process.kill_hard();
     b.wait_for_line(Duration::from_secs(30), "crash-b takes over", |l| {
         l.contains("became leader")
     });
@@ -361,15 +371,17 @@ async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
         .filter(|l| l.text.contains("Node crash-1 Dead"))
         .collect();
     assert_eq!(lines.len(), 1, "{lines:?}");
-    history
+    fleet
+        .history
         .assert_states("crash-1", &[Some(NodeState::Alive), Some(NodeState::Dead)])
         .await;
     // The survivor was left alone.
-    history
+    fleet
+        .history
         .assert_states("crash-2", &[Some(NodeState::Alive)])
         .await;
     assert_eq!(lab.event_count("crash-2", "HeartbeatExpired").await, 0);
-    drop(agents);
+    drop(fleet);
 }
 
 /// An agent cut off from etcd (SIGSTOP) for longer than the TTL: Dead after the TTL; SIGCONT ->
@@ -419,11 +431,9 @@ async fn agent_cut_off_longer_than_the_ttl_is_dead_then_alive_on_a_new_lease() {
             l.contains("heartbeat lease lost; granted a new one")
         });
 
+    let every_key = Some(etcd_client::GetOptions::new().with_prefix());
     let heartbeats = client
-        .get(
-            "/monitor/heartbeat/",
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
+        .get(HEARTBEAT_PREFIX, every_key)
         .await
         .expect("list heartbeats");
     let keys: Vec<(String, i64)> = heartbeats
@@ -537,13 +547,7 @@ async fn watch_compaction_while_away_both_relist_and_end_up_right() {
     println!("compact-gone: {:?}", gone.reason);
     lab.wait_state("compact-new", NodeState::Alive, Duration::from_secs(15))
         .await;
-    assert!(
-        controller.lines()[controller_mark..]
-            .iter()
-            .any(|l| l.text.contains("heartbeat watch interrupted")),
-        "{}",
-        controller.output_text()
-    );
+    assert_watch_interrupted(&controller, controller_mark);
     assert_eq!(lab.event_count("compact-gone", "HeartbeatExpired").await, 1);
     assert_no_false_alarm(
         &lab,

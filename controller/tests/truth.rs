@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nodepulse_crd::v1alpha1::NodeState;
 use nodepulse_crd::wire::heartbeat_key;
-use testkit::{Etcd, Lab, Launch, Process, config_json, eventually, put_config};
+use testkit::{Etcd, History, Lab, Launch, Process, config_json, eventually, put_config};
 
 /// Heartbeat TTL of every agent here, in seconds.
 const TTL: u64 = 4;
@@ -38,6 +38,20 @@ fn agent(endpoints: &str, node: &str) -> Process {
         .ttl(TTL)
         .args(["--heartbeat-min-interval", "500ms"])
         .spawn()
+}
+
+/// What a live node's MonitorNode goes through while the controller cannot see etcd.
+const UNKNOWN_THEN_ALIVE: [Option<NodeState>; 3] = [
+    Some(NodeState::Alive),
+    Some(NodeState::Unknown),
+    Some(NodeState::Alive),
+];
+
+/// `node` went Alive, Unknown and Alive again, and `controller` never logged it Dead.
+async fn assert_unknown_then_alive_never_dead(history: &History, controller: &Process, node: &str) {
+    history.assert_states(node, &UNKNOWN_THEN_ALIVE).await;
+    let log = controller.output_text();
+    assert!(!log.contains(&format!("Node {node} Dead")), "{log}");
 }
 
 /// Whether etcd holds `node`'s heartbeat key.
@@ -265,14 +279,7 @@ async fn etcd_away_longer_than_the_ttl_is_unknown_then_each_node_its_true_state(
     // Another TTL of watching: a stray transition or Event would show up by now.
     tokio::time::sleep(Duration::from_secs(TTL)).await;
     history
-        .assert_states(
-            "unknown-live",
-            &[
-                Some(NodeState::Alive),
-                Some(NodeState::Unknown),
-                Some(NodeState::Alive),
-            ],
-        )
+        .assert_states("unknown-live", &UNKNOWN_THEN_ALIVE)
         .await;
     history
         .assert_states(
@@ -334,21 +341,7 @@ async fn a_controller_started_while_etcd_is_away_says_unknown_then_alive() {
     lab.wait_state(node, NodeState::Alive, Duration::from_secs(TTL + 5))
         .await;
     println!("Alive {:?} after etcd's return", back.elapsed());
-    history
-        .assert_states(
-            node,
-            &[
-                Some(NodeState::Alive),
-                Some(NodeState::Unknown),
-                Some(NodeState::Alive),
-            ],
-        )
-        .await;
-    assert!(
-        !second.output_text().contains(&format!("Node {node} Dead")),
-        "{}",
-        second.output_text()
-    );
+    assert_unknown_then_alive_never_dead(&history, &second, node).await;
 }
 
 /// A loopback TCP proxy that can freeze: bytes stop flowing both ways, connections stay open
@@ -443,21 +436,5 @@ async fn a_silent_partition_from_etcd_is_unknown_then_alive_never_dead() {
     lab.wait_state(node, NodeState::Alive, Duration::from_secs(30))
         .await;
     println!("Alive {:?} after the network came back", healed.elapsed());
-    history
-        .assert_states(
-            node,
-            &[
-                Some(NodeState::Alive),
-                Some(NodeState::Unknown),
-                Some(NodeState::Alive),
-            ],
-        )
-        .await;
-    assert!(
-        !controller
-            .output_text()
-            .contains(&format!("Node {node} Dead")),
-        "{}",
-        controller.output_text()
-    );
+    assert_unknown_then_alive_never_dead(&history, &controller, node).await;
 }
