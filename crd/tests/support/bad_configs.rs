@@ -20,6 +20,24 @@ fn row(what: &'static str, value: impl Into<Vec<u8>>, reason: &'static str) -> B
     }
 }
 
+/// A config whose `interval` is `value` (JSON text) and whose metrics are valid.
+fn with_interval(what: &'static str, value: &str, reason: &'static str) -> BadConfig {
+    row(
+        what,
+        format!(r#"{{"interval":{value},"metrics":["cpu"]}}"#),
+        reason,
+    )
+}
+
+/// A config whose `metrics` is `value` (JSON text) and whose interval is valid.
+fn with_metrics(what: &'static str, value: &str, reason: &'static str) -> BadConfig {
+    row(
+        what,
+        format!(r#"{{"interval":2,"metrics":{value}}}"#),
+        reason,
+    )
+}
+
 /// At least 25 values, each rejected for its own reason.
 pub fn bad_configs() -> Vec<BadConfig> {
     let one_mib = format!(
@@ -44,111 +62,51 @@ pub fn bad_configs() -> Vec<BadConfig> {
             r#"{"interval":2}"#,
             r#"missing field "metrics""#,
         ),
-        row(
+        with_interval(
             "interval as a string",
-            r#"{"interval":"2","metrics":["cpu"]}"#,
+            r#""2""#,
             r#"field "interval" must be a whole number of seconds, got a string"#,
         ),
-        row(
-            "interval 0",
-            r#"{"interval":0,"metrics":["cpu"]}"#,
-            "interval 0 is out of range",
-        ),
-        row(
-            "interval as a boolean",
-            r#"{"interval":true,"metrics":["cpu"]}"#,
-            "got a boolean",
-        ),
-        row(
-            "interval -1",
-            r#"{"interval":-1,"metrics":["cpu"]}"#,
-            "interval -1 is out of range",
-        ),
-        row(
-            "interval null",
-            r#"{"interval":null,"metrics":["cpu"]}"#,
-            "got null",
-        ),
-        row(
-            "interval 3601",
-            r#"{"interval":3601,"metrics":["cpu"]}"#,
-            "interval 3601 is out of range",
-        ),
-        row(
-            "interval as an array",
-            r#"{"interval":[2],"metrics":["cpu"]}"#,
-            "got an array",
-        ),
-        row(
-            "interval 1e9",
-            r#"{"interval":1e9,"metrics":["cpu"]}"#,
-            "interval 1000000000 is out of range",
-        ),
-        row(
-            "interval \"NaN\"",
-            r#"{"interval":"NaN","metrics":["cpu"]}"#,
-            "got a string",
-        ),
-        row(
-            "interval 2.5",
-            r#"{"interval":2.5,"metrics":["cpu"]}"#,
-            "got a fraction",
-        ),
-        row(
-            "interval 1e400 (beyond f64)",
-            r#"{"interval":1e400,"metrics":["cpu"]}"#,
-            "not valid JSON",
-        ),
-        row(
-            "interval as an object",
-            r#"{"interval":{"seconds":2},"metrics":["cpu"]}"#,
-            "got an object",
-        ),
-        row(
+        with_interval("interval 0", "0", "interval 0 is out of range"),
+        with_interval("interval as a boolean", "true", "got a boolean"),
+        with_interval("interval -1", "-1", "interval -1 is out of range"),
+        with_interval("interval null", "null", "got null"),
+        with_interval("interval 3601", "3601", "interval 3601 is out of range"),
+        with_interval("interval as an array", "[2]", "got an array"),
+        with_interval("interval 1e9", "1e9", "interval 1000000000 is out of range"),
+        with_interval("interval \"NaN\"", r#""NaN""#, "got a string"),
+        with_interval("interval 2.5", "2.5", "got a fraction"),
+        with_interval("interval 1e400 (beyond f64)", "1e400", "not valid JSON"),
+        with_interval("interval as an object", r#"{"seconds":2}"#, "got an object"),
+        with_metrics(
             "metrics as a string",
-            r#"{"interval":2,"metrics":"cpu,memory"}"#,
+            r#""cpu,memory""#,
             r#"field "metrics" must be an array of metric names, got a string"#,
         ),
-        row(
-            "metrics empty",
-            r#"{"interval":2,"metrics":[]}"#,
-            "metrics must name at least one",
-        ),
-        row(
+        with_metrics("metrics empty", "[]", "metrics must name at least one"),
+        with_metrics(
             "unknown metric",
-            r#"{"interval":2,"metrics":["cpu","gpu"]}"#,
+            r#"["cpu","gpu"]"#,
             r#"unknown metric "gpu""#,
         ),
-        row(
+        with_metrics(
             "duplicate metrics",
-            r#"{"interval":2,"metrics":["cpu","memory","cpu"]}"#,
+            r#"["cpu","memory","cpu"]"#,
             r#"metric "cpu" is listed twice"#,
         ),
-        row(
+        with_metrics(
             "metric in upper case",
-            r#"{"interval":2,"metrics":["CPU"]}"#,
+            r#"["CPU"]"#,
             r#"unknown metric "CPU""#,
         ),
-        row(
-            "metric as a number",
-            r#"{"interval":2,"metrics":[1]}"#,
-            "an array holding a number",
-        ),
-        row(
-            "metric null",
-            r#"{"interval":2,"metrics":[null]}"#,
-            "an array holding null",
-        ),
-        row(
+        with_metrics("metric as a number", "[1]", "an array holding a number"),
+        with_metrics("metric null", "[null]", "an array holding null"),
+        with_metrics(
             "metrics nested one level more",
-            r#"{"interval":2,"metrics":[["cpu"]]}"#,
+            r#"[["cpu"]]"#,
             "an array holding a non-string",
         ),
-        row(
-            "metrics as an object",
-            r#"{"interval":2,"metrics":{"cpu":true}}"#,
-            "got an object",
-        ),
+        with_metrics("metrics as an object", r#"{"cpu":true}"#, "got an object"),
         row(
             "whole config nested one level",
             r#"{"config":{"interval":2,"metrics":["cpu"]}}"#,
