@@ -297,16 +297,13 @@ async fn the_chart_lets_the_controller_patch_node_status_only_with_the_node_cond
 
     // Turning it off: Helm, looking at the ClusterRole that still grants it, renders the
     // post-upgrade removal hook with RBAC of its own.
-    let dry_run = server.helm_ok(&[
-        "upgrade",
-        "nodepulse",
-        chart,
-        "--namespace",
-        "default",
-        "--set",
-        "nodeCondition.enabled=false",
-        "--dry-run=server",
-    ]);
+    // `helm upgrade` that turns the condition off, with one more flag.
+    let turn_off = |flag: &str| {
+        let set = ["--set", "nodeCondition.enabled=false", flag];
+        let upgrade = ["upgrade", "nodepulse", chart, "--namespace", "default"];
+        server.helm_ok(&[upgrade.as_slice(), &set].concat())
+    };
+    let dry_run = turn_off("--dry-run=server");
     let removal_hooks = hooks(&dry_run);
     let kinds: Vec<&str> = removal_hooks
         .iter()
@@ -358,16 +355,7 @@ async fn the_chart_lets_the_controller_patch_node_status_only_with_the_node_cond
     remove_node_condition(Launch::controller(&as_hook, "removal-hook"), 1);
 
     // Off (hooks skipped here: no kubelet runs Jobs in this lab): the controller may not.
-    server.helm_ok(&[
-        "upgrade",
-        "nodepulse",
-        chart,
-        "--namespace",
-        "default",
-        "--set",
-        "nodeCondition.enabled=false",
-        "--no-hooks",
-    ]);
+    turn_off("--no-hooks");
     assert_eq!(can(controller, "patch", "nodes/status"), "no");
     match patch_status_as(&server, controller).await {
         Err(kube::Error::Api(e)) if e.is_forbidden() => {}
