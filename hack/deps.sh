@@ -6,7 +6,7 @@ set -euo pipefail
 need_apt=()
 command -v protoc >/dev/null || need_apt+=(protobuf-compiler)   # etcd-client's build script
 command -v openssl >/dev/null || need_apt+=(openssl)
-# flock: hack/tools.sh builds one tool at a time, hack/demo.sh reserves its ports.
+# flock: hack/tools.sh builds one tool at a time.
 command -v flock >/dev/null || need_apt+=(util-linux)
 if ((${#need_apt[@]})); then
   echo "deps: apt-get install ${need_apt[*]}" >&2

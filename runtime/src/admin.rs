@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 ///
 /// Logs the bound address first (`serving /metrics, /healthz and /readyz on 127.0.0.1:40123`):
 /// with `--metrics-addr 127.0.0.1:0` the system picks the port, and that line is how a
-/// person, `hack/demo.sh` or a test learns which.
+/// person or a test (`testkit::Process::wait_for_serving_addr`) learns which.
 pub async fn serve_admin(
     listener: TcpListener,
     routes: Vec<(&'static str, MethodRouter)>,

@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 
@@ -25,7 +25,7 @@ pub struct KubeApiserver {
     /// A kubeconfig with cluster-admin rights.
     pub kubeconfig: PathBuf,
     dir: tempfile::TempDir,
-    _process: Process,
+    process: Process,
     _port: ReservedPort,
     _etcd: Etcd,
 }
@@ -33,6 +33,30 @@ pub struct KubeApiserver {
 impl KubeApiserver {
     /// Starts etcd and kube-apiserver and waits until `/readyz` answers ok.
     pub fn start() -> KubeApiserver {
+        let mut server = KubeApiserver::spawn();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            match server.probe_ready() {
+                Ok(true) => break server,
+                Ok(false) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200))
+                }
+                Ok(false) => panic!(
+                    "kube-apiserver not ready after 120 s: {}\n--- kube-apiserver output ---\n{}",
+                    String::from_utf8_lossy(&server.kubectl(&["get", "--raw", "/readyz"]).stderr),
+                    server.output_text()
+                ),
+                Err(output) => panic!(
+                    "kube-apiserver exited before it was ready\n--- kube-apiserver output ---\n{output}"
+                ),
+            }
+        }
+    }
+
+    /// Starts etcd (waiting for it) and kube-apiserver (not waiting for it):
+    /// [`KubeApiserver::probe_ready`] tells when it is ready, for a caller that waits its own
+    /// way, as the demo does, which stops waiting on Ctrl-C.
+    pub fn spawn() -> KubeApiserver {
         let etcd = Etcd::start();
         let dir = scratch_dir("apiserver");
         // kube-apiserver refuses `--secure-port=0`: a reserved port (see `crate::ports`).
@@ -85,29 +109,27 @@ impl KubeApiserver {
         )
         .expect("write kubeconfig");
 
-        let mut server = KubeApiserver {
+        KubeApiserver {
             url,
             kubeconfig,
             dir,
-            _process: process,
+            process,
             _port: reserved,
             _etcd: etcd,
-        };
-        let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        loop {
-            let probe = server.kubectl(&["get", "--raw", "/readyz"]);
-            if probe.status.success() {
-                break server;
-            }
-            if std::time::Instant::now() > deadline || !server._process.is_running() {
-                panic!(
-                    "kube-apiserver not ready (exited, or 120 s passed): {}\n--- kube-apiserver output ---\n{}",
-                    String::from_utf8_lossy(&probe.stderr),
-                    server._process.output_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(200));
         }
+    }
+
+    /// Whether `/readyz` answers ok now; `Err` with the server's output once it has exited.
+    pub fn probe_ready(&mut self) -> Result<bool, String> {
+        if !self.process.is_running() {
+            return Err(self.output_text());
+        }
+        Ok(self.kubectl(&["get", "--raw", "/readyz"]).status.success())
+    }
+
+    /// What kube-apiserver printed so far.
+    pub fn output_text(&self) -> String {
+        self.process.output_text()
     }
 
     /// [`KubeApiserver::start`] with nodepulse's CRDs installed.
@@ -179,6 +201,7 @@ impl KubeApiserver {
     }
 
     /// A kube-rs client with cluster-admin rights.
+    #[cfg(feature = "lab")]
     pub async fn client(&self) -> kube::Client {
         let kubeconfig =
             kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("read kubeconfig");

@@ -34,6 +34,14 @@ impl Drop for Etcd {
 impl Etcd {
     /// Starts etcd and waits until it answers `/health`.
     pub fn start() -> Etcd {
+        let mut etcd = Etcd::spawn();
+        etcd.wait_healthy();
+        etcd
+    }
+
+    /// Starts etcd without waiting for it: [`Etcd::probe`] tells when it answers (for a caller
+    /// that waits its own way, as the demo does, which stops waiting on Ctrl-C).
+    pub fn spawn() -> Etcd {
         let dir = scratch_dir("etcd");
         // A reserved port, not port 0: a restarted etcd must come back on the same endpoint.
         let client_port = ReservedPort::new();
@@ -63,20 +71,46 @@ impl Etcd {
             .args(["--log-level", "warn"])
             // Tests check behaviour, not durability across power loss.
             .arg("--unsafe-no-fsync");
-        let mut process = Process::spawn("etcd", cmd);
-        let health = self.client_port.addr();
+        self.process = Some(Process::spawn("etcd", cmd));
+    }
+
+    fn wait_healthy(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !http_get(&health, "/health")
-            .is_some_and(|(status, body)| status == 200 && body.contains("\"health\":\"true\""))
-        {
+        loop {
+            let healthy = self.probe().unwrap_or_else(|output| {
+                panic!(
+                    "etcd on {} exited before it was healthy; its output:\n{output}",
+                    self.client_port.addr()
+                )
+            });
+            if healthy {
+                return;
+            }
             assert!(
-                process.is_running() && Instant::now() < deadline,
-                "etcd on {health} not healthy (exited, or 30 s passed); its output:\n{}",
-                process.output_text()
+                Instant::now() < deadline,
+                "etcd on {} not healthy after 30 s; its output:\n{}",
+                self.client_port.addr(),
+                self.output_text()
             );
             std::thread::sleep(Duration::from_millis(50));
         }
-        self.process = Some(process);
+    }
+
+    /// Whether etcd answers `/health` with `"health":"true"` now; `Err` with its output once
+    /// it has exited (or was killed).
+    pub fn probe(&mut self) -> Result<bool, String> {
+        if !self.process.as_mut().is_some_and(Process::is_running) {
+            return Err(self.output_text());
+        }
+        Ok(http_get(&self.client_port.addr(), "/health")
+            .is_some_and(|(status, body)| status == 200 && body.contains("\"health\":\"true\"")))
+    }
+
+    /// What etcd printed so far (it logs at `warn`).
+    pub fn output_text(&self) -> String {
+        self.process
+            .as_ref()
+            .map_or_else(String::new, Process::output_text)
     }
 
     /// SIGKILLs the server (the data directory stays).
@@ -90,6 +124,7 @@ impl Etcd {
     pub fn restart(&mut self) {
         self.kill();
         self.launch();
+        self.wait_healthy();
     }
 
     /// The data directory.

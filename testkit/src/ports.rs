@@ -17,9 +17,10 @@
 //!   usually 32768-60999): the kernel never picks such a port for a port-0 bind or for the local
 //!   end of an outgoing connection, so only a process that names it explicitly can bind it;
 //! - every process of ours that names a port explicitly first takes an exclusive `flock` on
-//!   `/tmp/nodepulse-ports/<port>` and holds it for the server's lifetime (this struct; `hack/demo.sh`
-//!   does the same in bash). Concurrent test binaries therefore never pick the same port, and a
-//!   lock dies with its holder (the kernel drops it), so a crashed test leaks nothing;
+//!   `/tmp/nodepulse-ports/<port>` and holds it for the server's lifetime (this struct, which the
+//!   demo's etcd and kube-apiserver hold too). Concurrent test binaries and demos therefore never
+//!   pick the same port, and a lock dies with its holder (the kernel drops it), so a crashed test
+//!   leaks nothing;
 //! - after taking the lock the port is bound once, to skip one that a foreign program already
 //!   listens on.
 
@@ -96,7 +97,7 @@ fn try_reserve(port: u16) -> Option<ReservedPort> {
         .write(true)
         .open(&path)
         .ok()?;
-    // flock(2), the same lock `flock -n` takes in hack/demo.sh.
+    // flock(2), the lock `flock -n <file>` takes from a shell.
     lock.try_lock().ok()?;
     // Something outside our reservations may listen there already: skip the port then. Once
     // reserved, nothing of ours and nothing the kernel picks can take it.

@@ -1,7 +1,11 @@
 //! Child processes that die with the test: SIGKILLed on drop, and SIGKILLed by the kernel if the
 //! test binary itself dies. Their output is kept line by line, with the time each line arrived.
+//!
+//! Each child runs in a process group of its own, so that a Ctrl-C in the terminal reaches only
+//! the program that started it (a test binary, which then dies and takes its children with it;
+//! the demo, which stops its children itself, in order) and not the children all at once.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -9,7 +13,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use nix::sys::signal::{Signal, kill};
+use nix::sys::signal::{SigSet, Signal, kill};
 use nix::unistd::Pid;
 
 /// One line a child printed, with the moment the harness read it.
@@ -27,6 +31,15 @@ struct Output {
     changed: Condvar,
     /// Streams (stdout, stderr) read to their end; counted under `lines`' lock.
     ended: AtomicUsize,
+}
+
+/// Where a child's lines are echoed as they arrive, besides being kept.
+#[derive(Clone, Copy, PartialEq)]
+enum Echo {
+    /// Kept only (echoed to stderr with `TESTKIT_VERBOSE=1`).
+    Quiet,
+    /// Echoed to stdout as `[name] line`.
+    Stdout,
 }
 
 /// A running child process owned by a test.
@@ -65,12 +78,23 @@ fn spawn_from_keeper(cmd: Command) -> std::io::Result<Child> {
 impl Process {
     /// Starts `cmd`, capturing stdout and stderr. `name` prefixes its lines when
     /// `TESTKIT_VERBOSE=1` echoes them.
-    pub fn spawn(name: &str, mut cmd: Command) -> Process {
+    pub fn spawn(name: &str, cmd: Command) -> Process {
+        Process::spawn_with(name, cmd, Echo::Quiet)
+    }
+
+    /// [`Process::spawn`], and every line echoed to stdout as `[name] line` as it arrives
+    /// (before a waiter sees it), as the demo shows its processes.
+    pub fn spawn_echoed(name: &str, cmd: Command) -> Process {
+        Process::spawn_with(name, cmd, Echo::Stdout)
+    }
+
+    fn spawn_with(name: &str, mut cmd: Command, echo: Echo) -> Process {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // SAFETY: prctl and sigaction are async-signal-safe; nothing else runs between fork and
-        // exec.
+            .stderr(Stdio::piped())
+            .process_group(0);
+        // SAFETY: prctl, sigaction and pthread_sigmask are async-signal-safe; nothing else runs
+        // between fork and exec.
         unsafe {
             cmd.pre_exec(|| {
                 nix::sys::prctl::set_pdeathsig(Signal::SIGKILL)
@@ -82,6 +106,11 @@ impl Process {
                     nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl)
                         .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
                 }
+                // Nor any signal blocked: the mask survives fork and exec, and the demo blocks
+                // SIGINT and SIGTERM in all its threads to take them in one of its own.
+                SigSet::empty()
+                    .thread_set_mask()
+                    .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
                 Ok(())
             });
         }
@@ -96,7 +125,10 @@ impl Process {
             let name = name.to_string();
             std::thread::spawn(move || {
                 for text in BufReader::new(stream).lines().map_while(Result::ok) {
-                    if verbose {
+                    if echo == Echo::Stdout {
+                        // A closed stdout (`| head`) loses the echo, not the line.
+                        let _ = writeln!(std::io::stdout().lock(), "[{name}] {text}");
+                    } else if verbose {
                         eprintln!("[{name}] {text}");
                     }
                     let mut lines = output.lines.lock().expect("lines lock");
@@ -146,6 +178,23 @@ impl Process {
         what: &str,
         pred: impl Fn(&str) -> bool,
     ) -> (usize, Line) {
+        self.next_line_from(from, timeout, pred).unwrap_or_else(|| {
+            panic!(
+                "{}: no line {what} within {timeout:?}; output:\n{}",
+                self.name,
+                self.output_text()
+            )
+        })
+    }
+
+    /// [`Process::wait_for_line_from`] that returns `None` when `timeout` passes first, for a
+    /// caller that waits in slices (and checks something else in between) or fails its own way.
+    pub fn next_line_from(
+        &self,
+        from: usize,
+        timeout: Duration,
+        pred: impl Fn(&str) -> bool,
+    ) -> Option<(usize, Line)> {
         let deadline = Instant::now() + timeout;
         let mut lines = self.output.lines.lock().expect("lines lock");
         loop {
@@ -155,16 +204,11 @@ impl Process {
                 .skip(from)
                 .find(|(_, l)| pred(&l.text))
             {
-                return (i, l.clone());
+                return Some((i, l.clone()));
             }
             let now = Instant::now();
             if now >= deadline {
-                let text: Vec<_> = lines.iter().map(|l| l.text.clone()).collect();
-                panic!(
-                    "{}: no line {what} within {timeout:?}; output:\n{}",
-                    self.name,
-                    text.join("\n")
-                );
+                return None;
             }
             lines = self
                 .output

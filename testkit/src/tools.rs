@@ -45,7 +45,7 @@ pub fn built_tool(name: &str) -> Option<PathBuf> {
 }
 
 /// Where `hack/tools.sh` puts its binaries.
-fn tools_dir() -> PathBuf {
+pub fn tools_dir() -> PathBuf {
     std::env::var_os("NODEPULSE_TOOLS")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
