@@ -157,18 +157,7 @@ async fn measure(opts: &Options, start: Instant, cluster: &Cluster) -> Result<Se
         }
     }
 
-    let mut s = Section::new(
-        TITLE,
-        &[
-            "measured as",
-            "kills",
-            "p50",
-            "p99",
-            "max",
-            "target p99",
-            "met",
-        ],
-    );
+    let mut s = Section::latencies(TITLE, "kills");
     s.setup = format!(
         "The shared cluster (kube-apiserver, controller, etcd) and {kills} agents with \
          `--heartbeat-ttl {TTL_SECONDS}s`, killed with SIGKILL one a second. The bench watches \
@@ -176,20 +165,17 @@ async fn measure(opts: &Options, start: Instant, cluster: &Cluster) -> Result<Se
          event as it arrives."
     );
     let ttl = Duration::from_secs(TTL_SECONDS as u64);
-    row(
-        &mut s,
+    s.latency_row(
         "SIGKILL -> MonitorNode Dead (watch event)",
         &kill_to_dead,
         Some(ttl + Duration::from_secs(1)),
     );
-    row(
-        &mut s,
+    s.latency_row(
         "  of which SIGKILL -> etcd deletes the key (lease expiry)",
         &kill_to_delete,
         None,
     );
-    row(
-        &mut s,
+    s.latency_row(
         "  of which etcd delete event -> MonitorNode Dead (both as the bench saw them)",
         &delete_to_dead,
         Some(Duration::from_millis(200)),
@@ -247,21 +233,4 @@ async fn measure(opts: &Options, start: Instant, cluster: &Cluster) -> Result<Se
     );
     drop(deletes);
     Ok(s)
-}
-
-fn row(s: &mut Section, what: &str, samples: &[Duration], target: Option<Duration>) {
-    match Latencies::of(samples) {
-        Some(l) => s.row(&[
-            what.to_string(),
-            l.count.to_string(),
-            ms(l.p50),
-            ms(l.p99),
-            ms(l.max),
-            target.map_or(String::new(), |t| format!("< {}", ms(t))),
-            target.map_or(String::new(), |t| {
-                if l.p99 < t { "yes" } else { "**no**" }.to_string()
-            }),
-        ]),
-        None => s.row(&[what.to_string(), "not measured: no samples".into()]),
-    }
 }

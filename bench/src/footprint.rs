@@ -330,14 +330,8 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
     let a_sched = per(a.usage.cpu_sched().as_secs_f64(), samples);
     let n_sched = per(n.usage.cpu_sched().as_secs_f64(), n.scrapes);
     let o_fig = |f: &dyn Fn(&Watched) -> f64| o.as_ref().map(f).map_err(String::clone);
-    s.row(&full_row(vec![
-        "samples / scrapes / collections in the window".into(),
-        samples.to_string(),
-        n.scrapes.to_string(),
-        o_fig(&|w| w.collections as f64).map_or_else(|e| not_measured(&e), |c| c.to_string()),
-    ]));
+    s.row(&counts_row(samples, &n, &o));
     let millis = |v: f64| format!("{v:.3} ms");
-    let mib = |v: f64| format!("{v:.1} MiB");
     s.row(&compared(
         "CPU per sample, utime+stime",
         millis,
@@ -364,22 +358,9 @@ async fn measure(opts: &Options, start: Instant) -> Result<Section> {
         &o_sched,
         Some(CPU_PER_SAMPLE_TARGET),
     ));
-    s.row(&compared(
-        "RSS, mean",
-        mib,
-        a.usage.rss_mean_mib(),
-        n.usage.rss_mean_mib(),
-        &o_fig(&|w| w.usage.rss_mean_mib()),
-        Some(0.5),
-    ));
-    s.row(&compared(
-        "RSS, max",
-        mib,
-        a.usage.rss_max_mib(),
-        n.usage.rss_max_mib(),
-        &o_fig(&|w| w.usage.rss_max_mib()),
-        Some(0.5),
-    ));
+    for row in rss_rows(&a, &n, &o, 0.5) {
+        s.row(&row);
+    }
     s.row(&full_row(vec![
         "bytes produced per sample".into(),
         "one log line + one heartbeat put every ≥ 5 s".into(),
@@ -549,6 +530,43 @@ fn agent_only(what: String, value: String, target: Option<(&str, bool)>) -> Vec<
         row.extend([t.to_string(), met_bool(ok)]);
     }
     full_row(row)
+}
+
+/// How often each process did its work in the window: the agent's samples, node_exporter's
+/// scrapes, the collector's collections.
+fn counts_row(samples: usize, n: &Watched, o: &Result<Watched, String>) -> Vec<String> {
+    full_row(vec![
+        "samples / scrapes / collections in the window".into(),
+        samples.to_string(),
+        n.scrapes.to_string(),
+        o.as_ref()
+            .map_or_else(|e| not_measured(e), |w| w.collections.to_string()),
+    ])
+}
+
+/// The mean and the max RSS rows, `target` the most the agent may have of node_exporter's.
+fn rss_rows(
+    a: &Watched,
+    n: &Watched,
+    o: &Result<Watched, String>,
+    target: f64,
+) -> [Vec<String>; 2] {
+    let mib = |v: f64| format!("{v:.1} MiB");
+    let row = |what, figure: fn(&UsageSeries) -> f64| {
+        let otelcol = o.as_ref().map(|w| figure(&w.usage)).map_err(String::clone);
+        compared(
+            what,
+            mib,
+            figure(&a.usage),
+            figure(&n.usage),
+            &otelcol,
+            Some(target),
+        )
+    };
+    [
+        row("RSS, mean", UsageSeries::rss_mean_mib),
+        row("RSS, max", UsageSeries::rss_max_mib),
+    ]
 }
 
 /// A cell for a figure that could not be measured (on one line: it sits in a table).
@@ -775,43 +793,29 @@ async fn realistic_hour(opts: &Options, start: Instant) -> Result<Section> {
     let per_hour = |d: Duration| d.as_secs_f64() * 3600.0 / window.as_secs_f64();
     let per_second = |w: u64| w as f64 / window.as_secs_f64();
     let o_fig = |f: &dyn Fn(&Watched) -> f64| o.as_ref().map(f).map_err(String::clone);
-    s.row(&full_row(vec![
-        "samples / scrapes / collections in the window".into(),
-        samples.to_string(),
-        n.scrapes.to_string(),
-        o_fig(&|w| w.collections as f64).map_or_else(|e| not_measured(&e), |c| c.to_string()),
-    ]));
-    s.row(&compared(
+    s.row(&counts_row(samples, &n, &o));
+    // One figure of each process's usage, side by side.
+    let usage_row = |what: &str,
+                     show: &dyn Fn(f64) -> String,
+                     figure: &dyn Fn(&UsageSeries) -> f64,
+                     target: Option<f64>| {
+        let o = o_fig(&|w| figure(&w.usage));
+        compared(what, show, figure(&a.usage), figure(&n.usage), &o, target)
+    };
+    s.row(&usage_row(
         "CPU per hour (schedstat)",
-        |v| format!("{v:.2} s"),
-        per_hour(a.usage.cpu_sched()),
-        per_hour(n.usage.cpu_sched()),
-        &o_fig(&|w| per_hour(w.usage.cpu_sched())),
+        &|v| format!("{v:.2} s"),
+        &|u| per_hour(u.cpu_sched()),
         Some(HOUR_CPU_TARGET),
     ));
     let mib = |v: f64| format!("{v:.1} MiB");
-    s.row(&compared(
-        "RSS, mean",
-        mib,
-        a.usage.rss_mean_mib(),
-        n.usage.rss_mean_mib(),
-        &o_fig(&|w| w.usage.rss_mean_mib()),
-        Some(HOUR_RSS_TARGET),
-    ));
-    s.row(&compared(
-        "RSS, max",
-        mib,
-        a.usage.rss_max_mib(),
-        n.usage.rss_max_mib(),
-        &o_fig(&|w| w.usage.rss_max_mib()),
-        Some(HOUR_RSS_TARGET),
-    ));
-    s.row(&compared(
+    for row in rss_rows(&a, &n, &o, HOUR_RSS_TARGET) {
+        s.row(&row);
+    }
+    s.row(&usage_row(
         "wake-ups per second",
-        |v| format!("{v:.2}"),
-        per_second(a.usage.wakeups()),
-        per_second(n.usage.wakeups()),
-        &o_fig(&|w| per_second(w.usage.wakeups())),
+        &|v| format!("{v:.2}"),
+        &|u| per_second(u.wakeups()),
         None,
     ));
     let size_mib =

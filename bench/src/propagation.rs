@@ -131,34 +131,18 @@ async fn through_etcd(opts: &Options, start: Instant) -> Result<Section> {
         // A short, varying pause so changes land at different points of the sampling cycle.
         tokio::time::sleep(Duration::from_millis(10 + (i as u64 * 7) % 20)).await;
     }
-    let mut s = Section::new(
-        ETCD_TITLE,
-        &[
-            "measured as",
-            "changes",
-            "p50",
-            "p99",
-            "max",
-            "target p99",
-            "met",
-        ],
-    );
+    let mut s = Section::latencies(ETCD_TITLE, "changes");
     s.setup = format!(
         "One agent, one etcd. The bench puts a new value of `{key}` {changes} times (each differs \
          from the last), and waits for the agent's `config updated: ... (revision R)` log line \
          with that put's revision before the next put."
     );
-    push_latency_row(
-        &mut s,
-        "agent's log timestamp - time of the put",
-        &stamped,
-        Duration::from_millis(50),
-    );
-    push_latency_row(
-        &mut s,
+    let target = Some(Duration::from_millis(50));
+    s.latency_row("agent's log timestamp - time of the put", &stamped, target);
+    s.latency_row(
         "bench read the log line - time of the put",
         &arrived,
-        Duration::from_millis(50),
+        target,
     );
     s.analysis = "What limits it: one etcd watch event (etcd notifies watchers as soon as the put \
         commits; with one member and no fsync pressure that is well under a millisecond) plus the \
@@ -168,21 +152,6 @@ async fn through_etcd(opts: &Options, start: Instant) -> Result<Section> {
         etcd's commit (fsync) latency."
         .to_string();
     Ok(s)
-}
-
-fn push_latency_row(s: &mut Section, what: &str, samples: &[Duration], target: Duration) {
-    match Latencies::of(samples) {
-        Some(l) => s.row(&[
-            what.to_string(),
-            l.count.to_string(),
-            ms(l.p50),
-            ms(l.p99),
-            ms(l.max),
-            format!("< {}", ms(target)),
-            if l.p99 < target { "yes" } else { "**no**" }.to_string(),
-        ]),
-        None => s.row(&[what.to_string(), "not measured: no samples".into()]),
-    }
 }
 
 async fn through_kubectl(opts: &Options, start: Instant, cluster: &Cluster) -> Result<Section> {
@@ -255,18 +224,7 @@ async fn through_kubectl(opts: &Options, start: Instant, cluster: &Cluster) -> R
     }
     watch.abort();
 
-    let mut s = Section::new(
-        KUBECTL_TITLE,
-        &[
-            "measured as",
-            "changes",
-            "p50",
-            "p99",
-            "max",
-            "target p99",
-            "met",
-        ],
-    );
+    let mut s = Section::latencies(KUBECTL_TITLE, "changes");
     s.setup = format!(
         "The shared cluster: a real kube-apiserver, nodepulse-controller, one etcd and one agent \
          (node `{node}`, with a Node object). After one uncounted warm-up apply, the bench runs \
@@ -275,17 +233,12 @@ async fn through_kubectl(opts: &Options, start: Instant, cluster: &Cluster) -> R
          line. It also watches the MonitorConfig itself, to split the total at the moment the API \
          server has stored the change."
     );
-    push_latency_row(
-        &mut s,
-        "kubectl started -> agent's log timestamp",
-        &total,
-        Duration::from_millis(500),
-    );
-    push_latency_row(
-        &mut s,
+    let target = Some(Duration::from_millis(500));
+    s.latency_row("kubectl started -> agent's log timestamp", &total, target);
+    s.latency_row(
         "API server stored it (bench's watch event) -> agent's log timestamp: controller + etcd + agent",
         &from_watch,
-        Duration::from_millis(500),
+        target,
     );
     if let Some(l) = Latencies::of(&kubectl_times) {
         s.row(&[

@@ -4,6 +4,9 @@
 use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
+
+use crate::stats::{Latencies, ms};
 
 /// One benchmark's results.
 #[derive(Clone, Debug, Default)]
@@ -33,6 +36,40 @@ impl Section {
     /// Adds a row.
     pub fn row(&mut self, cells: &[String]) {
         self.rows.push(cells.to_vec());
+    }
+
+    /// A latency table: what was measured, how many of `counted`, p50, p99, max, and the p99
+    /// against its target.
+    pub fn latencies(title: &str, counted: &str) -> Section {
+        let columns = [
+            "measured as",
+            counted,
+            "p50",
+            "p99",
+            "max",
+            "target p99",
+            "met",
+        ];
+        Section::new(title, &columns)
+    }
+
+    /// A row of a [`Section::latencies`] table: the percentiles of `samples`, the p99 against
+    /// `target` when there is one.
+    pub fn latency_row(&mut self, what: &str, samples: &[Duration], target: Option<Duration>) {
+        match Latencies::of(samples) {
+            Some(l) => self.row(&[
+                what.to_string(),
+                l.count.to_string(),
+                ms(l.p50),
+                ms(l.p99),
+                ms(l.max),
+                target.map_or(String::new(), |t| format!("< {}", ms(t))),
+                target.map_or(String::new(), |t| {
+                    if l.p99 < t { "yes" } else { "**no**" }.to_string()
+                }),
+            ]),
+            None => self.row(&[what.to_string(), "not measured: no samples".into()]),
+        }
     }
 
     /// A section saying the benchmark could not run, and why.
