@@ -7,7 +7,7 @@ use std::time::Duration;
 use etcd_client::{Client, CompactionOptions, PutOptions};
 use nix::sys::signal::Signal;
 use nodepulse_crd::wire::{
-    AgentState, AppliedConfig, Heartbeat, UsageSummary, config_key, heartbeat_key,
+    AgentState, AppliedConfig, CONFIG_PREFIX, Heartbeat, UsageSummary, config_key, heartbeat_key,
 };
 use testkit::{Etcd, Process, project_bin};
 
@@ -87,11 +87,9 @@ async fn put_on_lease(
 }
 
 async fn config_keys(client: &mut Client) -> Vec<(String, String)> {
+    let every_key = Some(etcd_client::GetOptions::new().with_prefix());
     let resp = client
-        .get(
-            "/monitor/config/",
-            Some(etcd_client::GetOptions::new().with_prefix()),
-        )
+        .get(CONFIG_PREFIX, every_key)
         .await
         .expect("get config keys");
     resp.kvs()
