@@ -271,10 +271,16 @@ impl Liveness {
             rec.dead_at = None;
             return;
         }
-        // Judged in a moment (see [`DisruptionBrake::hold`]), with the losses around it.
-        rec.lost_at = Some(seen_at);
+        // A lost heartbeat is judged in a moment (see [`DisruptionBrake::hold`]), with the losses
+        // around it. An agent that said goodbye was not cut off: its node is Dead at once, and
+        // a mass of goodbyes (an uninstall) is no disruption.
+        let at = if stopping {
+            seen_at
+        } else {
+            rec.lost_at = Some(seen_at);
+            seen_at + self.brake.hold(rec.ttl_seconds())
+        };
         rec.dead_reason = Some((reason, message));
-        let at = seen_at + self.brake.hold(rec.ttl_seconds());
         rec.dead_at = Some(at);
         self.next_dead_at = Some(self.next_dead_at.map_or(at, |n| n.min(at)));
     }
@@ -328,13 +334,18 @@ impl Liveness {
                         let ttl = Duration::from_secs(rec.ttl_seconds().into());
                         rec.dead_at.get_or_insert(now.instant + ttl + LEASE_GRACE);
                     } else if was_live && rec.dead_at.is_none() {
-                        rec.lost_at = Some(now.instant);
-                        rec.dead_reason = Some((
+                        // Gone at some time before the list: not a loss the brake can place in
+                        // a window (a disruption's verdicts are in the listed statuses already).
+                        transition(
+                            &mut self.decisions,
+                            name,
+                            rec,
+                            NodeState::Dead,
                             LivenessReason::HeartbeatExpired,
                             "the heartbeat key was gone when the controller listed the heartbeats"
                                 .into(),
-                        ));
-                        rec.dead_at = Some(now.instant + self.brake.hold(rec.ttl_seconds()));
+                            now,
+                        );
                     }
                     if let Some(at) = rec.dead_at {
                         self.next_dead_at = Some(self.next_dead_at.map_or(at, |n| n.min(at)));
@@ -489,9 +500,12 @@ impl Liveness {
             if rec.dead_at.is_none() {
                 continue; // taken in a disruption judged just before
             }
-            // A key that went away by hand or with a rebuilt store is lost now.
-            rec.lost_at = rec.lost_at.or(rec.dead_at);
-            if let Some(scope) = self.disruption(&name, now.instant) {
+            let goodbye = matches!(rec.dead_reason, Some((LivenessReason::AgentStopped, _)));
+            if !goodbye {
+                // A key that went away by hand or with a rebuilt store is lost now.
+                rec.lost_at = rec.lost_at.or(rec.dead_at);
+            }
+            if !goodbye && let Some(scope) = self.disruption(&name, now.instant) {
                 self.brake_disruption(scope, now);
                 continue;
             }
@@ -1402,5 +1416,21 @@ mod tests {
         );
         assert_eq!(brake.hold(3), Duration::from_millis(1500));
         assert_eq!(brake.hold(10), Duration::from_millis(1500));
+    }
+
+    #[test]
+    fn agents_that_say_goodbye_together_are_dead_at_once_not_a_disruption() {
+        // helm uninstall: every agent stops cleanly and marks its value Stopping first.
+        let clock = Clock::new();
+        let mut l = fleet(&clock, &[("", 10)], DisruptionBrake::default());
+        for i in 0..10 {
+            let node = format!("-n{i:02}");
+            l.observe(put(&node, stopping(&node)), clock.at(5.0));
+            lose(&mut l, &clock, &node, 10.0 + 0.1 * i as f64);
+        }
+        let d = run(&mut l, &clock, 10.0, 11.0);
+        assert_eq!(d.transitions.len(), 10);
+        assert!(d.transitions.iter().all(|t| (t.state, t.reason) == STOPPED));
+        assert!(d.disruptions.is_empty());
     }
 }
