@@ -73,12 +73,12 @@ e2e-cluster: release ## helm install the chart on the local cluster and check wh
 .PHONY: demo
 # Only what the demo runs: etcd and two binaries (debug: the quicker first build), plus
 # kube-apiserver, kubectl and the controller with DEMO_K8S=1, and the demo itself
-# (testkit/src/demo.rs) without testkit's default `lab` feature (the kube-rs client of the
+# (testkit/src/demo.rs) without testkit's default `test-env` feature (the kube-rs client of the
 # tests). One cargo invocation: features unify within one, so the demo shares every dependency
 # build with the agent and adds only its own few (rcgen). `--no-default-features` reaches the
 # other packages too, which have no default features. See README, "The two commands".
 DEMO_K8S ?= 0
-demo: deps ## The lab's scenario on one machine: watcher, agent, config push, kill -9 (DEMO_K8S=1 adds the controller)
+demo: deps ## The original specification's scenario on one machine: watcher, agent, config push, kill -9 (DEMO_K8S=1 adds the controller)
 	@bash $(TOOLS) etcd $(if $(filter 1,$(DEMO_K8S)),kube-apiserver kubectl) >/dev/null
 	$(CARGO) build --bins -p nodepulse-agent -p nodepulsectl $(if $(filter 1,$(DEMO_K8S)),-p nodepulse-controller) -p testkit --no-default-features
 	DEMO_K8S=$(DEMO_K8S) $(or $(CARGO_TARGET_DIR),target)/debug/nodepulse-demo

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use nodepulse_crd::wire::ConfigValue;
 use serde_json::Value;
-use testkit::{KubeApiserver, Lab, eventually, http_get, put_config};
+use testkit::{KubeApiserver, TestEnv, eventually, http_get, put_config};
 
 use bad_configs::bad_configs;
 
@@ -35,10 +35,10 @@ fn config_applied(mn: &Value) -> Option<(String, String, String)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_bad_config_is_rejected_and_reported_while_the_last_good_one_stays() {
-    let (lab, etcd) = Lab::start().await;
-    let api = lab.api();
-    let _controller = lab.controller("controller-0").spawn();
-    let mut agent = lab
+    let (env, etcd) = TestEnv::start().await;
+    let api = env.api();
+    let _controller = env.controller("controller-0").spawn();
+    let mut agent = env
         .agent(NODE)
         .args(["--heartbeat-min-interval", "500ms"])
         .start();

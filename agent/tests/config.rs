@@ -16,7 +16,7 @@ async fn a_new_interval_is_logged_within_1s_and_sets_the_pace() {
         l.contains(" sample cpu=") && l.contains(" load=")
     });
 
-    // The lab's scenario: 10 s -> 2 s.
+    // The env's scenario: 10 s -> 2 s.
     let put_at = Instant::now();
     let revision = put_config(
         &client,

@@ -12,11 +12,11 @@ use kube::api::Api;
 use nodepulse_crd::v1alpha1::{MonitorConfig, MonitorNode, NodeState};
 use nodepulse_crd::wire::HEARTBEAT_PREFIX;
 use serde_json::{Value, json};
-use testkit::{Lab, eventually, http_get, ready_condition};
+use testkit::{TestEnv, eventually, http_get, ready_condition};
 
 /// `kubectl apply` of one manifest: Ok(stdout) or Err(stderr).
-fn apply(lab: &Lab, manifest: &Value) -> Result<String, String> {
-    let out = lab
+fn apply(env: &TestEnv, manifest: &Value) -> Result<String, String> {
+    let out = env
         .api()
         .kubectl_stdin(&["apply", "-f", "-"], &manifest.to_string());
     if out.status.success() {
@@ -27,8 +27,8 @@ fn apply(lab: &Lab, manifest: &Value) -> Result<String, String> {
 }
 
 /// The Ready condition (status, reason, message) of a MonitorConfig, once written.
-async fn ready(lab: &Lab, name: &str) -> Option<(String, String, String)> {
-    ready_condition(&lab.monitor_config(name).await?)
+async fn ready(env: &TestEnv, name: &str) -> Option<(String, String, String)> {
+    ready_condition(&env.monitor_config(name).await?)
 }
 
 fn monitor_config(name: &str, spec: Value) -> Value {
@@ -166,30 +166,30 @@ fn invalid_specs() -> Vec<(&'static str, Value, &'static str)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ignored() {
-    let (lab, etcd) = Lab::start().await;
-    let mut controller = lab.controller("controller-0").spawn();
+    let (env, etcd) = TestEnv::start().await;
+    let mut controller = env.controller("controller-0").spawn();
     let metrics = controller.wait_for_serving_addr(Duration::from_secs(30));
     let node = json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": "worker-1", "labels": {"pool": "fast"}}});
-    apply(&lab, &node).expect("create Node worker-1");
-    let mut agent = lab.agent("worker-1").ttl(3).start();
-    lab.wait_state("worker-1", NodeState::Alive, Duration::from_secs(60))
+    apply(&env, &node).expect("create Node worker-1");
+    let mut agent = env.agent("worker-1").ttl(3).start();
+    env.wait_state("worker-1", NodeState::Alive, Duration::from_secs(60))
         .await;
 
     // 1. The API server refuses invalid specs; nothing is stored.
     for (what, spec, want) in invalid_specs() {
-        let err = apply(&lab, &monitor_config("bad", spec.clone()))
+        let err = apply(&env, &monitor_config("bad", spec.clone()))
             .expect_err(&format!("{what} must be refused: {spec}"));
         assert!(err.contains(want), "{what}: want {want:?} in:\n{err}");
     }
-    let api: Api<MonitorConfig> = Api::all(lab.kube.clone());
+    let api: Api<MonitorConfig> = Api::all(env.kube.clone());
     assert!(api.get_opt("bad").await.expect("get").is_none());
     // The same rules let valid selectors through.
     let ok = json!({"interval": 2, "metrics": ["cpu"], "nodeSelector": {"matchExpressions": [
         {"key": "pool", "operator": "In", "values": ["fast"]},
         {"key": "gpu", "operator": "DoesNotExist"},
     ]}, "nodeNames": ["worker-1", "ip-10-0-0-1.ec2.internal"]});
-    apply(&lab, &monitor_config("fast", ok)).expect("a valid spec is accepted");
+    apply(&env, &monitor_config("fast", ok)).expect("a valid spec is accepted");
 
     // 2. What only the controller can judge is in the status.
     let nowhere = json!({"interval": 5, "metrics": ["cpu"], "nodeSelector": {"matchLabels": {"pool": "gpu"}}});
@@ -199,11 +199,11 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
     }});
     let ghosts = json!({"interval": 5, "metrics": ["cpu"], "nodeNames": ["ghost-1", "ghost-2"]});
     for (name, spec) in [("nowhere", nowhere), ("never", never), ("ghosts", ghosts)] {
-        apply(&lab, &monitor_config(name, spec)).expect("accepted");
+        apply(&env, &monitor_config(name, spec)).expect("accepted");
         let (status, reason, message) = eventually(
             &format!("{name} reports it selects no node"),
             Duration::from_secs(30),
-            || async { ready(&lab, name).await.filter(|r| r.1 != "Applied") },
+            || async { ready(&env, name).await.filter(|r| r.1 != "Applied") },
         )
         .await;
         assert_eq!(
@@ -216,7 +216,7 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
         }
     }
     let (status, reason, message) = eventually("fast Ready", Duration::from_secs(30), || async {
-        ready(&lab, "fast").await
+        ready(&env, "fast").await
     })
     .await;
     assert_eq!(
@@ -270,10 +270,10 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
         "garbage-4",
         "garbage-5",
     ] {
-        lab.wait_state(node, NodeState::Alive, Duration::from_secs(30))
+        env.wait_state(node, NodeState::Alive, Duration::from_secs(30))
             .await;
     }
-    let mns: Api<MonitorNode> = Api::all(lab.kube.clone());
+    let mns: Api<MonitorNode> = Api::all(env.kube.clone());
     let names: Vec<String> = mns
         .list(&Default::default())
         .await
@@ -305,20 +305,20 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
     assert!(controller.is_running(), "controller exited");
     assert!(http_get(&metrics, "/healthz").is_some_and(|(code, _)| code == 200));
     assert_eq!(
-        lab.status("worker-1").await.and_then(|s| s.state),
+        env.status("worker-1").await.and_then(|s| s.state),
         Some(NodeState::Alive)
     );
     agent.kill_hard();
-    lab.wait_state("worker-1", NodeState::Dead, Duration::from_secs(20))
+    env.wait_state("worker-1", NodeState::Dead, Duration::from_secs(20))
         .await;
-    let _agent = lab.agent("worker-1").ttl(3).start();
-    lab.wait_state("worker-1", NodeState::Alive, Duration::from_secs(20))
+    let _agent = env.agent("worker-1").ttl(3).start();
+    env.wait_state("worker-1", NodeState::Alive, Duration::from_secs(20))
         .await;
     // Deleting the garbage turns those nodes Dead like any vanished heartbeat.
     etcd.delete("/monitor/heartbeat/garbage-1", None)
         .await
         .expect("delete");
-    lab.wait_state("garbage-1", NodeState::Dead, Duration::from_secs(20))
+    env.wait_state("garbage-1", NodeState::Dead, Duration::from_secs(20))
         .await;
     assert!(controller.is_running(), "controller exited");
 }

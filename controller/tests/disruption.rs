@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nodepulse_crd::v1alpha1::NodeState;
-use testkit::{Daemon, Lab};
+use testkit::{Daemon, TestEnv};
 
 /// Heartbeat TTL of every agent here, in seconds.
 const TTL: u64 = 3;
@@ -18,34 +18,34 @@ const NODES: usize = 10;
 async fn fleet(
     prefix: &str,
 ) -> (
-    Lab,
+    TestEnv,
     testkit::Etcd,
     testkit::Process,
     Vec<Daemon>,
     Vec<String>,
 ) {
-    let (lab, etcd) = Lab::start().await;
-    let controller = lab
+    let (env, etcd) = TestEnv::start().await;
+    let controller = env
         .controller(&format!("{prefix}controller"))
         .args(["--leader-elect=false"])
         .spawn();
     let names: Vec<String> = (0..NODES).map(|i| format!("{prefix}{i}")).collect();
     let agents: Vec<Daemon> = names
         .iter()
-        .map(|n| lab.agent(n).ttl(TTL).start())
+        .map(|n| env.agent(n).ttl(TTL).start())
         .collect();
     for node in &names {
-        lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+        env.wait_state(node, NodeState::Alive, Duration::from_secs(60))
             .await;
     }
-    (lab, etcd, controller, agents, names)
+    (env, etcd, controller, agents, names)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn six_of_ten_cut_off_at_once_are_unknown_never_dead() {
-    let (lab, _etcd, controller, agents, names) = fleet("rack-").await;
+    let (env, _etcd, controller, agents, names) = fleet("rack-").await;
     let nodes: Vec<&str> = names.iter().map(String::as_str).collect();
-    let history = lab.record(&nodes).await;
+    let history = env.record(&nodes).await;
 
     let cut: Vec<&Daemon> = agents.iter().take(6).collect();
     for agent in &cut {
@@ -53,7 +53,7 @@ async fn six_of_ten_cut_off_at_once_are_unknown_never_dead() {
     }
     let stopped = Instant::now();
     for node in &nodes[..6] {
-        let status = lab
+        let status = env
             .wait_state(node, NodeState::Unknown, Duration::from_secs(TTL + 2))
             .await;
         assert_eq!(
@@ -71,7 +71,7 @@ async fn six_of_ten_cut_off_at_once_are_unknown_never_dead() {
     history.assert_never_dead("six of ten cut off");
     for node in &nodes[6..] {
         assert_eq!(
-            lab.status(node).await.and_then(|s| s.state),
+            env.status(node).await.and_then(|s| s.state),
             Some(NodeState::Alive),
             "{node}"
         );
@@ -82,7 +82,7 @@ async fn six_of_ten_cut_off_at_once_are_unknown_never_dead() {
         agent.process.signal(Signal::SIGCONT);
     }
     for node in &nodes[..6] {
-        lab.wait_state(node, NodeState::Alive, Duration::from_secs(10))
+        env.wait_state(node, NodeState::Alive, Duration::from_secs(10))
             .await;
     }
     history.assert_never_dead("six of ten cut off and back");
@@ -100,17 +100,17 @@ async fn six_of_ten_cut_off_at_once_are_unknown_never_dead() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn one_of_ten_cut_off_is_dead() {
-    let (lab, _etcd, _controller, agents, names) = fleet("single-").await;
+    let (env, _etcd, _controller, agents, names) = fleet("single-").await;
     agents[3].process.signal(Signal::SIGSTOP);
     let stopped = Instant::now();
-    let status = lab
+    let status = env
         .wait_state(&names[3], NodeState::Dead, Duration::from_secs(TTL + 2))
         .await;
     assert_eq!(status.reason.as_deref(), Some("HeartbeatExpired"));
     println!("Dead {:?} after SIGSTOP", stopped.elapsed());
     for node in names.iter().filter(|n| *n != &names[3]) {
         assert_eq!(
-            lab.status(node).await.and_then(|s| s.state),
+            env.status(node).await.and_then(|s| s.state),
             Some(NodeState::Alive),
             "{node}"
         );

@@ -11,17 +11,17 @@ use kube::api::Api;
 use nix::sys::signal::Signal;
 use nodepulse_crd::v1alpha1::{MonitorNode, NodeState};
 use nodepulse_crd::wire::{ConfigValue, config_key, heartbeat_key};
-use testkit::{Daemon, Etcd, Lab, Process, eventually, http_get, ready_condition};
+use testkit::{Daemon, Etcd, Process, TestEnv, eventually, http_get, ready_condition};
 
 /// The controller; `identity` names it in the leader Lease.
-fn start_controller(lab: &Lab, identity: &str) -> Process {
-    lab.controller(identity)
+fn start_controller(env: &TestEnv, identity: &str) -> Process {
+    env.controller(identity)
         .args(["--usage-write-interval", "5s"])
         .spawn()
 }
 
-fn start_agent(lab: &Lab, node: &str) -> Daemon {
-    lab.agent(node).ttl(3).start()
+fn start_agent(env: &TestEnv, node: &str) -> Daemon {
+    env.agent(node).ttl(3).start()
 }
 
 /// `node`'s config key, parsed, and its revision.
@@ -43,11 +43,11 @@ async fn raw_key(etcd: &Etcd, key: &str) -> Option<(String, i64)> {
 }
 
 /// NodeAlive and HeartbeatExpired counts of worker-1..3, in that order.
-async fn transition_events(lab: &Lab) -> Vec<i32> {
+async fn transition_events(env: &TestEnv) -> Vec<i32> {
     let mut out = Vec::new();
     for node in ["worker-1", "worker-2", "worker-3"] {
         for reason in ["NodeAlive", "HeartbeatExpired"] {
-            out.push(lab.event_count(node, reason).await);
+            out.push(env.event_count(node, reason).await);
         }
     }
     out
@@ -67,19 +67,19 @@ fn monitor_config_yaml(name: &str, selector: serde_json::Value, interval: u32) -
 /// meets them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn acceptance_three_agents_liveness_config_and_restart() {
-    let (lab, etcd) = Lab::start().await;
-    lab.node("worker-1", &[("nodepulse.io/pool", "fast")]);
-    lab.node("worker-2", &[("nodepulse.io/pool", "slow")]);
-    lab.node("worker-3", &[("nodepulse.io/pool", "slow")]);
-    let mut controller = start_controller(&lab, "controller-0");
+    let (env, etcd) = TestEnv::start().await;
+    env.node("worker-1", &[("nodepulse.io/pool", "fast")]);
+    env.node("worker-2", &[("nodepulse.io/pool", "slow")]);
+    env.node("worker-3", &[("nodepulse.io/pool", "slow")]);
+    let mut controller = start_controller(&env, "controller-0");
     let mut agents: BTreeMap<&str, Daemon> = ["worker-1", "worker-2", "worker-3"]
         .into_iter()
-        .map(|n| (n, start_agent(&lab, n)))
+        .map(|n| (n, start_agent(&env, n)))
         .collect();
 
     // Three agents -> three MonitorNodes Alive, with CPU% and MEMORY% in `kubectl get`.
     for node in ["worker-1", "worker-2", "worker-3"] {
-        lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+        env.wait_state(node, NodeState::Alive, Duration::from_secs(60))
             .await;
         controller.wait_for_line(Duration::from_secs(5), "Node Alive", |l| {
             l.contains(&format!("Node {node} Alive"))
@@ -89,7 +89,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         "CPU% and MEMORY% in kubectl get monitornodes",
         Duration::from_secs(30),
         || async {
-            let table = lab.api().kubectl_ok(&["get", "monitornodes"]);
+            let table = env.api().kubectl_ok(&["get", "monitornodes"]);
             let rows: Vec<Vec<String>> = table
                 .lines()
                 .skip(1)
@@ -104,7 +104,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     )
     .await;
     assert!(table.starts_with("NAME"), "{table}");
-    let api: Api<MonitorNode> = Api::all(lab.kube.clone());
+    let api: Api<MonitorNode> = Api::all(env.kube.clone());
     let mn = api.get("worker-1").await.expect("MonitorNode worker-1");
     let owner = &mn
         .metadata
@@ -130,7 +130,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     // -> Alive.
     agents.get_mut("worker-2").expect("agent").kill_hard();
     let killed = Instant::now();
-    let dead = lab
+    let dead = env
         .wait_state("worker-2", NodeState::Dead, Duration::from_secs(5))
         .await;
     assert_eq!(dead.reason.as_deref(), Some("HeartbeatExpired"));
@@ -141,15 +141,15 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     eventually(
         "HeartbeatExpired Event on worker-2",
         Duration::from_secs(10),
-        || async { (lab.event_count("worker-2", "HeartbeatExpired").await >= 1).then_some(()) },
+        || async { (env.event_count("worker-2", "HeartbeatExpired").await >= 1).then_some(()) },
     )
     .await;
-    let describe = lab
+    let describe = env
         .api()
         .kubectl_ok(&["describe", "monitornode", "worker-2"]);
     assert!(describe.contains("HeartbeatExpired"), "{describe}");
-    agents.insert("worker-2", start_agent(&lab, "worker-2"));
-    lab.wait_state("worker-2", NodeState::Alive, Duration::from_secs(30))
+    agents.insert("worker-2", start_agent(&env, "worker-2"));
+    env.wait_state("worker-2", NodeState::Alive, Duration::from_secs(30))
         .await;
 
     // A MonitorConfig selecting worker-1 by label, interval 2: only worker-1's key changes.
@@ -159,7 +159,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     ]
     .into();
     let worker1_lines = agents["worker-1"].line_count();
-    lab.apply(&monitor_config_yaml(
+    env.apply(&monitor_config_yaml(
         "fast",
         serde_json::json!({"matchLabels": {"nodepulse.io/pool": "fast"}}),
         2,
@@ -184,7 +184,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         "worker-1 runs interval 2, in sync",
         Duration::from_secs(20),
         || async {
-            let s = lab.status("worker-1").await?;
+            let s = env.status("worker-1").await?;
             let c = s.config?;
             (c.interval == 2
                 && c.in_sync == Some(true)
@@ -201,7 +201,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     assert_eq!(before, after, "only worker-1's key may change");
     assert_eq!(after, vec![None, None]);
     let mc = eventually("MonitorConfig status", Duration::from_secs(20), || async {
-        lab.monitor_config("fast")
+        env.monitor_config("fast")
             .await
             .filter(|mc| mc.status.as_ref().is_some_and(|s| s.applied_nodes == 1))
     })
@@ -215,7 +215,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
 
     // Relabel the Node so the selector no longer matches: key removed, agent back to defaults.
     let lines = agents["worker-1"].line_count();
-    lab.api().kubectl_ok(&[
+    env.api().kubectl_ok(&[
         "label",
         "node",
         "worker-1",
@@ -243,14 +243,14 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         "worker-1 on defaults, in sync",
         Duration::from_secs(20),
         || async {
-            let c = lab.status("worker-1").await?.config?;
+            let c = env.status("worker-1").await?.config?;
             (c.interval == 10 && c.in_sync == Some(true)).then_some(())
         },
     )
     .await;
 
     // Select it again, then delete the MonitorConfig: no key it wrote remains.
-    lab.api().kubectl_ok(&[
+    env.api().kubectl_ok(&[
         "label",
         "node",
         "worker-1",
@@ -261,14 +261,14 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         config_key_of(&etcd, "worker-1").await
     })
     .await;
-    lab.api().kubectl_ok(&[
+    env.api().kubectl_ok(&[
         "delete",
         "monitorconfig",
         "fast",
         "--wait=true",
         "--timeout=30s",
     ]);
-    assert!(lab.monitor_config("fast").await.is_none());
+    assert!(env.monitor_config("fast").await.is_none());
     for node in ["worker-1", "worker-2", "worker-3"] {
         assert_eq!(
             config_key_of(&etcd, node).await,
@@ -280,7 +280,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     // Kill the controller, kill an agent while it is down, start it again: that node is Dead
     // within 5 s of the start, and nothing is said about the others.
     controller.kill_hard();
-    let events_before = transition_events(&lab).await;
+    let events_before = transition_events(&env).await;
     agents.get_mut("worker-3").expect("agent").kill_hard();
     eventually(
         "worker-3's heartbeat key to expire",
@@ -294,13 +294,13 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     )
     .await;
     assert_eq!(
-        lab.status("worker-3").await.and_then(|s| s.state),
+        env.status("worker-3").await.and_then(|s| s.state),
         Some(NodeState::Alive),
         "nobody may have written while the controller was down"
     );
-    let controller = start_controller(&lab, "controller-0");
+    let controller = start_controller(&env, "controller-0");
     let started = Instant::now();
-    let dead = lab
+    let dead = env
         .wait_state("worker-3", NodeState::Dead, Duration::from_secs(5))
         .await;
     println!(
@@ -312,7 +312,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         "HeartbeatExpired Event on worker-3",
         Duration::from_secs(10),
         || async {
-            let now = transition_events(&lab).await;
+            let now = transition_events(&env).await;
             (now[5] == events_before[5] + 1).then_some(())
         },
     )
@@ -320,7 +320,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     controller.wait_for_line(Duration::from_secs(10), "reconciled", |l| {
         l.contains("reconciled every MonitorNode")
     });
-    let events_after = transition_events(&lab).await;
+    let events_after = transition_events(&env).await;
     assert_eq!(
         events_after[..4],
         events_before[..4],
@@ -339,7 +339,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     // A clean stop for good: the agent says it is stopping, and no agent takes over within the
     // TTL (3 s), so the node ends Dead with the reason it gave.
     agents["worker-1"].signal(Signal::SIGTERM);
-    let stopped = lab
+    let stopped = env
         .wait_state("worker-1", NodeState::Dead, Duration::from_secs(3 + 5))
         .await;
     assert_eq!(stopped.reason.as_deref(), Some("AgentStopped"));
@@ -378,9 +378,9 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
 /// contract.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
-    let (lab, etcd) = Lab::start().await;
-    lab.node("hand-1", &[("team", "a")]);
-    lab.node("managed-1", &[("team", "a")]);
+    let (env, etcd) = TestEnv::start().await;
+    env.node("hand-1", &[("team", "a")]);
+    env.node("managed-1", &[("team", "a")]);
     let hand_value = r#"{"interval": 7, "metrics": ["cpu"]}"#;
     let out = etcd.etcdctl(&["put", &config_key("hand-1"), hand_value]);
     assert!(out.status.success());
@@ -390,9 +390,9 @@ async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
         .await
         .expect("hand key");
     let elsewhere_before = raw_key(&etcd, &config_key("elsewhere")).await.expect("key");
-    let mut controller = start_controller(&lab, "controller-a");
+    let mut controller = start_controller(&env, "controller-a");
 
-    lab.apply(&monitor_config_yaml(
+    env.apply(&monitor_config_yaml(
         "team-a",
         serde_json::json!({"matchLabels": {"team": "a"}}),
         3,
@@ -406,7 +406,7 @@ async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
         "team-a reports the hand-written key",
         Duration::from_secs(20),
         || async {
-            lab.monitor_config("team-a")
+            env.monitor_config("team-a")
                 .await
                 .filter(|mc| ready_condition(mc).is_some_and(|r| r.1 == "UnmanagedKeys"))
         },
@@ -448,16 +448,16 @@ async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
             "priority": 10,
         },
     });
-    let out = lab
+    let out = env
         .api()
         .kubectl_stdin(&["apply", "-f", "-"], &bad_selector.to_string());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "an unknown operator was accepted");
     assert!(stderr.contains("operator must be In, NotIn"), "{stderr}");
-    assert!(lab.monitor_config("bad-selector").await.is_none());
+    assert!(env.monitor_config("bad-selector").await.is_none());
 
     // Deleting the MonitorConfig removes its keys, and only its keys.
-    lab.api().kubectl_ok(&[
+    env.api().kubectl_ok(&[
         "delete",
         "monitorconfig",
         "team-a",
@@ -479,8 +479,8 @@ async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
 /// Two replicas: only the Lease holder writes; when it stops, the other takes over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn only_the_leader_writes_and_a_standby_takes_over() {
-    let (lab, etcd) = Lab::start().await;
-    let mut a = start_controller(&lab, "replica-a");
+    let (env, etcd) = TestEnv::start().await;
+    let mut a = start_controller(&env, "replica-a");
     let addr_a = a.wait_for_serving_addr(Duration::from_secs(30));
     let leader_metric = |addr: &str| {
         http_get(addr, "/metrics")
@@ -490,7 +490,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         leader_metric(&addr_a).then_some(())
     })
     .await;
-    let b = start_controller(&lab, "replica-b");
+    let b = start_controller(&env, "replica-b");
     let addr_b = b.wait_for_serving_addr(Duration::from_secs(30));
     b.wait_for_line(Duration::from_secs(20), "waiting to lead", |l| {
         l.contains("waiting to lead")
@@ -510,7 +510,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
     )
     .await
     .expect("put heartbeat");
-    lab.wait_state("standby-1", NodeState::Alive, Duration::from_secs(20))
+    env.wait_state("standby-1", NodeState::Alive, Duration::from_secs(20))
         .await;
     assert!(
         !leader_metric(&addr_b),
@@ -548,7 +548,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
         released.elapsed().as_secs_f64()
     );
     etcd.lease_revoke(lease).await.expect("revoke");
-    lab.wait_state("standby-1", NodeState::Dead, Duration::from_secs(10))
+    env.wait_state("standby-1", NodeState::Dead, Duration::from_secs(10))
         .await;
     b.wait_for_line(Duration::from_secs(5), "Dead line", |l| {
         l.contains("Node standby-1 Dead")
@@ -560,16 +560,16 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
 /// once the Node appears.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn liveness_survives_an_etcd_restart_and_late_nodes_become_owners() {
-    let (lab, mut etcd) = Lab::start().await;
-    let _controller = start_controller(&lab, "controller-r");
-    let mut agent = start_agent(&lab, "solo-1");
-    lab.wait_state("solo-1", NodeState::Alive, Duration::from_secs(30))
+    let (env, mut etcd) = TestEnv::start().await;
+    let _controller = start_controller(&env, "controller-r");
+    let mut agent = start_agent(&env, "solo-1");
+    env.wait_state("solo-1", NodeState::Alive, Duration::from_secs(30))
         .await;
-    let api: Api<MonitorNode> = Api::all(lab.kube.clone());
+    let api: Api<MonitorNode> = Api::all(env.kube.clone());
     let mn = api.get("solo-1").await.expect("MonitorNode");
     assert!(mn.metadata.owner_references.is_none(), "no Node object yet");
 
-    lab.node("solo-1", &[("late", "true")]);
+    env.node("solo-1", &[("late", "true")]);
     eventually(
         "solo-1 owned by its Node",
         Duration::from_secs(20),
@@ -587,7 +587,7 @@ async fn liveness_survives_an_etcd_restart_and_late_nodes_become_owners() {
         l.contains("heartbeat") && (l.contains("resumed") || l.contains("granted"))
     });
     agent.kill_hard();
-    lab.wait_state("solo-1", NodeState::Dead, Duration::from_secs(15))
+    env.wait_state("solo-1", NodeState::Dead, Duration::from_secs(15))
         .await;
 }
 
@@ -599,11 +599,11 @@ async fn a_controller_restart_does_not_flash_config_applied_false() {
     use futures::StreamExt;
     use kube::runtime::{WatchStreamExt, watcher};
 
-    let (lab, _etcd) = Lab::start().await;
-    lab.node("worker-1", &[]);
-    let mut controller = start_controller(&lab, "controller-0");
-    let mut agent = start_agent(&lab, "worker-1");
-    lab.apply(&monitor_config_yaml("fast", serde_json::json!({}), 2));
+    let (env, _etcd) = TestEnv::start().await;
+    env.node("worker-1", &[]);
+    let mut controller = start_controller(&env, "controller-0");
+    let mut agent = start_agent(&env, "worker-1");
+    env.apply(&monitor_config_yaml("fast", serde_json::json!({}), 2));
     let config_applied = |s: &nodepulse_crd::v1alpha1::MonitorNodeStatus| {
         s.conditions
             .iter()
@@ -614,7 +614,7 @@ async fn a_controller_restart_does_not_flash_config_applied_false() {
         "worker-1 ConfigApplied=True at interval 2",
         Duration::from_secs(60),
         || async {
-            let s = lab.status("worker-1").await?;
+            let s = env.status("worker-1").await?;
             (s.config.as_ref()?.interval == 2 && config_applied(&s).as_deref() == Some("True"))
                 .then_some(())
         },
@@ -622,7 +622,7 @@ async fn a_controller_restart_does_not_flash_config_applied_false() {
     .await;
 
     // Every version of worker-1's status from now on.
-    let api: Api<MonitorNode> = Api::all(lab.kube.clone());
+    let api: Api<MonitorNode> = Api::all(env.kube.clone());
     let mut versions = watcher(
         api,
         watcher::Config::default().fields("metadata.name=worker-1"),
@@ -651,7 +651,7 @@ async fn a_controller_restart_does_not_flash_config_applied_false() {
     });
 
     controller.kill_hard();
-    let controller = start_controller(&lab, "controller-0");
+    let controller = start_controller(&env, "controller-0");
     controller.wait_for_line(Duration::from_secs(30), "reconciled", |l| {
         l.contains("reconciled every MonitorNode")
     });
@@ -665,20 +665,20 @@ async fn a_controller_restart_does_not_flash_config_applied_false() {
         seen.iter().all(|(_, c)| c.as_deref() == Some("True")),
         "ConfigApplied changed across the restart: {seen:?}"
     );
-    assert_eq!(lab.event_count("worker-1", "NodeAlive").await, 1);
+    assert_eq!(env.event_count("worker-1", "NodeAlive").await, 1);
 }
 
 /// `kubectl wait` on a MonitorNode's condition and on its state, as the README shows them,
 /// returns when the node dies; `kubectl explain` documents every status field.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kubectl_wait_and_explain_work_on_monitor_nodes() {
-    let (lab, _etcd) = Lab::start().await;
-    lab.node("worker-1", &[]);
-    let _controller = start_controller(&lab, "controller-0");
-    let mut agent = start_agent(&lab, "worker-1");
-    lab.wait_state("worker-1", NodeState::Alive, Duration::from_secs(60))
+    let (env, _etcd) = TestEnv::start().await;
+    env.node("worker-1", &[]);
+    let _controller = start_controller(&env, "controller-0");
+    let mut agent = start_agent(&env, "worker-1");
+    env.wait_state("worker-1", NodeState::Alive, Duration::from_secs(60))
         .await;
-    lab.api().kubectl_ok(&[
+    env.api().kubectl_ok(&[
         "wait",
         "--for=condition=Alive",
         "monitornode/worker-1",
@@ -688,7 +688,7 @@ async fn kubectl_wait_and_explain_work_on_monitor_nodes() {
     let wait = |for_: &str| {
         std::process::Command::new(testkit::kubectl())
             .arg("--kubeconfig")
-            .arg(&lab.api().kubeconfig)
+            .arg(&env.api().kubeconfig)
             .args(["wait", for_, "monitornode/worker-1", "--timeout=60s"])
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
@@ -712,7 +712,7 @@ async fn kubectl_wait_and_explain_work_on_monitor_nodes() {
         );
     }
     assert_eq!(
-        lab.status("worker-1").await.and_then(|s| s.state),
+        env.status("worker-1").await.and_then(|s| s.state),
         Some(NodeState::Dead)
     );
 
@@ -749,7 +749,7 @@ async fn kubectl_wait_and_explain_work_on_monitor_nodes() {
             &["cpuPercent", "memoryPercent", "diskPercent", "load1"][..],
         ),
     ] {
-        let out = lab.api().kubectl_ok(&["explain", path]);
+        let out = env.api().kubectl_ok(&["explain", path]);
         let listed = out.split("FIELDS:").nth(1).unwrap_or_default();
         for field in fields {
             // Each field's line is followed by its block (an `enum:` line, then the

@@ -6,25 +6,25 @@ use std::time::Duration;
 
 use kube::api::Api;
 use nodepulse_crd::v1alpha1::{MonitorNode, NodeState};
-use testkit::{Lab, Process};
+use testkit::{Process, TestEnv};
 
-fn controller(lab: &Lab) -> Process {
-    lab.controller("controller")
+fn controller(env: &TestEnv) -> Process {
+    env.controller("controller")
         .args(["--leader-elect=false"])
         .spawn()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_node_without_an_agent_is_listed_unknown_until_one_comes() {
-    let (lab, _etcd) = Lab::start().await;
+    let (env, _etcd) = TestEnv::start().await;
     for node in ["quiet-1", "quiet-2"] {
-        lab.node(node, &[]);
+        env.node(node, &[]);
     }
-    let mut ctl = controller(&lab);
-    let monitor_nodes: Api<MonitorNode> = Api::all(lab.kube.clone());
+    let mut ctl = controller(&env);
+    let monitor_nodes: Api<MonitorNode> = Api::all(env.kube.clone());
     for node in ["quiet-1", "quiet-2"] {
         let within = Duration::from_secs(20);
-        let s = lab
+        let s = env
             .wait_status(node, "Unknown NoHeartbeat", within, |s| {
                 s.state == Some(NodeState::Unknown) && s.reason.as_deref() == Some("NoHeartbeat")
             })
@@ -42,12 +42,12 @@ async fn a_node_without_an_agent_is_listed_unknown_until_one_comes() {
 
     // A restart lists the heartbeats again: still no key, still Unknown, not Dead.
     ctl.kill_hard();
-    let ctl = controller(&lab);
+    let ctl = controller(&env);
     ctl.wait_for_line(Duration::from_secs(30), "reconciled", |l| {
         l.contains("reconciled every MonitorNode")
     });
-    let _agent = lab.agent("quiet-1").ttl(3).start();
-    lab.wait_state("quiet-1", NodeState::Alive, Duration::from_secs(20))
+    let _agent = env.agent("quiet-1").ttl(3).start();
+    env.wait_state("quiet-1", NodeState::Alive, Duration::from_secs(20))
         .await;
     let quiet2 = monitor_nodes
         .get("quiet-2")

@@ -20,26 +20,26 @@ use nix::sys::signal::Signal;
 use nodepulse_crd::v1alpha1::NodeState;
 use nodepulse_crd::wire::{HEARTBEAT_PREFIX, heartbeat_key};
 use testkit::{
-    Daemon, EtcdCluster, History, Lab, Process, config_json, eventually, http_get, put_config,
+    Daemon, EtcdCluster, History, Process, TestEnv, config_json, eventually, http_get, put_config,
 };
 
 /// Heartbeat TTL of every agent here, in seconds.
 const TTL: u64 = 4;
 
 /// The controller with leader election off (one replica: a test's faults are in etcd).
-fn controller(lab: &Lab, identity: &str) -> Process {
-    controller_with(lab, identity, &["--leader-elect=false"])
+fn controller(env: &TestEnv, identity: &str) -> Process {
+    controller_with(env, identity, &["--leader-elect=false"])
 }
 
-fn controller_with(lab: &Lab, identity: &str, extra: &[&str]) -> Process {
-    lab.controller(identity)
+fn controller_with(env: &TestEnv, identity: &str, extra: &[&str]) -> Process {
+    env.controller(identity)
         .args(["--usage-write-interval", "5s"])
         .args(extra)
         .spawn()
 }
 
-fn agent(lab: &Lab, node: &str) -> Daemon {
-    lab.agent(node)
+fn agent(env: &TestEnv, node: &str) -> Daemon {
+    env.agent(node)
         .ttl(TTL)
         .args(["--heartbeat-min-interval", "500ms"])
         .start()
@@ -47,7 +47,7 @@ fn agent(lab: &Lab, node: &str) -> Daemon {
 
 /// Agents on some nodes, all seen Alive, and the record of their MonitorNodes' states since.
 struct Fleet<'a> {
-    lab: &'a Lab,
+    env: &'a TestEnv,
     nodes: &'a [&'a str],
     agents: Vec<Daemon>,
     history: History,
@@ -56,15 +56,15 @@ struct Fleet<'a> {
 impl<'a> Fleet<'a> {
     /// Starts an agent on each of `nodes`, waits until every one is Alive and records their
     /// MonitorNodes' states from then on.
-    async fn start(lab: &'a Lab, nodes: &'a [&'a str]) -> Fleet<'a> {
-        let agents = nodes.iter().map(|n| agent(lab, n)).collect();
+    async fn start(env: &'a TestEnv, nodes: &'a [&'a str]) -> Fleet<'a> {
+        let agents = nodes.iter().map(|n| agent(env, n)).collect();
         for node in nodes {
-            lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+            env.wait_state(node, NodeState::Alive, Duration::from_secs(60))
                 .await;
         }
-        let history = lab.record(nodes).await;
+        let history = env.record(nodes).await;
         Fleet {
-            lab,
+            env,
             nodes,
             agents,
             history,
@@ -76,7 +76,7 @@ impl<'a> Fleet<'a> {
     async fn assert_calm(&self, controller: &Process, during: &str) {
         let window = Duration::from_secs(2 * TTL);
         assert_no_false_alarm(
-            self.lab,
+            self.env,
             &self.history,
             controller,
             self.nodes,
@@ -105,7 +105,7 @@ impl<'a> Fleet<'a> {
         put_config(client, node, config_json(interval)).await;
         let taken = since.elapsed();
         wait_config_applied(&self.agents[i], mark, interval, since, within);
-        wait_interval(self.lab, node, interval, within).await;
+        wait_interval(self.env, node, interval, within).await;
         println!(
             "{node}: etcd took the config {taken:?} after the fault, reported {:?} after",
             since.elapsed()
@@ -114,8 +114,8 @@ impl<'a> Fleet<'a> {
 }
 
 /// Waits until `node`'s status says its agent runs `interval`.
-async fn wait_interval(lab: &Lab, node: &str, interval: u32, within: Duration) {
-    lab.wait_status(
+async fn wait_interval(env: &TestEnv, node: &str, interval: u32, within: Duration) {
+    env.wait_status(
         node,
         &format!("reporting interval {interval}"),
         within,
@@ -170,7 +170,7 @@ fn assert_watch_interrupted(controller: &Process, mark: usize) {
 /// Dead, no Dead Event (HeartbeatExpired, AgentStopped) was raised and the controller never
 /// logged a Dead transition.
 async fn assert_no_false_alarm(
-    lab: &Lab,
+    env: &TestEnv,
     history: &History,
     controller: &Process,
     nodes: &[&str],
@@ -182,7 +182,7 @@ async fn assert_no_false_alarm(
     history.assert_never_dead(during);
     for node in nodes {
         assert_eq!(
-            lab.dead_events(node).await,
+            env.dead_events(node).await,
             0,
             "Dead Event on {node} during {during}"
         );
@@ -200,10 +200,10 @@ async fn assert_no_false_alarm(
 /// controller's heartbeat watch resume by themselves within 5 s of the return.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcd_restart_longer_than_the_ttl_raises_no_false_alarm() {
-    let (lab, mut etcd) = Lab::start_shared().await;
+    let (env, mut etcd) = TestEnv::start_shared().await;
     let nodes = ["restart-1", "restart-2"];
-    let controller = controller(&lab, "faults-restart");
-    let fleet = Fleet::start(&lab, &nodes).await;
+    let controller = controller(&env, "faults-restart");
+    let fleet = Fleet::start(&env, &nodes).await;
     let marks: Vec<usize> = fleet
         .agents
         .iter()
@@ -242,7 +242,7 @@ async fn etcd_restart_longer_than_the_ttl_raises_no_false_alarm() {
     // The controller's heartbeat watch is back: it saw the heartbeat that reports the new
     // config. The agent writes it at most 500 ms after applying, the controller at once.
     wait_interval(
-        &lab,
+        &env,
         "restart-1",
         2,
         within + Duration::from_secs(2) - back.elapsed().min(within),
@@ -270,10 +270,10 @@ async fn etcd_cluster_leader_loss_and_quorum_loss_raise_no_false_alarm() {
     let mut cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
         .await
         .expect("start the etcd cluster");
-    let lab = Lab::shared(&cluster.endpoints_flag()).await;
+    let env = TestEnv::shared(&cluster.endpoints_flag()).await;
     let nodes = ["cluster-1", "cluster-2"];
-    let controller = controller(&lab, "faults-cluster");
-    let fleet = Fleet::start(&lab, &nodes).await;
+    let controller = controller(&env, "faults-cluster");
+    let fleet = Fleet::start(&env, &nodes).await;
     let client = cluster.client().await;
 
     // SIGKILL the leader; a config change made during the election still arrives.
@@ -316,7 +316,7 @@ async fn etcd_cluster_leader_loss_and_quorum_loss_raise_no_false_alarm() {
 /// over, and a node that dies during the takeover is marked Dead exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
-    let (lab, _etcd) = Lab::start_shared().await;
+    let (env, _etcd) = TestEnv::start_shared().await;
     // A short Lease so that the takeover takes seconds (the default is 30 s).
     let election = [
         "--leader-election-lease-duration",
@@ -324,16 +324,16 @@ async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
         "--leader-election-renew-grace",
         "2s",
     ];
-    let mut a = controller_with(&lab, "crash-a", &election);
+    let mut a = controller_with(&env, "crash-a", &election);
     a.wait_for_line(Duration::from_secs(30), "crash-a leads", |l| {
         l.contains("became leader")
     });
-    let b = controller_with(&lab, "crash-b", &election);
+    let b = controller_with(&env, "crash-b", &election);
     b.wait_for_line(Duration::from_secs(30), "crash-b waits", |l| {
         l.contains("waiting to lead")
     });
     let nodes = ["crash-1", "crash-2"];
-    let mut fleet = Fleet::start(&lab, &nodes).await;
+    let mut fleet = Fleet::start(&env, &nodes).await;
     assert!(
         !b.output_text().contains("became leader"),
         "{}",
@@ -348,7 +348,7 @@ async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
         l.contains("became leader")
     });
     println!("crash-b leads {:?} after the crash", crashed.elapsed());
-    let dead = lab
+    let dead = env
         .wait_state("crash-1", NodeState::Dead, Duration::from_secs(30))
         .await;
     assert_eq!(dead.reason.as_deref(), Some("HeartbeatExpired"));
@@ -356,7 +356,7 @@ async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
     eventually(
         "one HeartbeatExpired Event on crash-1",
         Duration::from_secs(10),
-        || async { (lab.event_count("crash-1", "HeartbeatExpired").await >= 1).then_some(()) },
+        || async { (env.event_count("crash-1", "HeartbeatExpired").await >= 1).then_some(()) },
     )
     .await;
     b.wait_for_line(Duration::from_secs(10), "crash-b's full reconcile", |l| {
@@ -364,7 +364,7 @@ async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
     });
     // Another TTL of watching: a second Dead or Event would show up by now.
     tokio::time::sleep(Duration::from_secs(TTL)).await;
-    assert_eq!(lab.event_count("crash-1", "HeartbeatExpired").await, 1);
+    assert_eq!(env.event_count("crash-1", "HeartbeatExpired").await, 1);
     let lines: Vec<_> = b
         .lines()
         .into_iter()
@@ -380,7 +380,7 @@ async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
         .history
         .assert_states("crash-2", &[Some(NodeState::Alive)])
         .await;
-    assert_eq!(lab.event_count("crash-2", "HeartbeatExpired").await, 0);
+    assert_eq!(env.event_count("crash-2", "HeartbeatExpired").await, 0);
     drop(fleet);
 }
 
@@ -388,11 +388,11 @@ async fn controller_crash_standby_takes_over_and_marks_a_death_once() {
 /// Alive within 2 s, on a new lease, and one heartbeat key on one lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn agent_cut_off_longer_than_the_ttl_is_dead_then_alive_on_a_new_lease() {
-    let (lab, etcd) = Lab::start_shared().await;
+    let (env, etcd) = TestEnv::start_shared().await;
     let node = "frozen-1";
-    let _controller = controller(&lab, "faults-frozen");
-    let agent = agent(&lab, node);
-    lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+    let _controller = controller(&env, "faults-frozen");
+    let agent = agent(&env, node);
+    env.wait_state(node, NodeState::Alive, Duration::from_secs(60))
         .await;
     let mut client = etcd.client().await;
     let old_lease = client
@@ -406,7 +406,7 @@ async fn agent_cut_off_longer_than_the_ttl_is_dead_then_alive_on_a_new_lease() {
 
     agent.process.signal(Signal::SIGSTOP);
     let stopped = Instant::now();
-    let dead = lab
+    let dead = env
         .wait_state(node, NodeState::Dead, Duration::from_secs(TTL + 10))
         .await;
     let after = stopped.elapsed();
@@ -422,7 +422,7 @@ async fn agent_cut_off_longer_than_the_ttl_is_dead_then_alive_on_a_new_lease() {
     let mark = agent.process.line_count();
     agent.process.signal(Signal::SIGCONT);
     let resumed = Instant::now();
-    lab.wait_state(node, NodeState::Alive, Duration::from_secs(2))
+    env.wait_state(node, NodeState::Alive, Duration::from_secs(2))
         .await;
     println!("Alive {:?} after SIGCONT", resumed.elapsed());
     agent
@@ -464,10 +464,10 @@ async fn agent_cut_off_longer_than_the_ttl_is_dead_then_alive_on_a_new_lease() {
 /// end up right: the agent on the latest config, the MonitorNodes matching the heartbeat keys.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watch_compaction_while_away_both_relist_and_end_up_right() {
-    let (lab, mut etcd) = Lab::start_shared().await;
+    let (env, mut etcd) = TestEnv::start_shared().await;
     let node = "compact-1";
-    let controller = controller(&lab, "faults-compact");
-    let agent = agent(&lab, node);
+    let controller = controller(&env, "faults-compact");
+    let agent = agent(&env, node);
     let mut client = etcd.client().await;
     let lease = client.lease_grant(60, None).await.expect("lease").id();
     let on_lease = Some(etcd_client::PutOptions::new().with_lease(lease));
@@ -480,12 +480,12 @@ async fn watch_compaction_while_away_both_relist_and_end_up_right() {
         .await
         .expect("put heartbeat");
     for n in [node, "compact-gone"] {
-        lab.wait_state(n, NodeState::Alive, Duration::from_secs(60))
+        env.wait_state(n, NodeState::Alive, Duration::from_secs(60))
             .await;
     }
     put_config(&client, node, config_json(5)).await;
-    wait_interval(&lab, node, 5, Duration::from_secs(15)).await;
-    let history = lab.record(&[node]).await;
+    wait_interval(&env, node, 5, Duration::from_secs(15)).await;
+    let history = env.record(&[node]).await;
     let (agent_mark, controller_mark) = (agent.process.line_count(), controller.line_count());
 
     // Away: both frozen, etcd restarted under them, changes they do not see, then compaction.
@@ -539,18 +539,18 @@ async fn watch_compaction_while_away_both_relist_and_end_up_right() {
         Instant::now(),
         Duration::from_secs(10),
     );
-    wait_interval(&lab, node, 3, Duration::from_secs(15)).await;
+    wait_interval(&env, node, 3, Duration::from_secs(15)).await;
     // The controller re-listed and now matches the keys: one gone, one new, the agent's alive.
-    let gone = lab
+    let gone = env
         .wait_state("compact-gone", NodeState::Dead, Duration::from_secs(15))
         .await;
     println!("compact-gone: {:?}", gone.reason);
-    lab.wait_state("compact-new", NodeState::Alive, Duration::from_secs(15))
+    env.wait_state("compact-new", NodeState::Alive, Duration::from_secs(15))
         .await;
     assert_watch_interrupted(&controller, controller_mark);
-    assert_eq!(lab.event_count("compact-gone", "HeartbeatExpired").await, 1);
+    assert_eq!(env.event_count("compact-gone", "HeartbeatExpired").await, 1);
     assert_no_false_alarm(
-        &lab,
+        &env,
         &history,
         &controller,
         &[node],

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::{EventType, WatchOptions};
 use nodepulse_crd::wire::{ConfigValue, config_key};
-use testkit::{Lab, Launch, TcpProxy, eventually};
+use testkit::{Launch, TcpProxy, TestEnv, eventually};
 
 /// Short Lease times, so that a takeover takes seconds.
 const LEASE: &[&str] = &[
@@ -26,9 +26,9 @@ fn monitor_config(interval: u32) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_leader_cut_off_from_the_api_server_stops_writing_before_its_successor_starts() {
-    let (lab, etcd) = Lab::start().await;
-    let api = lab.api();
-    lab.node("fence-1", &[]);
+    let (env, etcd) = TestEnv::start().await;
+    let api = env.api();
+    env.node("fence-1", &[]);
 
     // Replica A reaches the API server only through the proxy.
     let server = api.url.trim_start_matches("https://");
@@ -49,7 +49,7 @@ async fn a_leader_cut_off_from_the_api_server_stops_writing_before_its_successor
     a.wait_for_line(Duration::from_secs(30), "A leads", |l| {
         l.contains("became leader")
     });
-    lab.apply(&monitor_config(5));
+    env.apply(&monitor_config(5));
     let mut client = etcd.client().await;
     eventually("A writes interval 5", Duration::from_secs(10), || {
         let mut c = client.clone();
@@ -61,7 +61,7 @@ async fn a_leader_cut_off_from_the_api_server_stops_writing_before_its_successor
     })
     .await;
 
-    let b = lab.controller("replica-b").args(LEASE).spawn();
+    let b = env.controller("replica-b").args(LEASE).spawn();
     b.wait_for_line(Duration::from_secs(30), "B stands by", |l| {
         l.contains("waiting to lead")
     });
@@ -88,7 +88,7 @@ async fn a_leader_cut_off_from_the_api_server_stops_writing_before_its_successor
         .await
         .expect("watch the config key");
     watch.message().await.expect("watch created");
-    lab.apply(&monitor_config(7));
+    env.apply(&monitor_config(7));
     // Every write of the key from now on: B's 7 within 15 s, then nothing else for 5 s more.
     let mut seen = Vec::new();
     let mut window = Instant::now() + Duration::from_secs(15);

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::{Node, NodeCondition};
 use kube::api::{Api, Patch, PatchParams};
 use nodepulse_controller::status::node_condition;
 use nodepulse_crd::v1alpha1::NodeState;
-use testkit::{KubeApiserver, Lab, Launch, eventually, repo_root};
+use testkit::{KubeApiserver, Launch, TestEnv, eventually, repo_root};
 
 const CONDITION: &str = "NodePulseHeartbeat";
 
@@ -74,10 +74,10 @@ async fn wait_condition(
 
 #[tokio::test]
 async fn the_node_condition_follows_the_heartbeat_and_leaves_the_kubelets_conditions_alone() {
-    let (lab, _etcd) = Lab::start().await;
-    let nodes: Api<Node> = Api::all(lab.kube.clone());
+    let (env, _etcd) = TestEnv::start().await;
+    let nodes: Api<Node> = Api::all(env.kube.clone());
     for name in ["nc-live", "nc-dies", "nc-silent"] {
-        lab.node(name, &[]);
+        env.node(name, &[]);
         nodes
             .patch_status(
                 name,
@@ -90,22 +90,22 @@ async fn the_node_condition_follows_the_heartbeat_and_leaves_the_kubelets_condit
     let kubelet_before = kubelets(&nodes, "nc-dies").await;
     assert_eq!(kubelet_before.len(), 2);
 
-    let _live = lab.agent("nc-live").ttl(TTL).start();
-    let mut dies = lab.agent("nc-dies").ttl(TTL).start();
+    let _live = env.agent("nc-live").ttl(TTL).start();
+    let mut dies = env.agent("nc-dies").ttl(TTL).start();
     // No Node object of that name: a MonitorNode, and no condition anywhere, and no failure.
-    let _ghost = lab.agent("nc-ghost").ttl(TTL).start();
-    let controller_cmd = lab.controller("controller-0").args(["--node-condition"]);
+    let _ghost = env.agent("nc-ghost").ttl(TTL).start();
+    let controller_cmd = env.controller("controller-0").args(["--node-condition"]);
     let mut controller = controller_cmd.spawn();
 
     let alive = wait_condition(&nodes, "nc-dies", "True", DEADLINE).await;
     assert_eq!(alive.reason.as_deref(), Some("HeartbeatSeen"), "{alive:?}");
-    let status = lab.status("nc-dies").await.expect("MonitorNode status");
+    let status = env.status("nc-dies").await.expect("MonitorNode status");
     assert_eq!(alive.message, status.message);
     wait_condition(&nodes, "nc-live", "True", DEADLINE).await;
     // A Node whose agent never ran: Unknown, as its MonitorNode.
     let silent = wait_condition(&nodes, "nc-silent", "Unknown", DEADLINE).await;
     assert_eq!(silent.reason.as_deref(), Some("NoHeartbeat"), "{silent:?}");
-    lab.wait_state("nc-ghost", NodeState::Alive, DEADLINE).await;
+    env.wait_state("nc-ghost", NodeState::Alive, DEADLINE).await;
 
     // A crash: the condition goes False within TTL + 2 s of the kill.
     dies.kill_hard();
@@ -143,7 +143,7 @@ async fn the_node_condition_follows_the_heartbeat_and_leaves_the_kubelets_condit
         .iter()
         .position(|c| c.type_ == CONDITION)
         .expect("ours");
-    lab.api().kubectl_ok(&[
+    env.api().kubectl_ok(&[
         "patch",
         "node",
         "nc-dies",
@@ -172,7 +172,7 @@ async fn the_node_condition_follows_the_heartbeat_and_leaves_the_kubelets_condit
         }
         serde_json::json!([{"op": "replace", "path": "/status/conditions", "value": all}])
     };
-    lab.api().kubectl_ok(&[
+    env.api().kubectl_ok(&[
         "patch",
         "node",
         "nc-live",
@@ -190,7 +190,7 @@ async fn the_node_condition_follows_the_heartbeat_and_leaves_the_kubelets_condit
     assert_eq!(kubelets(&nodes, "nc-live").await, kubelet_before);
 
     // Removal (what the chart's hooks run): exactly our condition goes, everywhere.
-    remove_node_condition(lab.controller("removal"), 2);
+    remove_node_condition(env.controller("removal"), 2);
     for name in ["nc-live", "nc-dies", "nc-silent"] {
         assert_eq!(ours(&nodes, name).await, None, "{name}");
         assert_eq!(kubelets(&nodes, name).await, kubelet_before, "{name}");
@@ -354,7 +354,7 @@ async fn the_chart_lets_the_controller_patch_node_status_only_with_the_node_cond
         .expect("write kubeconfig");
     remove_node_condition(Launch::controller(&as_hook, "removal-hook"), 1);
 
-    // Off (hooks skipped here: no kubelet runs Jobs in this lab): the controller may not.
+    // Off (hooks skipped here: no kubelet runs Jobs in this env): the controller may not.
     turn_off("--no-hooks");
     assert_eq!(can(controller, "patch", "nodes/status"), "no");
     match patch_status_as(&server, controller).await {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use nodepulse_crd::v1alpha1::NodeState;
 use nodepulse_crd::wire::config_key;
-use testkit::{Lab, Process, eventually, http_get, scratch_dir, wait_until};
+use testkit::{Process, TestEnv, eventually, http_get, scratch_dir, wait_until};
 
 /// Heartbeat TTL of the agents, in seconds.
 const TTL: u64 = 8;
@@ -188,14 +188,14 @@ impl NetnsEtcdCluster {
             relays.push(Relay::start(home.join("client:1"), i == first));
             member_ns.push(ns);
         }
-        let lab = NetnsEtcdCluster {
+        let env = NetnsEtcdCluster {
             members,
             relays,
             member_ns,
             _bridge: bridge,
             _dir: Box::new(dir),
         };
-        let health = lab.relays[first].addr.to_string();
+        let health = env.relays[first].addr.to_string();
         wait_until(
             "the netns etcd cluster healthy",
             Duration::from_secs(30),
@@ -205,7 +205,7 @@ impl NetnsEtcdCluster {
                 })
             },
         );
-        lab
+        env
     }
 
     fn endpoints(&self) -> String {
@@ -243,14 +243,14 @@ async fn watches_on_a_member_cut_off_from_its_peers_move_to_one_with_a_leader() 
     let members = tokio::task::spawn_blocking(|| NetnsEtcdCluster::start(CUT))
         .await
         .expect("start the etcd members");
-    let lab = Lab::shared(&members.endpoints()).await;
-    let controller = lab
+    let env = TestEnv::shared(&members.endpoints()).await;
+    let controller = env
         .controller("partition")
         .program_from_env("TRUTH_CONTROLLER_BIN")
         .args(["--leader-elect=false", "--usage-write-interval", "5s"])
         .spawn();
     let agent = |node: &str| {
-        lab.agent(node)
+        env.agent(node)
             .program_from_env("TRUTH_AGENT_BIN")
             .ttl(TTL)
             .args(["--heartbeat-min-interval", "500ms"])
@@ -259,7 +259,7 @@ async fn watches_on_a_member_cut_off_from_its_peers_move_to_one_with_a_leader() 
     let live = agent("part-live");
     let mut dies = agent("part-dies");
     for node in ["part-live", "part-dies"] {
-        lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+        env.wait_state(node, NodeState::Alive, Duration::from_secs(60))
             .await;
     }
     // Everything is attached to member 2 now; let clients reach the others too (a client
@@ -306,7 +306,7 @@ async fn watches_on_a_member_cut_off_from_its_peers_move_to_one_with_a_leader() 
     println!("config applied {:?} after the cut", cut.elapsed());
 
     // The node killed on the majority side ends Dead on time: TTL plus the move.
-    lab.wait_state(
+    env.wait_state(
         "part-dies",
         NodeState::Dead,
         Duration::from_secs(TTL + 8).saturating_sub(killed.elapsed()),
@@ -318,10 +318,10 @@ async fn watches_on_a_member_cut_off_from_its_peers_move_to_one_with_a_leader() 
     );
     // Another TTL: the survivor keeps its lease through the move (no false Dead).
     tokio::time::sleep(Duration::from_secs(TTL)).await;
-    let s = lab.status("part-live").await.expect("part-live status");
+    let s = env.status("part-live").await.expect("part-live status");
     assert_eq!(s.state, Some(NodeState::Alive), "{s:?}");
-    assert_eq!(lab.dead_events("part-live").await, 0);
-    assert_eq!(lab.dead_events("part-dies").await, 1);
+    assert_eq!(env.dead_events("part-live").await, 0);
+    assert_eq!(env.dead_events("part-dies").await, 1);
     let forwarded: Vec<usize> = members
         .relays
         .iter()

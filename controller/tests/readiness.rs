@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use testkit::{Lab, eventually, http_get};
+use testkit::{TestEnv, eventually, http_get};
 
 async fn readyz(addr: &str, want: u16, within: Duration) -> String {
     eventually(&format!("/readyz {want}"), within, || async {
@@ -18,8 +18,8 @@ async fn readyz(addr: &str, want: u16, within: Duration) -> String {
 #[tokio::test]
 async fn readyz_follows_etcd_and_healthz_stays_up() {
     // nodepulse's etcd is apart from the API server's: it can go away alone.
-    let (lab, mut etcd) = Lab::start().await;
-    let mut controller = lab.controller("controller-0").spawn();
+    let (env, mut etcd) = TestEnv::start().await;
+    let mut controller = env.controller("controller-0").spawn();
     let addr = controller.wait_for_serving_addr(Duration::from_secs(30));
 
     let body = readyz(&addr, 200, Duration::from_secs(30)).await;

@@ -10,7 +10,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use nodepulse_crd::v1alpha1::{MonitorNode, NodeState};
 use nodepulse_crd::wire::{Heartbeat, heartbeat_key};
-use testkit::{Lab, eventually};
+use testkit::{TestEnv, eventually};
 
 /// Nodes that die together: more than the controller raises an Event each for.
 const NODES: usize = 40;
@@ -60,19 +60,19 @@ async fn count(api: &Api<MonitorNode>, prefix: &str, state: NodeState) -> usize 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_mass_failure_is_every_node_dead_with_its_events_summarised() {
-    let (lab, etcd) = Lab::start().await;
+    let (env, etcd) = TestEnv::start().await;
     let mut client = etcd.client().await;
     let prefix = "storm-";
     let leases = heartbeats(&mut client, prefix, NODES, 30).await;
     // They outlive the test without keep-alives.
     let _survivors = heartbeats(&mut client, "calm-", SURVIVORS, 600).await;
     // `STORM_CONTROLLER_BIN` runs another build (one from before Events were summarised fails).
-    let _controller = lab
+    let _controller = env
         .controller("controller")
         .program_from_env("STORM_CONTROLLER_BIN")
         .args(["--leader-elect=false"])
         .spawn();
-    let api: Api<MonitorNode> = Api::all(lab.kube.clone());
+    let api: Api<MonitorNode> = Api::all(env.kube.clone());
     eventually("every node Alive", Duration::from_secs(60), || async {
         (count(&api, prefix, NodeState::Alive).await == NODES
             && count(&api, "calm-", NodeState::Alive).await == SURVIVORS)
@@ -90,7 +90,7 @@ async fn a_mass_failure_is_every_node_dead_with_its_events_summarised() {
     .await;
 
     // Fewer death Events than deaths, and a summary that counts the rest.
-    let events: Api<Event> = Api::namespaced(lab.kube.clone(), "default");
+    let events: Api<Event> = Api::namespaced(env.kube.clone(), "default");
     let summary = eventually("a summary Event", Duration::from_secs(20), || async {
         let list = events
             .list(&ListParams::default())
@@ -106,7 +106,7 @@ async fn a_mass_failure_is_every_node_dead_with_its_events_summarised() {
     assert!(note.contains("nodes Dead"), "{note}");
     let mut deaths = 0;
     for i in 0..NODES {
-        deaths += lab.dead_events(&format!("{prefix}{i}")).await;
+        deaths += env.dead_events(&format!("{prefix}{i}")).await;
     }
     assert!(
         deaths < NODES as i32,

@@ -16,14 +16,14 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use nodepulse_crd::v1alpha1::NodeState;
 use nodepulse_crd::wire::heartbeat_key;
-use testkit::{Etcd, History, Lab, Launch, Process, config_json, eventually, put_config};
+use testkit::{Etcd, History, Launch, Process, TestEnv, config_json, eventually, put_config};
 
 /// Heartbeat TTL of every agent here, in seconds.
 const TTL: u64 = 4;
 
 /// The controller; `TRUTH_CONTROLLER_BIN` runs another build of it.
-fn controller(lab: &Lab, identity: &str) -> Process {
-    lab.controller(identity)
+fn controller(env: &TestEnv, identity: &str) -> Process {
+    env.controller(identity)
         .program_from_env("TRUTH_CONTROLLER_BIN")
         .args(["--leader-elect=false", "--usage-write-interval", "5s"])
         .spawn()
@@ -70,16 +70,16 @@ async fn heartbeat_present(client: &etcd_client::Client, node: &str) -> bool {
 /// the rebuild the agent would ignore every config until the new store caught up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuilt_etcd_is_noticed_heartbeat_config_and_status_come_back() {
-    let (lab, mut etcd) = Lab::start_shared().await;
+    let (env, mut etcd) = TestEnv::start_shared().await;
     let (node, victim) = ("rebuilt-1", "rebuilt-dies");
-    let _controller = controller(&lab, "truth-rebuilt");
-    let mut victim_agent = agent(lab.endpoints(), victim);
-    let agent = agent(lab.endpoints(), node);
+    let _controller = controller(&env, "truth-rebuilt");
+    let mut victim_agent = agent(env.endpoints(), victim);
+    let agent = agent(env.endpoints(), node);
     for n in [node, victim] {
-        lab.wait_state(n, NodeState::Alive, Duration::from_secs(60))
+        env.wait_state(n, NodeState::Alive, Duration::from_secs(60))
             .await;
     }
-    let history = lab.record(&[node, victim]).await;
+    let history = env.record(&[node, victim]).await;
     let client = etcd.client().await;
     // History the new store will not reach soon: the old revisions run well ahead.
     for i in 0..100 {
@@ -112,7 +112,7 @@ async fn a_rebuilt_etcd_is_noticed_heartbeat_config_and_status_come_back() {
     )
     .await;
     println!("heartbeat back {:?} after the rebuild", back.elapsed());
-    lab.wait_state(node, NodeState::Alive, Duration::from_secs(10))
+    env.wait_state(node, NodeState::Alive, Duration::from_secs(10))
         .await;
     println!("MonitorNode Alive {:?} after the rebuild", back.elapsed());
 
@@ -135,7 +135,7 @@ async fn a_rebuilt_etcd_is_noticed_heartbeat_config_and_status_come_back() {
         "MonitorNode reporting interval 2",
         Duration::from_secs(10),
         || async {
-            let s = lab.status(node).await?;
+            let s = env.status(node).await?;
             (s.state == Some(NodeState::Alive) && s.config?.interval == 2).then_some(())
         },
     )
@@ -150,7 +150,7 @@ async fn a_rebuilt_etcd_is_noticed_heartbeat_config_and_status_come_back() {
 
     // A key missing from the new store is no proof of death: the live node was never Dead,
     // and the one that died with the old store is Dead once its TTL has passed unanswered.
-    lab.wait_state(victim, NodeState::Dead, Duration::from_secs(TTL + 10))
+    env.wait_state(victim, NodeState::Dead, Duration::from_secs(TTL + 10))
         .await;
     println!("{victim} Dead {:?} after the rebuild", back.elapsed());
     assert!(
@@ -169,16 +169,16 @@ async fn a_rebuilt_etcd_is_noticed_heartbeat_config_and_status_come_back() {
 /// lease would have expired: a delete ahead of the expiry must not hide the death either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_heartbeat_key_deleted_by_hand_is_no_death_unless_nobody_writes_it_again() {
-    let (lab, etcd) = Lab::start_shared().await;
+    let (env, etcd) = TestEnv::start_shared().await;
     let (live, frozen) = ("deleted-live", "deleted-frozen");
-    let _controller = controller(&lab, "truth-deleted");
-    let _live = agent(lab.endpoints(), live);
-    let mut frozen_agent = agent(lab.endpoints(), frozen);
+    let _controller = controller(&env, "truth-deleted");
+    let _live = agent(env.endpoints(), live);
+    let mut frozen_agent = agent(env.endpoints(), frozen);
     for n in [live, frozen] {
-        lab.wait_state(n, NodeState::Alive, Duration::from_secs(60))
+        env.wait_state(n, NodeState::Alive, Duration::from_secs(60))
             .await;
     }
-    let history = lab.record(&[live, frozen]).await;
+    let history = env.record(&[live, frozen]).await;
     let mut client = etcd.client().await;
 
     frozen_agent.signal(Signal::SIGSTOP);
@@ -196,7 +196,7 @@ async fn a_heartbeat_key_deleted_by_hand_is_no_death_unless_nobody_writes_it_aga
     )
     .await;
     // The frozen node's lease runs out within its TTL of the delete; then it is Dead.
-    lab.wait_state(frozen, NodeState::Dead, Duration::from_secs(TTL + 3))
+    env.wait_state(frozen, NodeState::Dead, Duration::from_secs(TTL + 3))
         .await;
     println!(
         "{frozen} Dead {:?} after its key was deleted",
@@ -215,20 +215,20 @@ async fn a_heartbeat_key_deleted_by_hand_is_no_death_unless_nobody_writes_it_aga
 /// agent was killed during the outage ends Dead exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcd_away_longer_than_the_ttl_is_unknown_then_each_node_its_true_state() {
-    let (lab, mut etcd) = Lab::start_shared().await;
+    let (env, mut etcd) = TestEnv::start_shared().await;
     let nodes = ["unknown-live", "unknown-dies"];
-    let controller = controller(&lab, "truth-unknown");
-    let mut agents: Vec<Process> = nodes.iter().map(|n| agent(lab.endpoints(), n)).collect();
+    let controller = controller(&env, "truth-unknown");
+    let mut agents: Vec<Process> = nodes.iter().map(|n| agent(env.endpoints(), n)).collect();
     for node in nodes {
-        lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+        env.wait_state(node, NodeState::Alive, Duration::from_secs(60))
             .await;
     }
-    let history = lab.record(&nodes).await;
+    let history = env.record(&nodes).await;
 
     tokio::task::block_in_place(|| etcd.kill());
     let down = Instant::now();
     for node in nodes {
-        let s = lab
+        let s = env
             .wait_state(node, NodeState::Unknown, Duration::from_secs(TTL + 5))
             .await;
         assert_eq!(s.reason.as_deref(), Some("EtcdUnreachable"), "{s:?}");
@@ -256,7 +256,7 @@ async fn etcd_away_longer_than_the_ttl_is_unknown_then_each_node_its_true_state(
     tokio::task::block_in_place(|| etcd.restart());
     let back = Instant::now();
 
-    lab.wait_state(
+    env.wait_state(
         "unknown-live",
         NodeState::Alive,
         Duration::from_secs(TTL + 5),
@@ -266,7 +266,7 @@ async fn etcd_away_longer_than_the_ttl_is_unknown_then_each_node_its_true_state(
         "unknown-live Alive {:?} after etcd's return",
         back.elapsed()
     );
-    let dead = lab
+    let dead = env
         .wait_state(
             "unknown-dies",
             NodeState::Dead,
@@ -291,11 +291,11 @@ async fn etcd_away_longer_than_the_ttl_is_unknown_then_each_node_its_true_state(
             ],
         )
         .await;
-    assert_eq!(lab.dead_events("unknown-live").await, 0);
-    assert_eq!(lab.dead_events("unknown-dies").await, 1);
+    assert_eq!(env.dead_events("unknown-live").await, 0);
+    assert_eq!(env.dead_events("unknown-dies").await, 1);
     for node in nodes {
         assert_eq!(
-            lab.event_count(node, "NodeStatusUnknown").await,
+            env.event_count(node, "NodeStatusUnknown").await,
             1,
             "{node}"
         );
@@ -315,19 +315,19 @@ async fn etcd_away_longer_than_the_ttl_is_unknown_then_each_node_its_true_state(
 /// instead of leaving a stale Alive, and once etcd is back the live node is Alive again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_controller_started_while_etcd_is_away_says_unknown_then_alive() {
-    let (lab, mut etcd) = Lab::start_shared().await;
+    let (env, mut etcd) = TestEnv::start_shared().await;
     let node = "blind-start";
-    let mut first = controller(&lab, "truth-blind-1");
-    let _agent = agent(lab.endpoints(), node);
-    lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+    let mut first = controller(&env, "truth-blind-1");
+    let _agent = agent(env.endpoints(), node);
+    env.wait_state(node, NodeState::Alive, Duration::from_secs(60))
         .await;
-    let history = lab.record(&[node]).await;
+    let history = env.record(&[node]).await;
 
     first.kill_hard();
     tokio::task::block_in_place(|| etcd.kill());
-    let second = controller(&lab, "truth-blind-2");
+    let second = controller(&env, "truth-blind-2");
     let started = Instant::now();
-    let s = lab
+    let s = env
         .wait_state(node, NodeState::Unknown, Duration::from_secs(TTL + 10))
         .await;
     assert_eq!(s.reason.as_deref(), Some("EtcdUnreachable"), "{s:?}");
@@ -338,7 +338,7 @@ async fn a_controller_started_while_etcd_is_away_says_unknown_then_alive() {
 
     tokio::task::block_in_place(|| etcd.restart());
     let back = Instant::now();
-    lab.wait_state(node, NodeState::Alive, Duration::from_secs(TTL + 5))
+    env.wait_state(node, NodeState::Alive, Duration::from_secs(TTL + 5))
         .await;
     println!("Alive {:?} after etcd's return", back.elapsed());
     assert_unknown_then_alive_never_dead(&history, &second, node).await;
@@ -410,17 +410,17 @@ async fn a_silent_partition_from_etcd_is_unknown_then_alive_never_dead() {
         .expect("etcd address");
     let proxy = FreezingProxy::start(target);
     // The agent reaches etcd directly; only the controller is behind the proxy.
-    let lab = Lab::shared(&format!("http://{}", proxy.addr)).await;
+    let env = TestEnv::shared(&format!("http://{}", proxy.addr)).await;
     let node = "silent-1";
-    let controller = controller(&lab, "truth-silent");
+    let controller = controller(&env, "truth-silent");
     let _agent = agent(&etcd.endpoint, node);
-    lab.wait_state(node, NodeState::Alive, Duration::from_secs(60))
+    env.wait_state(node, NodeState::Alive, Duration::from_secs(60))
         .await;
-    let history = lab.record(&[node]).await;
+    let history = env.record(&[node]).await;
 
     proxy.set_frozen(true);
     let cut = Instant::now();
-    let s = lab
+    let s = env
         .wait_state(node, NodeState::Unknown, Duration::from_secs(TTL + 25))
         .await;
     assert_eq!(s.reason.as_deref(), Some("EtcdUnreachable"), "{s:?}");
@@ -433,7 +433,7 @@ async fn a_silent_partition_from_etcd_is_unknown_then_alive_never_dead() {
     );
     proxy.set_frozen(false);
     let healed = Instant::now();
-    lab.wait_state(node, NodeState::Alive, Duration::from_secs(30))
+    env.wait_state(node, NodeState::Alive, Duration::from_secs(30))
         .await;
     println!("Alive {:?} after the network came back", healed.elapsed());
     assert_unknown_then_alive_never_dead(&history, &controller, node).await;

@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use nix::sys::signal::Signal;
 use nodepulse_crd::v1alpha1::NodeState;
-use testkit::{KubeApiserver, Lab, eventually, wait_until};
+use testkit::{KubeApiserver, TestEnv, eventually, wait_until};
 
 const DEPLOYMENT: &str = "nodepulse-controller";
 
@@ -19,8 +19,8 @@ const DEPLOYMENT: &str = "nodepulse-controller";
 const DEADLINE: Duration = Duration::from_secs(30);
 
 /// The status of `node`'s NodePulseHeartbeat condition, if it has one.
-async fn node_condition(lab: &Lab, node: &str) -> Option<String> {
-    let nodes: Api<Node> = Api::all(lab.kube.clone());
+async fn node_condition(env: &TestEnv, node: &str) -> Option<String> {
+    let nodes: Api<Node> = Api::all(env.kube.clone());
     let node = nodes.get(node).await.expect("get Node");
     node.status?
         .conditions?
@@ -43,8 +43,8 @@ fn replicas(api: &KubeApiserver) -> String {
 
 #[tokio::test]
 async fn the_uninstall_hook_stops_the_controller_then_marks_the_nodes_unknown() {
-    let (lab, _etcd) = Lab::start().await;
-    let api = lab.api();
+    let (env, _etcd) = TestEnv::start().await;
+    let api = env.api();
     // The controller's Deployment as the chart makes it (no kubelet here runs its pods: the test
     // plays the Deployment controller and stops the replica itself).
     let deployment = serde_json::json!({
@@ -59,21 +59,21 @@ async fn the_uninstall_hook_stops_the_controller_then_marks_the_nodes_unknown() 
             }
         }
     });
-    lab.apply(&deployment.to_string());
+    env.apply(&deployment.to_string());
 
-    lab.node("gone-1", &[]);
-    let _agent = lab.agent("gone-1").ttl(3).start();
-    let mut running = lab
+    env.node("gone-1", &[]);
+    let _agent = env.agent("gone-1").ttl(3).start();
+    let mut running = env
         .controller("controller-0")
         .args(["--node-condition"])
         .spawn();
-    lab.wait_state("gone-1", NodeState::Alive, DEADLINE).await;
+    env.wait_state("gone-1", NodeState::Alive, DEADLINE).await;
     eventually("the Node condition", DEADLINE, || async {
-        node_condition(&lab, "gone-1").await.filter(|s| s == "True")
+        node_condition(&env, "gone-1").await.filter(|s| s == "True")
     })
     .await;
 
-    let mut hook = lab
+    let mut hook = env
         .controller("hook")
         .args([
             "--on-uninstall",
@@ -90,11 +90,11 @@ async fn the_uninstall_hook_stops_the_controller_then_marks_the_nodes_unknown() 
     // The leader still holds the Lease: the hook waits, and the node is still what it was.
     assert!(hook.is_running(), "{}", hook.output_text());
     assert_eq!(
-        lab.status("gone-1").await.and_then(|s| s.state),
+        env.status("gone-1").await.and_then(|s| s.state),
         Some(NodeState::Alive)
     );
     assert_eq!(
-        node_condition(&lab, "gone-1").await.as_deref(),
+        node_condition(&env, "gone-1").await.as_deref(),
         Some("True")
     );
 
@@ -113,7 +113,7 @@ async fn the_uninstall_hook_stops_the_controller_then_marks_the_nodes_unknown() 
         "hook: {exit:?}\n{}",
         hook.output_text()
     );
-    let s = lab.status("gone-1").await.expect("status");
+    let s = env.status("gone-1").await.expect("status");
     assert_eq!(s.state, Some(NodeState::Unknown), "{s:?}");
     assert_eq!(s.reason.as_deref(), Some("ControllerRemoved"));
     let message = s.message.unwrap_or_default();
@@ -131,9 +131,9 @@ async fn the_uninstall_hook_stops_the_controller_then_marks_the_nodes_unknown() 
     );
 
     // ...and only then took the Node condition away: nothing would update it either.
-    assert_eq!(node_condition(&lab, "gone-1").await, None);
+    assert_eq!(node_condition(&env, "gone-1").await, None);
 
     // Reinstalled: the new controller sees the agent's heartbeat and says Alive again.
-    let _again = lab.controller("controller-0").spawn();
-    lab.wait_state("gone-1", NodeState::Alive, DEADLINE).await;
+    let _again = env.controller("controller-0").spawn();
+    env.wait_state("gone-1", NodeState::Alive, DEADLINE).await;
 }

@@ -153,7 +153,7 @@ async fn config_set_refuses_bad_values_writes_nothing_and_exits_2() {
     let etcdctl = etcd.etcdctl(&["get", "--prefix", "/monitor/config/"]);
     assert!(etcdctl.status.success() && etcdctl.stdout.is_empty());
 
-    // The lab's push, then a partial change that keeps the metrics.
+    // The env's push, then a partial change that keeps the metrics.
     let out = ctl(
         &etcd,
         &[

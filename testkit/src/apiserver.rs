@@ -201,7 +201,7 @@ impl KubeApiserver {
     }
 
     /// A kube-rs client with cluster-admin rights.
-    #[cfg(feature = "lab")]
+    #[cfg(feature = "test-env")]
     pub async fn client(&self) -> kube::Client {
         let kubeconfig =
             kube::config::Kubeconfig::read_from(&self.kubeconfig).expect("read kubeconfig");

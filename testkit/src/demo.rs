@@ -1,4 +1,4 @@
-//! The lab's demonstration scenario on one machine, which `make demo` runs (`nodepulse-demo`):
+//! The env's demonstration scenario on one machine, which `make demo` runs (`nodepulse-demo`):
 //!
 //! 1. `nodepulsectl watch` starts: no node yet;
 //! 2. an agent starts as worker-1 (interval 10 s, heartbeat lease TTL 5 s): the watcher prints

@@ -10,13 +10,13 @@
 //!   `kubectl`/`helm` pointed at it;
 //! - [`Process`]: any child process (our binaries too), killed on drop, with its output captured;
 //! - [`Launch`]: nodepulse's agent and controller with the flags tests give them;
-//! - [`Lab`]: a kube-apiserver and etcd endpoints for an end-to-end test, and waits on its
+//! - [`TestEnv`]: a kube-apiserver and etcd endpoints for an end-to-end test, and waits on its
 //!   MonitorNodes;
 //! - [`wait_until`] / [`eventually`]: wait for a condition with a deadline, never a bare sleep;
-//! - [`demo`]: the lab's scenario on one machine, which `make demo` runs (`nodepulse-demo`).
+//! - [`demo`]: the env's scenario on one machine, which `make demo` runs (`nodepulse-demo`).
 //!
-//! The `lab` feature (on by default) adds what only the tests need, the kube-rs client and the
-//! proxies ([`Lab`], [`SlowEtcd`], [`KubeApiserver::client`]); `make demo` builds without it, so
+//! The `env` feature (on by default) adds what only the tests need, the kube-rs client and the
+//! proxies ([`TestEnv`], [`SlowEtcd`], [`KubeApiserver::client`]); `make demo` builds without it, so
 //! that a first demo compiles little beyond the agent and nodepulsectl.
 
 mod apiserver;
@@ -25,14 +25,14 @@ mod etcd;
 mod etcd_cluster;
 mod etcd_secure;
 mod helm;
-#[cfg(feature = "lab")]
-mod lab;
 mod nodepulse;
 mod ports;
 mod process;
 mod proxy;
-#[cfg(feature = "lab")]
+#[cfg(feature = "test-env")]
 mod slow_etcd;
+#[cfg(feature = "test-env")]
+mod test_env;
 mod tools;
 
 pub use apiserver::KubeApiserver;
@@ -40,14 +40,14 @@ pub use etcd::Etcd;
 pub use etcd_cluster::EtcdCluster;
 pub use etcd_secure::{ClientTls, EtcdUsers, SecureEtcd, enable_etcd_auth, etcdctl_as, tls_env};
 pub use helm::{helm, helm_command, render_chart};
-#[cfg(feature = "lab")]
-pub use lab::{History, Lab, Observed, ready_condition};
 pub use nodepulse::{Daemon, Launch, config_json, heartbeat, put_config};
 pub use ports::ReservedPort;
 pub use process::{Line, Process};
 pub use proxy::TcpProxy;
-#[cfg(feature = "lab")]
+#[cfg(feature = "test-env")]
 pub use slow_etcd::SlowEtcd;
+#[cfg(feature = "test-env")]
+pub use test_env::{History, Observed, TestEnv, ready_condition};
 pub use tools::{
     Kubectl, built_tool, kubectl, project_bin, project_bin_dir, repo_root, tool, tools_dir,
 };

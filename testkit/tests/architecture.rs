@@ -148,9 +148,15 @@ fn circle(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
 fn no_crate_has_an_import_circle() {
     for krate in CRATES {
         let graph = imports(&repo_root().join(krate).join("src"));
-        assert!(graph.len() > 1 || krate != "controller", "{krate}: modules found");
+        assert!(
+            graph.len() > 1 || krate != "controller",
+            "{krate}: modules found"
+        );
         if let Some(c) = circle(&graph) {
-            panic!("{krate}: modules import each other in a circle: {}", c.join(" -> "));
+            panic!(
+                "{krate}: modules import each other in a circle: {}",
+                c.join(" -> ")
+            );
         }
     }
 }
@@ -204,10 +210,7 @@ fn the_code_layout_names_every_source_file() {
         missing.is_empty(),
         "docs/architecture.md's code layout does not name: {missing:?}"
     );
-    let stale: Vec<&&str> = named
-        .iter()
-        .filter(|p| !root.join(p).is_file())
-        .collect();
+    let stale: Vec<&&str> = named.iter().filter(|p| !root.join(p).is_file()).collect();
     assert!(
         stale.is_empty(),
         "docs/architecture.md's code layout names files that do not exist: {stale:?}"

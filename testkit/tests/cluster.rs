@@ -606,7 +606,7 @@ fn is_sample(l: &str) -> bool {
 
 // --- the checks ------------------------------------------------------------------------------
 
-/// `helm install --wait`, then the lab's check: `etcdctl member list` in etcd-0 shows `started`.
+/// `helm install --wait`, then the env's check: `etcdctl member list` in etcd-0 shows `started`.
 #[test]
 #[ignore = "needs the cluster of hack/cluster.sh: make e2e-cluster"]
 fn c1_install_and_etcd_member_started() {

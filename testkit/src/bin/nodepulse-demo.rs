@@ -1,4 +1,4 @@
-//! `nodepulse-demo`, which `make demo` runs: the lab's scenario on one machine
+//! `nodepulse-demo`, which `make demo` runs: the env's scenario on one machine
 //! (`testkit::demo`).
 
 use std::process::ExitCode;
@@ -7,7 +7,7 @@ use clap::Parser;
 use clap::builder::BoolishValueParser;
 use testkit::demo::{self, Error, Interrupt, Options};
 
-/// The lab's scenario on one machine, against a real etcd on loopback: `nodepulsectl watch`, an
+/// The env's scenario on one machine, against a real etcd on loopback: `nodepulsectl watch`, an
 /// agent, a live config push and a kill -9. Ctrl-C stops everything it started.
 #[derive(Parser)]
 #[command(version)]

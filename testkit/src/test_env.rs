@@ -1,4 +1,4 @@
-//! The lab every end-to-end test runs in: a kube-apiserver with the CRDs, the etcd endpoints the
+//! The env every end-to-end test runs in: a kube-apiserver with the CRDs, the etcd endpoints the
 //! agents and controllers under test use, and waits on MonitorNodes with deadlines.
 
 use std::collections::BTreeMap;
@@ -17,7 +17,7 @@ use crate::eventually;
 use crate::nodepulse::Launch;
 
 /// A kube-apiserver (with the CRDs) and the etcd endpoints of one test.
-pub struct Lab {
+pub struct TestEnv {
     api: Server,
     /// A client of the API server with cluster-admin rights.
     pub kube: kube::Client,
@@ -32,43 +32,43 @@ enum Server {
     Shared(&'static KubeApiserver),
 }
 
-impl Lab {
+impl TestEnv {
     /// A private kube-apiserver and a separate single-member etcd for nodepulse's keys: the
     /// test's alone, so a controller sees only its own objects.
-    pub async fn start() -> (Lab, Etcd) {
+    pub async fn start() -> (TestEnv, Etcd) {
         let (api, etcd) =
             tokio::task::spawn_blocking(|| (KubeApiserver::with_crds(), Etcd::start()))
                 .await
                 .expect("start kube-apiserver and etcd");
         let kube = api.client().await;
-        let lab = Lab {
+        let env = TestEnv {
             api: Server::Own(Box::new(api)),
             kube,
             endpoints: etcd.endpoint.clone(),
             _turn: None,
         };
-        (lab, etcd)
+        (env, etcd)
     }
 
-    /// The test binary's shared kube-apiserver (see [`Lab::shared`]) and a single-member etcd
+    /// The test binary's shared kube-apiserver (see [`TestEnv::shared`]) and a single-member etcd
     /// of the test's own.
-    pub async fn start_shared() -> (Lab, Etcd) {
+    pub async fn start_shared() -> (TestEnv, Etcd) {
         let etcd = tokio::task::spawn_blocking(Etcd::start)
             .await
             .expect("start etcd");
-        (Lab::shared(&etcd.endpoint).await, etcd)
+        (TestEnv::shared(&etcd.endpoint).await, etcd)
     }
 
     /// The test binary's shared kube-apiserver ([`KubeApiserver::shared`]) with the etcd at
     /// `endpoints`; waits while another test of the binary holds it. Tests sharing it use
     /// distinct node names.
-    pub async fn shared(endpoints: &str) -> Lab {
+    pub async fn shared(endpoints: &str) -> TestEnv {
         static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
         let turn = TURN.lock().await;
         let api = tokio::task::spawn_blocking(KubeApiserver::shared)
             .await
             .expect("start the shared kube-apiserver");
-        Lab {
+        TestEnv {
             api: Server::Shared(api),
             kube: api.client().await,
             endpoints: endpoints.to_string(),
@@ -89,12 +89,12 @@ impl Lab {
         &self.endpoints
     }
 
-    /// An agent for `node` against this lab's etcd.
+    /// An agent for `node` against this env's etcd.
     pub fn agent(&self, node: &str) -> Launch {
         Launch::agent(node).etcd(&self.endpoints)
     }
 
-    /// A controller against this lab's API server and etcd.
+    /// A controller against this env's API server and etcd.
     pub fn controller(&self, identity: &str) -> Launch {
         Launch::controller(&self.api().kubeconfig, identity).etcd(&self.endpoints)
     }
