@@ -3,7 +3,9 @@
 //! A put on a node not known to be alive is the node coming alive; a put on an alive node is a
 //! value update; a delete is a death, "agent stopped" when the last value seen said the agent was
 //! stopping (it writes that before revoking its lease), "heartbeat expired" otherwise. After a
-//! re-list (start, compaction) only real differences come out as transitions.
+//! re-list (start, compaction) only real differences come out as transitions. A re-list of a new
+//! store (etcd rebuilt or restored) holds no lease yet: a node missing from it is not dead until
+//! its TTL has passed without its agent writing the key again ([`NodeTracker::due`]).
 
 use std::collections::BTreeMap;
 
@@ -29,7 +31,13 @@ struct TrackedNode {
     alive: bool,
     last: Heartbeat,
     since: Timestamp,
+    /// Missing from a new store: Dead at this time unless its agent writes the key first.
+    dead_unless_written_by: Option<Timestamp>,
 }
+
+/// A live agent writes its key on a new store within a third of its TTL; this on top of the
+/// TTL covers the agent's reconnect.
+const REBUILT_STORE_GRACE: jiff::SignedDuration = jiff::SignedDuration::from_secs(1);
 
 /// Every node seen since the watch started, alive or dead.
 #[derive(Debug, Default)]
@@ -43,6 +51,7 @@ impl NodeTracker {
         match self.nodes.get_mut(node) {
             Some(t) if t.alive => {
                 t.last = hb.clone();
+                t.dead_unless_written_by = None;
                 NodeChange::Updated(hb)
             }
             _ => {
@@ -52,6 +61,7 @@ impl NodeTracker {
                         alive: true,
                         last: hb.clone(),
                         since: at,
+                        dead_unless_written_by: None,
                     },
                 );
                 NodeChange::Alive(hb)
@@ -65,6 +75,7 @@ impl NodeTracker {
         let t = self.nodes.get_mut(node).filter(|t| t.alive)?;
         t.alive = false;
         t.since = at;
+        t.dead_unless_written_by = None;
         Some(match t.last.state {
             AgentState::Stopping => LivenessReason::AgentStopped,
             AgentState::Running => LivenessReason::HeartbeatExpired,
@@ -82,16 +93,20 @@ impl NodeTracker {
                     alive: true,
                     last: hb,
                     since,
+                    dead_unless_written_by: None,
                 },
             );
         }
     }
 
-    /// A re-list after the watch history was lost (compaction): the keys present now replace
-    /// what the lost events would have said. Returns only real transitions, by node name.
+    /// A re-list after the watch history was lost (compaction, or `replaced`: a new store): the
+    /// keys present now replace what the lost events would have said. Returns only real
+    /// transitions, by node name. On a new store, a node missing is not dead yet: it is given
+    /// its TTL to be written again.
     pub fn relist(
         &mut self,
         present: Vec<(String, Heartbeat)>,
+        replaced: bool,
         at: Timestamp,
     ) -> Vec<(String, NodeChange)> {
         let mut out = Vec::new();
@@ -103,7 +118,13 @@ impl NodeTracker {
             .map(|(n, _)| n.clone())
             .collect();
         for node in gone {
-            if let Some(reason) = self.delete(&node, at) {
+            if replaced {
+                if let Some(t) = self.nodes.get_mut(&node) {
+                    let ttl = jiff::SignedDuration::from_secs(t.last.ttl_seconds.into());
+                    t.dead_unless_written_by
+                        .get_or_insert(at + ttl + REBUILT_STORE_GRACE);
+                }
+            } else if let Some(reason) = self.delete(&node, at) {
                 out.push((node, NodeChange::Dead(reason)));
             }
         }
@@ -113,6 +134,31 @@ impl NodeTracker {
             }
         }
         out
+    }
+
+    /// Nodes missing from a new store whose time to be written again has passed by `at`: Dead.
+    pub fn due(&mut self, at: Timestamp) -> Vec<(String, NodeChange)> {
+        let due: Vec<String> = self
+            .nodes
+            .iter()
+            .filter(|(_, t)| t.alive && t.dead_unless_written_by.is_some_and(|by| by <= at))
+            .map(|(n, _)| n.clone())
+            .collect();
+        due.into_iter()
+            .filter_map(|node| {
+                let reason = self.delete(&node, at)?;
+                Some((node, NodeChange::Dead(reason)))
+            })
+            .collect()
+    }
+
+    /// When [`NodeTracker::due`] has something next, if ever.
+    pub fn next_due(&self) -> Option<Timestamp> {
+        self.nodes
+            .values()
+            .filter(|t| t.alive)
+            .filter_map(|t| t.dead_unless_written_by)
+            .min()
     }
 
     /// The rows of the nodes alive now.
@@ -185,6 +231,7 @@ mod tests {
                 ("stays".into(), hb(AgentState::Running)),
                 ("new".into(), hb(AgentState::Running)),
             ],
+            false,
             at,
         );
         let summary: Vec<(String, String)> = got
@@ -208,5 +255,38 @@ mod tests {
         );
         let names: Vec<_> = tr.alive_rows().into_iter().map(|r| r.node).collect();
         assert_eq!(names, ["new", "stays"]);
+    }
+
+    #[test]
+    fn a_node_missing_from_a_new_store_is_dead_only_once_its_ttl_passed_unwritten() {
+        let mut tr = NodeTracker::default();
+        tr.seed(vec![
+            ("back".into(), hb(AgentState::Running)),
+            ("gone".into(), hb(AgentState::Running)),
+        ]);
+        // etcd rebuilt: its first list is empty, no agent has written yet. Nothing expired.
+        let at = t("2026-11-22T06:00:00Z");
+        assert_eq!(tr.relist(vec![], true, at), vec![]);
+        assert_eq!(tr.alive_rows().len(), 2, "not dead yet");
+        // The TTL (5 s) and a second of grace.
+        assert_eq!(tr.next_due(), Some(t("2026-11-22T06:00:06Z")));
+        // One agent writes its key on the new store: the node never stopped being alive.
+        assert!(matches!(
+            tr.put("back", hb(AgentState::Running), t("2026-11-22T06:00:00.1Z")),
+            NodeChange::Updated(_)
+        ));
+        assert_eq!(tr.due(t("2026-11-22T06:00:05.9Z")), vec![]);
+        assert_eq!(
+            tr.due(t("2026-11-22T06:00:06Z")),
+            vec![(
+                "gone".to_string(),
+                NodeChange::Dead(LivenessReason::HeartbeatExpired)
+            )]
+        );
+        assert_eq!(tr.next_due(), None);
+        let names: Vec<_> = tr.alive_rows().into_iter().map(|r| r.node).collect();
+        assert_eq!(names, ["back"]);
+        // A later re-list of the same store is a plain one again.
+        assert_eq!(tr.relist(vec![], false, at).len(), 1);
     }
 }

@@ -142,10 +142,40 @@ pub async fn run(etcd: &EtcdArgs, settings: WatchSettings, out: impl Write) -> R
         ..WatcherSettings::prefix("watch")
     };
     let mut watcher = EtcdWatcher::new(client, HEARTBEAT_PREFIX, watch);
+    // The watcher runs on a task of its own, so that waiting for a node's deadline never cuts
+    // one of its calls short.
+    let (events_tx, mut events) = tokio::sync::mpsc::channel(64);
+    let _watching = AbortOnDrop(tokio::spawn(async move {
+        loop {
+            if events_tx.send(watcher.next().await).await.is_err() {
+                return;
+            }
+        }
+    }));
     let mut first = true;
+    // The store revision of the last event, for the deaths a deadline brings.
+    let mut seen_revision = 0;
     loop {
-        match watcher.next().await {
-            WatchEvent::Listed { revision, kvs, .. } => {
+        let due = tracker.next_due();
+        let event = tokio::select! {
+            event = events.recv() => match event {
+                Some(event) => event,
+                None => return Ok(()),
+            },
+            () = sleep_until_wall(due), if due.is_some() => {
+                for (node, t) in tracker.due(now()) {
+                    printer.transition(&node, &t, seen_revision)?;
+                }
+                continue;
+            }
+        };
+        match event {
+            WatchEvent::Listed {
+                revision,
+                kvs,
+                replaced,
+            } => {
+                seen_revision = revision;
                 let mut present: Vec<_> = kvs.iter().filter_map(heartbeat_of).collect();
                 present.sort_by(|a, b| a.0.cmp(&b.0));
                 if std::mem::take(&mut first) {
@@ -153,18 +183,20 @@ pub async fn run(etcd: &EtcdArgs, settings: WatchSettings, out: impl Write) -> R
                     printer.snapshot(tracker.alive_rows(), revision)?;
                 } else {
                     // A re-list (compaction, rebuilt etcd): print only the real differences.
-                    for (node, t) in tracker.relist(present, now()) {
+                    for (node, t) in tracker.relist(present, replaced, now()) {
                         printer.transition(&node, &t, revision)?;
                     }
                 }
             }
             WatchEvent::Put(kv) => {
+                seen_revision = kv.mod_revision;
                 if let Some((node, hb)) = heartbeat_of(&kv) {
                     let t = tracker.put(&node, hb, now());
                     printer.transition(&node, &t, kv.mod_revision)?;
                 }
             }
             WatchEvent::Delete { key, revision, .. } => {
+                seen_revision = revision;
                 let Some(node) = node_of_heartbeat_key(&key) else {
                     continue;
                 };
@@ -187,4 +219,22 @@ fn heartbeat_of(kv: &Kv) -> Option<(String, Heartbeat)> {
             None
         }
     }
+}
+
+/// Aborts its task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Sleeps until the wall time `at` (at once if it has passed; forever for `None`).
+async fn sleep_until_wall(at: Option<jiff::Timestamp>) {
+    let Some(at) = at else {
+        return std::future::pending().await;
+    };
+    let left = at.duration_since(now()).try_into().unwrap_or_default();
+    tokio::time::sleep(left).await;
 }
