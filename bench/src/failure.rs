@@ -5,9 +5,10 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::{EventType, PutOptions, WatchOptions};
+use k8s_openapi::jiff::Timestamp;
 use nodepulse_crd::v1alpha1::NodeState;
-use nodepulse_crd::wire::{HEARTBEAT_PREFIX, node_of_heartbeat_key};
+use nodepulse_crd::wire::{HEARTBEAT_PREFIX, Heartbeat, heartbeat_key, node_of_heartbeat_key};
 
 use crate::cluster::{Agent, Cluster, NodeStates, get};
 use crate::report::Section;
@@ -16,6 +17,34 @@ use crate::{Error, Options, Result, progress, prom};
 
 const TITLE: &str = "3. Failure detection: SIGKILL of an agent -> MonitorNode Dead";
 const TTL_SECONDS: u32 = 5;
+
+/// Live nodes beside the victims, so that the kills are deaths in a fleet and not most of it:
+/// the controller calls a loss of more than 55% of the live nodes within a TTL a mass
+/// disruption (Unknown), and this section times Dead.
+const SURVIVORS: usize = 20;
+
+/// Heartbeats that outlive the section on leases of their own (no keep-alives needed), as
+/// agents write them.
+async fn survivors(cluster: &Cluster) -> Result<()> {
+    let mut etcd = cluster.etcd.client().await;
+    for i in 0..SURVIVORS {
+        let node = format!("bench-survivor-{i}");
+        let lease = etcd
+            .lease_grant(3600, None)
+            .await
+            .map_err(|e| Error::Etcd(e.to_string()))?
+            .id();
+        let hb = Heartbeat::running(&node, 3600, Timestamp::now());
+        etcd.put(
+            heartbeat_key(&node),
+            hb.to_json(),
+            Some(PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .map_err(|e| Error::Etcd(e.to_string()))?;
+    }
+    Ok(())
+}
 
 /// Runs the kills against the shared cluster.
 pub async fn run(opts: &Options, start: Instant, cluster: Option<&Result<Cluster>>) -> Section {
@@ -102,8 +131,9 @@ async fn measure(opts: &Options, start: Instant, cluster: &Cluster) -> Result<Se
     let states = NodeStates::watch(cluster.kube.clone());
     progress(
         start,
-        format!("  starting {kills} agents (TTL {TTL_SECONDS} s)"),
+        format!("  starting {kills} agents (TTL {TTL_SECONDS} s) beside {SURVIVORS} live nodes"),
     );
+    survivors(cluster).await?;
     let mut agents = Vec::new();
     for i in 0..kills {
         agents.push(
@@ -160,7 +190,9 @@ async fn measure(opts: &Options, start: Instant, cluster: &Cluster) -> Result<Se
     let mut s = Section::latencies(TITLE, "kills");
     s.setup = format!(
         "The shared cluster (kube-apiserver, controller, etcd) and {kills} agents with \
-         `--heartbeat-ttl {TTL_SECONDS}s`, killed with SIGKILL one a second. The bench watches \
+         `--heartbeat-ttl {TTL_SECONDS}s`, killed with SIGKILL one a second, beside {SURVIVORS} live \
+         heartbeats (so the kills are deaths in a fleet, below the controller's mass-disruption \
+         brake). The bench watches \
          the MonitorNodes (kube-rs watcher) and the heartbeat prefix in etcd, and timestamps each \
          event as it arrives."
     );
