@@ -92,16 +92,29 @@ base_ref() {
   echo "localhost/nodepulse/base-cc:bookworm-$(echo "$versions" | sha256sum | cut -c1-12)"
 }
 
+# bud DIR REF DOCKERFILE [ARG...]: builds REF from the context DIR, offline and from local images only.
+bud() {
+  local dir=$1 ref=$2 file=$3
+  shift 3
+  bh bud --quiet --layers --pull=never --network none "$@" -f "$file" -t "$ref" "$dir" >&2
+}
+
+# unpack_debs DIR PACKAGE...: the packages downloaded to DIR/debs and unpacked into DIR/rootfs,
+# in a DIR emptied first.
+unpack_debs() {
+  local dir=$1 deb
+  shift
+  rm -rf "$dir" && mkdir -p "$dir/debs" "$dir/rootfs"
+  (cd "$dir/debs" && apt-get download "$@" >/dev/null)
+  for deb in "$dir"/debs/*.deb; do dpkg -x "$deb" "$dir/rootfs"; done
+}
+
 build_base() {
-  local ref
+  local ref dir=$WORK/base
   ref=$(base_ref)
   have_image "$ref" && return
   log "base image $ref from Debian packages: ${DEBS[*]}"
-  local dir=$WORK/base
-  rm -rf "$dir" && mkdir -p "$dir/debs" "$dir/rootfs"
-  (cd "$dir/debs" && apt-get download "${DEBS[@]}" >/dev/null)
-  local deb
-  for deb in "$dir"/debs/*.deb; do dpkg -x "$deb" "$dir/rootfs"; done
+  unpack_debs "$dir" "${DEBS[@]}"
   local r=$dir/rootfs
   # What the packages' maintainer scripts and base-files would have made.
   mkdir -p "$r/etc/ssl/certs" "$r/tmp" "$r/home/nonroot" "$r/root"
@@ -111,20 +124,19 @@ build_base() {
   printf 'root:x:0:\nnobody:x:65534:\nnonroot:x:65532:\n' >"$r/etc/group"
   chown 65532:65532 "$r/home/nonroot"
   rm -rf "$r/usr/share/doc" "$r/usr/share/man" "$r/usr/share/lintian"
-  bh bud --quiet --layers --pull=never --network none -f "$ROOT/hack/cluster/base.Dockerfile" -t "$ref" "$dir" >&2
+  bud "$dir" "$ref" "$ROOT/hack/cluster/base.Dockerfile"
 }
 
 build_pause() {
-  local ref
+  local ref dir=$WORK/pause
   ref=$(pause_ref)
   have_image "$ref" && return
   log "pause image $ref from Kubernetes $(kubernetes_version)'s build/pause/linux/pause.c"
-  local dir=$WORK/pause
   rm -rf "$dir" && mkdir -p "$dir"
   # The upstream Makefile's flags: a static binary, so the image needs nothing else.
   gcc -Os -Wall -Werror -static -DVERSION="v${ref##*:}-nodepulse" \
     -o "$dir/pause" "$(kubernetes_src)/build/pause/linux/pause.c"
-  bh bud --quiet --layers --pull=never --network none -f "$ROOT/hack/cluster/pause.Dockerfile" -t "$ref" "$dir" >&2
+  bud "$dir" "$ref" "$ROOT/hack/cluster/pause.Dockerfile"
 }
 
 # Tagged with Debian's upstream version of busybox (1:1.35.0-4+b3 -> 1.35.0).
@@ -136,20 +148,17 @@ busybox_ref() {
 }
 
 build_busybox() {
-  local ref
+  local ref dir=$WORK/busybox
   ref=$(busybox_ref)
   have_image "$ref" && return
   log "busybox image $ref from Debian's busybox-static"
-  local dir=$WORK/busybox
-  rm -rf "$dir" && mkdir -p "$dir/debs" "$dir/rootfs"
-  (cd "$dir/debs" && apt-get download busybox-static >/dev/null)
-  dpkg -x "$dir"/debs/busybox-static_*.deb "$dir/rootfs"
+  unpack_debs "$dir" busybox-static
   local applet
   for applet in $("$dir/rootfs/bin/busybox" --list); do
     [[ -e $dir/rootfs/bin/$applet ]] || ln -s busybox "$dir/rootfs/bin/$applet"
   done
   rm -rf "$dir/rootfs/usr/share"
-  bh bud --quiet --layers --pull=never --network none -f "$ROOT/hack/cluster/busybox.Dockerfile" -t "$ref" "$dir" >&2
+  bud "$dir" "$ref" "$ROOT/hack/cluster/busybox.Dockerfile"
 }
 
 build_etcd() {
@@ -160,8 +169,7 @@ build_etcd() {
   cp "$(readlink -f "$TOOLS/etcd")" "$dir/etcd"
   cp "$(readlink -f "$TOOLS/etcdctl")" "$dir/etcdctl"
   log "etcd image $ref"
-  bh bud --quiet --layers --pull=never --network none --build-arg "BASE_IMAGE=$(base_ref)" \
-    -f "$ROOT/hack/cluster/etcd.Dockerfile" -t "$ref" "$dir" >&2
+  bud "$dir" "$ref" "$ROOT/hack/cluster/etcd.Dockerfile" --build-arg "BASE_IMAGE=$(base_ref)"
 }
 
 build_nodepulse() {
@@ -174,8 +182,8 @@ build_nodepulse() {
     cp "$RELEASE_DIR/$bin" "$dir/"
   done
   log "nodepulse image $ref from the Dockerfile (BINARIES=prebuilt: the binaries of \`make release\`)"
-  bh bud --quiet --layers --pull=never --network none --build-arg "RUNTIME_IMAGE=$(base_ref)" \
-    --build-arg BINARIES=prebuilt -f "$ROOT/Dockerfile" -t "$ref" "$dir" >&2
+  bud "$dir" "$ref" "$ROOT/Dockerfile" --build-arg "RUNTIME_IMAGE=$(base_ref)" \
+    --build-arg BINARIES=prebuilt
 }
 
 # import_image NAME: into the cluster's containerd, when it runs and lacks this very image.
