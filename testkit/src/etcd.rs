@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
+use crate::nodepulse::Launch;
 use crate::ports::ReservedPort;
 use crate::process::Process;
 use crate::tools::tool;
@@ -139,6 +140,11 @@ impl Etcd {
             .expect("connect to test etcd")
     }
 
+    /// An agent for `node` that talks to this server, to start as the test needs it.
+    pub fn agent(&self, node: &str) -> Launch {
+        Launch::agent(node).etcd(&self.endpoint)
+    }
+
     /// Runs `etcdctl` against this server, as an operator would.
     pub fn etcdctl(&self, args: &[&str]) -> Output {
         Command::new(tool("etcdctl"))
@@ -147,4 +153,37 @@ impl Etcd {
             .output()
             .expect("run etcdctl")
     }
+}
+
+/// Compacts `client`'s etcd physically at `revision`: the history a watch would resume from is gone.
+pub async fn compact(client: &mut etcd_client::Client, revision: i64) {
+    client
+        .compact(
+            revision,
+            Some(etcd_client::CompactionOptions::new().with_physical()),
+        )
+        .await
+        .expect("compact");
+}
+
+/// Puts `key`, then compacts the history at the revision of that put, which it returns.
+pub async fn put_and_compact(client: &mut etcd_client::Client, key: &str, value: &str) -> i64 {
+    let revision = client
+        .put(key, value, None)
+        .await
+        .expect("put")
+        .header()
+        .expect("header")
+        .revision();
+    compact(client, revision).await;
+    revision
+}
+
+/// The seconds `lease` has left (`-1` once it has expired).
+pub async fn lease_ttl(client: &mut etcd_client::Client, lease: i64) -> i64 {
+    client
+        .lease_time_to_live(lease, None)
+        .await
+        .expect("lease time to live")
+        .ttl()
 }

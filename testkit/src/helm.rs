@@ -43,3 +43,24 @@ pub fn render_chart(extra: &[&str]) -> Vec<serde_yaml::Value> {
         .filter(|v| !v.is_null())
         .collect()
 }
+
+/// The mount of `container` at `path` and the volume of `pod` it mounts; panics without either.
+pub fn mount_and_volume<'a>(
+    pod: &'a serde_yaml::Value,
+    container: &'a serde_yaml::Value,
+    path: &str,
+) -> (&'a serde_yaml::Value, &'a serde_yaml::Value) {
+    let mount = container["volumeMounts"]
+        .as_sequence()
+        .expect("mounts")
+        .iter()
+        .find(|m| m["mountPath"].as_str() == Some(path))
+        .unwrap_or_else(|| panic!("{path} mounted"));
+    let volume = pod["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == mount["name"])
+        .unwrap_or_else(|| panic!("the volume mounted at {path}"));
+    (mount, volume)
+}

@@ -36,18 +36,20 @@ mod test_env;
 mod tools;
 
 pub use apiserver::KubeApiserver;
-pub use etcd::Etcd;
+pub use etcd::{Etcd, compact, lease_ttl, put_and_compact};
 pub use etcd_cluster::EtcdCluster;
 pub use etcd_secure::{ClientTls, EtcdUsers, SecureEtcd, enable_etcd_auth, etcdctl_as, tls_env};
-pub use helm::{helm, helm_command, render_chart};
-pub use nodepulse::{Daemon, Launch, config_json, heartbeat, put_config};
+pub use helm::{helm, helm_command, mount_and_volume, render_chart};
+pub use nodepulse::{
+    Daemon, Launch, config_json, heartbeat, heartbeat_gone_within, heartbeat_within, put_config,
+};
 pub use ports::ReservedPort;
 pub use process::{Line, Process};
 pub use proxy::TcpProxy;
 #[cfg(feature = "test-env")]
 pub use slow_etcd::SlowEtcd;
 #[cfg(feature = "test-env")]
-pub use test_env::{History, Observed, TestEnv, ready_condition};
+pub use test_env::{History, Observed, TestEnv, alive_condition, ready_condition};
 pub use tools::{
     Kubectl, built_tool, kubectl, project_bin, project_bin_dir, repo_root, tool, tools_dir,
 };

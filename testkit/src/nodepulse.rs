@@ -22,6 +22,25 @@ pub struct Daemon {
     pub process: Process,
     /// `127.0.0.1:<port>` of its /metrics, /healthz and /readyz.
     pub http: String,
+    /// The name it was launched with: the agent's node, or the controller's identity.
+    pub name: String,
+}
+
+impl Daemon {
+    /// Puts `value` in this agent's config key and waits up to `timeout` for it to log that it
+    /// applied the put's revision, which it returns.
+    pub async fn apply_config(
+        &self,
+        client: &Client,
+        value: impl Into<Vec<u8>>,
+        timeout: Duration,
+    ) -> i64 {
+        let rev = put_config(client, &self.name, value).await;
+        self.process.wait_for_line(timeout, "config applied", |l| {
+            l.contains(&format!("(revision {rev})"))
+        });
+        rev
+    }
 }
 
 impl Deref for Daemon {
@@ -151,7 +170,11 @@ impl Launch {
     pub fn start(&self) -> Daemon {
         let process = self.spawn();
         let http = process.wait_for_serving_addr(Duration::from_secs(30));
-        Daemon { process, http }
+        Daemon {
+            process,
+            http,
+            name: self.name.clone(),
+        }
     }
 }
 
@@ -161,6 +184,22 @@ pub async fn heartbeat(client: &Client, node: &str) -> Option<(Heartbeat, i64)> 
     let kv = resp.kvs().first()?;
     let hb = Heartbeat::parse(kv.value()).expect("the agent writes valid heartbeats");
     Some((hb, kv.lease()))
+}
+
+/// Waits up to `timeout` for `node`'s heartbeat key: its value and lease.
+pub async fn heartbeat_within(client: &Client, node: &str, timeout: Duration) -> (Heartbeat, i64) {
+    eventually(&format!("{node}'s heartbeat key"), timeout, || {
+        heartbeat(client, node)
+    })
+    .await
+}
+
+/// Waits up to `timeout` for `node`'s heartbeat key to be gone (its lease expired or revoked).
+pub async fn heartbeat_gone_within(client: &Client, node: &str, timeout: Duration) {
+    eventually(&format!("{node}'s heartbeat key gone"), timeout, || async {
+        heartbeat(client, node).await.is_none().then_some(())
+    })
+    .await
 }
 
 /// A config value of `interval` seconds and metrics cpu and memory.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::api::{Api, ListParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use nodepulse_crd::v1alpha1::{MonitorConfig, MonitorNode, MonitorNodeStatus, NodeState};
@@ -234,6 +235,15 @@ pub fn ready_condition(mc: &MonitorConfig) -> Option<(String, String, String)> {
         .iter()
         .find(|c| c.type_ == "Ready")?;
     Some((c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// The `Alive` condition of a MonitorNode's status; panics when it has none.
+pub fn alive_condition(status: &MonitorNodeStatus) -> &Condition {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Alive")
+        .expect("an Alive condition")
 }
 
 /// One MonitorNode version the recorder saw.

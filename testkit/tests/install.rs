@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use serde_yaml::Value;
 use testkit::{
-    KubeApiserver, Process, ReservedPort, helm, http_get, render_chart, repo_root, scratch_dir,
-    tool, wait_until,
+    KubeApiserver, Process, ReservedPort, helm, http_get, mount_and_volume, render_chart,
+    repo_root, scratch_dir, tool, wait_until,
 };
 
 /// The chart's directory.
@@ -159,14 +159,7 @@ fn rendered_objects_carry_what_the_issue_asks_for() {
             .is_string()
     );
     let etcd = &sts["spec"]["template"]["spec"]["containers"][0];
-    assert_eq!(
-        etcd["livenessProbe"]["httpGet"]["path"].as_str(),
-        Some("/livez")
-    );
-    assert_eq!(
-        etcd["readinessProbe"]["httpGet"]["path"].as_str(),
-        Some("/readyz")
-    );
+    assert_eq!(probe_paths(etcd), [Some("/livez"), Some("/readyz")]);
     assert!(container_args(sts).contains(&"--listen-metrics-urls=http://0.0.0.0:2381".to_string()));
     assert!(
         !kinds(&objects).contains("PodDisruptionBudget")
@@ -199,32 +192,14 @@ fn rendered_objects_carry_what_the_issue_asks_for() {
     assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true));
     assert_eq!(sc["capabilities"]["drop"][0].as_str(), Some("ALL"));
     for (mount, path) in [("/host/proc", "/proc"), ("/host/root", "/")] {
-        let m = agent["volumeMounts"]
-            .as_sequence()
-            .expect("mounts")
-            .iter()
-            .find(|m| m["mountPath"].as_str() == Some(mount))
-            .unwrap_or_else(|| panic!("{mount} mounted"));
+        let (m, volume) = mount_and_volume(pod, agent, mount);
         assert_eq!(m["readOnly"].as_bool(), Some(true), "{mount} read-only");
-        let volume = pod["volumes"]
-            .as_sequence()
-            .expect("volumes")
-            .iter()
-            .find(|v| v["name"] == m["name"])
-            .expect("volume of the mount");
         assert_eq!(volume["hostPath"]["path"].as_str(), Some(path));
     }
     let args = container_args(ds);
     assert!(args.contains(&"--proc-root=/host/proc".to_string()));
     assert!(args.contains(&"--host-root=/host/root".to_string()));
-    assert_eq!(
-        agent["livenessProbe"]["httpGet"]["path"].as_str(),
-        Some("/healthz")
-    );
-    assert_eq!(
-        agent["readinessProbe"]["httpGet"]["path"].as_str(),
-        Some("/readyz")
-    );
+    assert_eq!(probe_paths(agent), [Some("/healthz"), Some("/readyz")]);
     let endpoints = agent["env"]
         .as_sequence()
         .expect("env")
@@ -914,14 +889,7 @@ fn chart_defaults_run_on_a_real_node() {
 
     // Readiness follows etcd, liveness only the process.
     let controller = container(deploy, "containers", "controller");
-    assert_eq!(
-        controller["livenessProbe"]["httpGet"]["path"].as_str(),
-        Some("/healthz")
-    );
-    assert_eq!(
-        controller["readinessProbe"]["httpGet"]["path"].as_str(),
-        Some("/readyz")
-    );
+    assert_eq!(probe_paths(controller), [Some("/healthz"), Some("/readyz")]);
 
     // The new agent starts before the old one stops (the old one yields the heartbeat key), so
     // helm --wait, which waits for nodes - maxUnavailable ready pods, waits for every agent, on
@@ -1034,4 +1002,9 @@ fn chart_defaults_run_on_a_real_node() {
     );
     let off = render_chart(&["--set", "controller.markNodesUnknownOnUninstall=false"]);
     assert!(!kinds(&off).contains("Job"));
+}
+
+/// The HTTP paths of a container's liveness and readiness probes.
+fn probe_paths(container: &Value) -> [Option<&str>; 2] {
+    ["livenessProbe", "readinessProbe"].map(|probe| container[probe]["httpGet"]["path"].as_str())
 }

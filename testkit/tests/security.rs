@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_yaml::Value;
 use testkit::{
     ClientTls, Etcd, EtcdUsers, KubeApiserver, Launch, Process, SecureEtcd, enable_etcd_auth,
-    etcdctl_as, project_bin, render_chart, repo_root, tool, wait_until,
+    etcdctl_as, mount_and_volume, project_bin, render_chart, repo_root, tool, wait_until,
 };
 
 const DEADLINE: Duration = Duration::from_secs(60);
@@ -601,20 +601,9 @@ fn chart_passes_etcd_credentials_and_client_tls_from_secrets() {
                 "{name} {var}"
             );
         }
-        let mounts = spec["containers"][0]["volumeMounts"]
-            .as_sequence()
-            .expect("mounts");
-        let mount = mounts
-            .iter()
-            .find(|m| m["mountPath"].as_str() == Some("/etc/nodepulse/etcd-tls"))
-            .unwrap_or_else(|| panic!("{name} mounts the client TLS Secret"));
-        assert_eq!(mount["readOnly"].as_bool(), Some(true));
-        let volume = spec["volumes"]
-            .as_sequence()
-            .expect("volumes")
-            .iter()
-            .find(|v| v["name"] == mount["name"])
-            .expect("the mounted volume");
+        let (mount, volume) =
+            mount_and_volume(spec, &spec["containers"][0], "/etc/nodepulse/etcd-tls");
+        assert_eq!(mount["readOnly"].as_bool(), Some(true), "{name}");
         assert_eq!(
             volume["secret"]["secretName"].as_str(),
             Some("nodepulse-etcd-client-tls")
