@@ -4,7 +4,7 @@
 //! one the real agent and controller serve on `/metrics`.
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
@@ -41,6 +41,17 @@ fn assert_ran(what: &str, out: &Output) {
         text(&out.stdout),
         text(&out.stderr)
     );
+}
+
+/// `promtool <command> rules <file>`, which must succeed.
+fn promtool_rules(command: &str, file: &Path) -> Output {
+    let out = Command::new(tool("promtool"))
+        .args([command, "rules"])
+        .arg(file)
+        .output()
+        .expect("run promtool");
+    assert_ran(&format!("promtool {command} rules"), &out);
+    out
 }
 
 /// The PrometheusRule the chart renders with `prometheusRule.enabled=true`.
@@ -84,19 +95,8 @@ fn prometheus_rule_passes_promtool_check_and_unit_tests() {
     let tests = dir.path().join("alerts.test.yaml");
     std::fs::copy(fixture("alerts.test.yaml"), &tests).expect("copy the promtool tests");
 
-    let promtool = tool("promtool");
-    let check = Command::new(&promtool)
-        .args(["check", "rules"])
-        .arg(&rules)
-        .output()
-        .expect("run promtool");
-    assert_ran("promtool check rules", &check);
-    let unit = Command::new(&promtool)
-        .args(["test", "rules"])
-        .arg(&tests)
-        .output()
-        .expect("run promtool");
-    assert_ran("promtool test rules", &unit);
+    promtool_rules("check", &rules);
+    let unit = promtool_rules("test", &tests);
     println!("{}", text(&unit.stdout));
 }
 
@@ -246,8 +246,8 @@ fn every_metric_the_dashboard_and_the_alerts_query_is_exported_by_the_real_binar
         .args(["--leader-elect=false"])
         .spawn();
     // Every interface counts (loopback too), so the per-interface series exist on any machine.
-    let agent = Launch::agent("worker-1")
-        .etcd(&etcd.endpoint)
+    let agent = etcd
+        .agent("worker-1")
         .ttl(3)
         .args(["--network-device-exclude", ""])
         .spawn();

@@ -107,6 +107,15 @@ fn write_secret(secret: &Value, dir: &Path) {
     }
 }
 
+/// `etcdctl put` of worker-1's heartbeat key, as a client with the flags `tls` would.
+fn put_heartbeat(endpoint: &str, tls: &[String], value: &str) -> Output {
+    etcdctl(
+        endpoint,
+        tls,
+        &["put", "/monitor/heartbeat/worker-1", value],
+    )
+}
+
 /// etcdctl against `endpoint` with `extra` flags (TLS files).
 fn etcdctl(endpoint: &str, extra: &[String], args: &[&str]) -> Output {
     Command::new(tool("etcdctl"))
@@ -231,11 +240,7 @@ fn etcd_with_the_default_flags_and_generated_certificates_refuses_clients_withou
         format!("--cert={}", file(&agent_dir, "tls.crt")),
         format!("--key={}", file(&agent_dir, "tls.key")),
     ];
-    let put = etcdctl(
-        &endpoint,
-        &agent_tls,
-        &["put", "/monitor/heartbeat/worker-1", "x"],
-    );
+    let put = put_heartbeat(&endpoint, &agent_tls, "x");
     assert!(
         put.status.success(),
         "the agent's certificate is accepted: {}{}\n{}",
@@ -246,21 +251,17 @@ fn etcd_with_the_default_flags_and_generated_certificates_refuses_clients_withou
 
     // Server-verified TLS, but no client certificate: refused.
     let ca_only = vec![format!("--cacert={}", file(&agent_dir, "ca.crt"))];
-    let anonymous = etcdctl(
-        &endpoint,
-        &ca_only,
-        &["put", "/monitor/heartbeat/worker-1", "forged"],
-    );
+    let anonymous = put_heartbeat(&endpoint, &ca_only, "forged");
     assert!(
         !anonymous.status.success(),
         "a client without a certificate must be refused: {}",
         String::from_utf8_lossy(&anonymous.stdout)
     );
     // Plain text: refused too.
-    let plain = etcdctl(
+    let plain = put_heartbeat(
         &format!("http://localhost:{}", client.port()),
         &[],
-        &["put", "/monitor/heartbeat/worker-1", "forged"],
+        "forged",
     );
     assert!(!plain.status.success(), "plain-text clients are refused");
     // A certificate from another CA: refused.
@@ -278,11 +279,7 @@ fn etcd_with_the_default_flags_and_generated_certificates_refuses_clients_withou
         format!("--cert={}", file(other.path(), "tls.crt")),
         format!("--key={}", file(other.path(), "tls.key")),
     ];
-    let forged = etcdctl(
-        &endpoint,
-        &stranger,
-        &["put", "/monitor/heartbeat/worker-1", "forged"],
-    );
+    let forged = put_heartbeat(&endpoint, &stranger, "forged");
     assert!(
         !forged.status.success(),
         "a certificate of another CA is refused"
