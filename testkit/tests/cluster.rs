@@ -367,6 +367,12 @@ fn install(extra: &[&str]) {
     );
 }
 
+/// The default release, and the node Alive in it within 60 s.
+fn ensure_release_alive() {
+    ensure_release();
+    wait_state("Alive", Duration::from_secs(60));
+}
+
 /// The default release (1 etcd member, 2 controllers): installed afresh by the first test of a
 /// run that needs it (whatever an earlier run left), again when a test replaced it.
 fn ensure_release() {
@@ -393,21 +399,29 @@ fn ensure_release() {
     }
 }
 
+/// `kubectl get pods` of the agent DaemonSet's pods, then `more` (a field selector, an output).
+fn agent_pods<'a>(more: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "get",
+        "pods",
+        "-n",
+        "nodepulse",
+        "-l",
+        "app.kubernetes.io/component=agent",
+    ];
+    args.extend_from_slice(more);
+    args
+}
+
 fn agent_pod() -> String {
     let mut name = String::new();
     wait_until("one Running agent pod", Duration::from_secs(120), || {
-        let out = cluster_kubectl().run(&[
-            "get",
-            "pods",
-            "-n",
-            "nodepulse",
-            "-l",
-            "app.kubernetes.io/component=agent",
+        let out = cluster_kubectl().run(&agent_pods(&[
             "--field-selector",
             "status.phase=Running",
             "-o",
             "jsonpath={.items[*].metadata.name}",
-        ]);
+        ]));
         name = text(&out.stdout).trim().to_string();
         out.status.success() && !name.is_empty() && !name.contains(' ')
     });
@@ -723,8 +737,7 @@ fn c2_logs_and_live_config() {
 #[test]
 #[ignore = "needs the cluster of hack/cluster.sh: make e2e-cluster"]
 fn c3_monitornode_alive_with_the_nodes_figures() {
-    ensure_release();
-    wait_state("Alive", Duration::from_secs(60));
+    ensure_release_alive();
     let listed = cluster_kubectl().ok(&["get", "monitornodes"]);
     eprintln!("kubectl get monitornodes:\n{listed}");
     let row = listed
@@ -842,21 +855,14 @@ fn c3_monitornode_alive_with_the_nodes_figures() {
 #[test]
 #[ignore = "needs the cluster of hack/cluster.sh: make e2e-cluster"]
 fn c4_sigkill_of_the_agent_is_not_a_node_death() {
-    ensure_release();
-    wait_state("Alive", Duration::from_secs(60));
+    ensure_release_alive();
     let watch = watch_monitornode();
     let restarts = || {
         cluster_kubectl()
-            .ok(&[
-                "get",
-                "pods",
-                "-n",
-                "nodepulse",
-                "-l",
-                "app.kubernetes.io/component=agent",
+            .ok(&agent_pods(&[
                 "-o",
                 "jsonpath={.items[0].status.containerStatuses[0].restartCount}",
-            ])
+            ]))
             .trim()
             .parse::<u32>()
             .unwrap_or(0)
@@ -890,8 +896,7 @@ fn c4_sigkill_of_the_agent_is_not_a_node_death() {
 #[test]
 #[ignore = "needs the cluster of hack/cluster.sh: make e2e-cluster"]
 fn c5_node_death_then_return() {
-    ensure_release();
-    wait_state("Alive", Duration::from_secs(60));
+    ensure_release_alive();
     let dead = kill_node();
     let killed = dead.at;
     wait_until(
@@ -928,8 +933,7 @@ fn c5_node_death_then_return() {
 #[test]
 #[ignore = "needs the cluster of hack/cluster.sh: make e2e-cluster"]
 fn c6_controller_failover_records_a_death_once() {
-    ensure_release();
-    wait_state("Alive", Duration::from_secs(60));
+    ensure_release_alive();
     let holder = || {
         text(
             &cluster_kubectl()
@@ -947,27 +951,24 @@ fn c6_controller_failover_records_a_death_once() {
         .trim()
         .to_string()
     };
-    let mut leader = String::new();
-    wait_until(
-        "a controller holds the Lease",
-        Duration::from_secs(30),
-        || {
-            leader = holder();
-            !leader.is_empty()
-        },
-    );
+    // The Lease's holder once there is one other than `previous`, within `timeout`.
+    let next_holder = |what: &str, timeout: Duration, previous: &str| {
+        let mut next = String::new();
+        wait_until(what, timeout, || {
+            next = holder();
+            !next.is_empty() && next != previous
+        });
+        next
+    };
+    let leader = next_holder("a controller holds the Lease", Duration::from_secs(30), "");
     let dead_before = dead_event_count();
     cluster_kubectl().ok(&["delete", "pod", "-n", "nodepulse", &leader, "--wait=false"]);
     let frozen = FrozenAgent::freeze();
     let killed = Instant::now();
-    let mut new_leader = String::new();
-    wait_until(
+    let new_leader = next_holder(
         "another controller takes the Lease over",
         Duration::from_secs(60),
-        || {
-            new_leader = holder();
-            !new_leader.is_empty() && new_leader != leader
-        },
+        &leader,
     );
     eprintln!(
         "leader {leader} -> {new_leader} in {:.1}s",
@@ -999,23 +1000,28 @@ fn c6_controller_failover_records_a_death_once() {
     );
 }
 
-/// `helm upgrade` with a changed value rolls it out; `helm uninstall` leaves nothing of nodepulse
-/// running, and no MonitorNode claiming Alive with nothing left to update it.
-#[test]
-#[ignore = "needs the cluster of hack/cluster.sh: make e2e-cluster"]
-fn c7_upgrade_then_uninstall() {
-    ensure_release();
+/// `helm upgrade` of the release with its values and `--set value`, waited for (up to 3 min).
+fn upgrade_set(value: &str) {
     helm_ok(&[
         "upgrade",
         RELEASE,
         &chart(),
         "--reuse-values",
         "--set",
-        "agent.heartbeatTTLSeconds=8",
+        value,
         "--wait",
         "--timeout",
         "180s",
     ]);
+}
+
+/// `helm upgrade` with a changed value rolls it out; `helm uninstall` leaves nothing of nodepulse
+/// running, and no MonitorNode claiming Alive with nothing left to update it.
+#[test]
+#[ignore = "needs the cluster of hack/cluster.sh: make e2e-cluster"]
+fn c7_upgrade_then_uninstall() {
+    ensure_release();
+    upgrade_set("agent.heartbeatTTLSeconds=8");
     wait_until(
         "the MonitorNode reports TTL 8",
         Duration::from_secs(90),
@@ -1149,6 +1155,15 @@ fn describe_node_conditions() -> String {
         .join("\n")
 }
 
+/// Waits up to `timeout` for the Node's `NodePulseHeartbeat` condition to be `status`.
+fn wait_heartbeat_condition(status: &str, timeout: Duration) {
+    wait_until(
+        &format!("NodePulseHeartbeat={status} on the Node"),
+        timeout,
+        || heartbeat_condition().as_deref() == Some(status),
+    );
+}
+
 /// `nodeCondition.enabled=true` by `helm upgrade`: the Node shows `NodePulseHeartbeat=True`
 /// beside the kubelet's conditions, which stay as they were; `False` once the node dies (its
 /// kubelet and agent killed, as in c5), `True` again once it is back. Turned off by `helm
@@ -1163,23 +1178,12 @@ fn c9_node_condition_on_the_real_node() {
         install(&["--set", "nodeCondition.enabled=true"]);
         uninstall();
     }
-    ensure_release();
-    wait_state("Alive", Duration::from_secs(60));
+    ensure_release_alive();
     assert_eq!(heartbeat_condition(), None, "no condition before the value");
     let kubelets = kubelet_conditions();
     let upgrade = |enabled: &str| {
         let t = Instant::now();
-        helm_ok(&[
-            "upgrade",
-            RELEASE,
-            &chart(),
-            "--reuse-values",
-            "--set",
-            &format!("nodeCondition.enabled={enabled}"),
-            "--wait",
-            "--timeout",
-            "180s",
-        ]);
+        upgrade_set(&format!("nodeCondition.enabled={enabled}"));
         eprintln!(
             "helm upgrade nodeCondition.enabled={enabled} --wait: {:.1}s",
             t.elapsed().as_secs_f64()
@@ -1188,11 +1192,7 @@ fn c9_node_condition_on_the_real_node() {
 
     upgrade("true");
     let t = Instant::now();
-    wait_until(
-        "NodePulseHeartbeat=True on the Node",
-        Duration::from_secs(60),
-        || heartbeat_condition().as_deref() == Some("True"),
-    );
+    wait_heartbeat_condition("True", Duration::from_secs(60));
     eprintln!(
         "NodePulseHeartbeat=True {:.1}s after helm upgrade returned",
         t.elapsed().as_secs_f64()
@@ -1204,11 +1204,7 @@ fn c9_node_condition_on_the_real_node() {
     );
 
     let dead = kill_node();
-    wait_until(
-        "NodePulseHeartbeat=False on the Node",
-        TTL + Duration::from_secs(5),
-        || heartbeat_condition().as_deref() == Some("False"),
-    );
+    wait_heartbeat_condition("False", TTL + Duration::from_secs(5));
     eprintln!(
         "NodePulseHeartbeat=False {:.1}s after the node died (TTL {TTL:?}):\n{}",
         dead.at.elapsed().as_secs_f64(),
@@ -1216,11 +1212,7 @@ fn c9_node_condition_on_the_real_node() {
     );
     drop(dead);
     let back = Instant::now();
-    wait_until(
-        "NodePulseHeartbeat=True again",
-        Duration::from_secs(90),
-        || heartbeat_condition().as_deref() == Some("True"),
-    );
+    wait_heartbeat_condition("True", Duration::from_secs(90));
     eprintln!(
         "NodePulseHeartbeat=True again {:.1}s after the kubelet returned",
         back.elapsed().as_secs_f64()
