@@ -4,13 +4,13 @@
 use std::time::{Duration, Instant};
 
 use nodepulse_crd::wire::{Metric, config_key};
-use testkit::{Etcd, Launch, eventually, heartbeat, http_get, put_config};
+use testkit::{Etcd, eventually, heartbeat, http_get, put_config};
 
 #[tokio::test]
 async fn a_new_interval_is_logged_within_1s_and_sets_the_pace() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    let agent = Launch::agent("worker-1").etcd(&etcd.endpoint).start();
+    let agent = etcd.agent("worker-1").start();
     let p = &agent.process;
     p.wait_for_line(Duration::from_secs(5), "a first sample", |l| {
         l.contains(" sample cpu=") && l.contains(" load=")
@@ -176,8 +176,8 @@ const MALFORMED: &[(&[u8], &str)] = &[
 async fn malformed_values_are_rejected_whole_and_reported() {
     let etcd = Etcd::start();
     let client = etcd.client().await;
-    let mut agent = Launch::agent("worker-2")
-        .etcd(&etcd.endpoint)
+    let mut agent = etcd
+        .agent("worker-2")
         .args(["--heartbeat-min-interval", "100ms"])
         .start();
     let good = put_config(

@@ -3,7 +3,11 @@
 
 use std::time::Duration;
 
-use testkit::{Daemon, Etcd, Launch, eventually, heartbeat, http_get, put_config};
+use etcd_client::Client;
+use testkit::{
+    Daemon, Etcd, Launch, eventually, heartbeat, heartbeat_gone_within, heartbeat_within, http_get,
+    put_config,
+};
 
 /// A generous deadline for the agent to notice a recovered etcd (its backoff is capped at 5 s).
 const RECOVERY: Duration = Duration::from_secs(20);
@@ -12,25 +16,13 @@ const RECOVERY: Duration = Duration::from_secs(20);
 async fn etcd_restarted_after_more_than_a_ttl_heartbeat_and_watch_resume() {
     let mut etcd = Etcd::start();
     let client = etcd.client().await;
-    let agent = Launch::agent("worker-1")
-        .etcd(&etcd.endpoint)
+    let launch = etcd
+        .agent("worker-1")
         .ttl(3)
-        .args(["--heartbeat-min-interval", "500ms"])
-        .start();
+        .args(["--heartbeat-min-interval", "500ms"]);
+    let agent = start_configured(&launch, &client, r#"{"interval": 1, "metrics": ["cpu"]}"#).await;
     let p = &agent.process;
-    let rev = put_config(
-        &client,
-        "worker-1",
-        r#"{"interval": 1, "metrics": ["cpu"]}"#,
-    )
-    .await;
-    p.wait_for_line(Duration::from_secs(5), "config applied", |l| {
-        l.contains(&format!("(revision {rev})"))
-    });
-    eventually("ready", Duration::from_secs(5), || async {
-        (http_get(&agent.http, "/readyz")?.0 == 200).then_some(())
-    })
-    .await;
+    readyz_answers(&agent, 200, Duration::from_secs(5)).await;
 
     // Down for longer than the TTL. The agent keeps sampling meanwhile.
     let down_from = p.line_count();
@@ -51,33 +43,18 @@ async fn etcd_restarted_after_more_than_a_ttl_heartbeat_and_watch_resume() {
         "the outage noticed",
         |l| l.contains("heartbeat: ") && l.contains("retrying while sampling goes on"),
     );
-    eventually(
-        "not ready while etcd is down",
-        Duration::from_secs(10),
-        || async { (http_get(&agent.http, "/readyz")?.0 == 503).then_some(()) },
-    )
-    .await;
+    readyz_answers(&agent, 503, Duration::from_secs(10)).await;
 
     etcd.restart();
     let mut client = etcd.client().await;
-    eventually("ready again", RECOVERY, || async {
-        (http_get(&agent.http, "/readyz")?.0 == 200).then_some(())
-    })
-    .await;
-    eventually("heartbeat key back", RECOVERY, || {
-        heartbeat(&client, "worker-1")
-    })
-    .await;
+    readyz_answers(&agent, 200, RECOVERY).await;
+    heartbeat_within(&client, "worker-1", RECOVERY).await;
     // Kept alive, not just left over: still there after more than one TTL.
     tokio::time::sleep(Duration::from_secs(4)).await;
     let (_, lease) = heartbeat(&client, "worker-1")
         .await
         .expect("heartbeat key kept alive after the restart");
-    let ttl = client
-        .lease_time_to_live(lease, None)
-        .await
-        .expect("lease ttl")
-        .ttl();
+    let ttl = testkit::lease_ttl(&mut client, lease).await;
     assert!(ttl > 0, "lease {lease:x} has ttl {ttl}");
 
     // The watch resumed: a config put after the restart is applied.
@@ -108,10 +85,7 @@ async fn etcd_restarted_after_more_than_a_ttl_heartbeat_and_watch_resume() {
 async fn etcd_away_at_start_is_waited_for_while_sampling() {
     let mut etcd = Etcd::start();
     etcd.kill();
-    let agent = Launch::agent("worker-2")
-        .etcd(&etcd.endpoint)
-        .ttl(3)
-        .start();
+    let agent = etcd.agent("worker-2").ttl(3).start();
     let p = &agent.process;
     p.wait_for_line(Duration::from_secs(5), "a sample without etcd", |l| {
         l.contains(" sample cpu=")
@@ -121,10 +95,7 @@ async fn etcd_away_at_start_is_waited_for_while_sampling() {
 
     etcd.restart();
     let client = etcd.client().await;
-    eventually("heartbeat key once etcd is up", RECOVERY, || {
-        heartbeat(&client, "worker-2")
-    })
-    .await;
+    heartbeat_within(&client, "worker-2", RECOVERY).await;
     let rev = put_config(
         &client,
         "worker-2",
@@ -138,6 +109,23 @@ async fn etcd_away_at_start_is_waited_for_while_sampling() {
     });
 }
 
+/// Starts the agent `launch` describes and waits for it to apply `config`, its first (5 s).
+async fn start_configured(launch: &Launch, client: &Client, config: &str) -> Daemon {
+    let agent = launch.start();
+    agent
+        .apply_config(client, config, Duration::from_secs(5))
+        .await;
+    agent
+}
+
+/// Waits up to `timeout` for the agent's /readyz to answer `status` (200 ready, 503 not).
+async fn readyz_answers(agent: &Daemon, status: u16, timeout: Duration) {
+    eventually(&format!("/readyz {status}"), timeout, || async {
+        (http_get(&agent.http, "/readyz")?.0 == status).then_some(())
+    })
+    .await;
+}
+
 fn agent_running(agent: &Daemon) -> bool {
     http_get(&agent.http, "/healthz").is_some_and(|r| r.0 == 200)
 }
@@ -148,24 +136,10 @@ async fn a_compacted_resume_revision_rereads_the_key_and_an_expired_lease_is_rep
 
     let mut etcd = Etcd::start();
     let client = etcd.client().await;
-    let agent = Launch::agent("worker-3")
-        .etcd(&etcd.endpoint)
-        .ttl(3)
-        .start();
+    let launch = etcd.agent("worker-3").ttl(3);
+    let agent = start_configured(&launch, &client, r#"{"interval": 2, "metrics": ["cpu"]}"#).await;
     let p = &agent.process;
-    let first = put_config(
-        &client,
-        "worker-3",
-        r#"{"interval": 2, "metrics": ["cpu"]}"#,
-    )
-    .await;
-    p.wait_for_line(Duration::from_secs(5), "config applied", |l| {
-        l.contains(&format!("(revision {first})"))
-    });
-    let (_, old_lease) = eventually("heartbeat key", Duration::from_secs(5), || {
-        heartbeat(&client, "worker-3")
-    })
-    .await;
+    let (_, old_lease) = heartbeat_within(&client, "worker-3", Duration::from_secs(5)).await;
 
     // Freeze the agent and cut its connections by restarting etcd; then change the config
     // twice and compact the history it would resume from. (Changing it before the restart
@@ -185,19 +159,9 @@ async fn a_compacted_resume_revision_rereads_the_key_and_an_expired_lease_is_rep
         r#"{"interval": 4, "metrics": ["memory"]}"#,
     )
     .await;
-    client
-        .compact(
-            last,
-            Some(etcd_client::CompactionOptions::new().with_physical()),
-        )
-        .await
-        .expect("compact");
+    testkit::compact(&mut client, last).await;
     // Frozen for longer than the TTL: the lease expires and the key with it.
-    eventually("heartbeat key expired", Duration::from_secs(15), || {
-        let c = client.clone();
-        async move { heartbeat(&c, "worker-3").await.is_none().then_some(()) }
-    })
-    .await;
+    heartbeat_gone_within(&client, "worker-3", Duration::from_secs(15)).await;
 
     let from = p.line_count();
     p_signal(&agent, Signal::SIGCONT);
@@ -212,10 +176,7 @@ async fn a_compacted_resume_revision_rereads_the_key_and_an_expired_lease_is_rep
     p.wait_for_line_from(from, RECOVERY, "lease re-granted", |l| {
         l.contains("heartbeat lease lost; granted a new one: id ")
     });
-    let (hb, lease) = eventually("heartbeat key back", RECOVERY, || {
-        heartbeat(&client, "worker-3")
-    })
-    .await;
+    let (hb, lease) = heartbeat_within(&client, "worker-3", RECOVERY).await;
     assert_ne!(lease, old_lease);
     let _ = hb;
 }

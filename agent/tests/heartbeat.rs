@@ -3,21 +3,21 @@
 
 use std::time::{Duration, Instant};
 
-use etcd_client::{EventType, WatchOptions};
+use etcd_client::{Client, EventType, WatchOptions};
 use nix::sys::signal::Signal;
 use nodepulse_crd::wire::{AgentState, Heartbeat, MetricSet, heartbeat_key};
-use testkit::{Etcd, EtcdCluster, Launch, eventually, heartbeat, http_get, put_config};
+use testkit::{
+    Etcd, EtcdCluster, Launch, eventually, heartbeat, heartbeat_gone_within, heartbeat_within,
+    http_get, put_config,
+};
 
 #[tokio::test]
 async fn heartbeat_appears_within_2s_and_sigterm_marks_it_stopping() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
     let started = Instant::now();
-    let mut agent = Launch::agent("worker-1").etcd(&etcd.endpoint).start();
-    let (hb, lease) = eventually("heartbeat key", Duration::from_secs(2), || {
-        heartbeat(&client, "worker-1")
-    })
-    .await;
+    let mut agent = etcd.agent("worker-1").start();
+    let (hb, lease) = heartbeat_within(&client, "worker-1", Duration::from_secs(2)).await;
     assert!(started.elapsed() <= Duration::from_secs(2));
     assert_eq!(hb.node, "worker-1");
     assert_eq!(hb.state, AgentState::Running);
@@ -110,14 +110,8 @@ async fn heartbeat_appears_within_2s_and_sigterm_marks_it_stopping() {
 async fn a_clean_stop_for_good_expires_the_key_after_the_ttl() {
     let etcd = Etcd::start();
     let client = etcd.client().await;
-    let mut agent = Launch::agent("worker-5")
-        .etcd(&etcd.endpoint)
-        .ttl(3)
-        .start();
-    eventually("heartbeat key", Duration::from_secs(5), || {
-        heartbeat(&client, "worker-5")
-    })
-    .await;
+    let mut agent = etcd.agent("worker-5").ttl(3).start();
+    heartbeat_within(&client, "worker-5", Duration::from_secs(5)).await;
     let stopped = Instant::now();
     agent.process.signal(Signal::SIGTERM);
     agent
@@ -128,12 +122,7 @@ async fn a_clean_stop_for_good_expires_the_key_after_the_ttl() {
         .await
         .expect("key still there right after the stop");
     assert_eq!(last.state, AgentState::Stopping);
-    eventually("the key to expire", Duration::from_secs(6), || {
-        let c = client.clone();
-        async move { heartbeat(&c, "worker-5").await.is_none().then_some(()) }
-    })
-    .await;
-    let gone = stopped.elapsed();
+    let gone = expired_after(stopped, &client, "worker-5", Duration::from_secs(6)).await;
     assert!(
         gone >= Duration::from_millis(1500),
         "gone {gone:?} after the stop: the lease was not left to expire"
@@ -146,14 +135,8 @@ async fn a_clean_stop_for_good_expires_the_key_after_the_ttl() {
 async fn an_agent_replaced_within_the_ttl_never_lets_the_key_go() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    let mut old = Launch::agent("worker-6")
-        .etcd(&etcd.endpoint)
-        .ttl(3)
-        .start();
-    let (_, old_lease) = eventually("heartbeat key", Duration::from_secs(5), || {
-        heartbeat(&client, "worker-6")
-    })
-    .await;
+    let mut old = etcd.agent("worker-6").ttl(3).start();
+    let (_, old_lease) = heartbeat_within(&client, "worker-6", Duration::from_secs(5)).await;
     let mut events = client
         .watch(heartbeat_key("worker-6"), Some(WatchOptions::new()))
         .await
@@ -163,10 +146,7 @@ async fn an_agent_replaced_within_the_ttl_never_lets_the_key_go() {
     old.process
         .wait_exit(Duration::from_secs(5))
         .expect("old agent exits");
-    let new = Launch::agent("worker-6")
-        .etcd(&etcd.endpoint)
-        .ttl(3)
-        .start();
+    let new = etcd.agent("worker-6").ttl(3).start();
     let new_lease = eventually("the new agent's key", Duration::from_secs(5), || {
         let c = client.clone();
         async move {
@@ -193,14 +173,8 @@ async fn an_agent_replaced_within_the_ttl_never_lets_the_key_go() {
 async fn a_stopping_agent_does_not_touch_a_key_it_no_longer_holds() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    let agent = Launch::agent("worker-7")
-        .etcd(&etcd.endpoint)
-        .ttl(3)
-        .start();
-    eventually("heartbeat key", Duration::from_secs(5), || {
-        heartbeat(&client, "worker-7")
-    })
-    .await;
+    let agent = etcd.agent("worker-7").ttl(3).start();
+    heartbeat_within(&client, "worker-7", Duration::from_secs(5)).await;
     // Another incarnation's value on another lease.
     let other = client.lease_grant(30, None).await.expect("grant").id();
     client
@@ -233,21 +207,12 @@ async fn a_stopping_agent_does_not_touch_a_key_it_no_longer_holds() {
 async fn a_key_deleted_by_hand_is_written_again_within_a_third_of_the_ttl() {
     let etcd = Etcd::start();
     let client = etcd.client().await;
-    let agent = Launch::agent("worker-8")
-        .etcd(&etcd.endpoint)
-        .ttl(6)
-        .start();
-    let (_, lease) = eventually("heartbeat key", Duration::from_secs(5), || {
-        heartbeat(&client, "worker-8")
-    })
-    .await;
+    let agent = etcd.agent("worker-8").ttl(6).start();
+    let (_, lease) = heartbeat_within(&client, "worker-8", Duration::from_secs(5)).await;
     let out = etcd.etcdctl(&["del", &heartbeat_key("worker-8")]);
     assert!(out.status.success(), "{out:?}");
     let deleted = Instant::now();
-    let (_, back_on) = eventually("the key back", Duration::from_secs(2), || {
-        heartbeat(&client, "worker-8")
-    })
-    .await;
+    let (_, back_on) = heartbeat_within(&client, "worker-8", Duration::from_secs(2)).await;
     assert!(
         deleted.elapsed() <= Duration::from_secs(2),
         "back after {:?}; {}",
@@ -261,14 +226,8 @@ async fn a_key_deleted_by_hand_is_written_again_within_a_third_of_the_ttl() {
 async fn sigkill_leaves_the_key_to_expire_within_ttl_plus_1s() {
     let etcd = Etcd::start();
     let client = etcd.client().await;
-    let mut agent = Launch::agent("worker-2")
-        .etcd(&etcd.endpoint)
-        .ttl(3)
-        .start();
-    let (hb, _) = eventually("heartbeat key", Duration::from_secs(2), || {
-        heartbeat(&client, "worker-2")
-    })
-    .await;
+    let mut agent = etcd.agent("worker-2").ttl(3).start();
+    let (hb, _) = heartbeat_within(&client, "worker-2", Duration::from_secs(2)).await;
     assert_eq!(hb.ttl_seconds, 3);
     // Outlive one TTL first, so the key is known to be kept alive rather than just fresh.
     agent
@@ -284,12 +243,7 @@ async fn sigkill_leaves_the_key_to_expire_within_ttl_plus_1s() {
 
     let killed = Instant::now();
     agent.process.kill_hard();
-    eventually("heartbeat key to expire", Duration::from_secs(4), || {
-        let c = client.clone();
-        async move { heartbeat(&c, "worker-2").await.is_none().then_some(()) }
-    })
-    .await;
-    let gone = killed.elapsed();
+    let gone = expired_after(killed, &client, "worker-2", Duration::from_secs(4)).await;
     assert!(
         gone <= Duration::from_secs(4),
         "gone {gone:?} after SIGKILL"
@@ -304,14 +258,8 @@ async fn sigkill_leaves_the_key_to_expire_within_ttl_plus_1s() {
 async fn a_lease_revoked_behind_the_agents_back_is_granted_again() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    let agent = Launch::agent("worker-3")
-        .etcd(&etcd.endpoint)
-        .ttl(3)
-        .start();
-    let (_, lease) = eventually("heartbeat key", Duration::from_secs(2), || {
-        heartbeat(&client, "worker-3")
-    })
-    .await;
+    let agent = etcd.agent("worker-3").ttl(3).start();
+    let (_, lease) = heartbeat_within(&client, "worker-3", Duration::from_secs(2)).await;
     client
         .lease_revoke(lease)
         .await
@@ -321,10 +269,7 @@ async fn a_lease_revoked_behind_the_agents_back_is_granted_again() {
         .wait_for_line(Duration::from_secs(5), "re-grant", |l| {
             l.contains("heartbeat lease lost; granted a new one: id ")
         });
-    let (_, new_lease) = eventually("heartbeat key back", Duration::from_secs(2), || {
-        heartbeat(&client, "worker-3")
-    })
-    .await;
+    let (_, new_lease) = heartbeat_within(&client, "worker-3", Duration::from_secs(2)).await;
     assert_ne!(new_lease, lease, "{}", line.text);
     let (_, body) = http_get(&agent.http, "/metrics").expect("/metrics");
     assert!(
@@ -350,17 +295,13 @@ async fn a_dead_endpoint_in_the_list_is_failed_over() {
         || heartbeat(&client, "worker-4"),
     )
     .await;
-    let rev = put_config(
-        &client,
-        "worker-4",
-        r#"{"interval": 3, "metrics": ["cpu"]}"#,
-    )
-    .await;
     agent
-        .process
-        .wait_for_line(Duration::from_secs(10), "config applied", |l| {
-            l.contains(&format!("(revision {rev})"))
-        });
+        .apply_config(
+            &client,
+            r#"{"interval": 3, "metrics": ["cpu"]}"#,
+            Duration::from_secs(10),
+        )
+        .await;
 }
 
 /// A member that hangs (its connections stay open and nothing is answered: a stopped process, a
@@ -388,10 +329,7 @@ async fn a_hung_member_is_left_before_the_lease_runs_out() {
     let mut client = etcd_client::Client::connect(leader_only, None)
         .await
         .expect("connect to the leader");
-    let (_, lease) = eventually("heartbeat key", Duration::from_secs(5), || {
-        heartbeat(&client, "hung-1")
-    })
-    .await;
+    let (_, lease) = heartbeat_within(&client, "hung-1", Duration::from_secs(5)).await;
     let mut events = client
         .watch(heartbeat_key("hung-1"), None)
         .await
@@ -431,8 +369,8 @@ async fn a_hung_member_is_left_before_the_lease_runs_out() {
 async fn with_nothing_new_the_value_is_refreshed_every_max_interval() {
     let (etcd, mut events) =
         etcd_watching_heartbeat("worker-9", r#"{"interval": 3600, "metrics": ["load"]}"#).await;
-    let agent = Launch::agent("worker-9")
-        .etcd(&etcd.endpoint)
+    let agent = etcd
+        .agent("worker-9")
         .ttl(3)
         .args([
             "--heartbeat-min-interval",
@@ -477,8 +415,8 @@ async fn news_is_written_no_more_often_than_the_min_interval() {
             write_load(n);
         }
     });
-    let agent = Launch::agent("worker-12")
-        .etcd(&etcd.endpoint)
+    let agent = etcd
+        .agent("worker-12")
         .args(["--heartbeat-min-interval", "2s"])
         .args([
             "--proc-root",
@@ -536,15 +474,12 @@ async fn next_writes(
 async fn of_two_agents_for_one_node_the_newer_holds_the_key() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    let agent = Launch::agent("worker-10")
-        .etcd(&etcd.endpoint)
+    let agent = etcd
+        .agent("worker-10")
         .ttl(3)
         .args(["--heartbeat-min-interval", "500ms"]);
     let mut old = agent.start();
-    let (_, old_lease) = eventually("the old agent's key", Duration::from_secs(5), || {
-        heartbeat(&client, "worker-10")
-    })
-    .await;
+    let (_, old_lease) = heartbeat_within(&client, "worker-10", Duration::from_secs(5)).await;
     let new = agent.start();
     old.process
         .wait_for_line(Duration::from_secs(10), "the old one yields", |l| {
@@ -597,4 +532,10 @@ async fn assert_not_deleted_until(
             assert_eq!(e.event_type(), EventType::Put, "{}", why());
         }
     }
+}
+
+/// Waits up to `timeout` for `node`'s heartbeat key to expire: how long after `since` it was gone.
+async fn expired_after(since: Instant, client: &Client, node: &str, timeout: Duration) -> Duration {
+    heartbeat_gone_within(client, node, timeout).await;
+    since.elapsed()
 }

@@ -79,11 +79,7 @@ async fn writes_slower_than_the_ttl_never_cost_the_lease() {
         .map(|l| l.id())
         .collect();
     assert_eq!(leases, vec![lease], "orphan leases were granted");
-    let ttl = client
-        .lease_time_to_live(lease, None)
-        .await
-        .expect("lease time to live")
-        .ttl();
+    let ttl = testkit::lease_ttl(&mut client, lease).await;
     assert!(ttl > 0, "lease {lease:x} is expiring: {ttl}");
     let log = agent.process.output_text();
     assert!(

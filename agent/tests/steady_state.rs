@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use testkit::{Etcd, Launch, http_get, wait_until};
+use testkit::{Etcd, http_get, wait_until};
 
 /// How many streams of `method` etcd has started, from its own /metrics.
 fn streams_started(etcd: &Etcd, method: &str) -> u64 {
@@ -50,10 +50,7 @@ fn connections_to(pid: u32, port: u16) -> usize {
 async fn a_minute_of_healthy_etcd_keeps_one_connection() {
     // etcd as it comes: --grpc-keepalive-min-time 5 s, no pings on idle connections.
     let etcd = Etcd::start();
-    let agent = Launch::agent("steady-1")
-        .etcd(&etcd.endpoint)
-        .ttl(3)
-        .start();
+    let agent = etcd.agent("steady-1").ttl(3).start();
     agent
         .process
         .wait_for_line(Duration::from_secs(10), "lease granted", |l| {
