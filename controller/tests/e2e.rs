@@ -11,7 +11,10 @@ use kube::api::Api;
 use nix::sys::signal::Signal;
 use nodepulse_crd::v1alpha1::{MonitorNode, NodeState};
 use nodepulse_crd::wire::{ConfigValue, config_key, heartbeat_key};
-use testkit::{Daemon, Etcd, Process, TestEnv, eventually, http_get, ready_condition};
+use serde_json::json;
+use testkit::{
+    Daemon, Etcd, Process, TestEnv, alive_condition, eventually, http_get, ready_condition,
+};
 
 /// The controller; `identity` names it in the leader Lease.
 fn start_controller(env: &TestEnv, identity: &str) -> Process {
@@ -29,6 +32,14 @@ async fn config_key_of(etcd: &Etcd, node: &str) -> Option<(ConfigValue, i64)> {
     let (value, revision) = raw_key(etcd, &config_key(node)).await?;
     let value = ConfigValue::parse(value.as_bytes()).expect("config key parses");
     Some((value, revision))
+}
+
+/// `node`'s config key once it exists, within `timeout`.
+async fn config_key_within(etcd: &Etcd, node: &str, timeout: Duration) -> (ConfigValue, i64) {
+    eventually(&format!("{node}'s config key"), timeout, || {
+        config_key_of(etcd, node)
+    })
+    .await
 }
 
 async fn raw_key(etcd: &Etcd, key: &str) -> Option<(String, i64)> {
@@ -54,7 +65,7 @@ async fn transition_events(env: &TestEnv) -> Vec<i32> {
 }
 
 fn monitor_config_yaml(name: &str, selector: serde_json::Value, interval: u32) -> String {
-    serde_json::json!({
+    json!({
         "apiVersion": "nodepulse.io/v1alpha1",
         "kind": "MonitorConfig",
         "metadata": {"name": name},
@@ -117,11 +128,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     );
     assert_eq!(owner.block_owner_deletion, None);
     let status = mn.status.expect("status");
-    let alive = status
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Alive")
-        .expect("Alive condition");
+    let alive = alive_condition(&status);
     assert_eq!(alive.status, "True");
     assert_eq!(status.ttl_seconds, Some(3));
     assert!(status.agent_version.is_some());
@@ -161,13 +168,10 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
     let worker1_lines = agents["worker-1"].line_count();
     env.apply(&monitor_config_yaml(
         "fast",
-        serde_json::json!({"matchLabels": {"nodepulse.io/pool": "fast"}}),
+        json!({"matchLabels": {"nodepulse.io/pool": "fast"}}),
         2,
     ));
-    let (value, _) = eventually("worker-1's config key", Duration::from_secs(20), || async {
-        config_key_of(&etcd, "worker-1").await
-    })
-    .await;
+    let (value, _) = config_key_within(&etcd, "worker-1", Duration::from_secs(20)).await;
     assert_eq!(value.interval, 2);
     assert!(value.is_managed());
     assert_eq!(
@@ -257,10 +261,7 @@ async fn acceptance_three_agents_liveness_config_and_restart() {
         "nodepulse.io/pool=fast",
         "--overwrite",
     ]);
-    eventually("worker-1's key back", Duration::from_secs(20), || async {
-        config_key_of(&etcd, "worker-1").await
-    })
-    .await;
+    config_key_within(&etcd, "worker-1", Duration::from_secs(20)).await;
     env.api().kubectl_ok(&[
         "delete",
         "monitorconfig",
@@ -394,13 +395,10 @@ async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
 
     env.apply(&monitor_config_yaml(
         "team-a",
-        serde_json::json!({"matchLabels": {"team": "a"}}),
+        json!({"matchLabels": {"team": "a"}}),
         3,
     ));
-    let (value, _) = eventually("managed-1's key", Duration::from_secs(30), || async {
-        config_key_of(&etcd, "managed-1").await
-    })
-    .await;
+    let (value, _) = config_key_within(&etcd, "managed-1", Duration::from_secs(30)).await;
     assert_eq!(value.interval, 3);
     let mc = eventually(
         "team-a reports the hand-written key",
@@ -437,7 +435,7 @@ async fn hand_written_keys_are_left_alone_and_unapplicable_configs_say_why() {
     // A MonitorConfig the controller cannot apply says why.
     // A selector the controller could not apply never gets that far: the CRD's CEL rules
     // make the API server refuse it (controller/tests/bad_input.rs covers the other rules).
-    let bad_selector = serde_json::json!({
+    let bad_selector = json!({
         "apiVersion": "nodepulse.io/v1alpha1",
         "kind": "MonitorConfig",
         "metadata": {"name": "bad-selector"},
@@ -498,7 +496,7 @@ async fn only_the_leader_writes_and_a_standby_takes_over() {
 
     let mut etcd = etcd.client().await;
     let lease = etcd.lease_grant(30, None).await.expect("lease").id();
-    let hb = serde_json::json!({
+    let hb = json!({
         "node": "standby-1", "agentVersion": "test", "state": "Running",
         "startedAt": "2026-11-22T05:00:00Z", "updatedAt": "2026-11-22T05:00:00Z",
         "ttlSeconds": 30, "config": {"revision": 0, "interval": 10, "metrics": ["cpu"]},
@@ -603,7 +601,7 @@ async fn a_controller_restart_does_not_flash_config_applied_false() {
     env.node("worker-1", &[]);
     let mut controller = start_controller(&env, "controller-0");
     let mut agent = start_agent(&env, "worker-1");
-    env.apply(&monitor_config_yaml("fast", serde_json::json!({}), 2));
+    env.apply(&monitor_config_yaml("fast", json!({}), 2));
     let config_applied = |s: &nodepulse_crd::v1alpha1::MonitorNodeStatus| {
         s.conditions
             .iter()

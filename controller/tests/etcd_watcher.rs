@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, CompactionOptions};
+use etcd_client::Client;
 use nodepulse_etcd::EtcdArgs;
 use nodepulse_etcd::watch::{EtcdWatcher, Kv, WatchEvent, WatcherSettings};
 use nodepulse_runtime::Backoff;
@@ -25,6 +25,15 @@ async fn client(etcd: &Etcd) -> Client {
         .connect()
         .await
         .expect("connect")
+}
+
+/// A new etcd (started off the runtime's threads) and a client of it.
+async fn start() -> (Etcd, Client) {
+    let etcd = tokio::task::spawn_blocking(Etcd::start)
+        .await
+        .expect("etcd");
+    let c = client(&etcd).await;
+    (etcd, c)
 }
 
 /// The next event within 15 s.
@@ -65,6 +74,19 @@ async fn listed_or_next(w: &mut EtcdWatcher, kvs: &[Kv], key: &str) {
     }
 }
 
+/// What a `Listed` event carries (revision, key-values, replaced); panics on any other event,
+/// saying which `Listed` was `expected`.
+fn listed(event: WatchEvent, expected: &str) -> (i64, Vec<Kv>, bool) {
+    match event {
+        WatchEvent::Listed {
+            revision,
+            kvs,
+            replaced,
+        } => (revision, kvs, replaced),
+        other => panic!("expected {expected}, got {other:?}"),
+    }
+}
+
 fn keys(kvs: &[Kv]) -> Vec<String> {
     kvs.iter()
         .map(|kv| String::from_utf8_lossy(&kv.key).into_owned())
@@ -80,21 +102,11 @@ fn put_key(event: &WatchEvent) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lists_then_delivers_puts_and_deletes_with_the_previous_value() {
-    let etcd = tokio::task::spawn_blocking(Etcd::start)
-        .await
-        .expect("etcd");
-    let mut c = client(&etcd).await;
+    let (_etcd, mut c) = start().await;
     c.put("/w/a", "1", None).await.expect("put");
     c.put("/other", "x", None).await.expect("put");
     let mut w = EtcdWatcher::new(c.clone(), PREFIX, settings());
-    let WatchEvent::Listed {
-        revision,
-        kvs,
-        replaced,
-    } = next(&mut w).await
-    else {
-        panic!("Listed first")
-    };
+    let (revision, kvs, replaced) = listed(next(&mut w).await, "Listed first");
     assert_eq!(keys(&kvs), ["/w/a"]);
     assert!(!replaced, "nothing was seen before the first list");
     assert_eq!(revision, 3);
@@ -118,10 +130,7 @@ async fn lists_then_delivers_puts_and_deletes_with_the_previous_value() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_interrupts_once_then_resumes_without_a_list() {
-    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
-        .await
-        .expect("etcd");
-    let c = client(&etcd).await;
+    let (mut etcd, c) = start().await;
     let mut w = EtcdWatcher::new(c.clone(), PREFIX, settings());
     assert!(matches!(next(&mut w).await, WatchEvent::Listed { .. }));
     c.clone().put("/w/a", "1", None).await.expect("put");
@@ -135,10 +144,7 @@ async fn a_restart_interrupts_once_then_resumes_without_a_list() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relist_after_break_lists_again_after_a_restart() {
-    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
-        .await
-        .expect("etcd");
-    let c = client(&etcd).await;
+    let (mut etcd, c) = start().await;
     let relisting = WatcherSettings {
         relist_after_break: true,
         ..settings()
@@ -149,21 +155,14 @@ async fn relist_after_break_lists_again_after_a_restart() {
     put_retrying(&c, "/w/after").await;
     let (interrupted, event) = next_after_outage(&mut w).await;
     assert!(interrupted);
-    match event {
-        WatchEvent::Listed { kvs, replaced, .. } => {
-            assert!(!replaced, "a restarted etcd is the same store");
-            listed_or_next(&mut w, &kvs, "/w/after").await
-        }
-        other => panic!("expected a Listed, got {other:?}"),
-    }
+    let (_, kvs, replaced) = listed(event, "a Listed");
+    assert!(!replaced, "a restarted etcd is the same store");
+    listed_or_next(&mut w, &kvs, "/w/after").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compacted_revision_means_a_new_list_with_the_changes_missed() {
-    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
-        .await
-        .expect("etcd");
-    let mut c = client(&etcd).await;
+    let (mut etcd, mut c) = start().await;
     c.put("/w/gone", "1", None).await.expect("put");
     let mut w = EtcdWatcher::new(c.clone(), PREFIX, settings());
     assert!(matches!(next(&mut w).await, WatchEvent::Listed { .. }));
@@ -171,44 +170,23 @@ async fn a_compacted_revision_means_a_new_list_with_the_changes_missed() {
     tokio::task::block_in_place(|| etcd.restart());
     let mut c = client(&etcd).await;
     c.delete("/w/gone", None).await.expect("delete");
-    let rev = c
-        .put("/w/born", "1", None)
-        .await
-        .expect("put")
-        .header()
-        .expect("header")
-        .revision();
-    c.compact(rev, Some(CompactionOptions::new().with_physical()))
-        .await
-        .expect("compact");
+    let rev = testkit::put_and_compact(&mut c, "/w/born", "1").await;
     let (_, event) = next_after_outage(&mut w).await;
-    match event {
-        WatchEvent::Listed { revision, kvs, .. } => {
-            assert_eq!(keys(&kvs), ["/w/born"]);
-            assert_eq!(revision, rev);
-        }
-        other => panic!("expected a Listed after the compaction, got {other:?}"),
-    }
+    let (revision, kvs, _) = listed(event, "a Listed after the compaction");
+    assert_eq!(keys(&kvs), ["/w/born"]);
+    assert_eq!(revision, rev);
 }
 
 /// etcd's data lost and etcd restarted empty on the same address: it would accept a watch from
 /// our (future) revision and stay silent; the watcher sees the revision went back and lists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rebuilt_etcd_means_a_new_list_not_a_silent_watch() {
-    let mut etcd = tokio::task::spawn_blocking(Etcd::start)
-        .await
-        .expect("etcd");
-    let mut c = client(&etcd).await;
+    let (mut etcd, mut c) = start().await;
     for i in 0..50 {
         c.put(format!("/w/old-{i}"), "x", None).await.expect("put");
     }
     let mut w = EtcdWatcher::new(c.clone(), PREFIX, settings());
-    let WatchEvent::Listed {
-        revision: before, ..
-    } = next(&mut w).await
-    else {
-        panic!("Listed first")
-    };
+    let (before, _, _) = listed(next(&mut w).await, "Listed first");
     tokio::task::block_in_place(|| {
         etcd.kill();
         std::fs::remove_dir_all(etcd.data_dir()).expect("remove the data directory");
@@ -216,22 +194,14 @@ async fn a_rebuilt_etcd_means_a_new_list_not_a_silent_watch() {
     });
     put_retrying(&c, "/w/new").await;
     let (_, event) = next_after_outage(&mut w).await;
-    match event {
-        WatchEvent::Listed {
-            revision,
-            kvs,
-            replaced,
-        } => {
-            assert!(revision < before, "{revision} < {before}");
-            assert!(
-                replaced,
-                "a store whose revision went back is another store"
-            );
-            assert!(keys(&kvs).iter().all(|k| k == "/w/new"), "{kvs:?}");
-            listed_or_next(&mut w, &kvs, "/w/new").await;
-        }
-        other => panic!("expected a Listed on the rebuilt etcd, got {other:?}"),
-    }
+    let (revision, kvs, replaced) = listed(event, "a Listed on the rebuilt etcd");
+    assert!(revision < before, "{revision} < {before}");
+    assert!(
+        replaced,
+        "a store whose revision went back is another store"
+    );
+    assert!(keys(&kvs).iter().all(|k| k == "/w/new"), "{kvs:?}");
+    listed_or_next(&mut w, &kvs, "/w/new").await;
     c.put("/w/next", "1", None).await.expect("put");
     assert_eq!(put_key(&next(&mut w).await), "/w/next");
 }

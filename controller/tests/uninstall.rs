@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Node;
 use kube::api::Api;
 use nix::sys::signal::Signal;
 use nodepulse_crd::v1alpha1::NodeState;
-use testkit::{KubeApiserver, TestEnv, eventually, wait_until};
+use testkit::{KubeApiserver, TestEnv, alive_condition, eventually, wait_until};
 
 const DEPLOYMENT: &str = "nodepulse-controller";
 
@@ -116,13 +116,9 @@ async fn the_uninstall_hook_stops_the_controller_then_marks_the_nodes_unknown() 
     let s = env.status("gone-1").await.expect("status");
     assert_eq!(s.state, Some(NodeState::Unknown), "{s:?}");
     assert_eq!(s.reason.as_deref(), Some("ControllerRemoved"));
-    let message = s.message.unwrap_or_default();
+    let message = s.message.as_deref().unwrap_or_default();
     assert!(message.contains("it was Alive"), "{message}");
-    let alive = s
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "Alive")
-        .expect("Alive condition");
+    let alive = alive_condition(&s);
     assert_eq!(alive.status, "Unknown");
     assert!(
         hook.output_text().contains("marked 1 MonitorNodes Unknown"),

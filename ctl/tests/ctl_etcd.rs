@@ -4,7 +4,7 @@
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use etcd_client::{Client, CompactionOptions, PutOptions};
+use etcd_client::{Client, PutOptions};
 use nix::sys::signal::Signal;
 use nodepulse_crd::wire::{
     AgentState, AppliedConfig, CONFIG_PREFIX, Heartbeat, UsageSummary, config_key, heartbeat_key,
@@ -395,17 +395,7 @@ async fn watch_outlives_an_etcd_restart_and_relists_after_a_compaction() {
         .await
         .expect("delete");
     put_heartbeat(&mut client, "born", 600).await;
-    let rev = client
-        .put("/unrelated", "x", None)
-        .await
-        .expect("put")
-        .header()
-        .expect("header")
-        .revision();
-    client
-        .compact(rev, Some(CompactionOptions::new().with_physical()))
-        .await
-        .expect("compact");
+    testkit::put_and_compact(&mut client, "/unrelated", "x").await;
     let before = w.line_count();
     w.signal(Signal::SIGCONT);
     w.wait_for_line_from(before, Duration::from_secs(15), "dies Dead", |l| {

@@ -6,7 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use nix::sys::signal::Signal;
-use testkit::{Etcd, Launch, Process, heartbeat, project_bin};
+use testkit::{Etcd, Process, heartbeat, project_bin};
 
 /// The agents' heartbeat TTL, in seconds.
 const TTL: u64 = 3;
@@ -24,14 +24,8 @@ async fn a_rebuilt_etcd_is_no_death_of_a_live_node() {
     let mut etcd = tokio::task::spawn_blocking(Etcd::start)
         .await
         .expect("etcd");
-    let live = Launch::agent("rebuilt-live")
-        .etcd(&etcd.endpoint)
-        .ttl(TTL)
-        .start();
-    let dead = Launch::agent("rebuilt-dead")
-        .etcd(&etcd.endpoint)
-        .ttl(TTL)
-        .start();
+    let live = etcd.agent("rebuilt-live").ttl(TTL).start();
+    let dead = etcd.agent("rebuilt-dead").ttl(TTL).start();
     let client = etcd.client().await;
     for node in ["rebuilt-live", "rebuilt-dead"] {
         testkit::eventually(
