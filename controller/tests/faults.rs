@@ -1,4 +1,4 @@
-//! Faults (issue 8): real etcd members, a real kube-apiserver, the real controller and real
+//! Faults: real etcd members, a real kube-apiserver, the real controller and real
 //! agents, broken on purpose (SIGKILL, SIGSTOP, compaction). Each test asserts the outcome; where
 //! it asserts that something does NOT happen (no node Dead), a watch on the MonitorNodes records
 //! every state the API server ever held for them over the whole fault window, and the test
@@ -194,8 +194,8 @@ async fn assert_no_false_alarm(
     }
 }
 
-/// etcd (one member) SIGKILLed and restarted after twice the TTL (the issue says 30 s; what
-/// matters is longer than the TTL, and 2×TTL keeps the suite fast): etcd keeps the leases and
+/// etcd (one member) SIGKILLed and restarted after twice the TTL (longer than the TTL is what
+/// matters; 2×TTL keeps the suite fast): etcd keeps the leases and
 /// resets their TTL, so nothing turns Dead; heartbeats, the agents' config watches and the
 /// controller's heartbeat watch resume by themselves within 5 s of the return.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -253,8 +253,8 @@ async fn etcd_restart_longer_than_the_ttl_raises_no_false_alarm() {
 
     // Past the reset TTL: the leases are really kept alive, not just left over.
     fleet.assert_calm(&controller, "the etcd restart").await;
-    // Away longer than the TTL, the controller could not vouch for the nodes (Unknown, issue
-    // 16 item 5); back, they are Alive again, never Dead.
+    // Away longer than the TTL, the controller could not vouch for the nodes (Unknown); back,
+    // they are Alive again, never Dead.
     let states = [NodeState::Alive, NodeState::Unknown, NodeState::Alive];
     fleet
         .history

@@ -1,4 +1,4 @@
-//! Issue 16 item 3: a member cut off from its cluster must not serve a silent watch.
+//! A member cut off from its cluster must not serve a silent watch.
 //!
 //! Three real etcd members, each in its own network namespace made by this test (`ip netns
 //! add`), their peer traffic over veth pairs joined by a bridge in a fourth namespace of ours

@@ -1,4 +1,4 @@
-//! Liveness that never lies (issue 16): real etcd, a real kube-apiserver, the real controller and
+//! Liveness that never lies: real etcd, a real kube-apiserver, the real controller and
 //! real agents, with etcd broken in the ways an operator meets at 3 a.m.
 //!
 //! - a rebuilt etcd (data directory lost, restarted empty on the same address): heartbeats,

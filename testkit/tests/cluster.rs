@@ -1,4 +1,4 @@
-//! Issue 15: the chart on a real one-node Kubernetes cluster, checked with the real `kubectl` and
+//! The chart on a real one-node Kubernetes cluster, checked with the real `kubectl` and
 //! `helm` the way a user would. Every check waits on a condition with a deadline.
 //!
 //! `#[ignore]`d, because it needs root and the cluster of `hack/cluster.sh`: `make e2e-cluster`

@@ -1,4 +1,4 @@
-//! Issue 5's acceptance, against the real tools: the Helm chart lints and renders for the supported
+//! The chart against the real tools: the Helm chart lints and renders for the supported
 //! values and refuses bad ones, installs into a real kube-apiserver, the plain manifests pass a
 //! server-side dry run and do not drift from the chart, the Dockerfile ships what `make release`
 //! builds, and the 3-member etcd command line the chart renders really forms a cluster.
@@ -837,7 +837,7 @@ fn container<'a>(workload: &'a Value, key: &str, name: &str) -> &'a Value {
 
 #[test]
 fn chart_defaults_run_on_a_real_node() {
-    // Issue 15: what a first install on a real node ran into, each checked on the render.
+    // What a first install on a real node ran into, each checked on the render.
     let objects = render_chart(&[]);
     let ds = object(&objects, "DaemonSet", "nodepulse-agent");
     let deploy = object(&objects, "Deployment", "nodepulse-controller");

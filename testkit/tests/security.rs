@@ -1,4 +1,4 @@
-//! Issue 8, "Security", against real processes: etcd with TLS client certificates and with
+//! Security, against real processes: etcd with TLS client certificates and with
 //! least-privilege users, the real agent, controller and nodepulsectl connecting by flags and by
 //! environment variables, the chart's RBAC checked by impersonation on a real kube-apiserver, and
 //! no password in any log.
