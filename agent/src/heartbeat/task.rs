@@ -28,6 +28,21 @@ use crate::metrics::AgentMetrics;
 
 /// How long one etcd call may take before we treat the connection as gone.
 const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One etcd call of the set-up, `what` naming it in the error, given [`CALL_TIMEOUT`]: a member
+/// that hangs fails the call instead of holding the heartbeat.
+async fn call<T>(
+    what: String,
+    request: impl std::future::Future<Output = std::result::Result<T, etcd_client::Error>>,
+) -> Result<T> {
+    match timeout(CALL_TIMEOUT, request).await {
+        Err(_) => Err(Error::Timeout {
+            what,
+            after: CALL_TIMEOUT,
+        }),
+        Ok(answer) => answer.map_err(|source| Error::Etcd { what, source }),
+    }
+}
 /// How long the Stopping write of a clean stop may take: a stop must not hang on a dead etcd.
 const STOP_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -304,16 +319,11 @@ impl HeartbeatLease {
             .state
             .step(Event::SetUp { member }, Instant::now())
             .lease;
-        let watch = timeout(CALL_TIMEOUT, client.watch(self.key.as_str(), None))
-            .await
-            .map_err(|_| Error::Timeout {
-                what: format!("watch {}", self.key),
-                after: CALL_TIMEOUT,
-            })?
-            .map_err(|source| Error::Etcd {
-                what: format!("watch {}", self.key),
-                source,
-            })?;
+        let watch = call(
+            format!("watch {}", self.key),
+            client.watch(self.key.as_str(), None),
+        )
+        .await?;
         if let Some(LeaseRequest::Resume(id)) = request {
             match timeout(CALL_TIMEOUT, client.lease_keep_alive(id)).await {
                 Ok(Ok((keeper, stream))) => return Ok((keeper, stream, watch)),
@@ -335,14 +345,11 @@ impl HeartbeatLease {
                 }
             }
         }
-        let what = format!("grant a {}s lease", self.ttl);
-        let granted = timeout(CALL_TIMEOUT, client.lease_grant(self.ttl.into(), None))
-            .await
-            .map_err(|_| Error::Timeout {
-                what: what.clone(),
-                after: CALL_TIMEOUT,
-            })?
-            .map_err(|source| Error::Etcd { what, source })?;
+        let granted = call(
+            format!("grant a {}s lease", self.ttl),
+            client.lease_grant(self.ttl.into(), None),
+        )
+        .await?;
         let event = Event::LeaseGranted {
             id: granted.id(),
             ttl: granted.ttl(),
@@ -366,14 +373,11 @@ impl HeartbeatLease {
         }
         // The keep-alive stream first: the put that attaches the key may be slow.
         let id = granted.id();
-        let what = format!("keep lease {id:x} alive");
-        let (keeper, stream) = timeout(CALL_TIMEOUT, client.lease_keep_alive(id))
-            .await
-            .map_err(|_| Error::Timeout {
-                what: what.clone(),
-                after: CALL_TIMEOUT,
-            })?
-            .map_err(|source| Error::Etcd { what, source })?;
+        let (keeper, stream) = call(
+            format!("keep lease {id:x} alive"),
+            client.lease_keep_alive(id),
+        )
+        .await?;
         Ok((keeper, stream, watch))
     }
 
