@@ -7,6 +7,9 @@
 #   hack/cluster.sh status   what runs
 #   hack/cluster.sh volumes N   make N hostPath PersistentVolumes Available (recycles Released ones)
 #   hack/cluster.sh exec CMD...  run CMD inside the node (its network, PID and mount namespaces)
+#   hack/cluster.sh power-loss NODE  SIGKILL the node's PID 1: every process of it dies at once
+#   hack/cluster.sh reboot NODE      power loss, then the node's init and daemons start again
+# (NODE is the node's name, nodepulse-node; docs/local-cluster.md shows what a user sees.)
 #
 # The whole node lives in namespaces of its own, because kube-proxy and the kubelet rewrite
 # iptables (KUBE-FIREWALL drops non-loopback traffic to 127.0.0.0/8) and mount things, which
@@ -557,6 +560,20 @@ down() {
   log "down: no process, mount, interface, namespace, cgroup or directory of the cluster is left"
 }
 
+# power_loss NODE: what a cut power cord does. SIGKILL to the node's PID 1 makes the kernel kill
+# every process of its PID namespace at once (no process gets to clean up), and with the last one
+# the mount namespace and its tmpfs go too. State on disk ($STATE) stays, as a disk would.
+power_loss() {
+  local node=$1 init
+  [[ $node == "$NODE_NAME" ]] || die "no node $node (the node is $NODE_NAME)"
+  init=$(init_pid) || die "node $node is not running"
+  log "power loss of $node (SIGKILL to its PID 1, host PID $init)"
+  local ns
+  ns=$(readlink "/proc/$init/ns/pid")
+  kill -KILL "$init"
+  wait_for "the node's processes to end" 30 node_gone "$ns"
+}
+
 node_gone() {
   local ns=$1 p
   for p in /proc/[0-9]*; do
@@ -583,9 +600,17 @@ case ${1:-} in
   volumes)
     BIN=${NODEPULSE_TOOLS:-${NODEPULSE_CACHE:-$HOME/.cache/nodepulse}/tools/bin}
     volumes "${2:?usage: hack/cluster.sh volumes N}" ;;
+  power-loss) power_loss "${2:?usage: hack/cluster.sh power-loss NODE}" ;;
+  # A reboot is a power loss followed by `up`, which starts the node's init and every daemon
+  # that is not running (on this one node the control plane too) and waits for Ready.
+  # A node already without power just starts.
+  reboot)
+    node=${2:?usage: hack/cluster.sh reboot NODE}
+    if init_pid >/dev/null; then power_loss "$node"; else [[ $node == "$NODE_NAME" ]] || die "no node $node"; fi
+    up ;;
   exec)
     shift
     init=$(init_pid) || die "not running"
     exec nsenter -t "$init" -p -m -n -- "$@" ;;
-  *) echo "usage: hack/cluster.sh up|down|status|volumes N|exec CMD..." >&2; exit 2 ;;
+  *) echo "usage: hack/cluster.sh up|down|status|volumes N|exec CMD...|power-loss NODE|reboot NODE" >&2; exit 2 ;;
 esac
