@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# A one-node Kubernetes cluster on this machine, for trying the chart and for the e2e test
-# (`make cluster`, `make cluster-down`, `make e2e-cluster`).
+# A Kubernetes cluster on this machine, for trying the chart and for the e2e test
+# (`make cluster`, `make cluster-down`, `make e2e-cluster`): one node, or with
+# NODEPULSE_CLUSTER_NODES=3 three (control-plane, worker-1, worker-2; docs/local-cluster.md).
 #
 #   hack/cluster.sh up       start it, or heal it (a second run is a quick no-op when healthy)
 #   hack/cluster.sh down     stop it and remove everything it made
 #   hack/cluster.sh status   what runs
 #   hack/cluster.sh volumes N   make N hostPath PersistentVolumes Available (recycles Released ones)
-#   hack/cluster.sh exec CMD...  run CMD inside the node (its network, PID and mount namespaces)
+#   hack/cluster.sh exec CMD...  run CMD inside the (first) node (its network, PID and mount namespaces)
 #   hack/cluster.sh power-loss NODE  SIGKILL the node's PID 1: every process of it dies at once
 #   hack/cluster.sh reboot NODE      power loss, then the node's init and daemons start again
-# (NODE is the node's name, nodepulse-node; docs/local-cluster.md shows what a user sees.)
+#   hack/cluster.sh partition NODE   cut the node's link in the router namespace; its processes live
+#   hack/cluster.sh heal NODE        undo partition
+# (NODE is a node's name; docs/local-cluster.md shows what a user sees.)
+#
+# With three nodes each node is the box described below, with its own namespaces, containerd,
+# kubelet, kube-proxy, cgroup root (/nodepulse-cluster/NODE) and state ($STATE/NODE); the control
+# plane (etcd, API server, scheduler, controller manager, CoreDNS) runs on `control-plane`, which
+# is tainted node-role.kubernetes.io/control-plane:NoSchedule. The nodes meet in namespace
+# `nodepulse-uplink`, which forwards between the node links only (routes to each pod CIDR via
+# its node) and has no link to the machine.
 #
 # The whole node lives in namespaces of its own, because kube-proxy and the kubelet rewrite
 # iptables (KUBE-FIREWALL drops non-loopback traffic to 127.0.0.0/8) and mount things, which
@@ -34,12 +44,9 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 STATE=${NODEPULSE_CLUSTER_DIR:-/var/lib/nodepulse-cluster}
-NETNS=nodepulse-cluster
 UPLINK_NETNS=nodepulse-uplink
-NODE_NAME=nodepulse-node
-NODE_IP=10.250.0.2
 UPLINK_IP=10.250.0.1
-POD_CIDR=10.244.0.0/24
+CP_IP=10.250.0.2   # the node running the control plane (and CoreDNS)
 SERVICE_CIDR=10.96.0.0/16
 SERVICE_API_IP=10.96.0.1
 API_PORT=${NODEPULSE_CLUSTER_API_PORT:-16443}   # on the machine's 127.0.0.1 (below the ephemeral range)
@@ -47,6 +54,40 @@ CGROUP=nodepulse-cluster
 KUBECONFIG_OUT=$STATE/kubeconfig
 LOGS=$STATE/logs
 PKI=$STATE/pki
+
+# How many nodes: what the running cluster was made with, else NODEPULSE_CLUSTER_NODES (1 or 3).
+NODE_COUNT=${NODEPULSE_CLUSTER_NODES:-}
+if [[ -s $STATE/node-count ]]; then
+  made=$(<"$STATE/node-count")
+  [[ -z $NODE_COUNT || $NODE_COUNT == "$made" ]] ||
+    { echo "cluster: the cluster here has $made node(s); run down first" >&2; exit 1; }
+  NODE_COUNT=$made
+fi
+NODE_COUNT=${NODE_COUNT:-1}
+case $NODE_COUNT in
+  1) NODES=(nodepulse-node) ;;
+  3) NODES=(control-plane worker-1 worker-2) ;;
+  *) echo "cluster: NODEPULSE_CLUSTER_NODES must be 1 or 3" >&2; exit 2 ;;
+esac
+
+# select_node NAME: the per-node variables every function below uses. One node keeps the
+# one-node layout (state right in $STATE, namespace nodepulse-cluster) that the e2e test reads.
+select_node() {
+  local i
+  for i in "${!NODES[@]}"; do [[ ${NODES[$i]} == "$1" ]] && break; done
+  [[ ${NODES[$i]} == "$1" ]] || die "no node $1 (the nodes: ${NODES[*]})"
+  NODE_NAME=$1
+  NODE_IP=10.250.0.$((i + 2))
+  POD_CIDR=10.244.$i.0/24
+  if ((NODE_COUNT == 1)); then
+    NETNS=nodepulse-cluster NODE_DIR=$STATE UPLINK_DEV=eth0 KUBELET_CERT=kubelet
+    NODE_CGROUP=$CGROUP NODE_LOGS=$LOGS
+  else
+    NETNS=nodepulse-$1 NODE_DIR=$STATE/$1 UPLINK_DEV=v-$1 KUBELET_CERT=kubelet-$1
+    NODE_CGROUP=$CGROUP/$1 NODE_LOGS=$STATE/$1/logs
+  fi
+}
+select_node "${NODES[0]}"
 
 log() { echo "cluster: $*" >&2; }
 die() { echo "cluster: $*" >&2; exit 1; }
@@ -106,14 +147,18 @@ make_pki() {
   [[ -s $PKI/sa.key ]] || openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null
   [[ -s $PKI/sa.pub ]] || openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
   cert apiserver kube-apiserver "" \
-    "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,DNS:localhost,IP:127.0.0.1,IP:$NODE_IP,IP:$SERVICE_API_IP"
+    "DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local,DNS:localhost,IP:127.0.0.1,IP:$CP_IP,IP:$SERVICE_API_IP"
   cert apiserver-kubelet-client kube-apiserver-kubelet-client system:masters
   cert admin nodepulse-cluster-admin system:masters
   cert controller-manager system:kube-controller-manager ""
   cert scheduler system:kube-scheduler ""
   cert kube-proxy system:kube-proxy ""
   cert coredns coredns system:masters
-  cert kubelet "system:node:$NODE_NAME" system:nodes "DNS:$NODE_NAME,IP:$NODE_IP"
+  local n
+  for n in "${NODES[@]}"; do
+    select_node "$n"
+    cert "$KUBELET_CERT" "system:node:$NODE_NAME" system:nodes "DNS:$NODE_NAME,IP:$NODE_IP"
+  done
 }
 
 # kubeconfig NAME SERVER: a kubeconfig with the certificate NAME, embedded so the file stands alone.
@@ -150,25 +195,35 @@ put() {
 }
 
 write_config() {
-  mkdir -p "$LOGS" "$STATE/cni" "$STATE/etcd" "$STATE/kubelet" "$STATE/containerd" "$STATE/volumes"
-  local inside=https://$NODE_IP:6443 n
-  for n in controller-manager scheduler kube-proxy coredns kubelet; do kubeconfig "$n" "$inside"; done
+  mkdir -p "$LOGS" "$STATE/etcd" "$STATE/volumes"
+  local inside=https://$CP_IP:6443 n
+  for n in controller-manager scheduler kube-proxy coredns; do kubeconfig "$n" "$inside"; done
   # What people and tests use on the machine: the forwarder on loopback.
   kubeconfig admin "https://127.0.0.1:$API_PORT" "$KUBECONFIG_OUT"
+  write_corefile
+  for n in "${NODES[@]}"; do
+    select_node "$n"
+    write_node_config
+  done
+}
 
-  put "$STATE/containerd.toml" <<EOF
+# write_node_config: the selected node's containerd, CNI, kubelet and kube-proxy configuration.
+write_node_config() {
+  mkdir -p "$NODE_LOGS" "$NODE_DIR/cni" "$NODE_DIR/kubelet" "$NODE_DIR/containerd" "$NODE_DIR/volumes"
+  kubeconfig "$KUBELET_CERT" "https://$CP_IP:6443" "$NODE_DIR/kubelet.kubeconfig"
+  put "$NODE_DIR/containerd.toml" <<EOF
 # containerd of the nodepulse test cluster: its own socket, root and state, so it never meets
 # another containerd on this machine.
 version = 2
-root = "$STATE/containerd/root"
+root = "$NODE_DIR/containerd/root"
 state = "/run/containerd"   # a tmpfs of the node's own mount namespace
 disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.aufs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.tracing.processor.v1.otlp"]
 [grpc]
-  address = "$STATE/containerd.sock"
+  address = "$NODE_DIR/containerd.sock"
 [ttrpc]
-  address = "$STATE/containerd.sock.ttrpc"
+  address = "$NODE_DIR/containerd.sock.ttrpc"
 [plugins."io.containerd.internal.v1.opt"]
-  path = "$STATE/containerd/opt"
+  path = "$NODE_DIR/containerd/opt"
 [plugins."io.containerd.grpc.v1.cri"]
   # Built here (hack/image.sh pause): no registry is reachable.
   sandbox_image = "$(bash "$ROOT/hack/image.sh" ref pause)"
@@ -184,12 +239,12 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
         SystemdCgroup = false
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
-    conf_dir = "$STATE/cni"
+    conf_dir = "$NODE_DIR/cni"
 EOF
 
   # ptp rather than bridge: every pod packet is routed through the node's own stack, so
   # kube-proxy's rules see pod-to-service-to-pod traffic without br_netfilter games.
-  put "$STATE/cni/10-nodepulse.conflist" <<EOF
+  put "$NODE_DIR/cni/10-nodepulse.conflist" <<EOF
 {
   "cniVersion": "0.4.0",
   "name": "nodepulse",
@@ -201,17 +256,18 @@ EOF
         "type": "host-local",
         "ranges": [[{"subnet": "$POD_CIDR"}]],
         "routes": [{"dst": "0.0.0.0/0"}],
-        "dataDir": "$STATE/cni-ipam"
+        "dataDir": "$NODE_DIR/cni-ipam"
       }
     }
   ]
 }
 EOF
 
-  # Pods whose dnsPolicy is Default get this; ClusterFirst pods get CoreDNS on the node IP.
-  echo "nameserver $NODE_IP" | put "$STATE/resolv.conf"
+  # Pods whose dnsPolicy is Default get this; ClusterFirst pods get CoreDNS on the control
+  # plane's node IP.
+  echo "nameserver $CP_IP" | put "$NODE_DIR/resolv.conf"
 
-  put "$STATE/kubelet.yaml" <<EOF
+  put "$NODE_DIR/kubelet.yaml" <<EOF
 apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
 authentication:
@@ -219,20 +275,20 @@ authentication:
   webhook: {enabled: true}
   x509: {clientCAFile: $PKI/ca.crt}
 authorization: {mode: Webhook}
-tlsCertFile: $PKI/kubelet.crt
-tlsPrivateKeyFile: $PKI/kubelet.key
-containerRuntimeEndpoint: unix://$STATE/containerd.sock
+tlsCertFile: $PKI/$KUBELET_CERT.crt
+tlsPrivateKeyFile: $PKI/$KUBELET_CERT.key
+containerRuntimeEndpoint: unix://$NODE_DIR/containerd.sock
 cgroupDriver: cgroupfs
-cgroupRoot: /$CGROUP
+cgroupRoot: /$NODE_CGROUP
 failSwapOn: false
 oomScoreAdj: 0
 # The kernel settings the kubelet wants are shown to it inside the node's mount namespace (see
 # mask_sysctls): with this it only checks them and never writes the machine's.
 protectKernelDefaults: true
-clusterDNS: [$NODE_IP]
+clusterDNS: [$CP_IP]
 clusterDomain: cluster.local
-resolvConf: $STATE/resolv.conf
-volumePluginDir: $STATE/kubelet/volume-plugins
+resolvConf: $NODE_DIR/resolv.conf
+volumePluginDir: $NODE_DIR/kubelet/volume-plugins
 hairpinMode: none
 # Images exist only here (imported, never pulled): never garbage-collect or evict for disk.
 imageGCHighThresholdPercent: 100
@@ -240,13 +296,13 @@ imageGCLowThresholdPercent: 99
 evictionHard: {memory.available: 100Mi, nodefs.available: 1%, imagefs.available: 1%}
 EOF
 
-  put "$STATE/kube-proxy.yaml" <<EOF
+  put "$NODE_DIR/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1
 kind: KubeProxyConfiguration
 clientConnection: {kubeconfig: $STATE/kube-proxy.kubeconfig}
 hostnameOverride: $NODE_NAME
 mode: iptables
-clusterCIDR: $POD_CIDR
+clusterCIDR: 10.244.0.0/16
 healthzBindAddress: 127.0.0.1:10256
 metricsBindAddress: 127.0.0.1:10249
 oomScoreAdj: 0
@@ -254,7 +310,9 @@ nodePortAddresses: [primary]
 # The conntrack table size and timeouts are the machine's (global) settings: leave them alone.
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
 EOF
+}
 
+write_corefile() {
   # CoreDNS runs as a process of the node, not as a pod: it needs no image and is up before the
   # node is Ready, and it is platform, not product. No cache plugin: a cached NXDOMAIN would keep
   # a new StatefulSet member's name unresolvable to its peers for ~30 s.
@@ -280,6 +338,7 @@ netns_up() {
   [[ -e /run/netns/$NETNS && -e /run/netns/$UPLINK_NETNS ]] && return
   # /run/netns is iproute2's; remember whether it was there so that `down` can leave it as found.
   [[ -d /run/netns || -e $STATE/made-run-netns ]] || touch "$STATE/made-run-netns"
+  ((NODE_COUNT == 1)) || { fleet_netns_up; return; }
   log "network namespaces $NETNS (node $NODE_IP) and $UPLINK_NETNS ($UPLINK_IP)"
   ip netns add "$NETNS"
   ip netns add "$UPLINK_NETNS"
@@ -296,10 +355,35 @@ netns_up() {
   ip -n "$NETNS" route add default via "$UPLINK_IP"
 }
 
+# fleet_netns_up: the selected node's namespace and its link to the router namespace. Each link
+# is point-to-point (/32 at both ends, as on a routed fabric): the router reaches the node and
+# its pod CIDR through that link only, and the node sends everything else to the router.
+fleet_netns_up() {
+  if [[ ! -e /run/netns/$UPLINK_NETNS ]]; then
+    log "router namespace $UPLINK_NETNS ($UPLINK_IP, forwarding between node links only)"
+    ip netns add "$UPLINK_NETNS"
+    ip -n "$UPLINK_NETNS" link set lo up
+    ip netns exec "$UPLINK_NETNS" sysctl -qw net.ipv4.ip_forward=1
+  fi
+  [[ -e /run/netns/$NETNS ]] && return
+  log "network namespace $NETNS (node $NODE_NAME, $NODE_IP, pods $POD_CIDR)"
+  ip netns add "$NETNS"
+  ip -n "$NETNS" link add eth0 type veth peer name "$UPLINK_DEV" netns "$UPLINK_NETNS"
+  ip -n "$NETNS" addr add "$NODE_IP/32" dev eth0
+  ip -n "$UPLINK_NETNS" addr add "$UPLINK_IP/32" dev "$UPLINK_DEV"
+  ip -n "$NETNS" link set lo up
+  ip -n "$NETNS" link set eth0 up
+  ip -n "$UPLINK_NETNS" link set "$UPLINK_DEV" up
+  ip -n "$NETNS" route add "$UPLINK_IP/32" dev eth0
+  ip -n "$NETNS" route add default via "$UPLINK_IP" dev eth0
+  ip -n "$UPLINK_NETNS" route add "$NODE_IP/32" dev "$UPLINK_DEV"
+  ip -n "$UPLINK_NETNS" route add "$POD_CIDR" via "$NODE_IP" dev "$UPLINK_DEV"
+}
+
 init_pid() {
   local unshare_pid
-  [[ -s $STATE/node.pid ]] || return 1
-  unshare_pid=$(<"$STATE/node.pid")
+  [[ -s $NODE_DIR/node.pid ]] || return 1
+  unshare_pid=$(<"$NODE_DIR/node.pid")
   [[ -d /proc/$unshare_pid && $(readlink "/proc/$unshare_pid/exe" || true) == */unshare ]] || return 1
   local child
   child=$(awk '{print $1}' "/proc/$unshare_pid/task/$unshare_pid/children" 2>/dev/null)
@@ -310,14 +394,14 @@ init_pid() {
 # The kernel tunables the kubelet insists on (pkg/kubelet/cm: setupKernelTunables). Outside the
 # node they keep the machine's values; inside they read as the kubelet wants.
 mask_sysctls() {
-  mkdir -p "$STATE/sysctl"
+  mkdir -p "$NODE_DIR/sysctl"
   local pair path want
   for pair in vm/overcommit_memory=1 vm/panic_on_oom=0 kernel/panic=10 kernel/panic_on_oops=1 \
     kernel/keys/root_maxkeys=1000000 kernel/keys/root_maxbytes=25000000; do
     path=${pair%=*} want=${pair#*=}
     [[ $(<"/proc/sys/$path") == "$want" ]] && continue
-    echo "$want" >"$STATE/sysctl/${path//\//.}"
-    node_mount mount --bind -o ro "$STATE/sysctl/${path//\//.}" "/proc/sys/$path"
+    echo "$want" >"$NODE_DIR/sysctl/${path//\//.}"
+    node_mount mount --bind -o ro "$NODE_DIR/sysctl/${path//\//.}" "/proc/sys/$path"
   done
 }
 
@@ -325,15 +409,15 @@ node_mount() { nsenter -t "$(init_pid)" -m -- "$@"; }
 
 node_up() {
   init_pid >/dev/null && return
-  log "node namespaces (PID 1: tini)"
+  log "node $NODE_NAME namespaces (PID 1: tini)"
   [[ -d /var/lib/cni || -e $STATE/made-var-lib-cni ]] || { mkdir -p /var/lib/cni && touch "$STATE/made-var-lib-cni"; }
   setsid nsenter --net="/run/netns/$NETNS" \
     unshare --pid --fork --mount --propagation private --mount-proc -- tini -- sleep infinity \
-    </dev/null >>"$LOGS/init.log" 2>&1 &
-  echo $! >"$STATE/node.pid"
+    </dev/null >>"$NODE_LOGS/init.log" 2>&1 &
+  echo $! >"$NODE_DIR/node.pid"
   local i
   for i in $(seq 50); do init_pid >/dev/null && break; sleep 0.1; done
-  init_pid >/dev/null || die "the node's init did not start (see $LOGS/init.log)"
+  init_pid >/dev/null || die "the node's init did not start (see $NODE_LOGS/init.log)"
   # Private tmpfs where the runtime and the kubelet put sockets, runc state, pod network
   # namespaces, the xtables lock, container log links and CNI results.
   node_mount mount -t tmpfs -o mode=0755 nodepulse-run /run
@@ -344,7 +428,7 @@ node_up() {
   # The node's cgroup root, in every v1 hierarchy (the kubelet requires it to exist).
   local h
   for h in /sys/fs/cgroup/*/; do
-    if [[ $(stat -f -c %T "$h") == cgroupfs ]]; then mkdir -p "$h$CGROUP"; fi
+    if [[ $(stat -f -c %T "$h") == cgroupfs ]]; then mkdir -p "$h$NODE_CGROUP"; fi
   done
 }
 
@@ -373,8 +457,8 @@ start() {
   shift
   running "$name" && return
   exe=$(exe_of "$name")
-  log "start $name (log: $LOGS/$name.log)"
-  nsenter -t "$(init_pid)" -p -m -n -- setsid -f "$exe" "$@" </dev/null >>"$LOGS/$name.log" 2>&1
+  log "start $name on $NODE_NAME (log: $NODE_LOGS/$name.log)"
+  nsenter -t "$(init_pid)" -p -m -n -- setsid -f "$exe" "$@" </dev/null >>"$NODE_LOGS/$name.log" 2>&1
 }
 
 # wait_for WHAT SECONDS CMD...: polls CMD until it succeeds.
@@ -390,7 +474,7 @@ wait_for() {
 
 kube() { "$BIN/kubectl" --kubeconfig "$KUBECONFIG_OUT" "$@"; }
 
-api_ready() { in_netns curl -sf --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" "https://$NODE_IP:6443/readyz"; }
+api_ready() { in_netns curl -sf --cacert "$PKI/ca.crt" --cert "$PKI/admin.crt" --key "$PKI/admin.key" "https://$CP_IP:6443/readyz"; }
 
 start_control_plane() {
   start etcd --name "$NODE_NAME" --data-dir "$STATE/etcd" \
@@ -398,7 +482,7 @@ start_control_plane() {
     --listen-peer-urls http://127.0.0.1:2380 --initial-advertise-peer-urls http://127.0.0.1:2380 \
     --initial-cluster "$NODE_NAME=http://127.0.0.1:2380" --listen-metrics-urls http://127.0.0.1:2381
   start kube-apiserver --etcd-servers http://127.0.0.1:2379 \
-    --advertise-address "$NODE_IP" --secure-port 6443 --service-cluster-ip-range "$SERVICE_CIDR" \
+    --advertise-address "$CP_IP" --secure-port 6443 --service-cluster-ip-range "$SERVICE_CIDR" \
     --client-ca-file "$PKI/ca.crt" --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key" \
     --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt" --kubelet-client-key "$PKI/apiserver-kubelet-client.key" \
     --kubelet-certificate-authority "$PKI/ca.crt" --kubelet-preferred-address-types InternalIP \
@@ -421,16 +505,21 @@ start_control_plane() {
 }
 
 start_node() {
-  start containerd --config "$STATE/containerd.toml"
+  start containerd --config "$NODE_DIR/containerd.toml"
   wait_for containerd 30 ctr_ok
   # The sandbox image must be there before the kubelet asks for its first pod.
   bash "$ROOT/hack/image.sh" pause
-  start kubelet --config "$STATE/kubelet.yaml" --kubeconfig "$STATE/kubelet.kubeconfig" \
-    --root-dir "$STATE/kubelet" --cert-dir "$PKI" --hostname-override "$NODE_NAME" --node-ip "$NODE_IP"
-  start kube-proxy --config "$STATE/kube-proxy.yaml"
+  local taint=()
+  if ((NODE_COUNT > 1)) && [[ $NODE_NAME == control-plane ]]; then
+    taint=(--register-with-taints node-role.kubernetes.io/control-plane=:NoSchedule)
+  fi
+  start kubelet --config "$NODE_DIR/kubelet.yaml" --kubeconfig "$NODE_DIR/kubelet.kubeconfig" \
+    --root-dir "$NODE_DIR/kubelet" --cert-dir "$PKI" --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" \
+    "${taint[@]}"
+  start kube-proxy --config "$NODE_DIR/kube-proxy.yaml"
 }
 
-ctr_ok() { ctr --address "$STATE/containerd.sock" version; }
+ctr_ok() { ctr --address "$NODE_DIR/containerd.sock" version; }
 
 # The API server, on the machine's loopback: socat enters the node's network namespace per
 # connection.
@@ -442,7 +531,7 @@ forwarder_up() {
     die "127.0.0.1:$API_PORT is taken by another program (set NODEPULSE_CLUSTER_API_PORT)"
   fi
   setsid socat "TCP-LISTEN:$API_PORT,bind=127.0.0.1,reuseaddr,fork" \
-    "EXEC:nsenter --net=/run/netns/$NETNS socat STDIO TCP\\:$NODE_IP\\:6443" \
+    "EXEC:nsenter --net=/run/netns/$NETNS socat STDIO TCP\\:$CP_IP\\:6443" \
     </dev/null >>"$LOGS/forwarder.log" 2>&1 &
   echo $! >"$STATE/forwarder.pid"
 }
@@ -462,23 +551,26 @@ EOF
 }
 
 # volumes N: N hostPath PersistentVolumes of the default StorageClass Available. Pre-made volumes
-# rather than a provisioner: one node, no image to build, and the kubelet makes each directory
-# (root, 0755) exactly as a hostPath volume on any node would. A Released volume (its claim gone)
-# is deleted with its data and made anew, so a reinstall starts from an empty etcd.
+# rather than a provisioner: no image to build, and the kubelet makes each directory (root, 0755)
+# exactly as a hostPath volume on any node would. Volume i lives on node i mod the node count
+# (under that node's state directory, with nodeAffinity to it), so three etcd members with a
+# required anti-affinity find one volume on each node. A Released volume (its claim gone) is
+# deleted with its data and made anew, so a reinstall starts from an empty etcd.
 volumes() {
   local want=$1 name phase
   while read -r name phase; do
     [[ $phase == Released || $phase == Failed ]] || continue
     kube delete pv "$name" --wait=true >/dev/null
-    rm -rf "${STATE:?}/volumes/$name"
+    rm -rf "${STATE:?}/volumes/$name" "${STATE:?}"/*/volumes/"$name"
   done < <(kube get pv -l nodepulse.io/cluster-volume -o jsonpath='{range .items[*]}{.metadata.name} {.status.phase}{"\n"}{end}')
   local have i=0
   have=$(kube get pv -l nodepulse.io/cluster-volume -o name | wc -l)
   while ((have < want)); do
     name=local-pv-$i
+    select_node "${NODES[$((i % NODE_COUNT))]}"
     i=$((i + 1))
     kube get pv "$name" >/dev/null 2>&1 && continue
-    kube apply -f - >/dev/null <<EOF
+    kube apply -f - >/dev/null <<EOV
 apiVersion: v1
 kind: PersistentVolume
 metadata:
@@ -489,56 +581,127 @@ spec:
   accessModes: [ReadWriteOnce]
   persistentVolumeReclaimPolicy: Retain
   storageClassName: local-hostpath
-  hostPath: {path: $STATE/volumes/$name, type: DirectoryOrCreate}
+  hostPath: {path: $NODE_DIR/volumes/$name, type: DirectoryOrCreate}
   nodeAffinity:
     required:
       nodeSelectorTerms:
       - matchExpressions:
         - {key: kubernetes.io/hostname, operator: In, values: [$NODE_NAME]}
-EOF
+EOV
     have=$((have + 1))
   done
 }
 
+# boot NODE: the node's namespaces and init, the control plane when it is the first node, and its
+# containerd, kubelet and kube-proxy; each step only when missing.
+boot() {
+  select_node "$1"
+  netns_up
+  node_up
+  if [[ $NODE_NAME == "${NODES[0]}" ]]; then
+    start_control_plane
+    forwarder_up
+    wait_for "kube-apiserver on 127.0.0.1:$API_PORT" 30 kube get --raw /readyz
+  fi
+}
+
 up() {
-  local t0=$SECONDS
+  local t0=$SECONDS n
   install_packages
   ensure_tools
   mkdir -p "$STATE" "$LOGS"
+  echo "$NODE_COUNT" >"$STATE/node-count"
   make_pki
   write_config
-  netns_up
-  node_up
-  start_control_plane
-  forwarder_up
-  wait_for "kube-apiserver on 127.0.0.1:$API_PORT" 30 kube get --raw /readyz
-  start_node
+  for n in "${NODES[@]}"; do boot "$n"; done
+  for n in "${NODES[@]}"; do
+    select_node "$n"
+    start_node
+  done
+  select_node "${NODES[0]}"
   wait_for "CoreDNS" 60 in_netns curl -sf http://127.0.0.1:8181/ready
-  wait_for "node $NODE_NAME" 120 kube wait node "$NODE_NAME" --for condition=Ready --timeout 1s
+  for n in "${NODES[@]}"; do
+    wait_for "node $n" 120 kube wait node "$n" --for condition=Ready --timeout 1s
+  done
+  if ((NODE_COUNT > 1)); then
+    # The kubelet may not set node-role labels itself (NodeRestriction); an installer does.
+    kube label node "${NODES[0]}" node-role.kubernetes.io/control-plane= --overwrite >/dev/null
+  fi
   cluster_objects
-  log "up in $((SECONDS - t0)) s: node $NODE_NAME Ready"
+  log "up in $((SECONDS - t0)) s: node(s) ${NODES[*]} Ready"
   echo "export KUBECONFIG=$KUBECONFIG_OUT"
 }
 
+# reboot NODE: power loss (unless it is off already), then the node starts as at `up`.
+reboot() {
+  select_node "$1"
+  if init_pid >/dev/null; then power_loss "$1"; fi
+  ensure_tools
+  boot "$1"
+  start_node
+  # Ready again means the new kubelet's own report, not the one from before the power loss.
+  local since
+  since=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  wait_for "node $1 Ready after the reboot" 120 ready_since "$1" "$since"
+  log "node $1 Ready again"
+}
+
+ready_since() {
+  local hb
+  hb=$(kube get node "$1" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status} {.status.conditions[?(@.type=="Ready")].lastHeartbeatTime}')
+  [[ ${hb% *} == True && ! ${hb#* } < $2 ]]
+}
+
+# partition NODE: DROP in the router namespace's FORWARD chain for the node's link, both
+# directions; the node's processes run on and only its packets to other nodes are lost.
+partition() {
+  select_node "$1"
+  ((NODE_COUNT > 1)) || die "one node: nothing to cut it off from (NODEPULSE_CLUSTER_NODES=3)"
+  init_pid >/dev/null || die "node $1 is not running"
+  local r
+  for r in "-i $UPLINK_DEV" "-o $UPLINK_DEV"; do
+    # shellcheck disable=SC2086 # the rule's words
+    ip netns exec "$UPLINK_NETNS" iptables -w -C FORWARD $r -j DROP 2>/dev/null ||
+      ip netns exec "$UPLINK_NETNS" iptables -w -I FORWARD $r -j DROP
+  done
+  log "partition of $1: its link ($UPLINK_DEV in $UPLINK_NETNS) drops every packet, its processes run on"
+}
+
+heal() {
+  select_node "$1"
+  ((NODE_COUNT > 1)) || die "one node: nothing to heal"
+  local r
+  for r in "-i $UPLINK_DEV" "-o $UPLINK_DEV"; do
+    # shellcheck disable=SC2086 # the rule's words
+    while ip netns exec "$UPLINK_NETNS" iptables -w -D FORWARD $r -j DROP 2>/dev/null; do :; done
+  done
+  log "heal of $1: its link forwards again"
+}
+
 down() {
-  local init
-  if init=$(init_pid); then
-    log "stop the node (SIGKILL to its PID 1 ends every process in it, pods included)"
-    kill -KILL "$init" || true
-    wait_for "the node's processes to end" 30 node_gone "$(readlink "/proc/$init/ns/pid" 2>/dev/null || echo none)"
-  fi
-  if [[ -s $STATE/node.pid ]]; then
-    local u
-    u=$(<"$STATE/node.pid")
-    if [[ $(readlink "/proc/$u/exe" 2>/dev/null || true) == */unshare ]]; then kill -KILL "$u" 2>/dev/null || true; fi
-  fi
+  local init pidfile u
+  # Every node either layout made, whatever the node count says.
+  for pidfile in "$STATE/node.pid" "$STATE"/*/node.pid; do
+    [[ -e $pidfile ]] || continue
+    NODE_DIR=$(dirname "$pidfile")
+    if init=$(init_pid); then
+      log "stop node ${NODE_DIR##*/} (SIGKILL to its PID 1 ends every process in it, pods included)"
+      kill -KILL "$init" || true
+      wait_for "the node's processes to end" 30 node_gone "$(readlink "/proc/$init/ns/pid" 2>/dev/null || echo none)"
+    fi
+    if [[ -s $NODE_DIR/node.pid ]]; then
+      u=$(<"$NODE_DIR/node.pid")
+      if [[ $(readlink "/proc/$u/exe" 2>/dev/null || true) == */unshare ]]; then kill -KILL "$u" 2>/dev/null || true; fi
+    fi
+  done
   if [[ -s $STATE/forwarder.pid ]]; then
     local f
     f=$(<"$STATE/forwarder.pid")
     if grep -qa "TCP-LISTEN:$API_PORT" "/proc/$f/cmdline" 2>/dev/null; then kill "$f" || true; fi
   fi
+  # Every namespace either layout makes; the router's iptables rules go with it.
   local ns
-  for ns in "$NETNS" "$UPLINK_NETNS"; do
+  for ns in nodepulse-cluster nodepulse-control-plane nodepulse-worker-1 nodepulse-worker-2 "$UPLINK_NETNS"; do
     [[ -e /run/netns/$ns ]] && ip netns del "$ns"
   done
   if [[ -e $STATE/made-run-netns ]] && [[ -d /run/netns ]] && [[ -z $(ls -A /run/netns) ]]; then
@@ -546,7 +709,7 @@ down() {
     rmdir /run/netns
   fi
   [[ -e $STATE/made-var-lib-cni ]] && rm -rf /var/lib/cni
-  # The kubelet's cgroups (pods, QoS classes), deepest first, now that nothing runs in them.
+  # The kubelets' cgroups (pods, QoS classes), deepest first, now that nothing runs in them.
   local h
   for h in /sys/fs/cgroup/*/"$CGROUP"; do
     if [[ -d $h ]]; then find "$h" -depth -type d -exec rmdir {} + 2>/dev/null || true; fi
@@ -554,7 +717,7 @@ down() {
   for h in /sys/fs/cgroup/*/"$CGROUP"; do
     [[ -d $h ]] && die "cgroup $h still in use"
   done
-  # kubelet volume directories can be left read-only mounted only inside the (gone) namespace,
+  # kubelet volume directories can be left read-only mounted only inside the (gone) namespaces,
   # so a plain rm works.
   rm -rf "$STATE"
   log "down: no process, mount, interface, namespace, cgroup or directory of the cluster is left"
@@ -562,13 +725,12 @@ down() {
 
 # power_loss NODE: what a cut power cord does. SIGKILL to the node's PID 1 makes the kernel kill
 # every process of its PID namespace at once (no process gets to clean up), and with the last one
-# the mount namespace and its tmpfs go too. State on disk ($STATE) stays, as a disk would.
+# the mount namespace and its tmpfs go too. State on disk ($NODE_DIR) stays, as a disk would.
 power_loss() {
-  local node=$1 init
-  [[ $node == "$NODE_NAME" ]] || die "no node $node (the node is $NODE_NAME)"
-  init=$(init_pid) || die "node $node is not running"
-  log "power loss of $node (SIGKILL to its PID 1, host PID $init)"
-  local ns
+  local init ns
+  select_node "$1"
+  init=$(init_pid) || die "node $1 is not running"
+  log "power loss of $1 (SIGKILL to its PID 1, host PID $init)"
   ns=$(readlink "/proc/$init/ns/pid")
   kill -KILL "$init"
   wait_for "the node's processes to end" 30 node_gone "$ns"
@@ -583,16 +745,22 @@ node_gone() {
 }
 
 status() {
-  local init name
-  init=$(init_pid) || { echo "cluster: not running"; return 1; }
+  local init name n any=1
   BIN=${NODEPULSE_TOOLS:-${NODEPULSE_CACHE:-$HOME/.cache/nodepulse}/tools/bin}
-  echo "node init: PID $init (network namespace $NETNS)"
-  for name in etcd kube-apiserver kube-controller-manager kube-scheduler coredns containerd kubelet kube-proxy; do
-    printf '  %-24s %s\n' "$name" "$(pids_of "$(exe_of "$name")" | tr '\n' ' ')"
+  for n in "${NODES[@]}"; do
+    select_node "$n"
+    init=$(init_pid) || { echo "node $n: not running"; continue; }
+    any=0
+    echo "node $n: init PID $init (network namespace $NETNS, $NODE_IP)"
+    for name in etcd kube-apiserver kube-controller-manager kube-scheduler coredns containerd kubelet kube-proxy; do
+      printf '  %-24s %s\n' "$name" "$(pids_of "$(exe_of "$name")" | tr '\n' ' ')"
+    done
   done
+  ((any == 0)) || { echo "cluster: not running"; return 1; }
   echo "export KUBECONFIG=$KUBECONFIG_OUT"
 }
 
+usage="usage: hack/cluster.sh up|down|status|volumes N|exec CMD...|power-loss NODE|reboot NODE|partition NODE|heal NODE"
 case ${1:-} in
   up) up ;;
   down) down ;;
@@ -601,16 +769,12 @@ case ${1:-} in
     BIN=${NODEPULSE_TOOLS:-${NODEPULSE_CACHE:-$HOME/.cache/nodepulse}/tools/bin}
     volumes "${2:?usage: hack/cluster.sh volumes N}" ;;
   power-loss) power_loss "${2:?usage: hack/cluster.sh power-loss NODE}" ;;
-  # A reboot is a power loss followed by `up`, which starts the node's init and every daemon
-  # that is not running (on this one node the control plane too) and waits for Ready.
-  # A node already without power just starts.
-  reboot)
-    node=${2:?usage: hack/cluster.sh reboot NODE}
-    if init_pid >/dev/null; then power_loss "$node"; else [[ $node == "$NODE_NAME" ]] || die "no node $node"; fi
-    up ;;
+  reboot) reboot "${2:?usage: hack/cluster.sh reboot NODE}" ;;
+  partition) partition "${2:?usage: hack/cluster.sh partition NODE}" ;;
+  heal) heal "${2:?usage: hack/cluster.sh heal NODE}" ;;
   exec)
     shift
     init=$(init_pid) || die "not running"
     exec nsenter -t "$init" -p -m -n -- "$@" ;;
-  *) echo "usage: hack/cluster.sh up|down|status|volumes N|exec CMD...|power-loss NODE|reboot NODE" >&2; exit 2 ;;
+  *) echo "$usage" >&2; exit 2 ;;
 esac
