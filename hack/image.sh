@@ -186,27 +186,32 @@ build_nodepulse() {
     --build-arg BINARIES=prebuilt
 }
 
-# import_image NAME: into the cluster's containerd, when it runs and lacks this very image.
+# import_image NAME: into every node's containerd (one node: $CLUSTER/containerd.sock; three:
+# $CLUSTER/NODE/containerd.sock) that runs and lacks this very image.
 import_image() {
-  local ref id sock=$CLUSTER/containerd.sock
-  if ! [[ -S $sock ]] || ! ctr --address "$sock" version >/dev/null 2>&1; then
-    log "cluster not running: $1 not imported"
-    return
-  fi
-  ref=$(ref "$1")
-  id=$(bh inspect --type image --format '{{.FromImageID}}' "$ref")
-  local stamp=$CLUSTER/imported/${ref//[\/:]/_}
-  if [[ -s $stamp && $(<"$stamp") == "$id" ]] &&
-    ctr --address "$sock" -n k8s.io images ls -q "name==$ref" | grep -q .; then
-    return
-  fi
-  log "import $ref into the cluster"
-  local tar=$WORK/${ref//[\/:]/_}.tar
-  rm -f "$tar"
-  bh push "$ref" "docker-archive:$tar:$ref" >/dev/null
-  ctr --address "$sock" -n k8s.io images import "$tar" >/dev/null
-  rm -f "$tar"
-  mkdir -p "$CLUSTER/imported" && echo "$id" >"$stamp"
+  local ref id sock dir any= pushed=
+  for sock in "$CLUSTER/containerd.sock" "$CLUSTER"/*/containerd.sock; do
+    [[ -S $sock ]] && ctr --address "$sock" version >/dev/null 2>&1 || continue
+    dir=$(dirname "$sock")
+    any=1
+    [[ -n ${id:-} ]] || { ref=$(ref "$1") && id=$(bh inspect --type image --format '{{.FromImageID}}' "$ref"); }
+    local stamp=$dir/imported/${ref//[\/:]/_}
+    if [[ -s $stamp && $(<"$stamp") == "$id" ]] &&
+      ctr --address "$sock" -n k8s.io images ls -q "name==$ref" | grep -q .; then
+      continue
+    fi
+    log "import $ref into the cluster's containerd $sock"
+    local tar=$WORK/${ref//[\/:]/_}.tar
+    if [[ -z ${pushed:-} ]]; then
+      rm -f "$tar"
+      bh push "$ref" "docker-archive:$tar:$ref" >/dev/null
+      pushed=1
+    fi
+    ctr --address "$sock" -n k8s.io images import "$tar" >/dev/null
+    mkdir -p "$dir/imported" && echo "$id" >"$stamp"
+  done
+  [[ -n $any ]] || log "cluster not running: $1 not imported"
+  [[ -z ${tar:-} ]] || rm -f "$tar"
 }
 
 # Read the candidates here, in the main shell, for everything that needs them (not `ref pause`,
