@@ -57,8 +57,9 @@ image: release ## Build the image with buildah from the Dockerfile and `make rel
 	IMAGE=$(IMAGE) bash hack/image.sh nodepulse
 
 .PHONY: cluster
-cluster: deps ## A one-node Kubernetes cluster on this machine, in network namespaces of its own; prints the KUBECONFIG
-	bash hack/cluster.sh up
+NODES ?= 1
+cluster: deps ## A local Kubernetes cluster in network namespaces of its own (NODES=3: control-plane, worker-1, worker-2); prints the KUBECONFIG
+	NODEPULSE_CLUSTER_NODES=$(NODES) bash hack/cluster.sh up
 
 .PHONY: cluster-down
 cluster-down: ## Stop the local cluster and remove every process, mount, namespace and file it made
