@@ -1,7 +1,8 @@
 //! Prometheus metrics and the `/metrics`, `/healthz` (alive) and `/readyz` (etcd answers) endpoint.
 
+use std::collections::BTreeSet;
 use std::sync::atomic::AtomicU64;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use axum::http::StatusCode;
@@ -35,6 +36,16 @@ impl StateLabel {
             },
         }
     }
+}
+
+/// One node's state series, as metric labels (kube-state-metrics' `kube_node_status_condition`
+/// shape: one series per state, 1 for the node's state and 0 for the others).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeStateLabel {
+    /// The node's name.
+    pub node: String,
+    /// `alive`, `dead` or `unknown`.
+    pub state: &'static str,
 }
 
 /// Which reconciler failed, as a metric label.
@@ -77,6 +88,10 @@ pub struct Metrics {
     pub config_key_writes: Counter,
     /// Whether this replica holds the leader Lease (1) or stands by (0).
     pub leader: Gauge,
+    /// Each node's state: 1 on the series of its state, 0 on the others.
+    pub node_state: Family<NodeStateLabel, Gauge>,
+    /// The nodes `node_state` has series for, so a node that goes away loses them.
+    node_state_exported: Mutex<BTreeSet<String>>,
 }
 
 impl Default for Metrics {
@@ -152,6 +167,12 @@ impl Default for Metrics {
             "Whether this replica holds the leader Lease (1) or stands by (0)",
             leader.clone(),
         );
+        let node_state = Family::<NodeStateLabel, Gauge>::default();
+        registry.register(
+            "node_state",
+            "Each MonitorNode's liveness state: 1 on the series of its state, 0 on the others (a node not judged yet is unknown)",
+            node_state.clone(),
+        );
         Metrics {
             registry,
             nodes,
@@ -165,6 +186,8 @@ impl Default for Metrics {
             usage_write_interval,
             config_key_writes,
             leader,
+            node_state,
+            node_state_exported: Mutex::default(),
         }
     }
 }
@@ -175,6 +198,42 @@ impl Metrics {
         self.status_writes_pending
             .get_or_create(&WriteKindLabel { kind })
             .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Sets each node's state series to `nodes` (name and state, `None` for not judged yet),
+    /// and removes the series of nodes no longer in it, so cardinality follows the fleet.
+    pub fn set_node_states<'a>(
+        &self,
+        nodes: impl IntoIterator<Item = (&'a str, Option<NodeState>)>,
+    ) {
+        const STATES: [NodeState; 3] = [NodeState::Alive, NodeState::Dead, NodeState::Unknown];
+        let mut exported = self
+            .node_state_exported
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut now = BTreeSet::new();
+        for (node, state) in nodes {
+            let state = state.unwrap_or(NodeState::Unknown);
+            for s in STATES {
+                let label = NodeStateLabel {
+                    node: node.to_owned(),
+                    state: StateLabel::of(s).state,
+                };
+                self.node_state
+                    .get_or_create(&label)
+                    .set(i64::from(s == state));
+            }
+            now.insert(node.to_owned());
+        }
+        for gone in exported.difference(&now) {
+            for s in STATES {
+                self.node_state.remove(&NodeStateLabel {
+                    node: gone.clone(),
+                    state: StateLabel::of(s).state,
+                });
+            }
+        }
+        *exported = now;
     }
 
     /// Counts one failure of `reconciler`.
@@ -244,4 +303,62 @@ pub async fn serve(
         ("/readyz", get(move || readyz(ready.clone()))),
     ];
     serve_admin(listener, routes).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exposition(metrics: &Metrics) -> Vec<String> {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &metrics.registry)
+            .expect("encode metrics");
+        text.lines()
+            .filter(|l| l.starts_with("nodepulse_controller_node_state{"))
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn node_state_series_follow_the_nodes() {
+        let metrics = Metrics::default();
+        metrics.set_node_states([
+            ("worker-1", Some(NodeState::Dead)),
+            ("worker-2", Some(NodeState::Alive)),
+            ("worker-3", None),
+        ]);
+        let lines = exposition(&metrics);
+        for want in [
+            r#"nodepulse_controller_node_state{node="worker-1",state="dead"} 1"#,
+            r#"nodepulse_controller_node_state{node="worker-1",state="alive"} 0"#,
+            r#"nodepulse_controller_node_state{node="worker-1",state="unknown"} 0"#,
+            r#"nodepulse_controller_node_state{node="worker-2",state="alive"} 1"#,
+            r#"nodepulse_controller_node_state{node="worker-2",state="dead"} 0"#,
+            r#"nodepulse_controller_node_state{node="worker-3",state="unknown"} 1"#,
+        ] {
+            assert!(lines.iter().any(|l| l == want), "{want} not in {lines:#?}");
+        }
+        assert_eq!(lines.len(), 9, "{lines:#?}");
+
+        // worker-1 comes back, worker-3's MonitorNode goes away.
+        metrics.set_node_states([
+            ("worker-1", Some(NodeState::Alive)),
+            ("worker-2", Some(NodeState::Alive)),
+        ]);
+        let lines = exposition(&metrics);
+        assert!(
+            lines
+                .iter()
+                .any(|l| l == r#"nodepulse_controller_node_state{node="worker-1",state="alive"} 1"#),
+            "{lines:#?}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l == r#"nodepulse_controller_node_state{node="worker-1",state="dead"} 0"#),
+            "{lines:#?}"
+        );
+        assert!(!lines.iter().any(|l| l.contains("worker-3")), "{lines:#?}");
+        assert_eq!(lines.len(), 6, "{lines:#?}");
+    }
 }

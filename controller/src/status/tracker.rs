@@ -219,5 +219,11 @@ impl LivenessTracker {
                 .get_or_create(&StateLabel::of(state))
                 .set(n as i64);
         }
+        self.metrics.set_node_states(
+            self.liveness
+                .records()
+                .iter()
+                .map(|(name, rec)| (name.as_str(), rec.state())),
+        );
     }
 }
