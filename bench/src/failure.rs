@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use etcd_client::{EventType, PutOptions, WatchOptions};
 use k8s_openapi::jiff::Timestamp;
 use nodepulse_crd::v1alpha1::NodeState;
-use nodepulse_crd::wire::{HEARTBEAT_PREFIX, Heartbeat, heartbeat_key, node_of_heartbeat_key};
+use nodepulse_crd::wire::{
+    HEARTBEAT_PREFIX, HEARTBEAT_TTL_SECONDS, Heartbeat, heartbeat_key, node_of_heartbeat_key,
+};
 
 use crate::cluster::{Agent, Cluster, NodeStates, get};
 use crate::report::Section;
@@ -34,7 +36,7 @@ async fn survivors(cluster: &Cluster) -> Result<()> {
             .await
             .map_err(|e| Error::Etcd(e.to_string()))?
             .id();
-        let hb = Heartbeat::running(&node, 3600, Timestamp::now());
+        let hb = Heartbeat::running(&node, *HEARTBEAT_TTL_SECONDS.end(), Timestamp::now());
         etcd.put(
             heartbeat_key(&node),
             hb.to_json(),

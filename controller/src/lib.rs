@@ -262,6 +262,7 @@ async fn run_reconcilers(
     );
     // Owner references need the Node cache; liveness does not wait long for it.
     let ready = inventory.clone();
+    let rejected = metrics.heartbeats_rejected.clone();
     let liveness = async move {
         if tokio::time::timeout(Duration::from_secs(5), ready.wait_until_ready())
             .await
@@ -271,7 +272,7 @@ async fn run_reconcilers(
         }
         tokio::select! {
             r = tracker.run(events_rx) => r,
-            () = HeartbeatWatcher::new(etcd, events_tx).run() => Err(Error::TaskStopped("heartbeat watcher")),
+            () = HeartbeatWatcher::new(etcd, events_tx, rejected).run() => Err(Error::TaskStopped("heartbeat watcher")),
         }
     };
     tokio::select! {

@@ -55,6 +55,13 @@ pub struct ReconcilerLabel {
     pub reconciler: &'static str,
 }
 
+/// Why a heartbeat key was not taken as a heartbeat, as a metric label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectionLabel {
+    /// `no_lease`, `too_large`, `malformed`, `other_node`, `ttl_out_of_range` or `shared_lease`.
+    pub reason: &'static str,
+}
+
 /// Which status writes, as a metric label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct WriteKindLabel {
@@ -88,6 +95,8 @@ pub struct Metrics {
     pub config_key_writes: Counter,
     /// Whether this replica holds the leader Lease (1) or stands by (0).
     pub leader: Gauge,
+    /// Heartbeat keys not taken as a heartbeat, by reason.
+    pub heartbeats_rejected: Family<RejectionLabel, Counter>,
     /// Each node's state: 1 on the series of its state, 0 on the others.
     pub node_state: Family<NodeStateLabel, Gauge>,
     /// The nodes `node_state` has series for, so a node that goes away loses them.
@@ -167,6 +176,12 @@ impl Default for Metrics {
             "Whether this replica holds the leader Lease (1) or stands by (0)",
             leader.clone(),
         );
+        let heartbeats_rejected = Family::<RejectionLabel, Counter>::default();
+        registry.register(
+            "heartbeats_rejected",
+            "Heartbeat keys not taken as a node's heartbeat, by reason: no lease, too large, malformed, naming another node, a TTL no agent runs with, or a lease that carries another node's heartbeat",
+            heartbeats_rejected.clone(),
+        );
         let node_state = Family::<NodeStateLabel, Gauge>::default();
         registry.register(
             "node_state",
@@ -186,6 +201,7 @@ impl Default for Metrics {
             usage_write_interval,
             config_key_writes,
             leader,
+            heartbeats_rejected,
             node_state,
             node_state_exported: Mutex::default(),
         }

@@ -3,7 +3,8 @@
 //! - invalid MonitorConfig specs are refused by the API server (schema and CEL rules);
 //! - what only the controller can judge (a selector that matches nothing, nodeNames of nodes
 //!   that do not exist) is reported in the MonitorConfig's Ready condition;
-//! - garbage under `/monitor/heartbeat/` is logged and ignored, and the controller keeps
+//! - garbage under `/monitor/heartbeat/`, and forged heartbeats (no lease, another node's value,
+//!   another node's lease), are logged, counted and never make a node Alive; the controller keeps
 //!   serving the real agent's node (transitions still work afterwards).
 
 use std::time::Duration;
@@ -226,8 +227,22 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
     );
     assert!(message.contains("ip-10-0-0-1.ec2.internal"), "{message}");
 
-    // 3. Garbage under the heartbeat prefix: logged, ignored, nothing crashes.
+    // 3. Garbage under the heartbeat prefix: logged, not taken as a sign of life, nothing
+    //    crashes. Only a value an agent wrote, on a lease of its own, under its own node's key
+    //    counts: a key without a lease outlives its writer, so it proves nothing.
     let mut etcd = etcd.client().await;
+    env.node("worker-2", &[]);
+    let genuine = etcd
+        .get(format!("{HEARTBEAT_PREFIX}worker-1"), None)
+        .await
+        .expect("get worker-1's heartbeat")
+        .kvs()[0]
+        .clone();
+    let (value, lease) = (genuine.value().to_vec(), genuine.lease());
+    assert_ne!(lease, 0, "the agent's key is on a lease");
+    let as_worker_2 = String::from_utf8(value.clone())
+        .expect("utf-8")
+        .replace("\"worker-1\"", "\"worker-2\"");
     let huge = format!("{{\"node\":\"{}\"}}", "x".repeat(1 << 20));
     let garbage: Vec<(Vec<u8>, Vec<u8>)> = vec![
         (b"garbage-1".to_vec(), b"alive".to_vec()),
@@ -242,6 +257,8 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
         (b"Bad_Name".to_vec(), b"{}".to_vec()),
         (b"".to_vec(), b"{}".to_vec()),
         (b"\xff\xfe".to_vec(), b"{}".to_vec()),
+        // A real agent's value copied, without a lease, under another Node's key.
+        (b"worker-2".to_vec(), value.clone()),
     ];
     let from = controller.line_count();
     for (suffix, value) in &garbage {
@@ -251,28 +268,47 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
             .await
             .expect("put garbage");
     }
+    // On worker-1's live lease: its own value under worker-2's key (names another node), and
+    // one naming worker-2 (the lease carries worker-1's heartbeat already).
+    let on_lease = etcd_client::PutOptions::new().with_lease(lease);
+    for value in [value.clone(), as_worker_2.into_bytes()] {
+        etcd.put(
+            format!("{HEARTBEAT_PREFIX}worker-2"),
+            value,
+            Some(on_lease.clone()),
+        )
+        .await
+        .expect("put on worker-1's lease");
+    }
     for (what, needle) in [
         ("a nested path", "not /monitor/heartbeat/<node>"),
         ("an invalid node name", "cannot be a node"),
-        (
-            "a value that does not parse",
-            "heartbeat value does not parse",
-        ),
+        ("a key without a lease", "reason=no_lease"),
+        ("a value naming another node", "reason=other_node"),
+        ("a lease carrying another node", "reason=shared_lease"),
     ] {
-        controller.wait_for_line_from(from, Duration::from_secs(10), what, |l| l.contains(needle));
+        controller.wait_for_line_from(from, Duration::from_secs(10), what, |l| {
+            l.contains(needle)
+                || (needle.starts_with("reason") && l.contains(&needle.replace('=', "=\"")))
+        });
     }
-    // Keys that cannot name a node never become MonitorNodes; the others count as alive
-    // (the key exists) without using their value.
-    for node in [
-        "garbage-1",
-        "garbage-2",
-        "garbage-3",
-        "garbage-4",
-        "garbage-5",
-    ] {
-        env.wait_state(node, NodeState::Alive, Duration::from_secs(30))
-            .await;
-    }
+    let counted = |reason: &str| {
+        let (_, body) = http_get(&metrics, "/metrics").expect("/metrics");
+        body.lines()
+            .find(|l| {
+                l.starts_with(&format!(
+                    "nodepulse_controller_heartbeats_rejected_total{{reason=\"{reason}\"}}"
+                ))
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // Every garbage key with a node's name has no lease: one count each, plus worker-2's.
+    assert_eq!(counted("no_lease"), 6);
+    assert_eq!(counted("other_node"), 1);
+    assert_eq!(counted("shared_lease"), 1);
+    // None of it is a heartbeat: no MonitorNode for the names without a Node, and worker-2's
+    // has no Alive (the events were handled in order, the log lines above came after them).
     let mns: Api<MonitorNode> = Api::all(env.kube.clone());
     let names: Vec<String> = mns
         .list(&Default::default())
@@ -282,23 +318,14 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
         .into_iter()
         .filter_map(|m| m.metadata.name)
         .collect();
-    assert_eq!(
-        names,
-        [
-            "garbage-1",
-            "garbage-2",
-            "garbage-3",
-            "garbage-4",
-            "garbage-5",
-            "worker-1"
-        ],
-        "only keys that name a node become MonitorNodes"
-    );
-    let gm = mns.get("garbage-2").await.expect("garbage-2");
-    let gs = gm.status.expect("status");
     assert!(
-        gs.agent_version.is_none() && gs.usage.is_none(),
-        "the value is not used: {gs:?}"
+        names.iter().all(|n| n == "worker-1" || n == "worker-2"),
+        "only real heartbeats make MonitorNodes: {names:?}"
+    );
+    assert_ne!(
+        env.status("worker-2").await.and_then(|s| s.state),
+        Some(NodeState::Alive),
+        "a forged heartbeat made worker-2 Alive"
     );
 
     // The controller is still up and still serves the real node: transitions work.
@@ -308,17 +335,13 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
         env.status("worker-1").await.and_then(|s| s.state),
         Some(NodeState::Alive)
     );
+    // worker-2's key is on worker-1's lease now: it goes with it, which is no concern of
+    // worker-1's liveness.
     agent.kill_hard();
     env.wait_state("worker-1", NodeState::Dead, Duration::from_secs(20))
         .await;
     let _agent = env.agent("worker-1").ttl(3).start();
     env.wait_state("worker-1", NodeState::Alive, Duration::from_secs(20))
-        .await;
-    // Deleting the garbage turns those nodes Dead like any vanished heartbeat.
-    etcd.delete("/monitor/heartbeat/garbage-1", None)
-        .await
-        .expect("delete");
-    env.wait_state("garbage-1", NodeState::Dead, Duration::from_secs(20))
         .await;
     assert!(controller.is_running(), "controller exited");
 }

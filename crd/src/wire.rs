@@ -29,6 +29,10 @@ pub const MAX_INTERVAL_SECONDS: u32 = 3600;
 pub const DEFAULT_INTERVAL_SECONDS: u32 = 10;
 /// Largest config value accepted: a legitimate one is well under 300 bytes.
 pub const MAX_CONFIG_BYTES: usize = 4096;
+/// Largest heartbeat value a controller takes: an agent's is about 700 bytes.
+pub const MAX_HEARTBEAT_BYTES: usize = 4096;
+/// The heartbeat lease TTLs an agent may run with, in seconds.
+pub const HEARTBEAT_TTL_SECONDS: std::ops::RangeInclusive<u32> = 2..=300;
 /// Value of `managedBy` in the config keys the controller writes.
 pub const CONTROLLER_MANAGER: &str = "nodepulse-controller";
 

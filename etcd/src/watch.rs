@@ -30,6 +30,8 @@ pub struct Kv {
     pub value: Vec<u8>,
     /// The revision of the key's last change.
     pub mod_revision: i64,
+    /// The revision at which the key was created (kept across rewrites; new after a delete).
+    pub create_revision: i64,
     /// The lease the key is attached to (0: none).
     pub lease: i64,
 }
@@ -40,6 +42,7 @@ impl From<&etcd_client::KeyValue> for Kv {
             key: kv.key().to_vec(),
             value: kv.value().to_vec(),
             mod_revision: kv.mod_revision(),
+            create_revision: kv.create_revision(),
             lease: kv.lease(),
         }
     }

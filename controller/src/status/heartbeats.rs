@@ -1,7 +1,7 @@
 //! Watches the heartbeat prefix in etcd and turns it into liveness events: a full snapshot on
 //! start and after every watch failure, then one event per put or delete.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -9,8 +9,15 @@ use etcd_client::Client;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
-use nodepulse_crd::wire::{HEARTBEAT_PREFIX, Heartbeat, node_of_heartbeat_key, validate_node_name};
-use nodepulse_etcd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
+use nodepulse_crd::wire::{
+    HEARTBEAT_PREFIX, HEARTBEAT_TTL_SECONDS, Heartbeat, MAX_HEARTBEAT_BYTES, node_of_heartbeat_key,
+    validate_node_name,
+};
+use nodepulse_etcd::watch::{EtcdWatcher, Kv, WatchEvent, WatcherSettings};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+
+use crate::metrics::RejectionLabel;
 use nodepulse_runtime::Backoff;
 use tokio::sync::{Semaphore, mpsc};
 
@@ -20,18 +27,27 @@ pub enum HeartbeatEvent {
     /// Every heartbeat key present at one revision: nodes absent from it are not alive.
     Snapshot {
         /// The keys present, by node.
-        heartbeats: BTreeMap<String, Option<Heartbeat>>,
+        heartbeats: BTreeMap<String, Heartbeat>,
         /// The store is not the one seen before (its revision went back: etcd rebuilt or
         /// restored): a key absent from it may not have been written again yet by a live agent.
         store_replaced: bool,
     },
-    /// A node's heartbeat key was written (`None`: its value does not parse, but the key, and
-    /// so the lease, is there).
+    /// A node's heartbeat key was written by its agent.
     Put {
         /// The node.
         node: String,
         /// The value written.
-        heartbeat: Option<Heartbeat>,
+        heartbeat: Heartbeat,
+    },
+    /// A node's heartbeat key was written with something that is not its agent's heartbeat (see
+    /// [`Rejection`]): the node has none, as if the key were gone.
+    Rejected {
+        /// The node.
+        node: String,
+        /// Why the value does not count.
+        rejection: Rejection,
+        /// When the write was seen.
+        seen_at: Instant,
     },
     /// A node's heartbeat key was deleted: its lease expired or was revoked, or, when
     /// `lease_left` says the lease still lives, someone deleted the key by hand.
@@ -61,12 +77,21 @@ const MAX_LEASE_LOOKUPS: usize = 64;
 pub struct HeartbeatWatcher {
     etcd: Client,
     events: mpsc::Sender<HeartbeatEvent>,
+    rejected: Family<RejectionLabel, Counter>,
 }
 
 impl HeartbeatWatcher {
-    /// A watcher sending to `events`.
-    pub fn new(etcd: Client, events: mpsc::Sender<HeartbeatEvent>) -> Self {
-        HeartbeatWatcher { etcd, events }
+    /// A watcher sending to `events`, counting the keys it rejects in `rejected`.
+    pub fn new(
+        etcd: Client,
+        events: mpsc::Sender<HeartbeatEvent>,
+        rejected: Family<RejectionLabel, Counter>,
+    ) -> Self {
+        HeartbeatWatcher {
+            etcd,
+            events,
+            rejected,
+        }
     }
 
     /// Lists, then watches from the list's revision + 1; after any failure (etcd away, stream
@@ -105,6 +130,7 @@ impl HeartbeatWatcher {
             .boxed()
         });
         let mut snapshot = None;
+        let mut admission = Admission::new(self.rejected.clone());
         loop {
             let ready = tokio::select! {
                 (node, lease_left) = held.answered() => held.release(&node, lease_left),
@@ -114,7 +140,7 @@ impl HeartbeatWatcher {
                         WatchEvent::Delete { prev: Some(kv), .. } => kv.lease,
                         _ => 0,
                     };
-                    match liveness_event(event) {
+                    match admission.liveness_event(event) {
                         Some(event @ HeartbeatEvent::Snapshot { .. }) => {
                             snapshot = Some(event);
                             Vec::new()
@@ -173,7 +199,9 @@ impl HeldDeletes {
     /// or until its own lease lookup answers).
     fn hold(&mut self, event: HeartbeatEvent, lease: i64) -> Option<HeartbeatEvent> {
         let node = match &event {
-            HeartbeatEvent::Put { node, .. } | HeartbeatEvent::Delete { node, .. } => node.clone(),
+            HeartbeatEvent::Put { node, .. }
+            | HeartbeatEvent::Rejected { node, .. }
+            | HeartbeatEvent::Delete { node, .. } => node.clone(),
             _ => return Some(event),
         };
         if let Some(queue) = self.held.get_mut(&node) {
@@ -240,46 +268,176 @@ async fn lease_left(etcd: &mut Client, lease: i64) -> Option<Duration> {
     }
 }
 
-/// What one watch event says about the nodes (`None`: nothing, e.g. a key no agent writes).
-fn liveness_event(event: WatchEvent) -> Option<HeartbeatEvent> {
-    Some(match event {
-        WatchEvent::Listed {
-            revision,
-            kvs,
-            replaced,
-        } => {
-            let mut snapshot = BTreeMap::new();
-            for kv in &kvs {
-                if let Some(node) = heartbeat_node(&kv.key) {
-                    snapshot.insert(node.to_string(), parse(node, &kv.value));
+/// Why a key under the heartbeat prefix does not count as its node's heartbeat. Only an agent
+/// writes heartbeats, always on a lease of its own and with its own node's name; a key that
+/// proves less is not taken as a sign of life, because a false `Alive` keeps a dead node in
+/// service, whoever wrote the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rejection {
+    /// The key has no lease, so nothing removes it when its writer dies.
+    NoLease,
+    /// The value is larger than an agent ever writes.
+    TooLarge,
+    /// The value is not an agent's heartbeat.
+    Malformed,
+    /// The value names another node than its key.
+    OtherNode,
+    /// The value's TTL is outside what an agent may run with.
+    TtlOutOfRange,
+    /// The lease already carries another node's heartbeat: one agent keeps only its own alive.
+    SharedLease,
+}
+
+impl Rejection {
+    /// The metric label and log word.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::NoLease => "no_lease",
+            Rejection::TooLarge => "too_large",
+            Rejection::Malformed => "malformed",
+            Rejection::OtherNode => "other_node",
+            Rejection::TtlOutOfRange => "ttl_out_of_range",
+            Rejection::SharedLease => "shared_lease",
+        }
+    }
+}
+
+/// Checks each heartbeat key, remembers which lease carries which node's heartbeat, and logs a
+/// rejection once per node and reason (counted every time).
+struct Admission {
+    /// The node whose heartbeat each lease carries, and the other way round.
+    lease_node: HashMap<i64, String>,
+    node_lease: HashMap<String, i64>,
+    logged: HashSet<(String, Rejection)>,
+    rejected: Family<RejectionLabel, Counter>,
+}
+
+impl Admission {
+    fn new(rejected: Family<RejectionLabel, Counter>) -> Self {
+        Admission {
+            lease_node: HashMap::new(),
+            node_lease: HashMap::new(),
+            logged: HashSet::new(),
+            rejected,
+        }
+    }
+
+    /// What one watch event says about the nodes (`None`: nothing, e.g. a key no agent writes).
+    fn liveness_event(&mut self, event: WatchEvent) -> Option<HeartbeatEvent> {
+        Some(match event {
+            WatchEvent::Listed {
+                revision,
+                mut kvs,
+                replaced,
+            } => {
+                self.lease_node.clear();
+                self.node_lease.clear();
+                // Of two keys on one lease, the older one keeps it: the agent's own key was
+                // there before anyone attached another.
+                kvs.sort_by_key(|kv| kv.create_revision);
+                let mut snapshot = BTreeMap::new();
+                for kv in &kvs {
+                    if let Some(node) = heartbeat_node(&kv.key)
+                        && let Ok(hb) = self.admit(node, kv)
+                    {
+                        snapshot.insert(node.to_string(), hb);
+                    }
+                }
+                tracing::debug!(revision, nodes = snapshot.len(), "listed heartbeats");
+                HeartbeatEvent::Snapshot {
+                    heartbeats: snapshot,
+                    store_replaced: replaced,
                 }
             }
-            tracing::debug!(revision, nodes = snapshot.len(), "listed heartbeats");
-            HeartbeatEvent::Snapshot {
-                heartbeats: snapshot,
-                store_replaced: replaced,
+            WatchEvent::Put(kv) => {
+                let node = heartbeat_node(&kv.key)?.to_string();
+                match self.admit(&node, &kv) {
+                    Ok(heartbeat) => HeartbeatEvent::Put { node, heartbeat },
+                    Err(rejection) => HeartbeatEvent::Rejected {
+                        node,
+                        rejection,
+                        seen_at: Instant::now(),
+                    },
+                }
+            }
+            WatchEvent::Delete { key, prev, .. } => {
+                let node = heartbeat_node(&key)?.to_string();
+                self.forget(&node);
+                HeartbeatEvent::Delete {
+                    last: prev.and_then(|prev| Heartbeat::parse(&prev.value).ok()),
+                    lease_left: None,
+                    node,
+                    seen_at: Instant::now(),
+                }
+            }
+            WatchEvent::Interrupted => HeartbeatEvent::Interrupted {
+                since: Instant::now(),
+            },
+        })
+    }
+
+    /// `kv`'s heartbeat, if it counts as `node`'s.
+    fn admit(&mut self, node: &str, kv: &Kv) -> Result<Heartbeat, Rejection> {
+        match self.check(node, kv) {
+            Ok(hb) => {
+                if let Some(old) = self.node_lease.insert(node.to_string(), kv.lease)
+                    && old != kv.lease
+                {
+                    self.lease_node.remove(&old);
+                }
+                self.lease_node.insert(kv.lease, node.to_string());
+                self.logged.retain(|(n, _)| n != node);
+                Ok(hb)
+            }
+            Err(rejection) => {
+                self.rejected
+                    .get_or_create(&RejectionLabel {
+                        reason: rejection.label(),
+                    })
+                    .inc();
+                if self.logged.insert((node.to_string(), rejection)) {
+                    tracing::warn!(
+                        node,
+                        reason = rejection.label(),
+                        lease = kv.lease,
+                        bytes = kv.value.len(),
+                        "not a heartbeat: the node counts as having none until its agent writes one"
+                    );
+                }
+                // The key no longer carries this node's heartbeat.
+                if self.node_lease.get(node) == Some(&kv.lease) {
+                    self.forget(node);
+                }
+                Err(rejection)
             }
         }
-        WatchEvent::Put(kv) => {
-            let node = heartbeat_node(&kv.key)?.to_string();
-            HeartbeatEvent::Put {
-                heartbeat: parse(&node, &kv.value),
-                node,
-            }
+    }
+
+    fn check(&self, node: &str, kv: &Kv) -> Result<Heartbeat, Rejection> {
+        if kv.lease == 0 {
+            return Err(Rejection::NoLease);
         }
-        WatchEvent::Delete { key, prev, .. } => {
-            let node = heartbeat_node(&key)?.to_string();
-            HeartbeatEvent::Delete {
-                last: prev.and_then(|prev| parse(&node, &prev.value)),
-                lease_left: None,
-                node,
-                seen_at: Instant::now(),
-            }
+        if kv.value.len() > MAX_HEARTBEAT_BYTES {
+            return Err(Rejection::TooLarge);
         }
-        WatchEvent::Interrupted => HeartbeatEvent::Interrupted {
-            since: Instant::now(),
-        },
-    })
+        let hb = Heartbeat::parse(&kv.value).map_err(|_| Rejection::Malformed)?;
+        if hb.node != node {
+            return Err(Rejection::OtherNode);
+        }
+        if !HEARTBEAT_TTL_SECONDS.contains(&hb.ttl_seconds) {
+            return Err(Rejection::TtlOutOfRange);
+        }
+        match self.lease_node.get(&kv.lease) {
+            Some(holder) if holder != node => Err(Rejection::SharedLease),
+            _ => Ok(hb),
+        }
+    }
+
+    fn forget(&mut self, node: &str) {
+        if let Some(lease) = self.node_lease.remove(node) {
+            self.lease_node.remove(&lease);
+        }
+    }
 }
 
 /// The node of a key under the heartbeat prefix, or `None` (logged) for a key no agent writes:
@@ -302,18 +460,6 @@ fn heartbeat_node(key: &[u8]) -> Option<&str> {
     Some(node)
 }
 
-fn parse(node: &str, value: &[u8]) -> Option<Heartbeat> {
-    match Heartbeat::parse(value) {
-        Ok(hb) => Some(hb),
-        Err(e) => {
-            // Not written by an agent: the key exists, so the node counts as alive, but none
-            // of the value is used.
-            tracing::warn!(node, bytes = value.len(), error = %e, "heartbeat value does not parse; using the key alone (alive), ignoring the value");
-            None
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -322,7 +468,7 @@ mod tests {
     fn put(node: &str) -> HeartbeatEvent {
         HeartbeatEvent::Put {
             node: node.into(),
-            heartbeat: None,
+            heartbeat: Heartbeat::running(node, 10, k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
         }
     }
 

@@ -219,7 +219,26 @@ impl Liveness {
             HeartbeatEvent::Interrupted { since } => {
                 self.watch_lost_since.get_or_insert(since);
             }
-            HeartbeatEvent::Put { node, heartbeat } => self.observe_alive(&node, heartbeat, now),
+            HeartbeatEvent::Put { node, heartbeat } => {
+                self.observe_alive(&node, Some(heartbeat), now)
+            }
+            HeartbeatEvent::Rejected {
+                node,
+                rejection,
+                seen_at,
+            } => {
+                // Whatever is in the key now, it is not the agent's heartbeat: judged as a
+                // lost heartbeat, with the reason said.
+                self.observe_delete(&node, None, None, seen_at);
+                if let Some(rec) = self.records.get_mut(&node)
+                    && let Some((_, message)) = rec.dead_reason.as_mut()
+                {
+                    *message = format!(
+                        "the heartbeat key holds no agent's heartbeat ({}): see the controller's log",
+                        rejection.label()
+                    );
+                }
+            }
             HeartbeatEvent::Delete {
                 node,
                 last,
@@ -290,7 +309,7 @@ impl Liveness {
     /// view, not memory, says what is shown.
     pub fn reconcile(
         &mut self,
-        heartbeats: BTreeMap<String, Option<Heartbeat>>,
+        heartbeats: BTreeMap<String, Heartbeat>,
         store_replaced: bool,
         listed: BTreeMap<String, Option<MonitorNodeStatus>>,
         nodes: &BTreeMap<String, String>,
@@ -313,17 +332,15 @@ impl Liveness {
         for name in &names {
             let rec = self.records.entry(name.clone()).or_default();
             match heartbeats.get(name) {
-                Some(hb) if rec.is_unknown_for_etcd() && !rec.proves_life(hb.as_ref()) => {
+                Some(hb) if rec.is_unknown_for_etcd() && !rec.proves_life(Some(hb)) => {
                     // etcd resets every lease's TTL when it comes back, so a key present
                     // now says nothing yet: a dead node's key vanishes within a TTL, a live
                     // agent writes its value again. Until either, the node stays Unknown.
                     let ttl = Duration::from_secs(rec.ttl_seconds().into());
-                    if hb.is_some() {
-                        rec.heartbeat = hb.clone();
-                    }
+                    rec.heartbeat = Some(hb.clone());
                     rec.alive_at = Some(now.instant + 2 * ttl + LEASE_GRACE);
                 }
-                Some(hb) => self.observe_alive(name, hb.clone(), now),
+                Some(hb) => self.observe_alive(name, Some(hb.clone()), now),
                 None => {
                     rec.alive_at = None;
                     let was_live =
@@ -686,6 +703,7 @@ mod tests {
     //! Every rule, with made-up instants: no server, no clock, no sleep.
 
     use super::*;
+    use crate::status::heartbeats::Rejection;
 
     const TTL: u32 = 10;
 
@@ -749,7 +767,7 @@ mod tests {
     fn put(node: &str, hb: Heartbeat) -> HeartbeatEvent {
         HeartbeatEvent::Put {
             node: node.into(),
-            heartbeat: Some(hb),
+            heartbeat: hb,
         }
     }
 
@@ -808,7 +826,7 @@ mod tests {
         let mut l = Liveness::new(clock.now().instant, DisruptionBrake::default());
         let heartbeats = alive
             .iter()
-            .map(|n| (n.to_string(), Some(heartbeat(n, 0))))
+            .map(|n| (n.to_string(), heartbeat(n, 0)))
             .collect();
         l.reconcile(
             heartbeats,
@@ -993,7 +1011,7 @@ mod tests {
     fn relist(l: &mut Liveness, heartbeats: &[(&str, Heartbeat)], store_replaced: bool, now: Now) {
         let heartbeats = heartbeats
             .iter()
-            .map(|(n, hb)| (n.to_string(), Some(hb.clone())))
+            .map(|(n, hb)| (n.to_string(), hb.clone()))
             .collect();
         // The API server shows what the records say (the writes went through).
         let listed = l
@@ -1134,7 +1152,7 @@ mod tests {
                 listed_status(NodeState::Unknown, LivenessReason::ControllerRemoved),
             ),
         ]);
-        let heartbeats = BTreeMap::from([("worker-1".to_string(), Some(heartbeat("worker-1", 0)))]);
+        let heartbeats = BTreeMap::from([("worker-1".to_string(), heartbeat("worker-1", 0))]);
         let nodes = nodes_in("", &["worker-1", "worker-2", "worker-3", "worker-4"]);
         l.reconcile(heartbeats, false, listed, &nodes, clock.now());
         let d = l.take_decisions();
@@ -1235,7 +1253,7 @@ mod tests {
         for (zone, count) in zones {
             for i in 0..*count {
                 let name = format!("{zone}-n{i:02}");
-                heartbeats.insert(name.clone(), Some(heartbeat(&name, 0)));
+                heartbeats.insert(name.clone(), heartbeat(&name, 0));
                 nodes.insert(name, zone.to_string());
             }
         }
@@ -1334,6 +1352,30 @@ mod tests {
                 .all(|t| (t.state, t.reason) == MASS_DISRUPTION)
         );
         assert_eq!(l.counts(), [4, 0, 6]);
+    }
+
+    #[test]
+    fn a_key_that_no_longer_holds_the_agents_heartbeat_is_a_lost_heartbeat_with_its_reason() {
+        let clock = Clock::new();
+        let mut l = fleet(&clock, &[("", 10)], DisruptionBrake::default());
+        l.observe(
+            HeartbeatEvent::Rejected {
+                node: "-n03".into(),
+                rejection: Rejection::NoLease,
+                seen_at: clock.at(10.0).instant,
+            },
+            clock.at(10.0),
+        );
+        let d = run(&mut l, &clock, 10.0, 12.0);
+        let [t] = d.transitions.as_slice() else {
+            panic!("one transition: {:?}", d.transitions)
+        };
+        assert_eq!((t.node.as_str(), (t.state, t.reason)), ("-n03", EXPIRED));
+        let verdict = l.records()["-n03"].verdict.clone().expect("a verdict");
+        assert!(verdict.message.contains("no_lease"), "{}", verdict.message);
+        // The agent writes its heartbeat again: Alive.
+        l.observe(put("-n03", heartbeat("-n03", 0)), clock.at(13.0));
+        assert_eq!(state(&l, "-n03").map(|v| v.0), Some(NodeState::Alive));
     }
 
     #[test]
