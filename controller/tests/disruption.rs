@@ -1,12 +1,13 @@
 //! A mass disruption is not a mass death: ten real agents, most of them cut off from etcd at
 //! once (SIGSTOP: their leases run out as a rack switch's failure would make them), are
-//! Unknown (MassDisruption) and never Dead; one of ten cut off is Dead.
+//! Unknown (MassDisruption), with one Event for the disruption, and never Dead; one of ten cut
+//! off is Dead.
 
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
 use nodepulse_crd::v1alpha1::NodeState;
-use testkit::{Daemon, TestEnv};
+use testkit::{Daemon, TestEnv, eventually};
 
 /// Heartbeat TTL of every agent here, in seconds.
 const TTL: u64 = 3;
@@ -73,6 +74,28 @@ async fn six_of_ten_cut_off_at_once_are_unknown_never_dead() {
         assert_eq!(
             env.status(node).await.and_then(|s| s.state),
             Some(NodeState::Alive),
+            "{node}"
+        );
+    }
+
+    // One Event for the disruption, naming the nodes, and none per node.
+    let events = eventually(
+        "the disruption's Event",
+        Duration::from_secs(15),
+        || async {
+            let mut n = 0;
+            for node in &nodes {
+                n += env.event_count(node, "MassDisruption").await;
+            }
+            (n > 0).then_some(n)
+        },
+    )
+    .await;
+    assert_eq!(events, 1, "one Event for the whole disruption");
+    for node in &nodes[..6] {
+        assert_eq!(
+            env.event_count(node, "NodeStatusUnknown").await,
+            0,
             "{node}"
         );
     }

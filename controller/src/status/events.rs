@@ -11,7 +11,7 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::runtime::events::{Event, EventType, Recorder};
-use nodepulse_crd::v1alpha1::{NodeState, transition_line};
+use nodepulse_crd::v1alpha1::{LivenessReason, NodeState, transition_line};
 
 use crate::status::record::Verdict;
 
@@ -23,6 +23,8 @@ const REFILL_PER_SECOND: f64 = 1.0;
 const SUMMARY_WINDOW: Duration = Duration::from_secs(5);
 /// Nodes named in a summary (the MonitorNodes themselves show every one).
 const NAMED: usize = 10;
+/// The Event reason of a mass disruption: one Event for all its nodes.
+const DISRUPTION: &str = "MassDisruption";
 /// The API server refuses an Event note longer than 1 kB.
 const NOTE_LIMIT: usize = 1000;
 
@@ -63,8 +65,11 @@ impl TransitionEvents {
             + now.duration_since(self.refilled_at).as_secs_f64() * REFILL_PER_SECOND)
             .min(BURST);
         self.refilled_at = now;
-        // While a summary gathers, the transitions join it: the budget is spent.
-        if self.summaries.is_empty() && self.budget >= 1.0 {
+        // While a summary gathers, the transitions join it: the budget is spent. A mass
+        // disruption is one event, not one per node: it always goes to its summary.
+        let disrupted = t.reason == LivenessReason::MassDisruption;
+        let gathering = self.summaries.keys().any(|(r, _)| *r != DISRUPTION);
+        if !disrupted && !gathering && self.budget >= 1.0 {
             self.budget -= 1.0;
             let note = format!(
                 "{}: {}",
@@ -107,20 +112,30 @@ impl TransitionEvents {
             let Some((state, s)) = self.summaries.remove(&key) else {
                 continue;
             };
-            let more = s.count - s.named.len();
-            let mut note = format!(
-                "{} nodes {} ({}) within {}s, too many for an Event each: {}{}",
-                s.count,
-                state_name(state),
-                key.0,
-                now.duration_since(s.since).as_secs(),
-                s.named.join(", "),
-                if more > 0 {
-                    format!(" and {more} more (kubectl get monitornodes shows each)")
-                } else {
-                    String::new()
-                }
-            );
+            let more = if s.count > s.named.len() {
+                format!(
+                    " and {} more (kubectl get monitornodes shows each)",
+                    s.count - s.named.len()
+                )
+            } else {
+                String::new()
+            };
+            let mut note = if key.0 == DISRUPTION {
+                format!(
+                    "mass disruption: {} nodes lost their heartbeat together, more than the brake's share of their zone or of the fleet; they are Unknown, not Dead, until their heartbeats come back or the disruption is judged over: {}{more}",
+                    s.count,
+                    s.named.join(", "),
+                )
+            } else {
+                format!(
+                    "{} nodes {} ({}) within {}s, too many for an Event each: {}{more}",
+                    s.count,
+                    state_name(state),
+                    key.0,
+                    now.duration_since(s.since).as_secs(),
+                    s.named.join(", "),
+                )
+            };
             if note.len() > NOTE_LIMIT {
                 let cut = (0..=NOTE_LIMIT)
                     .rev()
@@ -179,6 +194,7 @@ fn event(state: NodeState, reason: &str, note: String, action: &str) -> Event {
 fn reason(t: &Verdict) -> &'static str {
     match t.state {
         NodeState::Alive => "NodeAlive",
+        NodeState::Unknown if t.reason == LivenessReason::MassDisruption => DISRUPTION,
         NodeState::Unknown => "NodeStatusUnknown",
         _ => t.reason.as_str(),
     }
