@@ -17,14 +17,17 @@ fn main() -> std::process::ExitCode {
         Ok(rt) => rt.block_on(nodepulse_agent::run(args)),
         Err(e) => {
             tracing::error!("start the async runtime: {e}");
+            nodepulse_runtime::flush_logs();
             return std::process::ExitCode::FAILURE;
         }
     };
-    match result {
+    let code = match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    nodepulse_runtime::flush_logs();
+    code
 }

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
 use prometheus_client::metrics::MetricType;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -92,6 +92,7 @@ impl AgentMetrics {
             m.sample_duration.clone(),
         );
         a.register_collector(Box::new(CollectorFigures(m.latest.clone())));
+        a.register_collector(Box::new(LogLinesDropped));
         (m, r)
     }
 
@@ -178,5 +179,22 @@ impl Collector for CollectorFigures {
             ConstGauge::new(i64::from(ok)).encode(success.encode_family(&label)?)?;
         }
         Ok(())
+    }
+}
+
+/// Log lines dropped because the output (a container log pipe) did not keep up: the agent drops
+/// lines rather than let a stalled pipe stop its keep-alives.
+#[derive(Debug)]
+struct LogLinesDropped;
+
+impl Collector for LogLinesDropped {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let dropped = enc.encode_descriptor(
+            "log_lines_dropped",
+            "Log lines dropped because the log output did not keep up.",
+            None,
+            MetricType::Counter,
+        )?;
+        ConstCounter::new(nodepulse_runtime::log_lines_dropped()).encode(dropped)
     }
 }

@@ -15,5 +15,5 @@ pub mod signals;
 pub use admin::{healthz, openmetrics, serve_admin};
 pub use backoff::Backoff;
 pub use duration::parse_duration;
-pub use logging::{LogFormat, LogStream, init_logging, log_filter};
+pub use logging::{LogFormat, LogStream, flush_logs, init_logging, log_filter, log_lines_dropped};
 pub use signals::ShutdownSignals;

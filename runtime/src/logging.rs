@@ -1,6 +1,14 @@
 //! Logging: the `RUST_LOG` filter, text or JSON lines, and where they go.
+//!
+//! Lines are written by a thread of their own (tracing-appender's non-blocking writer, lossy):
+//! the agent's keep-alives run on one thread, and a container log pipe that nobody drains must
+//! not stop it, or a healthy node shows Dead when its lease lapses. When the queue is full a line
+//! is dropped, not waited for, and counted ([`log_lines_dropped`], which the agent exports).
 
 use std::io::IsTerminal;
+use std::sync::{Mutex, OnceLock, PoisonError};
+
+use tracing_appender::non_blocking::{ErrorCounter, NonBlockingBuilder, WorkerGuard};
 
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::writer::BoxMakeWriter;
@@ -24,21 +32,51 @@ pub enum LogStream {
     Stderr,
 }
 
+/// Lines queued for the writer thread before new ones are dropped.
+const QUEUED_LINES: usize = 512;
+
+/// The writer thread's guard (dropped by [`flush_logs`]) and its count of dropped lines.
+static WRITER: OnceLock<(Mutex<Option<WorkerGuard>>, ErrorCounter)> = OnceLock::new();
+
+/// Log lines dropped since start because the output did not keep up (0 before [`init_logging`]).
+pub fn log_lines_dropped() -> u64 {
+    WRITER
+        .get()
+        .map_or(0, |(_, dropped)| dropped.dropped_lines() as u64)
+}
+
+/// Writes out the lines still queued and stops the writer thread; lines logged after it are
+/// dropped. Call once, as the process ends.
+pub fn flush_logs() {
+    if let Some((guard, _)) = WRITER.get() {
+        drop(guard.lock().unwrap_or_else(PoisonError::into_inner).take());
+    }
+}
+
 /// Sets up logging: `RUST_LOG` filter (default info), text or JSON, colours only on a
 /// terminal. `with_module` adds the module path to each line, which tells the controller's many
 /// tasks apart.
 pub fn init_logging(format: LogFormat, stream: LogStream, with_module: bool) {
     let (filter, rejected) = log_filter(std::env::var("RUST_LOG").ok().as_deref());
-    let (writer, terminal) = match stream {
-        LogStream::Stdout => (
-            BoxMakeWriter::new(std::io::stdout),
-            std::io::stdout().is_terminal(),
-        ),
-        LogStream::Stderr => (
-            BoxMakeWriter::new(std::io::stderr),
-            std::io::stderr().is_terminal(),
-        ),
+    let builder = NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(QUEUED_LINES)
+        .thread_name("log-writer");
+    let (writer, guard, terminal) = match stream {
+        LogStream::Stdout => {
+            let (w, g) = builder.finish(std::io::stdout());
+            (w, g, std::io::stdout().is_terminal())
+        }
+        LogStream::Stderr => {
+            let (w, g) = builder.finish(std::io::stderr());
+            (w, g, std::io::stderr().is_terminal())
+        }
     };
+    let dropped = writer.error_counter();
+    if WRITER.set((Mutex::new(Some(guard)), dropped)).is_err() {
+        return;
+    }
+    let writer = BoxMakeWriter::new(writer);
     let layer = tracing_subscriber::fmt::layer()
         .with_writer(writer)
         .with_target(with_module)
