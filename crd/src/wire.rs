@@ -542,6 +542,40 @@ pub struct Heartbeat {
     pub usage: Option<UsageSummary>,
 }
 
+/// Why a key under the heartbeat prefix does not count as its node's heartbeat. Only an agent
+/// writes heartbeats, always on a lease of its own and with its own node's name; a key that
+/// proves less is not taken as a sign of life, because a false `Alive` keeps a dead node in
+/// service, whoever wrote the key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Rejection {
+    /// The key has no lease, so nothing removes it when its writer dies.
+    NoLease,
+    /// The value is larger than an agent ever writes.
+    TooLarge,
+    /// The value is not an agent's heartbeat.
+    Malformed,
+    /// The value names another node than its key.
+    OtherNode,
+    /// The value's TTL is outside what an agent may run with.
+    TtlOutOfRange,
+    /// The lease already carries another node's heartbeat: one agent keeps only its own alive.
+    SharedLease,
+}
+
+impl Rejection {
+    /// The metric label and log word.
+    pub fn label(self) -> &'static str {
+        match self {
+            Rejection::NoLease => "no_lease",
+            Rejection::TooLarge => "too_large",
+            Rejection::Malformed => "malformed",
+            Rejection::OtherNode => "other_node",
+            Rejection::TtlOutOfRange => "ttl_out_of_range",
+            Rejection::SharedLease => "shared_lease",
+        }
+    }
+}
+
 /// A heartbeat value that does not parse (written by something other than an agent).
 #[derive(Debug, thiserror::Error)]
 #[error("heartbeat value is not valid: {0}")]
@@ -566,6 +600,26 @@ impl Heartbeat {
     /// Parses the bytes of a heartbeat key.
     pub fn parse(bytes: &[u8]) -> Result<Self, HeartbeatError> {
         serde_json::from_slice(bytes).map_err(HeartbeatError)
+    }
+
+    /// The heartbeat in `node`'s key on `lease` (0: none), if the key proves what an agent's
+    /// does. Whether the lease carries another node's heartbeat too takes the other keys to
+    /// know: the caller's to check.
+    pub fn admit(node: &str, lease: i64, value: &[u8]) -> Result<Self, Rejection> {
+        if lease == 0 {
+            return Err(Rejection::NoLease);
+        }
+        if value.len() > MAX_HEARTBEAT_BYTES {
+            return Err(Rejection::TooLarge);
+        }
+        let hb = Heartbeat::parse(value).map_err(|_| Rejection::Malformed)?;
+        if hb.node != node {
+            return Err(Rejection::OtherNode);
+        }
+        if !HEARTBEAT_TTL_SECONDS.contains(&hb.ttl_seconds) {
+            return Err(Rejection::TtlOutOfRange);
+        }
+        Ok(hb)
     }
 
     /// The JSON written to etcd.

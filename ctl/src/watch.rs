@@ -209,13 +209,14 @@ pub async fn run(etcd: &EtcdArgs, settings: WatchSettings, out: impl Write) -> R
     }
 }
 
-/// The node and heartbeat of a key, or `None` (logged) for a value no agent wrote.
+/// The node and heartbeat of a key, or `None` (logged) for a key that is not an agent's
+/// heartbeat (no lease, a value no agent wrote or naming another node): the controller's rules.
 fn heartbeat_of(kv: &Kv) -> Option<(String, Heartbeat)> {
     let node = node_of_heartbeat_key(&kv.key)?;
-    match Heartbeat::parse(&kv.value) {
+    match Heartbeat::admit(node, kv.lease, &kv.value) {
         Ok(hb) => Some((node.to_string(), hb)),
-        Err(e) => {
-            tracing::warn!(key = %String::from_utf8_lossy(&kv.key), "ignoring key: {e}");
+        Err(rejection) => {
+            tracing::warn!(key = %String::from_utf8_lossy(&kv.key), reason = rejection.label(), "ignoring key: not a heartbeat");
             None
         }
     }

@@ -328,7 +328,7 @@ async fn watch_prints_alive_then_each_kind_of_death() {
 async fn watch_json_prints_one_object_per_event() {
     let etcd = Etcd::start();
     let mut client = etcd.client().await;
-    put_heartbeat(&mut client, "worker-1", 60).await;
+    let lease = put_heartbeat(&mut client, "worker-1", 60).await;
     let w = watch(&etcd, &["-o", "json", "-v"]);
     let snapshot = w.wait_for_line(Duration::from_secs(10), "snapshot", |l| {
         l.contains("\"snapshot\"")
@@ -353,14 +353,7 @@ async fn watch_json_prints_one_object_per_event() {
     assert!(dead["revision"].as_i64() > alive["revision"].as_i64());
 
     // -v: a value update of an alive node is an `updated` event.
-    client
-        .put(
-            heartbeat_key("worker-1"),
-            heartbeat("worker-1", AgentState::Running, 2),
-            None,
-        )
-        .await
-        .expect("update");
+    put_on_lease(&mut client, "worker-1", AgentState::Running, 2, lease).await;
     w.wait_for_line(Duration::from_secs(5), "updated event", |l| {
         l.contains("\"updated\"") && l.contains("worker-1")
     });

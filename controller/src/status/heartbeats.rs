@@ -10,8 +10,7 @@ use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
 use nodepulse_crd::wire::{
-    HEARTBEAT_PREFIX, HEARTBEAT_TTL_SECONDS, Heartbeat, MAX_HEARTBEAT_BYTES, node_of_heartbeat_key,
-    validate_node_name,
+    HEARTBEAT_PREFIX, Heartbeat, Rejection, node_of_heartbeat_key, validate_node_name,
 };
 use nodepulse_etcd::watch::{EtcdWatcher, Kv, WatchEvent, WatcherSettings};
 use prometheus_client::metrics::counter::Counter;
@@ -268,40 +267,6 @@ async fn lease_left(etcd: &mut Client, lease: i64) -> Option<Duration> {
     }
 }
 
-/// Why a key under the heartbeat prefix does not count as its node's heartbeat. Only an agent
-/// writes heartbeats, always on a lease of its own and with its own node's name; a key that
-/// proves less is not taken as a sign of life, because a false `Alive` keeps a dead node in
-/// service, whoever wrote the key.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Rejection {
-    /// The key has no lease, so nothing removes it when its writer dies.
-    NoLease,
-    /// The value is larger than an agent ever writes.
-    TooLarge,
-    /// The value is not an agent's heartbeat.
-    Malformed,
-    /// The value names another node than its key.
-    OtherNode,
-    /// The value's TTL is outside what an agent may run with.
-    TtlOutOfRange,
-    /// The lease already carries another node's heartbeat: one agent keeps only its own alive.
-    SharedLease,
-}
-
-impl Rejection {
-    /// The metric label and log word.
-    pub fn label(self) -> &'static str {
-        match self {
-            Rejection::NoLease => "no_lease",
-            Rejection::TooLarge => "too_large",
-            Rejection::Malformed => "malformed",
-            Rejection::OtherNode => "other_node",
-            Rejection::TtlOutOfRange => "ttl_out_of_range",
-            Rejection::SharedLease => "shared_lease",
-        }
-    }
-}
-
 /// Checks each heartbeat key, remembers which lease carries which node's heartbeat, and logs a
 /// rejection once per node and reason (counted every time).
 struct Admission {
@@ -414,19 +379,7 @@ impl Admission {
     }
 
     fn check(&self, node: &str, kv: &Kv) -> Result<Heartbeat, Rejection> {
-        if kv.lease == 0 {
-            return Err(Rejection::NoLease);
-        }
-        if kv.value.len() > MAX_HEARTBEAT_BYTES {
-            return Err(Rejection::TooLarge);
-        }
-        let hb = Heartbeat::parse(&kv.value).map_err(|_| Rejection::Malformed)?;
-        if hb.node != node {
-            return Err(Rejection::OtherNode);
-        }
-        if !HEARTBEAT_TTL_SECONDS.contains(&hb.ttl_seconds) {
-            return Err(Rejection::TtlOutOfRange);
-        }
+        let hb = Heartbeat::admit(node, kv.lease, &kv.value)?;
         match self.lease_node.get(&kv.lease) {
             Some(holder) if holder != node => Err(Rejection::SharedLease),
             _ => Ok(hb),

@@ -703,7 +703,7 @@ mod tests {
     //! Every rule, with made-up instants: no server, no clock, no sleep.
 
     use super::*;
-    use crate::status::heartbeats::Rejection;
+    use nodepulse_crd::wire::Rejection;
 
     const TTL: u32 = 10;
 
