@@ -8,11 +8,13 @@ use nodepulse_runtime::{LogStream, init_logging};
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
     init_logging(args.log_format, LogStream::Stdout, true);
-    match nodepulse_controller::run(args).await {
+    let code = match nodepulse_controller::run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");
             std::process::ExitCode::FAILURE
         }
-    }
+    };
+    nodepulse_runtime::flush_logs();
+    code
 }

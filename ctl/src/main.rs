@@ -21,6 +21,7 @@ async fn main() -> ExitCode {
         // Without the handlers the default action (exit) still stops `watch`.
         Err(_) => nodepulsectl::run(cli.global, cli.command).await,
     };
+    nodepulse_runtime::flush_logs();
     match outcome {
         Ok(()) => ExitCode::from(EXIT_OK),
         // `nodepulsectl watch | head -3`: the reader left, which is not an error worth a message.
