@@ -4,9 +4,7 @@
 
 use std::time::Duration;
 
-use etcd_client::{EventType, WatchOptions};
-use nodepulse_crd::wire::heartbeat_key;
-use testkit::{Etcd, Launch, SlowEtcd, eventually, heartbeat};
+use testkit::{Etcd, Launch, SlowEtcd, eventually, heartbeat, panic_on_heartbeat_delete};
 
 /// The agent's lease TTL, in seconds: keep-alives every second.
 const TTL: u64 = 3;
@@ -36,26 +34,16 @@ async fn writes_slower_than_the_ttl_never_cost_the_lease() {
     .await;
 
     // From here on every put waits 5 s; watch the key straight on etcd, past the proxy.
-    let key = heartbeat_key("slow-disk");
-    let mut events = client
-        .watch(key.as_str(), Some(WatchOptions::new().with_prev_key()))
-        .await
-        .expect("watch the heartbeat key");
+    let watch_for_deletes = panic_on_heartbeat_delete(
+        &client,
+        "slow-disk",
+        "the heartbeat key expired while puts were slow: renewals waited for them",
+    )
+    .await;
     slow.set_write_delay(WRITE_DELAY);
 
     // Three held writes in a row: at least 10 s (over three TTLs) in which the agent always had
     // a put waiting on etcd. Any expiry of the key in that time shows up as a Delete.
-    let watch_for_deletes = async {
-        while let Some(resp) = events.message().await.expect("watch stays open") {
-            for e in resp.events() {
-                assert_ne!(
-                    e.event_type(),
-                    EventType::Delete,
-                    "the heartbeat key expired while puts were slow: renewals waited for them"
-                );
-            }
-        }
-    };
     let three_held_writes = eventually("three held writes", Duration::from_secs(60), || {
         let held = slow.writes_held();
         async move { (held >= 3).then_some(()) }

@@ -7,10 +7,10 @@ use std::os::fd::AsFd;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use etcd_client::{EventType, WatchOptions};
 use nix::fcntl::{FcntlArg, fcntl};
-use nodepulse_crd::wire::heartbeat_key;
-use testkit::{Etcd, config_json, heartbeat_within, http_get, put_config};
+use testkit::{
+    Etcd, config_json, heartbeat_within, http_get, panic_on_heartbeat_delete, put_config,
+};
 
 /// The agent's lease TTL, in seconds.
 const TTL: u64 = 3;
@@ -20,7 +20,7 @@ const HELD_FOR: Duration = Duration::from_secs(3 * TTL);
 #[tokio::test]
 async fn a_log_pipe_nobody_reads_never_costs_the_lease() {
     let etcd = Etcd::start();
-    let mut client = etcd.client().await;
+    let client = etcd.client().await;
     put_config(&client, "stalled-log", config_json(1)).await;
     // Debug lines (the etcd client's among them) fill 4 KiB within seconds.
     let mut cmd = etcd
@@ -55,22 +55,12 @@ async fn a_log_pipe_nobody_reads_never_costs_the_lease() {
     };
     let (_, lease) = heartbeat_within(&client, "stalled-log", Duration::from_secs(10)).await;
 
-    let key = heartbeat_key("stalled-log");
-    let mut events = client
-        .watch(key.as_str(), Some(WatchOptions::new().with_prev_key()))
-        .await
-        .expect("watch the heartbeat key");
-    let watch_for_deletes = async {
-        while let Some(resp) = events.message().await.expect("watch stays open") {
-            for e in resp.events() {
-                assert_ne!(
-                    e.event_type(),
-                    EventType::Delete,
-                    "the heartbeat key expired while the log pipe was full"
-                );
-            }
-        }
-    };
+    let watch_for_deletes = panic_on_heartbeat_delete(
+        &client,
+        "stalled-log",
+        "the heartbeat key expired while the log pipe was full",
+    )
+    .await;
     // The pipe is full once a line is dropped; from then on the lease must live HELD_FOR.
     let full_then_held = async {
         let deadline = Instant::now() + Duration::from_secs(90);

@@ -41,7 +41,8 @@ pub use etcd_cluster::EtcdCluster;
 pub use etcd_secure::{ClientTls, EtcdUsers, SecureEtcd, enable_etcd_auth, etcdctl_as, tls_env};
 pub use helm::{helm, helm_command, mount_and_volume, render_chart};
 pub use nodepulse::{
-    Daemon, Launch, config_json, heartbeat, heartbeat_gone_within, heartbeat_within, put_config,
+    Daemon, Launch, config_json, heartbeat, heartbeat_gone_within, heartbeat_within,
+    panic_on_heartbeat_delete, put_config,
 };
 pub use ports::ReservedPort;
 pub use process::{Line, Process};

@@ -202,6 +202,32 @@ pub async fn heartbeat_gone_within(client: &Client, node: &str, timeout: Duratio
     .await
 }
 
+/// Watches `node`'s heartbeat key from now on. The future returned panics with `why` at the
+/// key's first delete (its lease expired or was revoked) and ends only if the watch does: run
+/// it beside what must not cost the node its heartbeat.
+pub async fn panic_on_heartbeat_delete(
+    client: &Client,
+    node: &str,
+    why: &str,
+) -> impl std::future::Future<Output = ()> + use<> {
+    let mut events = client
+        .clone()
+        .watch(
+            heartbeat_key(node),
+            Some(etcd_client::WatchOptions::new().with_prev_key()),
+        )
+        .await
+        .expect("watch the heartbeat key");
+    let why = why.to_string();
+    async move {
+        while let Some(resp) = events.message().await.expect("watch stays open") {
+            for e in resp.events() {
+                assert_ne!(e.event_type(), etcd_client::EventType::Delete, "{why}");
+            }
+        }
+    }
+}
+
 /// A config value of `interval` seconds and metrics cpu and memory.
 pub fn config_json(interval: u32) -> String {
     serde_json::json!({"interval": interval, "metrics": ["cpu", "memory"]}).to_string()
