@@ -9,7 +9,7 @@ use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams};
 use nodepulse_crd::v1alpha1::{MonitorNode, NodeState};
-use nodepulse_crd::wire::{Heartbeat, heartbeat_key};
+use nodepulse_crd::wire::{HEARTBEAT_TTL_SECONDS, Heartbeat, heartbeat_key};
 use testkit::{TestEnv, eventually};
 
 /// Nodes that die together: more than the controller raises an Event each for.
@@ -64,8 +64,9 @@ async fn a_mass_failure_is_every_node_dead_with_its_events_summarised() {
     let mut client = etcd.client().await;
     let prefix = "storm-";
     let leases = heartbeats(&mut client, prefix, NODES, 30).await;
-    // They outlive the test without keep-alives.
-    let _survivors = heartbeats(&mut client, "calm-", SURVIVORS, 600).await;
+    // The longest TTL an agent may run with: they outlive the test without keep-alives.
+    let ttl = i64::from(*HEARTBEAT_TTL_SECONDS.end());
+    let _survivors = heartbeats(&mut client, "calm-", SURVIVORS, ttl).await;
     // `STORM_CONTROLLER_BIN` runs another build (one from before Events were summarised fails).
     let _controller = env
         .controller("controller")
