@@ -33,6 +33,10 @@ pub const MAX_CONFIG_BYTES: usize = 4096;
 pub const MAX_HEARTBEAT_BYTES: usize = 4096;
 /// The heartbeat lease TTLs an agent may run with, in seconds.
 pub const HEARTBEAT_TTL_SECONDS: std::ops::RangeInclusive<u32> = 2..=300;
+/// How far a heartbeat's `ttlSeconds` may be from its lease's granted TTL: etcd grants at least
+/// its minimum TTL (1.5 election timeouts, rounded up to whole seconds), so an agent asking for
+/// less gets a second more.
+pub const HEARTBEAT_TTL_TOLERANCE_SECONDS: u32 = 1;
 /// Value of `managedBy` in the config keys the controller writes.
 pub const CONTROLLER_MANAGER: &str = "nodepulse-controller";
 
@@ -560,6 +564,12 @@ pub enum Rejection {
     TtlOutOfRange,
     /// The lease already carries another node's heartbeat: one agent keeps only its own alive.
     SharedLease,
+    /// The value's TTL is not its lease's: an agent writes the TTL it granted its lease with.
+    TtlMismatch,
+    /// The lease was granted a TTL outside what an agent may run with.
+    LeaseTtlOutOfRange,
+    /// No Node has the key's name, and the heartbeats without a Node have reached their cap.
+    NoNode,
 }
 
 impl Rejection {
@@ -572,6 +582,9 @@ impl Rejection {
             Rejection::OtherNode => "other_node",
             Rejection::TtlOutOfRange => "ttl_out_of_range",
             Rejection::SharedLease => "shared_lease",
+            Rejection::TtlMismatch => "ttl_mismatch",
+            Rejection::LeaseTtlOutOfRange => "lease_ttl_out_of_range",
+            Rejection::NoNode => "no_node",
         }
     }
 }
@@ -620,6 +633,22 @@ impl Heartbeat {
             return Err(Rejection::TtlOutOfRange);
         }
         Ok(hb)
+    }
+
+    /// The heartbeat judged by its lease, granted `granted_ttl` seconds (as etcd's
+    /// LeaseTimeToLive says): the TTL that counts is the lease's, since the key lives exactly as
+    /// long as it; so a lease no agent grants proves nothing, nor does a value claiming another
+    /// TTL than its lease's. Returns the heartbeat with the lease's TTL.
+    pub fn on_lease(mut self, granted_ttl: i64) -> Result<Self, Rejection> {
+        let granted = u32::try_from(granted_ttl)
+            .ok()
+            .filter(|ttl| HEARTBEAT_TTL_SECONDS.contains(ttl))
+            .ok_or(Rejection::LeaseTtlOutOfRange)?;
+        if granted.abs_diff(self.ttl_seconds) > HEARTBEAT_TTL_TOLERANCE_SECONDS {
+            return Err(Rejection::TtlMismatch);
+        }
+        self.ttl_seconds = granted;
+        Ok(self)
     }
 
     /// The JSON written to etcd.
@@ -832,5 +861,43 @@ mod tests {
         };
         assert_eq!(Heartbeat::parse(hb.to_json().as_bytes()).unwrap(), hb);
         assert!(Heartbeat::parse(b"alive").is_err());
+    }
+
+    #[test]
+    fn a_heartbeat_is_judged_with_its_leases_ttl() {
+        let hb = |ttl| Heartbeat::running("worker-1", ttl, Timestamp::UNIX_EPOCH);
+        // The lease's TTL counts, within etcd's rounding.
+        assert_eq!(hb(10).on_lease(10).map(|h| h.ttl_seconds), Ok(10));
+        assert_eq!(hb(10).on_lease(11).map(|h| h.ttl_seconds), Ok(11));
+        assert_eq!(
+            hb(2).on_lease(1).map(|h| h.ttl_seconds),
+            Err(Rejection::LeaseTtlOutOfRange)
+        );
+        assert_eq!(hb(300).on_lease(300).map(|h| h.ttl_seconds), Ok(300));
+        // A value claiming another TTL than its lease's.
+        assert_eq!(hb(3).on_lease(60), Err(Rejection::TtlMismatch));
+        assert_eq!(hb(60).on_lease(10), Err(Rejection::TtlMismatch));
+        // A lease no agent grants, whatever the value says.
+        for granted in [0, -1, 301, 3600, i64::MAX] {
+            assert_eq!(
+                hb(300).on_lease(granted),
+                Err(Rejection::LeaseTtlOutOfRange),
+                "{granted}"
+            );
+        }
+    }
+
+    #[test]
+    fn only_an_agents_key_is_admitted() {
+        let value = Heartbeat::running("worker-1", 10, Timestamp::UNIX_EPOCH).to_json();
+        let admit = |node, lease, value: &str| Heartbeat::admit(node, lease, value.as_bytes());
+        assert!(admit("worker-1", 7, &value).is_ok());
+        assert_eq!(admit("worker-1", 0, &value), Err(Rejection::NoLease));
+        assert_eq!(admit("worker-2", 7, &value), Err(Rejection::OtherNode));
+        assert_eq!(admit("worker-1", 7, "alive"), Err(Rejection::Malformed));
+        let huge = format!("{value:<5000}");
+        assert_eq!(admit("worker-1", 7, &huge), Err(Rejection::TooLarge));
+        let long = Heartbeat::running("worker-1", 3600, Timestamp::UNIX_EPOCH).to_json();
+        assert_eq!(admit("worker-1", 7, &long), Err(Rejection::TtlOutOfRange));
     }
 }
