@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::jiff::Timestamp;
 use nodepulse_crd::v1alpha1::{LivenessReason, MonitorNodeStatus, NodeState};
-use nodepulse_crd::wire::{AgentState, HEARTBEAT_PREFIX, Heartbeat};
+use nodepulse_crd::wire::{AgentState, HEARTBEAT_PREFIX, Heartbeat, Rejection};
 
 use crate::status::heartbeats::HeartbeatEvent;
 use crate::status::record::NodeRecord;
@@ -229,35 +229,35 @@ impl Liveness {
             } => {
                 // Whatever is in the key now, it is not the agent's heartbeat: judged as a
                 // lost heartbeat, with the reason said.
-                self.observe_delete(&node, None, None, seen_at);
-                if let Some(rec) = self.records.get_mut(&node)
-                    && let Some((_, message)) = rec.dead_reason.as_mut()
-                {
-                    *message = format!(
-                        "the heartbeat key holds no agent's heartbeat ({}): see the controller's log",
-                        rejection.label()
-                    );
-                }
+                self.observe_delete(&node, None, None, seen_at, Some(rejection));
             }
             HeartbeatEvent::Delete {
                 node,
                 last,
                 lease_left,
                 seen_at,
-            } => self.observe_delete(&node, last, lease_left, seen_at),
+            } => self.observe_delete(&node, last, lease_left, seen_at, None),
         }
     }
 
+    /// `node`'s heartbeat key went away, or, with `rejected`, now holds something that is not
+    /// its agent's heartbeat.
     fn observe_delete(
         &mut self,
         node: &str,
         last: Option<Heartbeat>,
         lease_left: Option<Duration>,
         seen_at: Instant,
+        rejected: Option<Rejection>,
     ) {
         let Some(rec) = self.records.get_mut(node) else {
             return;
         };
+        if rec.heartbeat.is_none() && rec.state() != Some(NodeState::Alive) {
+            // No heartbeat was there to lose (a Node whose agent never wrote one): a key that
+            // was or is not one changes nothing.
+            return;
+        }
         if let Some(left) = lease_left {
             // Deleted by hand: the agent on the lease writes the key again within a third of
             // its TTL. Dead only if nobody has when the lease would run out.
@@ -268,10 +268,20 @@ impl Liveness {
             return;
         }
         let last = last.or_else(|| rec.heartbeat.clone());
-        let stopping = last
-            .as_ref()
-            .is_some_and(|hb| hb.state == AgentState::Stopping);
-        let (reason, message) = if stopping {
+        // A goodbye is the agent's own word, which a rejected key is not.
+        let stopping = rejected.is_none()
+            && last
+                .as_ref()
+                .is_some_and(|hb| hb.state == AgentState::Stopping);
+        let (reason, message) = if let Some(rejection) = rejected {
+            (
+                LivenessReason::HeartbeatExpired,
+                format!(
+                    "the heartbeat key holds no agent's heartbeat ({}): see the controller's log",
+                    rejection.label()
+                ),
+            )
+        } else if stopping {
             (
                 LivenessReason::AgentStopped,
                 "the agent stopped and no agent took over within its TTL".to_string(),
@@ -703,7 +713,6 @@ mod tests {
     //! Every rule, with made-up instants: no server, no clock, no sleep.
 
     use super::*;
-    use nodepulse_crd::wire::Rejection;
 
     const TTL: u32 = 10;
 
@@ -1352,6 +1361,49 @@ mod tests {
                 .all(|t| (t.state, t.reason) == MASS_DISRUPTION)
         );
         assert_eq!(l.counts(), [4, 0, 6]);
+    }
+
+    #[test]
+    fn a_rejected_key_of_a_node_that_never_had_a_heartbeat_changes_nothing() {
+        let clock = Clock::new();
+        let mut l = started(&clock, &["worker-1"], &["worker-1", "worker-2"]);
+        assert_eq!(state(&l, "worker-2"), Some(NO_HEARTBEAT));
+        let rejected = HeartbeatEvent::Rejected {
+            node: "worker-2".into(),
+            rejection: Rejection::NoLease,
+            seen_at: clock.at(1.0).instant,
+        };
+        l.observe(rejected, clock.at(1.0));
+        l.tick(clock.at(5.0));
+        assert_decided(&mut l, &[]);
+        assert_eq!(state(&l, "worker-2"), Some(NO_HEARTBEAT));
+        assert_eq!(
+            l.records()["worker-2"].lost_at,
+            None,
+            "no loss for the brake to count"
+        );
+    }
+
+    #[test]
+    fn a_rejected_key_says_why_whatever_the_last_heartbeat_said() {
+        let clock = Clock::new();
+        let mut l = started(&clock, &["worker-1"], &["worker-1"]);
+        l.observe(put("worker-1", stopping("worker-1")), clock.now());
+        l.take_decisions();
+        let rejected = HeartbeatEvent::Rejected {
+            node: "worker-1".into(),
+            rejection: Rejection::TtlMismatch,
+            seen_at: clock.at(1.0).instant,
+        };
+        l.observe(rejected, clock.at(1.0));
+        l.tick(clock.at(1.0 + HOLD));
+        assert_decided(&mut l, &[("worker-1", EXPIRED)]);
+        let verdict = l.records()["worker-1"].verdict.clone().expect("a verdict");
+        assert!(
+            verdict.message.contains("ttl_mismatch"),
+            "{}",
+            verdict.message
+        );
     }
 
     #[test]
