@@ -57,8 +57,8 @@ image: release ## Build the image with buildah from the Dockerfile and `make rel
 	IMAGE=$(IMAGE) bash hack/image.sh nodepulse
 
 .PHONY: cluster
-NODES ?= 1
-cluster: deps ## A local Kubernetes cluster in network namespaces of its own (NODES=3: control-plane, worker-1, worker-2); prints the KUBECONFIG
+NODES ?= 3
+cluster: deps ## A local Kubernetes cluster in network namespaces of its own: control-plane, worker-1, worker-2 (NODES=1: one node); prints the KUBECONFIG
 	NODEPULSE_CLUSTER_NODES=$(NODES) bash hack/cluster.sh up
 
 .PHONY: cluster-down
@@ -66,8 +66,8 @@ cluster-down: ## Stop the local cluster and remove every process, mount, namespa
 	bash hack/cluster.sh down
 
 .PHONY: e2e-cluster
-e2e-cluster: release ## helm install the chart on the local cluster and check what a user sees (testkit/tests/cluster.rs)
-	bash hack/cluster.sh up
+e2e-cluster: release ## helm install the chart on the three-node local cluster and check what a user sees, faults included (testkit/tests/cluster.rs)
+	NODEPULSE_CLUSTER_NODES=3 bash hack/cluster.sh up
 	bash hack/image.sh all
 	$(CARGO) test -p testkit --test cluster -- --ignored --test-threads=1 --nocapture
 

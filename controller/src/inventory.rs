@@ -2,7 +2,7 @@
 //! MonitorNode objects, each kept by a kube-runtime reflector, with a signal when the set of
 //! nodes or a node's labels changes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
@@ -46,6 +46,11 @@ impl StoreReady {
             }
         });
         StoreReady(rx)
+    }
+
+    /// Whether the store holds a full list now.
+    pub fn is_ready(&self) -> bool {
+        *self.0.borrow()
     }
 
     /// Resolves once the store is ready; `Err` when its writer went away first.
@@ -134,6 +139,21 @@ impl Inventory {
             .wait()
             .await
             .map_err(|_| Error::CacheNeverReady("MonitorNode"))
+    }
+
+    /// Whether both caches hold a full list now.
+    pub fn is_ready(&self) -> bool {
+        self.nodes_ready.is_ready() && self.monitor_nodes_ready.is_ready()
+    }
+
+    /// The MonitorNodes that have no Node object of their name.
+    pub fn monitor_nodes_without_node(&self) -> HashSet<String> {
+        self.monitor_nodes
+            .state()
+            .iter()
+            .map(|mn| mn.name_any())
+            .filter(|name| self.node(name).is_none())
+            .collect()
     }
 
     /// Every node the controller knows, with its labels: Node objects, plus MonitorNodes

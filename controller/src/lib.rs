@@ -44,7 +44,7 @@ use crate::config::keys::ConfigKeys;
 use crate::inventory::{Inventory, StoreReady};
 use crate::leader::LeaderArgs;
 use crate::metrics::Metrics;
-use crate::status::heartbeats::HeartbeatWatcher;
+use crate::status::heartbeats::{HeartbeatWatcher, WithoutNode};
 use crate::status::liveness::DisruptionBrake;
 use crate::status::node_condition::NodeConditions;
 use crate::status::tracker::LivenessTracker;
@@ -95,6 +95,13 @@ pub struct Args {
     /// share (a small cluster's).
     #[arg(long, env = "NODEPULSE_DISRUPTION_MIN_NODES", default_value_t = 3)]
     pub disruption_min_nodes: usize,
+
+    /// Most names with no Node object whose heartbeats count (and get a MonitorNode): more are
+    /// rejected (`no_node`), so that keys written under made-up names cannot fill the API
+    /// server. Agents on Kubernetes nodes need none; raise it for agents on machines outside
+    /// the cluster.
+    #[arg(long, env = "NODEPULSE_MAX_HEARTBEATS_WITHOUT_NODE", default_value_t = 100)]
+    pub max_heartbeats_without_node: usize,
 
     /// How often the config keys are checked against the MonitorConfigs even if nothing
     /// signalled a change.
@@ -263,6 +270,7 @@ async fn run_reconcilers(
     // Owner references need the Node cache; liveness does not wait long for it.
     let ready = inventory.clone();
     let rejected = metrics.heartbeats_rejected.clone();
+    let without_node = WithoutNode::new(inventory.clone(), args.max_heartbeats_without_node);
     let liveness = async move {
         if tokio::time::timeout(Duration::from_secs(5), ready.wait_until_ready())
             .await
@@ -272,7 +280,7 @@ async fn run_reconcilers(
         }
         tokio::select! {
             r = tracker.run(events_rx) => r,
-            () = HeartbeatWatcher::new(etcd, events_tx, rejected).run() => Err(Error::TaskStopped("heartbeat watcher")),
+            () = HeartbeatWatcher::new(etcd, events_tx, rejected, without_node).run() => Err(Error::TaskStopped("heartbeat watcher")),
         }
     };
     tokio::select! {

@@ -58,7 +58,8 @@ pub struct ReconcilerLabel {
 /// Why a heartbeat key was not taken as a heartbeat, as a metric label.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RejectionLabel {
-    /// `no_lease`, `too_large`, `malformed`, `other_node`, `ttl_out_of_range` or `shared_lease`.
+    /// `no_lease`, `too_large`, `malformed`, `other_node`, `ttl_out_of_range`, `shared_lease`,
+    /// `ttl_mismatch`, `lease_ttl_out_of_range` or `no_node`.
     pub reason: &'static str,
 }
 

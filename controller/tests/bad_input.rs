@@ -4,14 +4,18 @@
 //! - what only the controller can judge (a selector that matches nothing, nodeNames of nodes
 //!   that do not exist) is reported in the MonitorConfig's Ready condition;
 //! - garbage under `/monitor/heartbeat/`, and forged heartbeats (no lease, another node's value,
-//!   another node's lease), are logged, counted and never make a node Alive; the controller keeps
-//!   serving the real agent's node (transitions still work afterwards).
+//!   another node's lease, a value whose TTL is not its lease's, a lease no agent grants), are
+//!   logged, counted and never make a node Alive; the controller keeps serving the real agent's
+//!   node (transitions still work afterwards);
+//! - heartbeats for names with no Node make MonitorNodes only up to the cap
+//!   (`--max-heartbeats-without-node`); beyond it they are logged, counted and make none.
 
 use std::time::Duration;
 
+use k8s_openapi::jiff::Timestamp;
 use kube::api::Api;
 use nodepulse_crd::v1alpha1::{MonitorConfig, MonitorNode, NodeState};
-use nodepulse_crd::wire::HEARTBEAT_PREFIX;
+use nodepulse_crd::wire::{HEARTBEAT_PREFIX, Heartbeat, heartbeat_key};
 use serde_json::{Value, json};
 use testkit::{TestEnv, eventually, http_get, ready_condition};
 
@@ -168,7 +172,12 @@ fn invalid_specs() -> Vec<(&'static str, Value, &'static str)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ignored() {
     let (env, etcd) = TestEnv::start().await;
-    let mut controller = env.controller("controller-0").spawn();
+    // Two heartbeats without a Node at most (the tests' default is far more: their simulated
+    // nodes have no Node objects).
+    let mut controller = env
+        .controller("controller-0")
+        .env("NODEPULSE_MAX_HEARTBEATS_WITHOUT_NODE", "2")
+        .spawn();
     let metrics = controller.wait_for_serving_addr(Duration::from_secs(30));
     let node = json!({"apiVersion": "v1", "kind": "Node",
         "metadata": {"name": "worker-1", "labels": {"pool": "fast"}}});
@@ -280,12 +289,49 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
         .await
         .expect("put on worker-1's lease");
     }
+    // The TTL that counts is the lease's: a value claiming another (worker-1's own 3 s value,
+    // renamed, on a 60 s lease) is no agent's, nor is a lease no agent grants (an hour).
+    env.node("worker-3", &[]);
+    env.node("worker-4", &[]);
+    let as_worker_3 = String::from_utf8(value.clone())
+        .expect("utf-8")
+        .replace("\"worker-1\"", "\"worker-3\"");
+    let max_ttl = Heartbeat::running("worker-4", 300, Timestamp::now()).to_json();
+    for (node, lease_ttl, value) in [("worker-3", 60, as_worker_3), ("worker-4", 3600, max_ttl)] {
+        let lease = etcd.lease_grant(lease_ttl, None).await.expect("lease").id();
+        etcd.put(
+            heartbeat_key(node),
+            value,
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect("put heartbeat");
+    }
+    // Genuine heartbeats (a 300 s lease, as an agent grants it) for names with no Node: two
+    // are taken, the third is over the cap.
+    for node in ["ghost-a", "ghost-b", "ghost-c"] {
+        let lease = etcd.lease_grant(300, None).await.expect("lease").id();
+        let hb = Heartbeat::running(node, 300, Timestamp::now());
+        etcd.put(
+            heartbeat_key(node),
+            hb.to_json(),
+            Some(etcd_client::PutOptions::new().with_lease(lease)),
+        )
+        .await
+        .expect("put heartbeat");
+    }
     for (what, needle) in [
         ("a nested path", "not /monitor/heartbeat/<node>"),
         ("an invalid node name", "cannot be a node"),
         ("a key without a lease", "reason=no_lease"),
         ("a value naming another node", "reason=other_node"),
         ("a lease carrying another node", "reason=shared_lease"),
+        (
+            "a value whose TTL is not its lease's",
+            "reason=ttl_mismatch",
+        ),
+        ("a lease no agent grants", "reason=lease_ttl_out_of_range"),
+        ("a name with no Node over the cap", "reason=no_node"),
     ] {
         controller.wait_for_line_from(from, Duration::from_secs(10), what, |l| {
             l.contains(needle)
@@ -307,8 +353,16 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
     assert_eq!(counted("no_lease"), 6);
     assert_eq!(counted("other_node"), 1);
     assert_eq!(counted("shared_lease"), 1);
-    // None of it is a heartbeat: no MonitorNode for the names without a Node, and worker-2's
-    // has no Alive (the events were handled in order, the log lines above came after them).
+    assert_eq!(counted("ttl_mismatch"), 1);
+    assert_eq!(counted("lease_ttl_out_of_range"), 1);
+    assert_eq!(counted("no_node"), 1);
+    for ghost in ["ghost-a", "ghost-b"] {
+        env.wait_state(ghost, NodeState::Alive, Duration::from_secs(20))
+            .await;
+    }
+    // None of the rest is a heartbeat: no MonitorNode for the names without a Node beyond the
+    // cap's two, and worker-2's, worker-3's and worker-4's have no Alive (the events were
+    // handled in order, the log lines above came after them).
     let mns: Api<MonitorNode> = Api::all(env.kube.clone());
     let names: Vec<String> = mns
         .list(&Default::default())
@@ -318,16 +372,13 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
         .into_iter()
         .filter_map(|m| m.metadata.name)
         .collect();
+    let allowed = [
+        "worker-1", "worker-2", "worker-3", "worker-4", "ghost-a", "ghost-b",
+    ];
     assert!(
-        names.iter().all(|n| n == "worker-1" || n == "worker-2"),
-        "only real heartbeats make MonitorNodes: {names:?}"
+        names.iter().all(|n| allowed.contains(&n.as_str())),
+        "only real heartbeats, and two without a Node, make MonitorNodes: {names:?}"
     );
-    assert_ne!(
-        env.status("worker-2").await.and_then(|s| s.state),
-        Some(NodeState::Alive),
-        "a forged heartbeat made worker-2 Alive"
-    );
-
     // The controller is still up and still serves the real node: transitions work.
     assert!(controller.is_running(), "controller exited");
     assert!(http_get(&metrics, "/healthz").is_some_and(|(code, _)| code == 200));
@@ -343,5 +394,16 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
     let _agent = env.agent("worker-1").ttl(3).start();
     env.wait_state("worker-1", NodeState::Alive, Duration::from_secs(20))
         .await;
+    // Nor did a key that is no heartbeat make a Node whose agent never wrote one Dead, when it
+    // was written or when it went (worker-2's, with worker-1's lease): no heartbeat was there to
+    // lose.
+    for node in ["worker-2", "worker-3", "worker-4"] {
+        let status = env.status(node).await.unwrap_or_default();
+        assert_eq!(
+            (status.state, status.reason.as_deref()),
+            (Some(NodeState::Unknown), Some("NoHeartbeat")),
+            "a key that is no heartbeat changed {node}: {status:?}"
+        );
+    }
     assert!(controller.is_running(), "controller exited");
 }

@@ -271,6 +271,14 @@ impl EtcdWatcher {
         self.revision
     }
 
+    /// Lists the keys again before the next event: for a handler that could not take in the
+    /// events so far (the controller when it cannot look up a key's lease).
+    pub fn relist(&mut self) {
+        self.stream = None;
+        self.must_list = true;
+        self.backoff_due = true;
+    }
+
     /// The next event. Waits out etcd's absence; never fails.
     pub async fn next(&mut self) -> WatchEvent {
         loop {

@@ -1,5 +1,11 @@
 //! Watches the heartbeat prefix in etcd and turns it into liveness events: a full snapshot on
 //! start and after every watch failure, then one event per put or delete.
+//!
+//! A key counts as its node's heartbeat only when it proves what an agent's does
+//! ([`Heartbeat::admit`]), judged with the TTL its lease was granted with
+//! ([`Heartbeat::on_lease`]): the watch looks each new lease up once (etcd's LeaseTimeToLive),
+//! keeps its TTL while keys ride it, and forgets it with its last key. Names with no Node object
+//! count only up to a cap ([`WithoutNode`]).
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -8,7 +14,7 @@ use std::time::{Duration, Instant};
 use etcd_client::Client;
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use nodepulse_crd::wire::{
     HEARTBEAT_PREFIX, Heartbeat, Rejection, node_of_heartbeat_key, validate_node_name,
 };
@@ -16,9 +22,10 @@ use nodepulse_etcd::watch::{EtcdWatcher, Kv, WatchEvent, WatcherSettings};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 
+use crate::inventory::Inventory;
 use crate::metrics::RejectionLabel;
 use nodepulse_runtime::Backoff;
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, watch};
 
 /// What the heartbeat prefix says about the nodes.
 #[derive(Debug)]
@@ -72,24 +79,31 @@ pub enum HeartbeatEvent {
 /// second, and each delete's lease is looked up before its node is judged.
 const MAX_LEASE_LOOKUPS: usize = 64;
 
+/// How long a lease's TTL lookup is retried before the watch gives up and lists again.
+const LOOKUP_PATIENCE: Duration = Duration::from_secs(10);
+
 /// Lists and watches `/monitor/heartbeat/`, forever.
 pub struct HeartbeatWatcher {
     etcd: Client,
     events: mpsc::Sender<HeartbeatEvent>,
     rejected: Family<RejectionLabel, Counter>,
+    without_node: WithoutNode,
 }
 
 impl HeartbeatWatcher {
-    /// A watcher sending to `events`, counting the keys it rejects in `rejected`.
+    /// A watcher sending to `events`, counting the keys it rejects in `rejected`, taking
+    /// heartbeats for names with no Node as `without_node` allows.
     pub fn new(
         etcd: Client,
         events: mpsc::Sender<HeartbeatEvent>,
         rejected: Family<RejectionLabel, Counter>,
+        without_node: WithoutNode,
     ) -> Self {
         HeartbeatWatcher {
             etcd,
             events,
             rejected,
+            without_node,
         }
     }
 
@@ -106,10 +120,29 @@ impl HeartbeatWatcher {
         let mut watcher = EtcdWatcher::new(self.etcd.clone(), HEARTBEAT_PREFIX, settings);
         // The watch reads on while deletes wait for their lease lookups.
         let (watched, received) = mpsc::channel(1024);
-        let watch = async move { while watched.send(watcher.next().await).await.is_ok() {} };
+        let mut leases = LeaseTtls::new(self.etcd.clone());
+        let watch = async move {
+            loop {
+                let event = watcher.next().await;
+                let granted = match leases.granted(&event).await {
+                    Ok(granted) => (event, granted),
+                    Err(e) => {
+                        tracing::warn!(
+                            "heartbeat watch: {e}; a heartbeat is judged by its lease's TTL, so the heartbeats cannot be judged: listing them again"
+                        );
+                        watcher.relist();
+                        (WatchEvent::Interrupted, GrantedTtls::new())
+                    }
+                };
+                if watched.send(granted).await.is_err() {
+                    return;
+                }
+            }
+        };
+        let relay = self.relay(received);
         tokio::select! {
             () = watch => {}
-            () = self.relay(received) => {}
+            () = relay => {}
         }
     }
 
@@ -117,7 +150,7 @@ impl HeartbeatWatcher {
     /// sent them: a delete whose lease may still live waits for its lookup, and the node's later
     /// events wait behind it, while other nodes' go on. A snapshot goes out once nothing older
     /// is held back.
-    async fn relay(&self, mut received: mpsc::Receiver<WatchEvent>) {
+    async fn relay(self, mut received: mpsc::Receiver<(WatchEvent, GrantedTtls)>) {
         let permits = Arc::new(Semaphore::new(MAX_LEASE_LOOKUPS));
         let etcd = self.etcd.clone();
         let mut held = HeldDeletes::new(move |lease| {
@@ -129,17 +162,17 @@ impl HeartbeatWatcher {
             .boxed()
         });
         let mut snapshot = None;
-        let mut admission = Admission::new(self.rejected.clone());
+        let mut admission = Admission::new(self.rejected.clone(), self.without_node);
         loop {
             let ready = tokio::select! {
                 (node, lease_left) = held.answered() => held.release(&node, lease_left),
                 event = received.recv(), if snapshot.is_none() => {
-                    let Some(event) = event else { return };
+                    let Some((event, granted)) = event else { return };
                     let lease = match &event {
                         WatchEvent::Delete { prev: Some(kv), .. } => kv.lease,
                         _ => 0,
                     };
-                    match admission.liveness_event(event) {
+                    match admission.liveness_event(event, &granted) {
                         Some(event @ HeartbeatEvent::Snapshot { .. }) => {
                             snapshot = Some(event);
                             Vec::new()
@@ -267,6 +300,260 @@ async fn lease_left(etcd: &mut Client, lease: i64) -> Option<Duration> {
     }
 }
 
+/// The TTL each of an event's leases was granted with; `None`: etcd has no such lease any more
+/// (it expired or was revoked, and its keys went with it).
+type GrantedTtls = HashMap<i64, Option<i64>>;
+
+/// The TTL each lease carrying a heartbeat key was granted with: looked up once per lease (a
+/// lease's TTL never changes), forgotten when the last key on it goes.
+struct LeaseTtls {
+    etcd: Client,
+    granted: HashMap<i64, i64>,
+    /// Each heartbeat key's lease, and how many keys each lease carries.
+    key_lease: HashMap<Vec<u8>, i64>,
+    keys_on: HashMap<i64, usize>,
+}
+
+impl LeaseTtls {
+    fn new(etcd: Client) -> Self {
+        LeaseTtls {
+            etcd,
+            granted: HashMap::new(),
+            key_lease: HashMap::new(),
+            keys_on: HashMap::new(),
+        }
+    }
+
+    /// The granted TTLs of `event`'s leases, looked up where not known yet: a list's many at a
+    /// time. `Err` when etcd would not tell, after retries.
+    async fn granted(&mut self, event: &WatchEvent) -> Result<GrantedTtls, String> {
+        match event {
+            WatchEvent::Listed { kvs, replaced, .. } => {
+                if *replaced {
+                    // Lease ids of another store say nothing about this one's.
+                    self.granted.clear();
+                }
+                self.key_lease.clear();
+                self.keys_on.clear();
+                for kv in kvs.iter().filter(|kv| kv.lease != 0) {
+                    self.track(&kv.key, kv.lease);
+                }
+                self.granted
+                    .retain(|lease, _| self.keys_on.contains_key(lease));
+                let unknown: Vec<i64> = self
+                    .keys_on
+                    .keys()
+                    .filter(|lease| !self.granted.contains_key(lease))
+                    .copied()
+                    .collect();
+                let started = Instant::now();
+                let looked_up = granted_ttls(&self.etcd, &unknown).await?;
+                tracing::info!(
+                    leases = unknown.len(),
+                    gone = looked_up.values().filter(|g| g.is_none()).count(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "looked up the TTL of every new lease in the heartbeat list"
+                );
+                self.granted
+                    .extend(looked_up.iter().filter_map(|(l, g)| Some((*l, (*g)?))));
+                Ok(self
+                    .keys_on
+                    .keys()
+                    .map(|lease| (*lease, self.granted.get(lease).copied()))
+                    .collect())
+            }
+            WatchEvent::Put(kv) => {
+                self.track(&kv.key, kv.lease);
+                if kv.lease == 0 {
+                    return Ok(GrantedTtls::new());
+                }
+                let granted = match self.granted.get(&kv.lease) {
+                    Some(ttl) => Some(*ttl),
+                    None => {
+                        let granted = granted_ttl(&self.etcd, kv.lease).await?;
+                        if let Some(ttl) = granted {
+                            self.granted.insert(kv.lease, ttl);
+                        }
+                        granted
+                    }
+                };
+                Ok(GrantedTtls::from([(kv.lease, granted)]))
+            }
+            WatchEvent::Delete { key, .. } => {
+                self.track(key, 0);
+                Ok(GrantedTtls::new())
+            }
+            WatchEvent::Interrupted => Ok(GrantedTtls::new()),
+        }
+    }
+
+    /// `key` is on `lease` now (0: none, or deleted).
+    fn track(&mut self, key: &[u8], lease: i64) {
+        let old = match lease {
+            0 => self.key_lease.remove(key),
+            _ => self.key_lease.insert(key.to_vec(), lease),
+        };
+        if old == Some(lease) {
+            return;
+        }
+        if let Some(old) = old
+            && let Some(n) = self.keys_on.get_mut(&old)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.keys_on.remove(&old);
+                self.granted.remove(&old);
+            }
+        }
+        if lease != 0 {
+            *self.keys_on.entry(lease).or_default() += 1;
+        }
+    }
+}
+
+/// The granted TTL of each of `leases`, [`MAX_LEASE_LOOKUPS`] lookups at a time.
+async fn granted_ttls(etcd: &Client, leases: &[i64]) -> Result<GrantedTtls, String> {
+    futures::stream::iter(leases.iter().copied())
+        .map(|lease| async move { granted_ttl(etcd, lease).await.map(|g| (lease, g)) })
+        .buffer_unordered(MAX_LEASE_LOOKUPS)
+        .try_collect()
+        .await
+}
+
+/// The TTL `lease` was granted with, `None` when etcd has no such lease; retried with backoff
+/// for [`LOOKUP_PATIENCE`].
+async fn granted_ttl(etcd: &Client, lease: i64) -> Result<Option<i64>, String> {
+    let mut etcd = etcd.clone();
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_millis(2500));
+    let give_up = Instant::now() + LOOKUP_PATIENCE;
+    loop {
+        let asked = etcd.lease_time_to_live(lease, None);
+        let error = match tokio::time::timeout(Duration::from_secs(1), asked).await {
+            // etcd answers -1 for a lease it does not have.
+            Ok(Ok(r)) if r.ttl() < 0 => return Ok(None),
+            Ok(Ok(r)) => return Ok(Some(r.granted_ttl())),
+            Ok(Err(e)) if e.to_string().contains("lease not found") => return Ok(None),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within 1s".to_string(),
+        };
+        if Instant::now() >= give_up {
+            return Err(format!(
+                "could not look up lease {lease:x} for {LOOKUP_PATIENCE:?}: {error}"
+            ));
+        }
+        backoff.wait().await;
+    }
+}
+
+/// Why a key does not count: a rejection, or a lease gone already (its key goes with it, and
+/// the delete says so).
+enum Refusal {
+    Rejected(Rejection),
+    LeaseGone,
+}
+
+impl From<Rejection> for Refusal {
+    fn from(rejection: Rejection) -> Self {
+        Refusal::Rejected(rejection)
+    }
+}
+
+/// Heartbeats for names no Node object has (agents on machines outside the cluster, or keys
+/// written under made-up names): each gets a MonitorNode, so only `cap` names count, those
+/// with a MonitorNode first; more are rejected ([`Rejection::NoNode`]).
+pub struct WithoutNode {
+    inventory: Option<Inventory>,
+    changes: Option<watch::Receiver<u64>>,
+    cap: usize,
+    /// Names without a Node whose heartbeat counts now.
+    admitted: HashSet<String>,
+    /// MonitorNodes without a Node, as the inventory last said (and names admitted since).
+    monitor_nodes: HashSet<String>,
+}
+
+impl WithoutNode {
+    /// At most `cap` names without a Node in `inventory`.
+    pub fn new(inventory: Inventory, cap: usize) -> Self {
+        WithoutNode {
+            changes: Some(inventory.watch_changes()),
+            inventory: Some(inventory),
+            ..WithoutNode::unlimited()
+        }
+        .with_cap(cap)
+    }
+
+    /// Every name counts (no inventory to ask).
+    fn unlimited() -> Self {
+        WithoutNode {
+            inventory: None,
+            changes: None,
+            cap: usize::MAX,
+            admitted: HashSet::new(),
+            monitor_nodes: HashSet::new(),
+        }
+    }
+
+    fn with_cap(mut self, cap: usize) -> Self {
+        self.cap = cap;
+        self
+    }
+
+    /// Whether `name`'s heartbeat may count; counts it if so.
+    fn admit(&mut self, name: &str) -> Result<(), Rejection> {
+        let Some(inventory) = &self.inventory else {
+            return Ok(());
+        };
+        // Until the caches have listed, a missing Node says nothing.
+        if !inventory.is_ready() || inventory.node(name).is_some() {
+            self.admitted.remove(name);
+            return Ok(());
+        }
+        let mut counted = within_cap(name, &self.admitted, &self.monitor_nodes, self.cap);
+        if !counted
+            && let Some(changes) = self.changes.as_mut()
+            && changes.has_changed().unwrap_or(false)
+        {
+            changes.mark_unchanged();
+            self.monitor_nodes = inventory.monitor_nodes_without_node();
+            self.admitted.retain(|n| inventory.node(n).is_none());
+            counted = within_cap(name, &self.admitted, &self.monitor_nodes, self.cap);
+        }
+        if !counted {
+            return Err(Rejection::NoNode);
+        }
+        self.admitted.insert(name.to_string());
+        Ok(())
+    }
+
+    /// `name`'s heartbeat no longer counts; its MonitorNode stays.
+    fn forget(&mut self, name: &str) {
+        if self.admitted.remove(name) {
+            self.monitor_nodes.insert(name.to_string());
+        }
+    }
+
+    /// A new list: every name is judged again.
+    fn relisted(&mut self) {
+        let admitted = std::mem::take(&mut self.admitted);
+        self.monitor_nodes.extend(admitted);
+    }
+}
+
+/// Whether `name`, which no Node has, may count: it does when it counts already or has a
+/// MonitorNode, or when fewer than `cap` names do.
+fn within_cap(
+    name: &str,
+    admitted: &HashSet<String>,
+    monitor_nodes: &HashSet<String>,
+    cap: usize,
+) -> bool {
+    if admitted.contains(name) || monitor_nodes.contains(name) {
+        return true;
+    }
+    // The sum bounds the union: most calls need no more.
+    admitted.len() + monitor_nodes.len() < cap || admitted.union(monitor_nodes).count() < cap
+}
+
 /// Checks each heartbeat key, remembers which lease carries which node's heartbeat, and logs a
 /// rejection once per node and reason (counted every time).
 struct Admission {
@@ -275,20 +562,27 @@ struct Admission {
     node_lease: HashMap<String, i64>,
     logged: HashSet<(String, Rejection)>,
     rejected: Family<RejectionLabel, Counter>,
+    without_node: WithoutNode,
 }
 
 impl Admission {
-    fn new(rejected: Family<RejectionLabel, Counter>) -> Self {
+    fn new(rejected: Family<RejectionLabel, Counter>, without_node: WithoutNode) -> Self {
         Admission {
             lease_node: HashMap::new(),
             node_lease: HashMap::new(),
             logged: HashSet::new(),
             rejected,
+            without_node,
         }
     }
 
-    /// What one watch event says about the nodes (`None`: nothing, e.g. a key no agent writes).
-    fn liveness_event(&mut self, event: WatchEvent) -> Option<HeartbeatEvent> {
+    /// What one watch event says about the nodes, judged with its leases' `granted` TTLs
+    /// (`None`: nothing, e.g. a key no agent writes).
+    fn liveness_event(
+        &mut self,
+        event: WatchEvent,
+        granted: &GrantedTtls,
+    ) -> Option<HeartbeatEvent> {
         Some(match event {
             WatchEvent::Listed {
                 revision,
@@ -297,13 +591,14 @@ impl Admission {
             } => {
                 self.lease_node.clear();
                 self.node_lease.clear();
+                self.without_node.relisted();
                 // Of two keys on one lease, the older one keeps it: the agent's own key was
                 // there before anyone attached another.
                 kvs.sort_by_key(|kv| kv.create_revision);
                 let mut snapshot = BTreeMap::new();
                 for kv in &kvs {
                     if let Some(node) = heartbeat_node(&kv.key)
-                        && let Ok(hb) = self.admit(node, kv)
+                        && let Ok(hb) = self.admit(node, kv, granted)
                     {
                         snapshot.insert(node.to_string(), hb);
                     }
@@ -316,13 +611,14 @@ impl Admission {
             }
             WatchEvent::Put(kv) => {
                 let node = heartbeat_node(&kv.key)?.to_string();
-                match self.admit(&node, &kv) {
+                match self.admit(&node, &kv, granted) {
                     Ok(heartbeat) => HeartbeatEvent::Put { node, heartbeat },
-                    Err(rejection) => HeartbeatEvent::Rejected {
+                    Err(Refusal::Rejected(rejection)) => HeartbeatEvent::Rejected {
                         node,
                         rejection,
                         seen_at: Instant::now(),
                     },
+                    Err(Refusal::LeaseGone) => return None,
                 }
             }
             WatchEvent::Delete { key, prev, .. } => {
@@ -342,8 +638,8 @@ impl Admission {
     }
 
     /// `kv`'s heartbeat, if it counts as `node`'s.
-    fn admit(&mut self, node: &str, kv: &Kv) -> Result<Heartbeat, Rejection> {
-        match self.check(node, kv) {
+    fn admit(&mut self, node: &str, kv: &Kv, granted: &GrantedTtls) -> Result<Heartbeat, Refusal> {
+        match self.check(node, kv, granted) {
             Ok(hb) => {
                 if let Some(old) = self.node_lease.insert(node.to_string(), kv.lease)
                     && old != kv.lease
@@ -354,7 +650,15 @@ impl Admission {
                 self.logged.retain(|(n, _)| n != node);
                 Ok(hb)
             }
-            Err(rejection) => {
+            Err(Refusal::LeaseGone) => {
+                tracing::debug!(
+                    node,
+                    lease = kv.lease,
+                    "heartbeat key on a lease etcd no longer has: its delete follows"
+                );
+                Err(Refusal::LeaseGone)
+            }
+            Err(Refusal::Rejected(rejection)) => {
                 self.rejected
                     .get_or_create(&RejectionLabel {
                         reason: rejection.label(),
@@ -365,6 +669,7 @@ impl Admission {
                         node,
                         reason = rejection.label(),
                         lease = kv.lease,
+                        granted_ttl = granted.get(&kv.lease).copied().flatten(),
                         bytes = kv.value.len(),
                         "not a heartbeat: the node counts as having none until its agent writes one"
                     );
@@ -373,23 +678,33 @@ impl Admission {
                 if self.node_lease.get(node) == Some(&kv.lease) {
                     self.forget(node);
                 }
-                Err(rejection)
+                Err(Refusal::Rejected(rejection))
             }
         }
     }
 
-    fn check(&self, node: &str, kv: &Kv) -> Result<Heartbeat, Rejection> {
+    fn check(&mut self, node: &str, kv: &Kv, granted: &GrantedTtls) -> Result<Heartbeat, Refusal> {
         let hb = Heartbeat::admit(node, kv.lease, &kv.value)?;
-        match self.lease_node.get(&kv.lease) {
-            Some(holder) if holder != node => Err(Rejection::SharedLease),
-            _ => Ok(hb),
+        let Some(Some(ttl)) = granted.get(&kv.lease) else {
+            return Err(Refusal::LeaseGone);
+        };
+        let hb = hb.on_lease(*ttl)?;
+        if self
+            .lease_node
+            .get(&kv.lease)
+            .is_some_and(|holder| holder != node)
+        {
+            return Err(Rejection::SharedLease.into());
         }
+        self.without_node.admit(node)?;
+        Ok(hb)
     }
 
     fn forget(&mut self, node: &str) {
         if let Some(lease) = self.node_lease.remove(node) {
             self.lease_node.remove(&lease);
         }
+        self.without_node.forget(node);
     }
 }
 
@@ -461,6 +776,74 @@ mod tests {
             async move { rx.await.ok().flatten() }.boxed()
         });
         (held, answers)
+    }
+
+    fn set(names: &[&str]) -> HashSet<String> {
+        names.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn names_without_a_node_count_up_to_the_cap_those_counted_already_first() {
+        let (admitted, monitor_nodes) = (set(&["a"]), set(&["a", "b"]));
+        // Counted already: always.
+        for name in ["a", "b"] {
+            assert!(within_cap(name, &admitted, &monitor_nodes, 2), "{name}");
+            assert!(within_cap(name, &admitted, &monitor_nodes, 0), "{name}");
+        }
+        // A new name: only below the cap, counting a name in both sets once.
+        assert!(within_cap("c", &admitted, &monitor_nodes, 3));
+        assert!(!within_cap("c", &admitted, &monitor_nodes, 2));
+        assert!(!within_cap("c", &HashSet::new(), &HashSet::new(), 0));
+    }
+
+    #[test]
+    fn a_name_forgotten_keeps_its_place_until_its_monitor_node_goes() {
+        let mut w = WithoutNode::unlimited().with_cap(1);
+        w.admitted.insert("a".into());
+        w.forget("a");
+        // Its MonitorNode stays: it still counts, and a new name does not fit.
+        assert!(within_cap("a", &w.admitted, &w.monitor_nodes, w.cap));
+        assert!(!within_cap("b", &w.admitted, &w.monitor_nodes, w.cap));
+        w.admitted.insert("a".into());
+        w.relisted();
+        assert!(w.admitted.is_empty());
+        assert!(within_cap("a", &w.admitted, &w.monitor_nodes, w.cap));
+    }
+
+    #[tokio::test]
+    async fn a_leases_ttl_is_kept_while_keys_ride_it_and_forgotten_with_the_last() {
+        // A client of no etcd (it connects lazily): every TTL here is known, so none is
+        // looked up.
+        let etcd = Client::connect(["http://127.0.0.1:1"], None)
+            .await
+            .expect("a lazy client");
+        let mut leases = LeaseTtls::new(etcd);
+        leases.granted.insert(7, 10);
+        leases.track(b"/k/a", 7);
+        leases.track(b"/k/b", 7);
+        let put = |key: &[u8], lease| {
+            WatchEvent::Put(Kv {
+                key: key.to_vec(),
+                lease,
+                ..Kv::default()
+            })
+        };
+        // A rewrite on the same lease: from the cache.
+        assert_eq!(
+            leases.granted(&put(b"/k/a", 7)).await,
+            Ok(GrantedTtls::from([(7, Some(10))]))
+        );
+        // One key moves to a lease without a TTL lookup needed (no lease), the other goes.
+        leases.granted(&put(b"/k/a", 0)).await.expect("no lookup");
+        assert_eq!(leases.granted.get(&7), Some(&10), "/k/b still rides it");
+        let delete = WatchEvent::Delete {
+            key: b"/k/b".to_vec(),
+            prev: None,
+            revision: 9,
+        };
+        leases.granted(&delete).await.expect("no lookup");
+        assert!(leases.granted.is_empty(), "the last key went");
+        assert!(leases.keys_on.is_empty() && leases.key_lease.is_empty());
     }
 
     #[tokio::test]
