@@ -25,18 +25,21 @@ const TTL_SECONDS: u32 = 5;
 /// disruption (Unknown), and this section times Dead.
 const SURVIVORS: usize = 20;
 
-/// Heartbeats that outlive the section on leases of their own (no keep-alives needed), as
-/// agents write them.
+/// Heartbeats that outlive the section, as agents write them: each on a lease of its own with
+/// the longest TTL an agent may run with (the value says the same TTL: the controller judges a
+/// heartbeat by its lease's), kept alive every TTL/3 until the bench ends.
 async fn survivors(cluster: &Cluster) -> Result<()> {
+    let ttl = *HEARTBEAT_TTL_SECONDS.end();
     let mut etcd = cluster.etcd.client().await;
+    let mut leases = Vec::new();
     for i in 0..SURVIVORS {
         let node = format!("bench-survivor-{i}");
         let lease = etcd
-            .lease_grant(3600, None)
+            .lease_grant(ttl.into(), None)
             .await
             .map_err(|e| Error::Etcd(e.to_string()))?
             .id();
-        let hb = Heartbeat::running(&node, *HEARTBEAT_TTL_SECONDS.end(), Timestamp::now());
+        let hb = Heartbeat::running(&node, ttl, Timestamp::now());
         etcd.put(
             heartbeat_key(&node),
             hb.to_json(),
@@ -44,7 +47,21 @@ async fn survivors(cluster: &Cluster) -> Result<()> {
         )
         .await
         .map_err(|e| Error::Etcd(e.to_string()))?;
+        leases.push(lease);
     }
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(ttl.into()) / 3).await;
+            for lease in &leases {
+                // A missed renewal is retried a third of the TTL later, well before it expires.
+                if let Ok((mut keeper, mut answers)) = etcd.lease_keep_alive(*lease).await
+                    && keeper.keep_alive().await.is_ok()
+                {
+                    let _ = answers.message().await;
+                }
+            }
+        }
+    });
     Ok(())
 }
 
