@@ -47,11 +47,17 @@ pub enum LivenessReason {
     /// more often than a mass death, so nodepulse does not say Dead (and asks for no
     /// remediation) until the heartbeats tell it more.
     MassDisruption,
+    /// Unknown: etcd's leader changed, and each new leader restarts every lease at its full
+    /// TTL, so the key alone no longer proves that its agent renews it; the agent has not
+    /// proven it since (no heartbeat write, no keep-alive seen in the lease's time-to-live)
+    /// within a TTL of the change. While leaders change faster than the TTL, a dead node's key
+    /// outlives it.
+    LeaderChurn,
 }
 
 impl LivenessReason {
     /// Every reason, in the order of the states they explain.
-    pub const ALL: [LivenessReason; 7] = [
+    pub const ALL: [LivenessReason; 8] = [
         LivenessReason::HeartbeatSeen,
         LivenessReason::HeartbeatExpired,
         LivenessReason::AgentStopped,
@@ -59,6 +65,7 @@ impl LivenessReason {
         LivenessReason::NoHeartbeat,
         LivenessReason::ControllerRemoved,
         LivenessReason::MassDisruption,
+        LivenessReason::LeaderChurn,
     ];
 
     /// The status's `reason` string.
@@ -71,6 +78,7 @@ impl LivenessReason {
             LivenessReason::NoHeartbeat => "NoHeartbeat",
             LivenessReason::ControllerRemoved => "ControllerRemoved",
             LivenessReason::MassDisruption => "MassDisruption",
+            LivenessReason::LeaderChurn => "LeaderChurn",
         }
     }
 
@@ -84,6 +92,7 @@ impl LivenessReason {
             LivenessReason::NoHeartbeat => "no heartbeat yet",
             LivenessReason::ControllerRemoved => "controller removed",
             LivenessReason::MassDisruption => "mass disruption",
+            LivenessReason::LeaderChurn => "etcd leader churn",
         }
     }
 
@@ -122,7 +131,7 @@ pub fn transition_line(node: &str, state: NodeState, reason: LivenessReason) -> 
     category = "monitoring",
     status = "MonitorNodeStatus",
     doc = "Liveness and latest usage of one node, as its nodepulse agent reports them through etcd.",
-    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.state","description":"Alive: a heartbeat on a live lease. Dead: the lease expired (reason HeartbeatExpired or AgentStopped). Unknown: nodepulse cannot tell (reason EtcdUnreachable, MassDisruption, NoHeartbeat or ControllerRemoved)"}"#,
+    printcolumn = r#"{"name":"Status","type":"string","jsonPath":".status.state","description":"Alive: a heartbeat on a live lease. Dead: the lease expired (reason HeartbeatExpired or AgentStopped). Unknown: nodepulse cannot tell (reason EtcdUnreachable, MassDisruption, LeaderChurn, NoHeartbeat or ControllerRemoved)"}"#,
     printcolumn = r#"{"name":"CPU%","type":"number","jsonPath":".status.usage.cpuPercent"}"#,
     printcolumn = r#"{"name":"Memory%","type":"number","jsonPath":".status.usage.memoryPercent"}"#,
     printcolumn = r#"{"name":"Disk%","type":"number","jsonPath":".status.usage.diskPercent"}"#,
@@ -143,8 +152,8 @@ pub struct MonitorNodeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub state: Option<NodeState>,
     /// Machine-readable cause of the state: HeartbeatSeen (Alive); HeartbeatExpired or
-    /// AgentStopped (Dead); EtcdUnreachable, MassDisruption, NoHeartbeat or ControllerRemoved
-    /// (Unknown).
+    /// AgentStopped (Dead); EtcdUnreachable, MassDisruption, LeaderChurn, NoHeartbeat or
+    /// ControllerRemoved (Unknown).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
     /// A sentence for people.
