@@ -44,6 +44,7 @@ use crate::config::keys::ConfigKeys;
 use crate::inventory::{Inventory, StoreReady};
 use crate::leader::LeaderArgs;
 use crate::metrics::Metrics;
+use crate::status::elections::ElectionWatcher;
 use crate::status::heartbeats::{HeartbeatWatcher, WithoutNode};
 use crate::status::liveness::DisruptionBrake;
 use crate::status::node_condition::NodeConditions;
@@ -100,7 +101,11 @@ pub struct Args {
     /// rejected (`no_node`), so that keys written under made-up names cannot fill the API
     /// server. Agents on Kubernetes nodes need none; raise it for agents on machines outside
     /// the cluster.
-    #[arg(long, env = "NODEPULSE_MAX_HEARTBEATS_WITHOUT_NODE", default_value_t = 100)]
+    #[arg(
+        long,
+        env = "NODEPULSE_MAX_HEARTBEATS_WITHOUT_NODE",
+        default_value_t = 100
+    )]
     pub max_heartbeats_without_node: usize,
 
     /// How often the config keys are checked against the MonitorConfigs even if nothing
@@ -245,6 +250,8 @@ async fn run_reconcilers(
         },
     );
     let (events_tx, events_rx) = mpsc::channel(4096);
+    let (elections_tx, elections_rx) = mpsc::channel(4096);
+    let (doubted_tx, doubted_rx) = tokio::sync::watch::channel(Default::default());
     let node_conditions = match args.node_condition {
         true => Some(NodeConditions::load(client.clone(), args.usage_write_interval).await),
         false => None,
@@ -266,10 +273,12 @@ async fn run_reconcilers(
             threshold: args.disruption_threshold,
             min_nodes: args.disruption_min_nodes,
         },
+        doubted_tx,
     );
     // Owner references need the Node cache; liveness does not wait long for it.
     let ready = inventory.clone();
     let rejected = metrics.heartbeats_rejected.clone();
+    let elections = ElectionWatcher::new(etcd.clone(), elections_tx, doubted_rx);
     let without_node = WithoutNode::new(inventory.clone(), args.max_heartbeats_without_node);
     let liveness = async move {
         if tokio::time::timeout(Duration::from_secs(5), ready.wait_until_ready())
@@ -279,7 +288,8 @@ async fn run_reconcilers(
             tracing::warn!("Node/MonitorNode caches not ready after 5s; starting liveness anyway");
         }
         tokio::select! {
-            r = tracker.run(events_rx) => r,
+            r = tracker.run(events_rx, elections_rx) => r,
+            () = elections.run() => Err(Error::TaskStopped("etcd election watcher")),
             () = HeartbeatWatcher::new(etcd, events_tx, rejected, without_node).run() => Err(Error::TaskStopped("heartbeat watcher")),
         }
     };

@@ -81,6 +81,8 @@ pub struct Metrics {
     pub disruptions: Counter,
     /// Nodes Unknown now because their heartbeat was lost in a mass disruption.
     pub nodes_disrupted: Gauge,
+    /// etcd leader changes seen (a higher raft term in a response header).
+    pub etcd_leader_changes: Counter,
     /// Failed reconciles and writes, by reconciler.
     pub reconcile_errors: Family<ReconcilerLabel, Counter>,
     /// Seconds from an etcd delete event on a heartbeat key to the Dead status being written.
@@ -126,6 +128,12 @@ impl Default for Metrics {
             "nodes_disrupted",
             "Nodes Unknown because their heartbeat was lost in a mass disruption (reason MassDisruption)",
             nodes_disrupted.clone(),
+        );
+        let etcd_leader_changes = Counter::default();
+        registry.register(
+            "etcd_leader_changes",
+            "etcd leader changes seen (a higher raft term): each restarts every lease at its full TTL, so Alive nodes must show their agent renews its lease within a TTL or be Unknown (reason LeaderChurn)",
+            etcd_leader_changes.clone(),
         );
         let reconcile_errors = Family::<ReconcilerLabel, Counter>::default();
         // Exported at 0 from the start: a series that appears only at the first error hides
@@ -195,6 +203,7 @@ impl Default for Metrics {
             transitions,
             disruptions,
             nodes_disrupted,
+            etcd_leader_changes,
             reconcile_errors,
             dead_detection,
             status_writes,

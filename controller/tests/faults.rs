@@ -572,3 +572,158 @@ async fn watch_compaction_while_away_both_relist_and_end_up_right() {
         .collect();
     println!("last reasons: {reasons:?}");
 }
+
+/// Each member's id, by index, from `etcdctl member list` (`move-leader` wants the hex id).
+fn member_ids(cluster: &EtcdCluster) -> Vec<u64> {
+    let out = cluster.etcdctl(&["member", "list", "-w", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).expect("member list JSON");
+    cluster
+        .endpoints()
+        .iter()
+        .map(|endpoint| {
+            list["members"]
+                .as_array()
+                .expect("members")
+                .iter()
+                .find(|m| {
+                    m["clientURLs"]
+                        .as_array()
+                        .is_some_and(|urls| urls.iter().any(|u| u.as_str() == Some(endpoint)))
+                })
+                .and_then(|m| m["ID"].as_u64())
+                .unwrap_or_else(|| panic!("no member serves {endpoint}: {list}"))
+        })
+        .collect()
+}
+
+/// Three etcd members whose leader moves every TTL/2 (`etcdctl move-leader`), one agent frozen
+/// (SIGSTOP): each new leader resets every lease to its full TTL, so the frozen agent's key
+/// stays, and the key alone no longer proves life. The frozen node is never Alive past TTL + 2 s
+/// after the freeze and is Unknown by then; once the leader stays put, its lease runs out and it
+/// is Dead. The agent that kept running is never Dead, and Alive once the leader settles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_leader_moving_faster_than_the_ttl_makes_a_frozen_node_unknown_then_dead() {
+    let cluster = tokio::task::spawn_blocking(|| EtcdCluster::start(3))
+        .await
+        .expect("start the etcd cluster");
+    let env = TestEnv::shared(&cluster.endpoints_flag()).await;
+    let nodes = ["churn-frozen", "churn-live"];
+    let controller = controller(&env, "faults-churn");
+    let fleet = Fleet::start(&env, &nodes).await;
+    let ids = member_ids(&cluster);
+    let client = cluster.client().await;
+    let frozen_node = nodes[0];
+    let move_leader = || {
+        let leader = cluster.wait_leader(Duration::from_secs(10));
+        let target = format!("{:x}", ids[(leader + 1) % ids.len()]);
+        let out = cluster.etcdctl(&["move-leader", &target]);
+        assert!(
+            out.status.success(),
+            "move-leader: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+
+    // One election with every agent running: their keep-alives show within the TTL, no node
+    // is ever anything but Alive.
+    let mark = controller.line_count();
+    tokio::task::block_in_place(move_leader);
+    tokio::task::block_in_place(|| {
+        controller.wait_for_line_from(
+            mark,
+            Duration::from_secs(5),
+            "the leader change seen",
+            |l| l.contains("etcd's leader changed"),
+        )
+    });
+    tokio::time::sleep(Duration::from_secs(2 * TTL)).await;
+    for node in nodes {
+        fleet
+            .history
+            .assert_states(node, &[Some(NodeState::Alive)])
+            .await;
+    }
+
+    fleet.agents[0].process.signal(Signal::SIGSTOP);
+    let frozen = Instant::now();
+    let churn = Duration::from_secs(5 * TTL);
+    let limit = Duration::from_secs(TTL + 2);
+    let mut moves = 0;
+    let mut unknown_after = None;
+    let mut next_move = Instant::now();
+    while frozen.elapsed() < churn {
+        if Instant::now() >= next_move {
+            tokio::task::block_in_place(move_leader);
+            moves += 1;
+            next_move += Duration::from_millis(TTL * 1000 / 2);
+        }
+        let state = env.status(frozen_node).await.and_then(|s| s.state);
+        let at = frozen.elapsed();
+        if at > limit {
+            assert_ne!(
+                state,
+                Some(NodeState::Alive),
+                "{frozen_node} still Alive {at:?} after SIGSTOP, with the leader moved {moves} times:\n{}",
+                controller.output_text()
+            );
+        }
+        if state == Some(NodeState::Unknown) && unknown_after.is_none() {
+            unknown_after = Some(at);
+            println!("{frozen_node} Unknown {at:?} after SIGSTOP");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The fault is real: the frozen agent's key outlived its TTL many times over.
+    assert!(
+        testkit::heartbeat(&client, frozen_node).await.is_some(),
+        "the frozen agent's key expired during the churn: the leader moves did not reset its lease"
+    );
+    let unknown_after = unknown_after.expect("the frozen node went Unknown");
+    assert!(
+        unknown_after <= limit,
+        "Unknown only {unknown_after:?} after SIGSTOP"
+    );
+    let status = env.status(frozen_node).await.expect("status");
+    println!(
+        "{frozen_node} after {moves} leader moves: {:?} ({:?})",
+        status.state, status.reason
+    );
+    assert_eq!(status.reason.as_deref(), Some("LeaderChurn"));
+
+    // The leader stays put: the lease runs out (TTL + etcd's election timeout), the node is Dead.
+    let settled = Instant::now();
+    let dead = env
+        .wait_state(
+            frozen_node,
+            NodeState::Dead,
+            Duration::from_secs(2 * TTL + 5),
+        )
+        .await;
+    assert_eq!(dead.reason.as_deref(), Some("HeartbeatExpired"));
+    println!(
+        "{frozen_node} Dead {:?} after the last leader move",
+        settled.elapsed()
+    );
+    env.wait_state(nodes[1], NodeState::Alive, Duration::from_secs(2 * TTL + 2))
+        .await;
+    fleet
+        .history
+        .assert_states(
+            frozen_node,
+            &[
+                Some(NodeState::Alive),
+                Some(NodeState::Unknown),
+                Some(NodeState::Dead),
+            ],
+        )
+        .await;
+    let live = fleet.history.states(nodes[1]);
+    println!("{} went through {live:?}", nodes[1]);
+    assert!(!live.contains(&Some(NodeState::Dead)), "{live:?}");
+    drop(fleet);
+}

@@ -18,6 +18,12 @@
 //!   when a leader takes over);
 //! - a rebuilt store (new cluster, revisions gone back) that lacks a live node's key: Dead only
 //!   if no agent writes it within a TTL;
+//! - etcd's leader changed (a new raft term): each new leader restarts every lease at its full
+//!   TTL, so the key alone proves nothing until the agent shows it renews its lease (a heartbeat
+//!   write, or a lease whose expiry a keep-alive moved). An Alive node that does not within a
+//!   TTL of the change is Unknown (`LeaderChurn`): Alive again when it does, Dead when its key
+//!   expires once the leaders stay put, Alive again when its key outlives the last change by
+//!   twice its TTL;
 //! - a Node whose agent has never written a heartbeat is Unknown (`NoHeartbeat`);
 //! - on every re-list (start, leader hand-over, after a watch error) the API server's statuses
 //!   are adopted first, so a restart repeats no transition and raises no Event twice.
@@ -29,8 +35,9 @@ use k8s_openapi::jiff::Timestamp;
 use nodepulse_crd::v1alpha1::{LivenessReason, MonitorNodeStatus, NodeState};
 use nodepulse_crd::wire::{AgentState, HEARTBEAT_PREFIX, Heartbeat, Rejection};
 
+use crate::status::elections::ElectionEvent;
 use crate::status::heartbeats::HeartbeatEvent;
-use crate::status::record::NodeRecord;
+use crate::status::record::{LeaseExpiry, NodeRecord};
 
 /// The agent's shortest heartbeat TTL, in seconds.
 pub const MIN_TTL: u64 = 2;
@@ -120,6 +127,8 @@ pub struct Decisions {
     pub touched: BTreeSet<String>,
     /// Mass disruptions found (each made its lost nodes Unknown instead of Dead).
     pub disruptions: Vec<Disruption>,
+    /// etcd leader changes seen: the raft term before and after.
+    pub leader_changes: Vec<(u64, u64)>,
 }
 
 /// A mass loss of heartbeats.
@@ -151,6 +160,12 @@ pub struct Liveness {
     /// The MonitorNodes were read from the API server at least once (by a snapshot, or, when
     /// etcd is away from the start, so that they can be marked Unknown).
     adopted: bool,
+    /// etcd's raft term as last seen, and when it was first seen.
+    term: Option<(u64, Instant)>,
+    /// When the term last changed (the first term seen is no change).
+    term_changed_at: Option<Instant>,
+    /// When the next verdict on a doubted node is due (see [`Liveness::judge_leader_churn`]).
+    next_churn_at: Option<Instant>,
     decisions: Decisions,
 }
 
@@ -165,6 +180,9 @@ impl Liveness {
             disruptions_seen: BTreeMap::new(),
             watch_lost_since: Some(started),
             adopted: false,
+            term: None,
+            term_changed_at: None,
+            next_churn_at: None,
             decisions: Decisions::default(),
         }
     }
@@ -220,6 +238,11 @@ impl Liveness {
                 self.watch_lost_since.get_or_insert(since);
             }
             HeartbeatEvent::Put { node, heartbeat } => {
+                // A write is the agent acting now, whatever etcd's leaders did before.
+                if let Some(rec) = self.records.get_mut(&node) {
+                    rec.doubt_since = None;
+                    rec.lease_expiry = None;
+                }
                 self.observe_alive(&node, Some(heartbeat), now)
             }
             HeartbeatEvent::Rejected {
@@ -267,6 +290,8 @@ impl Liveness {
             self.next_dead_at = Some(self.next_dead_at.map_or(at, |n| n.min(at)));
             return;
         }
+        rec.doubt_since = None;
+        rec.lease_expiry = None;
         let last = last.or_else(|| rec.heartbeat.clone());
         // A goodbye is the agent's own word, which a rejected key is not.
         let stopping = rejected.is_none()
@@ -350,11 +375,17 @@ impl Liveness {
                     rec.heartbeat = Some(hb.clone());
                     rec.alive_at = Some(now.instant + 2 * ttl + LEASE_GRACE);
                 }
+                Some(hb) if rec.reason() == Some(LivenessReason::LeaderChurn) => {
+                    // Listed is not renewed: it stays Unknown until its agent proves it.
+                    rec.heartbeat = Some(hb.clone());
+                }
                 Some(hb) => self.observe_alive(name, Some(hb.clone()), now),
                 None => {
                     rec.alive_at = None;
-                    let was_live =
-                        rec.state() == Some(NodeState::Alive) || rec.is_unknown_for_etcd();
+                    rec.doubt_since = None;
+                    let was_live = rec.state() == Some(NodeState::Alive)
+                        || rec.is_unknown_for_etcd()
+                        || rec.reason() == Some(LivenessReason::LeaderChurn);
                     if was_live && store_replaced {
                         // A new store holds no lease yet: a live agent grants one and writes its
                         // key within a third of its TTL. Dead if none has by then.
@@ -384,6 +415,7 @@ impl Liveness {
         self.records.retain(|name, _| names.contains(name));
         self.watch_lost_since = None;
         self.adopted = true;
+        self.next_churn_at = self.churn_deadline();
         self.nodes_changed(nodes, now);
     }
 
@@ -442,17 +474,180 @@ impl Liveness {
         }
     }
 
-    /// When the next verdict on a lost heartbeat is due, if one is waiting: the task wakes
-    /// then, so a Dead is not late by a tick.
+    /// When the next verdict on a lost heartbeat, or on a node doubted since a leader change,
+    /// is due, if one is waiting: the task wakes then, so a verdict is not late by a tick.
     pub fn next_deadline(&self) -> Option<Instant> {
-        self.next_dead_at
+        match (self.next_dead_at, self.next_churn_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// Time passed: the deadlines that are due now fire.
     pub fn tick(&mut self, now: Now) {
         self.mark_unknown_while_watch_lost(now);
+        self.judge_leader_churn(now);
         self.confirm_alive_due(now);
         self.confirm_dead_due(now);
+    }
+
+    /// What etcd says about its elections: a term, or a doubted node's lease.
+    pub fn observe_election(&mut self, event: ElectionEvent, now: Now) {
+        match event {
+            ElectionEvent::Term { term, seen_at } => self.observe_term(term, seen_at),
+            ElectionEvent::LeaseAudit {
+                node,
+                lease,
+                term,
+                remaining_secs,
+                sent_at,
+                received_at,
+            } => {
+                self.observe_term(term, received_at);
+                let Some((current, seen_at)) = self.term else {
+                    return;
+                };
+                // An answer from before the term it carries was seen may predate the new
+                // leader's reset of the leases: it places nothing.
+                if term != current || sent_at < seen_at || remaining_secs <= 0 {
+                    return;
+                }
+                let Some(rec) = self.records.get_mut(&node) else {
+                    return;
+                };
+                if rec.doubt_since.is_none() {
+                    return;
+                }
+                let expiry = LeaseExpiry::from_answer(
+                    lease,
+                    remaining_secs.unsigned_abs(),
+                    sent_at,
+                    received_at,
+                );
+                match rec.lease_expiry {
+                    Some(first) if expiry.moved_from(&first) => {
+                        // A keep-alive since the leader changed: the agent renews its lease.
+                        rec.doubt_since = None;
+                        rec.lease_expiry = None;
+                        if rec.reason() == Some(LivenessReason::LeaderChurn) {
+                            self.observe_alive(&node, None, now);
+                        }
+                    }
+                    Some(placed) if placed.lease == lease => {
+                        rec.lease_expiry = Some(placed.narrowed(&expiry));
+                    }
+                    _ => rec.lease_expiry = Some(expiry),
+                }
+            }
+        }
+    }
+
+    /// A term seen at `seen_at`: a higher one than before is a leader change, after which no
+    /// Alive node's key proves life until its agent shows it renews its lease.
+    fn observe_term(&mut self, term: u64, seen_at: Instant) {
+        match self.term {
+            None => self.term = Some((term, seen_at)),
+            Some((known, _)) if term > known => {
+                self.decisions.leader_changes.push((known, term));
+                self.term = Some((term, seen_at));
+                self.term_changed_at = Some(seen_at);
+                for rec in self.records.values_mut() {
+                    let doubtful = rec.state() == Some(NodeState::Alive)
+                        || rec.reason() == Some(LivenessReason::LeaderChurn);
+                    if doubtful && rec.heartbeat.is_some() {
+                        rec.doubt_since.get_or_insert(seen_at);
+                        // The new leader moved every expiry: one placed before says nothing.
+                        rec.lease_expiry = None;
+                    }
+                }
+                self.next_churn_at = self.churn_deadline();
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// The earliest instant at which [`Liveness::judge_leader_churn`] has a doubted node to
+    /// move: an Alive one a TTL after its doubt began, or any once the leaders have settled.
+    fn churn_deadline(&self) -> Option<Instant> {
+        let changed_at = self.term_changed_at?;
+        self.records
+            .values()
+            .filter_map(|rec| {
+                let since = rec.doubt_since?;
+                let ttl = Duration::from_secs(rec.ttl_seconds().into());
+                let settled = changed_at + 2 * ttl + LEASE_GRACE;
+                Some(match rec.state() {
+                    Some(NodeState::Alive) => settled.min(since + ttl),
+                    _ => settled,
+                })
+            })
+            .min()
+    }
+
+    /// The nodes whose agent has not proven since etcd's leader changed that it renews its
+    /// lease: the task around the rules audits their leases.
+    pub fn doubted(&self) -> BTreeSet<String> {
+        self.records
+            .iter()
+            .filter(|(_, rec)| rec.doubt_since.is_some())
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Doubted Alive nodes a TTL after the leader change: Unknown (`LeaderChurn`). Doubted nodes
+    /// whose key outlived the last leader change by twice their TTL: their lease is kept alive
+    /// (a new leader gives every lease its TTL and an election timeout), Alive.
+    fn judge_leader_churn(&mut self, now: Now) {
+        let Some(changed_at) = self.term_changed_at else {
+            return;
+        };
+        if self.watch_lost_since.is_some() {
+            // The keys cannot be seen: the outage's rules judge the nodes meanwhile (the next
+            // list sets the deadline again).
+            self.next_churn_at = None;
+            return;
+        }
+        if self.next_churn_at.is_none_or(|at| at > now.instant) {
+            return;
+        }
+        let mut settled = Vec::new();
+        for (name, rec) in self.records.iter_mut() {
+            let Some(since) = rec.doubt_since else {
+                continue;
+            };
+            let ttl = Duration::from_secs(rec.ttl_seconds().into());
+            if now.instant >= changed_at + 2 * ttl + LEASE_GRACE {
+                rec.doubt_since = None;
+                rec.lease_expiry = None;
+                if rec.reason() == Some(LivenessReason::LeaderChurn) {
+                    settled.push(name.clone());
+                }
+                continue;
+            }
+            if rec.state() != Some(NodeState::Alive) || now.instant < since + ttl {
+                continue;
+            }
+            let message = format!(
+                "etcd's leader changed {:.0}s ago, and each new leader restarts every lease at its full TTL: the heartbeat key alone does not prove the agent renews its lease, and it has not shown it does within its {}s TTL",
+                now.instant.saturating_duration_since(since).as_secs_f64(),
+                ttl.as_secs(),
+            );
+            transition(
+                &mut self.decisions,
+                name,
+                rec,
+                NodeState::Unknown,
+                LivenessReason::LeaderChurn,
+                message,
+                now,
+            );
+            self.decisions.touched.insert(name.clone());
+        }
+        settled.sort();
+        for name in settled {
+            self.observe_alive(&name, None, now);
+        }
+        self.next_churn_at = self.churn_deadline();
     }
 
     /// While the heartbeat watch is down: every Alive node whose TTL has passed since then goes
@@ -725,6 +920,7 @@ mod tests {
     const NO_HEARTBEAT: Verdict = (NodeState::Unknown, LivenessReason::NoHeartbeat);
     const CONTROLLER_REMOVED: Verdict = (NodeState::Unknown, LivenessReason::ControllerRemoved);
     const MASS_DISRUPTION: Verdict = (NodeState::Unknown, LivenessReason::MassDisruption);
+    const LEADER_CHURN: Verdict = (NodeState::Unknown, LivenessReason::LeaderChurn);
 
     /// A clock that only moves when the test says so.
     struct Clock {
@@ -1526,5 +1722,258 @@ mod tests {
         assert_eq!(d.transitions.len(), 10);
         assert!(d.transitions.iter().all(|t| (t.state, t.reason) == STOPPED));
         assert!(d.disruptions.is_empty());
+    }
+
+    /// etcd's term `term`, seen at `at` seconds.
+    fn term(l: &mut Liveness, clock: &Clock, term: u64, at: f64) {
+        l.observe_election(
+            ElectionEvent::Term {
+                term,
+                seen_at: clock.at(at).instant,
+            },
+            clock.at(at),
+        );
+    }
+
+    /// A time-to-live answer for `node`'s lease 7 in `term`: `remaining` seconds, asked at `at`
+    /// seconds and answered 10 ms later.
+    fn audit(l: &mut Liveness, clock: &Clock, node: &str, term: u64, remaining: i64, at: f64) {
+        l.observe_election(
+            ElectionEvent::LeaseAudit {
+                node: node.into(),
+                lease: 7,
+                term,
+                remaining_secs: remaining,
+                sent_at: clock.at(at).instant,
+                received_at: clock.at(at + 0.01).instant,
+            },
+            clock.at(at + 0.01),
+        );
+    }
+
+    /// worker-1 and worker-2 Alive, etcd at term 5 since the start, then a new leader (term 6)
+    /// seen at 1 s.
+    fn after_a_leader_change(clock: &Clock) -> Liveness {
+        let mut l = started(clock, &["worker-1", "worker-2"], &[]);
+        term(&mut l, clock, 5, 0.0);
+        assert!(l.doubted().is_empty(), "the first term seen is no change");
+        term(&mut l, clock, 6, 1.0);
+        let d = l.take_decisions();
+        assert_eq!(d.leader_changes, [(5, 6)]);
+        assert!(d.transitions.is_empty());
+        assert_eq!(l.doubted(), names(&["worker-1", "worker-2"]));
+        l
+    }
+
+    #[test]
+    fn after_a_leader_change_a_node_whose_agent_does_not_prove_it_renews_is_unknown_a_ttl_later() {
+        let clock = Clock::new();
+        let mut l = after_a_leader_change(&clock);
+        // worker-1's agent writes its heartbeat: it acts now.
+        l.observe(put("worker-1", heartbeat("worker-1", 3)), clock.at(3.0));
+        l.take_decisions();
+        assert_eq!(l.doubted(), names(&["worker-2"]));
+        assert_eq!(
+            l.next_deadline(),
+            Some(clock.at(11.0).instant),
+            "the task wakes then"
+        );
+        // The same term again, and an older one (a lagging member), change nothing.
+        term(&mut l, &clock, 6, 2.0);
+        term(&mut l, &clock, 4, 2.5);
+        l.tick(clock.at(10.999));
+        assert_decided(&mut l, &[]);
+        l.tick(clock.at(11.0));
+        assert_decided(&mut l, &[("worker-2", LEADER_CHURN)]);
+        assert_eq!(state(&l, "worker-1"), Some(ALIVE));
+        let message = &l.records()["worker-2"].verdict.as_ref().unwrap().message;
+        assert!(message.contains("leader changed 10s ago"), "{message}");
+    }
+
+    #[test]
+    fn a_lease_whose_expiry_a_keep_alive_moved_proves_its_agent_renews_it() {
+        let clock = Clock::new();
+        let mut l = after_a_leader_change(&clock);
+        // Both leases as the new leader reset them: 10 s and its election timeout from ~1 s.
+        audit(&mut l, &clock, "worker-1", 6, 10, 1.5);
+        audit(&mut l, &clock, "worker-2", 6, 10, 1.5);
+        // worker-1's agent renews at 4.5 s (expiry 14.5); worker-2's is frozen (expiry ~12).
+        for at in [2.5, 3.5, 4.6, 5.6, 6.6] {
+            let left = |expiry: f64| (expiry - at).floor() as i64;
+            audit(
+                &mut l,
+                &clock,
+                "worker-1",
+                6,
+                left(if at < 4.5 { 12.0 } else { 14.5 }),
+                at,
+            );
+            audit(&mut l, &clock, "worker-2", 6, left(12.0), at);
+        }
+        assert_eq!(l.doubted(), names(&["worker-2"]));
+        l.tick(clock.at(11.0));
+        assert_decided(&mut l, &[("worker-2", LEADER_CHURN)]);
+        // worker-2's agent is back: a keep-alive moves its expiry, and it is Alive again.
+        audit(&mut l, &clock, "worker-2", 6, 1, 11.5);
+        audit(&mut l, &clock, "worker-2", 6, 9, 12.0);
+        assert_decided(&mut l, &[("worker-2", ALIVE)]);
+        assert!(l.doubted().is_empty());
+    }
+
+    #[test]
+    fn lease_answers_that_may_predate_the_new_leaders_reset_prove_nothing() {
+        let clock = Clock::new();
+        let mut l = after_a_leader_change(&clock);
+        // Asked before term 6 was seen: it may have been answered before the reset.
+        audit(&mut l, &clock, "worker-1", 6, 3, 0.9);
+        // From the old term.
+        audit(&mut l, &clock, "worker-1", 5, 3, 1.2);
+        audit(&mut l, &clock, "worker-1", 6, 10, 1.5);
+        assert_eq!(l.doubted(), names(&["worker-1", "worker-2"]));
+        // An answer in a newer term is a leader change: every expiry placed before is void, and
+        // the answer itself came before the term was seen.
+        audit(&mut l, &clock, "worker-1", 7, 6, 5.0);
+        assert_eq!(l.take_decisions().leader_changes, [(6, 7)]);
+        assert_eq!(l.records()["worker-1"].lease_expiry, None);
+        // A new lease (the agent restarted) starts over instead of proving anything.
+        audit(&mut l, &clock, "worker-1", 7, 10, 5.5);
+        l.observe_election(
+            ElectionEvent::LeaseAudit {
+                node: "worker-1".into(),
+                lease: 8,
+                term: 7,
+                remaining_secs: 3,
+                sent_at: clock.at(6.0).instant,
+                received_at: clock.at(6.0).instant,
+            },
+            clock.at(6.0),
+        );
+        assert_eq!(l.doubted(), names(&["worker-1", "worker-2"]));
+        // Doubted since the first change they were not proven after.
+        l.tick(clock.at(11.0));
+        assert_eq!(l.take_decisions().transitions.len(), 2);
+    }
+
+    #[test]
+    fn while_leaders_keep_changing_a_frozen_nodes_key_stays_and_it_is_unknown_then_dead() {
+        let clock = Clock::new();
+        let mut l = after_a_leader_change(&clock);
+        l.observe(put("worker-1", heartbeat("worker-1", 1)), clock.at(1.5));
+        // A new leader every 5 s; worker-1's agent writes after each, worker-2's is frozen.
+        let mut all = Vec::new();
+        for i in 0..8 {
+            let at = 6.0 + 5.0 * i as f64;
+            term(&mut l, &clock, 7 + i, at);
+            l.observe(
+                put("worker-1", heartbeat("worker-1", 2 + i64::from(i as u8))),
+                clock.at(at + 1.0),
+            );
+            for t in [at + 2.0, at + 4.9] {
+                l.tick(clock.at(t));
+                all.extend(
+                    transitions(&l.take_decisions())
+                        .into_iter()
+                        .map(|(n, v)| (n.to_string(), v)),
+                );
+            }
+        }
+        assert_eq!(
+            all,
+            [("worker-2".to_string(), LEADER_CHURN)],
+            "Unknown once, 10 s after the first change"
+        );
+        assert_eq!(state(&l, "worker-1"), Some(ALIVE));
+        // The leaders settle (the last change at 41 s): worker-2's lease runs out.
+        l.observe(
+            expired("worker-2", None, clock.at(52.0).instant),
+            clock.at(52.0),
+        );
+        assert!(l.doubted().is_empty());
+        l.tick(clock.at(52.0 + HOLD));
+        assert_decided(&mut l, &[("worker-2", EXPIRED)]);
+    }
+
+    #[test]
+    fn a_key_that_outlives_the_last_leader_change_by_twice_its_ttl_is_alive_again() {
+        let clock = Clock::new();
+        let mut l = after_a_leader_change(&clock);
+        l.tick(clock.at(11.0));
+        assert_eq!(l.take_decisions().transitions.len(), 2);
+        // A re-list shows the keys: listed is not renewed, they stay Unknown.
+        relist(
+            &mut l,
+            &[
+                ("worker-1", heartbeat("worker-1", 0)),
+                ("worker-2", heartbeat("worker-2", 0)),
+            ],
+            false,
+            clock.at(12.0),
+        );
+        assert_decided(&mut l, &[]);
+        assert_eq!(state(&l, "worker-1"), Some(LEADER_CHURN));
+        // The leader changed last at 1 s: a lease it reset ran out by 1 + 10 + its election
+        // timeout, so a key there at 1 + 2 x 10 + 1 s is being renewed.
+        l.tick(clock.at(21.999));
+        assert_decided(&mut l, &[]);
+        l.tick(clock.at(22.0));
+        assert_decided(&mut l, &[("worker-1", ALIVE), ("worker-2", ALIVE)]);
+        assert!(l.doubted().is_empty());
+    }
+
+    #[test]
+    fn a_leader_churn_node_whose_key_is_gone_from_a_relist_is_dead_and_dead_nodes_are_not_doubted()
+    {
+        let clock = Clock::new();
+        let mut l = after_a_leader_change(&clock);
+        l.observe(
+            expired("worker-1", None, clock.at(2.0).instant),
+            clock.at(2.0),
+        );
+        l.tick(clock.at(2.0 + HOLD));
+        assert_decided(&mut l, &[("worker-1", EXPIRED)]);
+        term(&mut l, &clock, 7, 4.0);
+        assert_eq!(
+            l.doubted(),
+            names(&["worker-2"]),
+            "a Dead node has nothing to prove"
+        );
+        l.tick(clock.at(11.0));
+        assert_decided(&mut l, &[("worker-2", LEADER_CHURN)]);
+        relist(&mut l, &[], false, clock.at(12.0));
+        assert_decided(&mut l, &[("worker-2", EXPIRED)]);
+    }
+
+    #[test]
+    fn lease_expiries_move_only_beyond_what_whole_seconds_blur() {
+        let t0 = Instant::now();
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        // 9 s left asked at 1.0 s: the expiry is in [10.0, 11.05).
+        let first = LeaseExpiry::from_answer(7, 9, at(1.0), at(1.05));
+        assert!(!LeaseExpiry::from_answer(7, 8, at(2.0), at(2.05)).moved_from(&first));
+        assert!(!LeaseExpiry::from_answer(7, 9, at(2.0), at(2.05)).moved_from(&first));
+        assert!(LeaseExpiry::from_answer(7, 9, at(2.1), at(2.15)).moved_from(&first));
+        assert!(LeaseExpiry::from_answer(7, 7, at(1.0), at(1.05)).moved_from(&first));
+        assert!(!LeaseExpiry::from_answer(8, 20, at(2.0), at(2.05)).moved_from(&first));
+    }
+
+    #[test]
+    fn a_few_answers_place_an_expiry_closely_enough_to_see_a_keep_alive_move_it_under_a_second() {
+        let t0 = Instant::now();
+        let at = |s: f64| t0 + Duration::from_secs_f64(s);
+        // A lease expiring at 12 s, asked five times, each answer 10 ms after its request.
+        let answer = |expiry: f64, asked: f64| {
+            let left = (expiry - asked).floor() as u64;
+            LeaseExpiry::from_answer(7, left, at(asked), at(asked + 0.01))
+        };
+        let mut placed = answer(12.0, 1.0);
+        for asked in [1.5, 2.3, 2.8, 3.1] {
+            let next = answer(12.0, asked);
+            assert!(!next.moved_from(&placed), "asked at {asked}");
+            placed = placed.narrowed(&next);
+        }
+        assert_eq!((placed.earliest, placed.before), (at(12.0), at(12.11)));
+        // A keep-alive moves it to 12.4 s: not seen while the answers blur it, then seen.
+        assert!(!answer(12.4, 3.5).moved_from(&placed));
+        assert!(answer(12.4, 4.35).moved_from(&placed));
     }
 }

@@ -4,10 +4,12 @@
 //! or Unknown, pure) -> [`record`] (each node's verdict and what was written) -> [`render`] (the
 //! status a record calls for) -> [`writer`] (when each status is written) -> [`apply`] (the
 //! server-side apply), with [`events`] (the transitions' Events) and [`node_condition`] (the
-//! `NodePulseHeartbeat` condition on the Node) going out with the writes. [`tracker`] is the
-//! task that moves the events through.
+//! `NodePulseHeartbeat` condition on the Node) going out with the writes. [`elections`] (etcd's
+//! raft term, and the leases of the nodes a leader change put in doubt) feeds [`liveness`]
+//! beside [`heartbeats`]. [`tracker`] is the task that moves the events through.
 
 pub mod apply;
+pub mod elections;
 pub mod events;
 pub mod heartbeats;
 pub mod liveness;

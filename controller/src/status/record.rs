@@ -2,7 +2,7 @@
 //! the status last written and where its writes stand, and the rules by which a re-list moves
 //! it.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -62,6 +62,13 @@ pub struct NodeRecord {
     pub dead_reason: Option<(LivenessReason, String)>,
     /// When its heartbeat was lost (and not back since): counted for a mass disruption.
     pub lost_at: Option<Instant>,
+    /// Since when etcd's leader changed without the agent proving since that it renews its
+    /// lease (each new leader restarts every lease at its full TTL, so the key alone proves
+    /// nothing then): Unknown a TTL after this unless it does.
+    pub doubt_since: Option<Instant>,
+    /// The lease's expiry as the time-to-live answers since the last leader change place it:
+    /// an answer that places it elsewhere means a keep-alive moved it.
+    pub lease_expiry: Option<LeaseExpiry>,
     /// Where the node's status writes stand.
     pub write: WriteState,
 }
@@ -163,6 +170,54 @@ impl NodeRecord {
             heartbeat: self.heartbeat.take(),
             ..NodeRecord::default()
         };
+    }
+}
+
+/// Where a lease's expiry lies, from one time-to-live answer: etcd reports whole seconds
+/// (rounded down) at some instant between the request and the answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeaseExpiry {
+    /// The lease.
+    pub lease: i64,
+    /// The expiry is no earlier than this...
+    pub earliest: Instant,
+    /// ...and earlier than this.
+    pub before: Instant,
+}
+
+impl LeaseExpiry {
+    /// The expiry a time-to-live answer of `remaining_secs` places, asked at `sent_at` and
+    /// answered at `received_at`.
+    pub fn from_answer(
+        lease: i64,
+        remaining_secs: u64,
+        sent_at: Instant,
+        received_at: Instant,
+    ) -> Self {
+        let remaining = Duration::from_secs(remaining_secs);
+        LeaseExpiry {
+            lease,
+            earliest: sent_at + remaining,
+            before: received_at + remaining + Duration::from_secs(1),
+        }
+    }
+
+    /// Whether the two cannot be the same expiry: only a keep-alive (or a leader change) moves
+    /// a lease's expiry.
+    pub fn moved_from(&self, other: &LeaseExpiry) -> bool {
+        self.lease == other.lease
+            && (self.earliest >= other.before || other.earliest >= self.before)
+    }
+
+    /// Where the expiry lies if both answers place the same one: each answer blurs a different
+    /// part of its whole second, so a few answers place it within their latency, and a
+    /// keep-alive that moves it by less than a second shows.
+    pub fn narrowed(&self, other: &LeaseExpiry) -> LeaseExpiry {
+        LeaseExpiry {
+            lease: self.lease,
+            earliest: self.earliest.max(other.earliest),
+            before: self.before.min(other.before),
+        }
     }
 }
 

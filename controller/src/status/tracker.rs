@@ -2,7 +2,7 @@
 //! it reads the clocks, the MonitorNodes and the Nodes, feeds them to [`Liveness`], logs and
 //! counts the transitions, and has the writer write what changed. It decides nothing itself.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,6 +16,7 @@ use crate::config::DesiredConfigs;
 use crate::error::{Error, Result};
 use crate::inventory::Inventory;
 use crate::metrics::{Metrics, StateLabel};
+use crate::status::elections::ElectionEvent;
 use crate::status::heartbeats::HeartbeatEvent;
 use crate::status::liveness::{DisruptionBrake, Liveness, Now};
 use crate::status::writer::StatusWriter;
@@ -46,12 +47,18 @@ pub struct LivenessTracker {
     node_changes: watch::Receiver<u64>,
     /// Signals a change in the desired configs (the writer reads them).
     desired: watch::Receiver<DesiredConfigs>,
+    /// The nodes whose leases the election watcher is to audit.
+    doubted: watch::Sender<BTreeSet<String>>,
 }
 
 impl LivenessTracker {
     /// A tracker having `writer` write the statuses; it reads the MonitorNodes, the Node
     /// inventory and the desired configs through the writer's client and caches.
-    pub fn new(writer: StatusWriter, brake: DisruptionBrake) -> Self {
+    pub fn new(
+        writer: StatusWriter,
+        brake: DisruptionBrake,
+        doubted: watch::Sender<BTreeSet<String>>,
+    ) -> Self {
         let inventory = writer.inventory().clone();
         LivenessTracker {
             api: writer.api().clone(),
@@ -61,11 +68,16 @@ impl LivenessTracker {
             inventory,
             liveness: Liveness::new(Instant::now(), brake),
             writer,
+            doubted,
         }
     }
 
-    /// Consumes heartbeat events until the watcher goes away.
-    pub async fn run(mut self, mut events: mpsc::Receiver<HeartbeatEvent>) -> Result<()> {
+    /// Consumes heartbeat and election events until a watcher goes away.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<HeartbeatEvent>,
+        mut elections: mpsc::Receiver<ElectionEvent>,
+    ) -> Result<()> {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -74,6 +86,13 @@ impl LivenessTracker {
                 event = events.recv() => match event {
                     Some(event) => self.handle(event).await,
                     None => return Err(Error::TaskStopped("heartbeat watcher")),
+                },
+                event = elections.recv() => match event {
+                    Some(event) => {
+                        self.liveness.observe_election(event, Now::read());
+                        self.apply_decisions();
+                    }
+                    None => return Err(Error::TaskStopped("etcd election watcher")),
                 },
                 outcome = self.writer.next_outcome() => {
                     self.writer.finish(outcome, self.liveness.records_mut());
@@ -168,6 +187,27 @@ impl LivenessTracker {
             );
             self.metrics.disruptions.inc();
         }
+        for (from, to) in &decisions.leader_changes {
+            tracing::info!(
+                from,
+                to,
+                doubted = self.liveness.doubted().len(),
+                "etcd's leader changed (term {from} -> {to}): every lease restarted at its full TTL, so each Alive node's agent must show within a TTL that it renews its lease, or the node is Unknown (LeaderChurn)"
+            );
+            self.metrics.etcd_leader_changes.inc();
+        }
+        let doubted = self.liveness.doubted();
+        self.doubted.send_if_modified(|was| {
+            let changed = *was != doubted;
+            if changed {
+                tracing::debug!(
+                    nodes = doubted.len(),
+                    "nodes doubted since etcd's leader changed"
+                );
+                *was = doubted;
+            }
+            changed
+        });
         let records = self.liveness.records_mut();
         for name in &decisions.touched {
             if let Some(rec) = records.get_mut(name) {
