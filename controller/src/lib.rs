@@ -108,6 +108,11 @@ pub struct Args {
     )]
     pub max_heartbeats_without_node: usize,
 
+    /// How long the MonitorNode of a name with no Node object stays once its node is Dead (its
+    /// heartbeat gone); then it is deleted, as a Node's goes with its Node.
+    #[arg(long, env = "NODEPULSE_DELETE_WITHOUT_NODE_AFTER", default_value = "1h", value_parser = parse_duration)]
+    pub delete_without_node_after: Duration,
+
     /// How often the config keys are checked against the MonitorConfigs even if nothing
     /// signalled a change.
     #[arg(long, env = "NODEPULSE_CONFIG_RESYNC", default_value = "5m", value_parser = parse_duration)]
@@ -299,5 +304,6 @@ async fn run_reconcilers(
         () = config::reconciler::run(controller, client.clone(), keys.clone(), metrics.clone(), refresh_rx) => Err(Error::TaskStopped("MonitorConfig controller")),
         r = keys.clone().run_sync_loop(refresh_tx, args.config_resync) => r,
         r = keys.clone().watch_keys() => r,
+        () = status::orphans::run(Api::all(client.clone()), inventory.clone(), args.delete_without_node_after) => Err(Error::TaskStopped("MonitorNode clean-up")),
     }
 }

@@ -173,10 +173,12 @@ fn invalid_specs() -> Vec<(&'static str, Value, &'static str)> {
 async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ignored() {
     let (env, etcd) = TestEnv::start().await;
     // Two heartbeats without a Node at most (the tests' default is far more: their simulated
-    // nodes have no Node objects).
+    // nodes have no Node objects), and the MonitorNode of such a name deleted 2 s after its
+    // node is Dead.
     let mut controller = env
         .controller("controller-0")
         .env("NODEPULSE_MAX_HEARTBEATS_WITHOUT_NODE", "2")
+        .env("NODEPULSE_DELETE_WITHOUT_NODE_AFTER", "2s")
         .spawn();
     let metrics = controller.wait_for_serving_addr(Duration::from_secs(30));
     let node = json!({"apiVersion": "v1", "kind": "Node",
@@ -309,6 +311,7 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
     }
     // Genuine heartbeats (a 300 s lease, as an agent grants it) for names with no Node: two
     // are taken, the third is over the cap.
+    let mut ghosts = Vec::new();
     for node in ["ghost-a", "ghost-b", "ghost-c"] {
         let lease = etcd.lease_grant(300, None).await.expect("lease").id();
         let hb = Heartbeat::running(node, 300, Timestamp::now());
@@ -319,6 +322,7 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
         )
         .await
         .expect("put heartbeat");
+        ghosts.push((lease, hb));
     }
     for (what, needle) in [
         ("a nested path", "not /monitor/heartbeat/<node>"),
@@ -405,5 +409,35 @@ async fn bad_monitor_configs_are_refused_or_reported_and_heartbeat_garbage_is_ig
             "a key that is no heartbeat changed {node}: {status:?}"
         );
     }
+
+    // A name with no Node whose heartbeat is gone: its MonitorNode is deleted (2 s after it is
+    // Dead here), which frees its place under the cap: ghost-c's next write counts.
+    let (ghost_a_lease, _) = &ghosts[0];
+    etcd.lease_revoke(*ghost_a_lease)
+        .await
+        .expect("revoke ghost-a's lease");
+    env.wait_state("ghost-a", NodeState::Dead, Duration::from_secs(20))
+        .await;
+    eventually(
+        "ghost-a's MonitorNode deleted",
+        Duration::from_secs(30),
+        || async { mns.get_opt("ghost-a").await.ok()?.is_none().then_some(()) },
+    )
+    .await;
+    let (ghost_c_lease, ghost_c) = &ghosts[2];
+    etcd.put(
+        heartbeat_key("ghost-c"),
+        ghost_c.to_json(),
+        Some(etcd_client::PutOptions::new().with_lease(*ghost_c_lease)),
+    )
+    .await
+    .expect("put ghost-c's heartbeat again");
+    env.wait_state("ghost-c", NodeState::Alive, Duration::from_secs(20))
+        .await;
+    // A Node's MonitorNode is never deleted so: worker-1 is still there.
+    assert!(
+        mns.get_opt("worker-1").await.expect("get").is_some(),
+        "worker-1's MonitorNode deleted"
+    );
     assert!(controller.is_running(), "controller exited");
 }

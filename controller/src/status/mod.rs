@@ -6,7 +6,8 @@
 //! server-side apply), with [`events`] (the transitions' Events) and [`node_condition`] (the
 //! `NodePulseHeartbeat` condition on the Node) going out with the writes. [`elections`] (etcd's
 //! raft term, and the leases of the nodes a leader change put in doubt) feeds [`liveness`]
-//! beside [`heartbeats`]. [`tracker`] is the task that moves the events through.
+//! beside [`heartbeats`]. [`tracker`] is the task that moves the events through;
+//! [`orphans`] deletes the MonitorNodes of names with no Node once their heartbeat is long gone.
 
 pub mod apply;
 pub mod elections;
@@ -14,6 +15,7 @@ pub mod events;
 pub mod heartbeats;
 pub mod liveness;
 pub mod node_condition;
+pub mod orphans;
 pub mod record;
 pub mod render;
 pub mod tracker;
