@@ -32,6 +32,18 @@ pub enum Error {
         #[source]
         source: nix::errno::Errno,
     },
+    /// A collector did not answer within its deadline (a statvfs on a hung NFS or FUSE mount, a
+    /// /proc read stuck in the kernel); it is not started again until it answers.
+    #[error(
+        "no answer within {after:?} (a hung mount or /proc read?); not started again until it answers"
+    )]
+    CollectorTimeout {
+        /// The deadline.
+        after: std::time::Duration,
+    },
+    /// A collector panicked (a bug); it starts afresh, with no previous counters, next time.
+    #[error("panicked (a bug); started afresh")]
+    CollectorPanicked,
     /// The node name is not usable as an etcd key and a Kubernetes object name.
     #[error("node name: {0}")]
     NodeName(String),

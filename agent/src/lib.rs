@@ -141,9 +141,10 @@ pub async fn run(args: Args) -> Result<()> {
 
     let (usage_tx, usage_rx) = watch::channel(None);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let sampler = collect::Sampler::new(
+    let sampler = collect::deadline::TimedSampler::new(
         collect::HostPaths::new(&args.proc_root, &args.host_root)
             .with_net_devices(args.network_device_exclude.clone()),
+        collect::deadline::COLLECTOR_DEADLINE,
     );
     let sampling = tokio::spawn(sampling::run(
         sampler,

@@ -13,6 +13,8 @@ use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use nodepulse_crd::wire::Metric;
+
 use crate::collect::Sample;
 
 /// 0.1 ms doubling up to 204.8 ms. Written out rather than computed with
@@ -36,6 +38,8 @@ pub struct AgentMetrics {
     lease_held_gauge: Gauge,
     lease_held: AtomicBool,
     sample_duration: Histogram,
+    /// Per collector, in `Metric::ALL`'s order.
+    collector_timeouts: [Counter; 5],
     latest: Arc<LatestSample>,
 }
 
@@ -51,6 +55,7 @@ impl AgentMetrics {
             lease_held_gauge: Gauge::default(),
             lease_held: AtomicBool::new(false),
             sample_duration: Histogram::new(SAMPLE_DURATION_BUCKETS),
+            collector_timeouts: Default::default(),
             latest: Arc::default(),
         });
         let mut r = Registry::default();
@@ -92,6 +97,7 @@ impl AgentMetrics {
             m.sample_duration.clone(),
         );
         a.register_collector(Box::new(CollectorFigures(m.latest.clone())));
+        a.register_collector(Box::new(CollectorTimeouts(m.collector_timeouts.clone())));
         a.register_collector(Box::new(LogLinesDropped));
         (m, r)
     }
@@ -117,7 +123,18 @@ impl AgentMetrics {
     /// Records a sample: its duration, and the figures `/metrics` serves until the next one.
     pub fn record_sample(&self, sample: Arc<Sample>) {
         self.sample_duration.observe(sample.duration.as_secs_f64());
+        self.record_timeouts(&sample);
         *self.latest.0.lock().unwrap_or_else(PoisonError::into_inner) = Some(sample);
+    }
+}
+
+impl AgentMetrics {
+    /// Counts the collectors that ran past their deadline in `sample`; for a sample that is not
+    /// recorded otherwise (the one that primes the counters rates need).
+    pub fn record_timeouts(&self, sample: &Sample) {
+        for m in &sample.timed_out {
+            self.collector_timeouts[crate::collect::slot(*m)].inc();
+        }
     }
 }
 
@@ -177,6 +194,27 @@ impl Collector for CollectorFigures {
             let label = [("collector", m.as_str())];
             let ok = !sample.errors.iter().any(|(e, _)| e == m);
             ConstGauge::new(i64::from(ok)).encode(success.encode_family(&label)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Collectors that ran past their deadline, each counted once per hang (not once per sample it
+/// then misses), every collector from 0.
+#[derive(Debug)]
+struct CollectorTimeouts([Counter; 5]);
+
+impl Collector for CollectorTimeouts {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let mut timeouts = enc.encode_descriptor(
+            "collector_timeouts",
+            "Collectors that did not answer within their deadline (a hung mount or /proc read).",
+            None,
+            MetricType::Counter,
+        )?;
+        for (m, count) in Metric::ALL.iter().zip(&self.0) {
+            let label = [("collector", m.as_str())];
+            ConstCounter::new(count.get()).encode(timeouts.encode_family(&label)?)?;
         }
         Ok(())
     }

@@ -1,7 +1,8 @@
 //! The sampling loop: one sample per interval, logged in one line, published to `/metrics` and
-//! to the heartbeat; the interval's sleep is cut short when the configuration changes.
+//! to the heartbeat; the interval's sleep is cut short when the configuration changes. The reads
+//! themselves run off the runtime's thread, each collector within a deadline
+//! ([`crate::collect::deadline`]): a hung one costs its figures, never the heartbeat.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::alarm::Alarm;
-use crate::collect::{Sample, Sampler};
+use crate::collect::deadline::TimedSampler;
 use crate::config::SharedConfig;
 use crate::metrics::AgentMetrics;
 
@@ -20,7 +21,7 @@ const FIRST_SAMPLE_AFTER: Duration = Duration::from_secs(1);
 
 /// Samples until the task is dropped.
 pub async fn run(
-    mut sampler: Sampler,
+    mut sampler: TimedSampler,
     config: Arc<SharedConfig>,
     usage: watch::Sender<Option<UsageSummary>>,
     metrics: Arc<AgentMetrics>,
@@ -28,7 +29,8 @@ pub async fn run(
     let mut changed = config.subscribe();
     let mut config_open = true;
     // Prime the counters rates are computed from, so the first logged sample has them all.
-    take_sample(&mut sampler, &MetricSet::all());
+    let primer = sampler.sample(&MetricSet::all()).await;
+    metrics.record_timeouts(&primer);
     let mut last = Instant::now();
     let mut next = last + FIRST_SAMPLE_AFTER.min(config.schedule().0);
     let mut first = true;
@@ -48,15 +50,9 @@ pub async fn run(
             }
         }
         let (interval, metrics_set) = config.schedule();
-        let sample = take_sample(&mut sampler, &metrics_set);
+        let sample = sampler.sample(&metrics_set).await;
         last = Instant::now();
         first = false;
-        let Some(sample) = sample else {
-            warn!("sampling: a sample failed unexpectedly; starting over with fresh counters");
-            sampler = Sampler::new(sampler.paths().clone());
-            next = last + interval;
-            continue;
-        };
         info!("{}", sample.log_line(&metrics_set));
         let errors: Vec<(Metric, String)> = sample
             .errors
@@ -77,12 +73,4 @@ pub async fn run(
             next = last + interval;
         }
     }
-}
-
-/// Takes one sample on the runtime's own thread. The /proc files are made by the kernel from
-/// memory and the root filesystem's statvfs answers from its superblock: a whole sample costs
-/// about 0.1 ms and never waits on a disk, while handing it to a blocking thread and back cost
-/// two thread wake-ups, more than the reads. `None` when the sample panicked (a bug).
-fn take_sample(sampler: &mut Sampler, metrics: &MetricSet) -> Option<Sample> {
-    std::panic::catch_unwind(AssertUnwindSafe(|| sampler.sample(metrics))).ok()
 }

@@ -91,6 +91,7 @@ fn full_sample() -> Sample {
             (Metric::Network, Duration::from_micros(375)),
             (Metric::Load, Duration::from_micros(50)),
         ],
+        timed_out: Vec::new(),
         duration: Duration::from_micros(1300),
     }
 }

@@ -4,11 +4,15 @@
 //! rates are computed from), what it reports (its figures) and how `/metrics` exports them (the
 //! figures' `encode`, names and help texts beside the update, as in node_exporter). Parsing is
 //! pure (text in, figures out) and tested on literal text and on fixture `/proc` trees;
-//! [`Sampler`] runs the collectors under a configurable proc root. The reads are file I/O on
-//! files the kernel makes from memory (and one statvfs): a whole sample takes about 0.1 ms, so
-//! the agent runs it on its runtime's thread (see [`crate::sampling`]).
+//! [`Sampler`] runs the collectors under a configurable proc root, one after the other on the
+//! caller's thread. The agent runs them through [`deadline::TimedSampler`] instead: each on a
+//! blocking thread, within a deadline, never two runs of one collector at once. The reads are
+//! file I/O on files the kernel makes from memory, and a statvfs, and take about 0.1 ms in all;
+//! but a statvfs on a hung NFS or FUSE mount, or a /proc read stuck behind a kernel lock, never
+//! returns, and the heartbeat must not wait with it.
 
 pub mod cpu;
+pub mod deadline;
 pub mod disk;
 pub mod load;
 pub mod memory;
@@ -184,6 +188,82 @@ fn gauges<V: EncodeLabelValue>(
     Ok(())
 }
 
+/// One collector, whichever metric it reads.
+#[derive(Debug)]
+pub enum Collector {
+    /// `cpu`.
+    Cpu(cpu::CpuCollector),
+    /// `memory`.
+    Memory(memory::MemoryCollector),
+    /// `disk`.
+    Disk(disk::DiskCollector),
+    /// `network`.
+    Network(network::NetworkCollector),
+    /// `load`.
+    Load(load::LoadCollector),
+}
+
+/// What one collector read.
+#[derive(Debug)]
+pub enum Figures {
+    /// `cpu`: none on the first reading (a rate needs two).
+    Cpu(Option<cpu::CpuUsage>),
+    /// `memory`.
+    Memory(memory::MemoryUsage),
+    /// `disk`, and why the root filesystem's usage is missing if it is.
+    Disk(disk::DiskUsage, Option<Error>),
+    /// `network`.
+    Network(network::NetworkUsage),
+    /// `load`.
+    Load(load::LoadFigures),
+}
+
+impl Collector {
+    /// The collector of `metric`, with no previous counters yet.
+    pub fn new(metric: Metric) -> Collector {
+        match metric {
+            Metric::Cpu => Collector::Cpu(Default::default()),
+            Metric::Memory => Collector::Memory(Default::default()),
+            Metric::Disk => Collector::Disk(Default::default()),
+            Metric::Network => Collector::Network(Default::default()),
+            Metric::Load => Collector::Load(Default::default()),
+        }
+    }
+
+    /// Reads its figures (blocking file I/O).
+    pub fn read(&mut self, paths: &HostPaths) -> Result<Figures> {
+        Ok(match self {
+            Collector::Cpu(c) => Figures::Cpu(c.read(paths)?),
+            Collector::Memory(c) => Figures::Memory(c.read(paths)?),
+            Collector::Disk(c) => {
+                let (usage, root_err) = c.read(paths)?;
+                Figures::Disk(usage, root_err)
+            }
+            Collector::Network(c) => Figures::Network(c.read(paths)?),
+            Collector::Load(c) => Figures::Load(c.read(paths)?),
+        })
+    }
+
+    /// Forgets the previous counters, so that no rate spans a time the collector was off (or
+    /// hung).
+    pub fn forget(&mut self) {
+        match self {
+            Collector::Cpu(c) => c.forget(),
+            Collector::Disk(c) => c.forget(),
+            Collector::Network(c) => c.forget(),
+            Collector::Memory(_) | Collector::Load(_) => {}
+        }
+    }
+}
+
+/// Where `metric`'s collector sits in a table of all five, in [`Metric::ALL`]'s order.
+pub(crate) fn slot(metric: Metric) -> usize {
+    Metric::ALL
+        .iter()
+        .position(|m| *m == metric)
+        .expect("every metric is in Metric::ALL")
+}
+
 /// One sample: the figures of the metrics asked for, and what failed.
 #[derive(Debug, Default)]
 pub struct Sample {
@@ -199,8 +279,11 @@ pub struct Sample {
     pub load: Option<load::LoadFigures>,
     /// Collectors that failed, with why.
     pub errors: Vec<(Metric, Error)>,
-    /// How long each collector took.
+    /// How long each collector took (a collector still running: how long it has been).
     pub durations: Vec<(Metric, Duration)>,
+    /// Collectors that ran past their deadline in this sample (not those still running from an
+    /// earlier one, which are in `errors` only).
+    pub timed_out: Vec<Metric>,
     /// How long the whole sample took.
     pub duration: Duration,
 }
@@ -209,11 +292,8 @@ pub struct Sample {
 #[derive(Debug)]
 pub struct Sampler {
     paths: HostPaths,
-    cpu: cpu::CpuCollector,
-    memory: memory::MemoryCollector,
-    disk: disk::DiskCollector,
-    network: network::NetworkCollector,
-    load: load::LoadCollector,
+    /// In [`Metric::ALL`]'s order.
+    collectors: [Collector; 5],
 }
 
 impl Sampler {
@@ -221,11 +301,7 @@ impl Sampler {
     pub fn new(paths: HostPaths) -> Self {
         Sampler {
             paths,
-            cpu: Default::default(),
-            memory: Default::default(),
-            disk: Default::default(),
-            network: Default::default(),
-            load: Default::default(),
+            collectors: Metric::ALL.map(Collector::new),
         }
     }
 
@@ -238,35 +314,17 @@ impl Sampler {
     pub fn sample(&mut self, metrics: &MetricSet) -> Sample {
         let started = Instant::now();
         let mut s = Sample::default();
-        let paths = &self.paths;
         for m in metrics.iter() {
             let t = Instant::now();
-            let result = match m {
-                Metric::Cpu => self.cpu.read(paths).map(|v| s.cpu = v),
-                Metric::Memory => self.memory.read(paths).map(|v| s.memory = Some(v)),
-                // The device rates stand even when the root filesystem could not be measured.
-                Metric::Disk => self.disk.read(paths).and_then(|(v, root_err)| {
-                    s.disk = Some(v);
-                    root_err.map_or(Ok(()), Err)
-                }),
-                Metric::Network => self.network.read(paths).map(|v| s.network = Some(v)),
-                Metric::Load => self.load.read(paths).map(|v| s.load = Some(v)),
-            };
-            s.durations.push((m, t.elapsed()));
-            if let Err(e) = result {
-                s.errors.push((m, e));
-            }
+            let result = self.collectors[slot(m)].read(&self.paths);
+            s.record(m, result, t.elapsed());
         }
         // A metric switched off forgets its counters: switched on again, its first rate would
         // otherwise average over the whole time it was off.
-        if !metrics.contains(Metric::Cpu) {
-            self.cpu.forget();
-        }
-        if !metrics.contains(Metric::Disk) {
-            self.disk.forget();
-        }
-        if !metrics.contains(Metric::Network) {
-            self.network.forget();
+        for m in Metric::ALL {
+            if !metrics.contains(m) {
+                self.collectors[slot(m)].forget();
+            }
         }
         s.duration = started.elapsed();
         s
@@ -289,6 +347,38 @@ fn round1(x: f64) -> f64 {
 }
 
 impl Sample {
+    /// Records what collector `metric` read, in `took`.
+    pub fn record(&mut self, metric: Metric, result: Result<Figures>, took: Duration) {
+        self.durations.push((metric, took));
+        let failed = match result {
+            Ok(Figures::Cpu(v)) => {
+                self.cpu = v;
+                None
+            }
+            Ok(Figures::Memory(v)) => {
+                self.memory = Some(v);
+                None
+            }
+            // The device rates stand even when the root filesystem could not be measured.
+            Ok(Figures::Disk(v, root_err)) => {
+                self.disk = Some(v);
+                root_err
+            }
+            Ok(Figures::Network(v)) => {
+                self.network = Some(v);
+                None
+            }
+            Ok(Figures::Load(v)) => {
+                self.load = Some(v);
+                None
+            }
+            Err(e) => Some(e),
+        };
+        if let Some(e) = failed {
+            self.errors.push((metric, e));
+        }
+    }
+
     /// Exports the figures of every collector that produced some, in a fixed order.
     pub fn encode(&self, enc: &mut DescriptorEncoder) -> std::fmt::Result {
         if let Some(c) = &self.cpu {
@@ -326,11 +416,19 @@ impl Sample {
     /// The log line's message: `sample cpu=12.3% mem=45.6% (3.1/7.8 GiB) disk=71.0% rd=1.2MiB/s
     /// wr=0.3MiB/s net rx=10KiB/s tx=4KiB/s load=0.42 0.35 0.30`, the metrics in `metrics` only.
     /// A figure that needs a previous reading (the first sample) shows as `-`; a collector
-    /// that failed shows as `error`.
+    /// that failed shows as `error`, one that did not answer in time as `timeout`.
     pub fn log_line(&self, metrics: &MetricSet) -> String {
         const GIB: f64 = 1024.0 * 1024.0 * 1024.0;
         const MIB: f64 = 1024.0 * 1024.0;
         let failed = |m: Metric| self.errors.iter().any(|(e, _)| *e == m);
+        // A collector that did not answer in time shows as `timeout`, one that failed as `error`.
+        let error = |m: Metric| {
+            let timed_out = self
+                .errors
+                .iter()
+                .any(|(e, err)| *e == m && matches!(err, Error::CollectorTimeout { .. }));
+            if timed_out { "timeout" } else { "error" }
+        };
         // Room for all five metrics' figures: the line is built without growing.
         let mut out = String::with_capacity(160);
         out.push_str("sample");
@@ -339,7 +437,7 @@ impl Sample {
             let _ = match m {
                 Metric::Cpu => match &self.cpu {
                     Some(c) => write!(out, " cpu={:.1}%", c.busy_percent),
-                    None if failed(m) => write!(out, " cpu=error"),
+                    None if failed(m) => write!(out, " cpu={}", error(m)),
                     None => write!(out, " cpu=-"),
                 },
                 Metric::Memory => match &self.memory {
@@ -350,7 +448,7 @@ impl Sample {
                         mem.used_bytes() as f64 / GIB,
                         mem.total_bytes as f64 / GIB
                     ),
-                    None => write!(out, " mem=error"),
+                    None => write!(out, " mem={}", error(m)),
                 },
                 Metric::Disk => match &self.disk {
                     Some(d) => match &d.root {
@@ -365,7 +463,7 @@ impl Sample {
                             _ => write!(out, " rd=- wr=-"),
                         }
                     }),
-                    None => write!(out, " disk=error"),
+                    None => write!(out, " disk={}", error(m)),
                 },
                 Metric::Network => match &self.network {
                     Some(n) => match (n.rx_bytes_per_sec, n.tx_bytes_per_sec) {
@@ -374,11 +472,11 @@ impl Sample {
                         }
                         _ => write!(out, " net rx=- tx=-"),
                     },
-                    None => write!(out, " net=error"),
+                    None => write!(out, " net={}", error(m)),
                 },
                 Metric::Load => match &self.load {
                     Some(l) => write!(out, " load={:.2} {:.2} {:.2}", l.one, l.five, l.fifteen),
-                    None => write!(out, " load=error"),
+                    None => write!(out, " load={}", error(m)),
                 },
             };
         }
