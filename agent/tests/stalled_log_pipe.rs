@@ -1,10 +1,14 @@
 //! A log pipe that stops draining must not cost the node its lease: with the agent's stdout into
-//! a 4 KiB pipe that nobody reads, and 1 s samples, the heartbeat lease lives on well past the
-//! point the pipe fills, and the lines that did not fit are counted on `/metrics`.
+//! a 4 KiB pipe that nobody reads once the heartbeat key is there, and 1 s samples, the heartbeat
+//! lease lives on well past the point the pipe fills, and the lines that did not fit are counted
+//! on `/metrics`. `NODEPULSE_AGENT_UNDER_TEST` runs another build (one from before the log writer
+//! had a thread of its own fails: its key is deleted).
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsFd;
 use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use nix::fcntl::{FcntlArg, fcntl};
@@ -36,7 +40,7 @@ async fn a_log_pipe_nobody_reads_never_costs_the_lease() {
     let stdout = agent.stdout.take().expect("piped stdout");
     fcntl(stdout.as_fd(), FcntlArg::F_SETPIPE_SZ(4096)).expect("shrink the pipe to 4 KiB");
 
-    // Read up to the serving line, then never again.
+    // Read up to the serving line, then on until the heartbeat key is there, then never again.
     let mut reader = BufReader::new(stdout);
     let mut line = String::new();
     let addr = loop {
@@ -53,7 +57,24 @@ async fn a_log_pipe_nobody_reads_never_costs_the_lease() {
                 .to_string();
         }
     };
+    let stop_reading = Arc::new(AtomicBool::new(false));
+    let draining = std::thread::spawn({
+        let stop_reading = stop_reading.clone();
+        move || {
+            let mut line = String::new();
+            while !stop_reading.load(Ordering::Relaxed) {
+                line.clear();
+                if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                    break;
+                }
+            }
+            reader
+        }
+    });
     let (_, lease) = heartbeat_within(&client, "stalled-log", Duration::from_secs(10)).await;
+    stop_reading.store(true, Ordering::Relaxed);
+    // Held, unread, until the end of the test.
+    let reader = draining.join().expect("the log reader");
 
     let watch_for_deletes = panic_on_heartbeat_delete(
         &client,
