@@ -125,6 +125,7 @@ impl LivenessTracker {
                     self.apply_decisions();
                     self.writer.flush_due(self.liveness.records_mut());
                     self.update_gauges();
+                    self.publish_doubted();
                 }
             }
         }
@@ -187,27 +188,20 @@ impl LivenessTracker {
             );
             self.metrics.disruptions.inc();
         }
-        for (from, to) in &decisions.leader_changes {
-            tracing::info!(
-                from,
-                to,
-                doubted = self.liveness.doubted().len(),
-                "etcd's leader changed (term {from} -> {to}): every lease restarted at its full TTL, so each Alive node's agent must show within a TTL that it renews its lease, or the node is Unknown (LeaderChurn)"
-            );
-            self.metrics.etcd_leader_changes.inc();
-        }
-        let doubted = self.liveness.doubted();
-        self.doubted.send_if_modified(|was| {
-            let changed = *was != doubted;
-            if changed {
-                tracing::debug!(
-                    nodes = doubted.len(),
-                    "nodes doubted since etcd's leader changed"
+        if !decisions.leader_changes.is_empty() {
+            // The nodes to audit grew: at once. They shrink as agents prove themselves, which
+            // the next tick publishes (a list of every node per event would cost a large fleet).
+            let doubted = self.publish_doubted();
+            for (from, to) in &decisions.leader_changes {
+                tracing::info!(
+                    from,
+                    to,
+                    doubted,
+                    "etcd's leader changed (term {from} -> {to}): every lease restarted at its full TTL, so each Alive node's agent must show within a TTL that it renews its lease, or the node is Unknown (LeaderChurn)"
                 );
-                *was = doubted;
+                self.metrics.etcd_leader_changes.inc();
             }
-            changed
-        });
+        }
         let records = self.liveness.records_mut();
         for name in &decisions.touched {
             if let Some(rec) = records.get_mut(name) {
@@ -243,6 +237,20 @@ impl LivenessTracker {
                 }
             }
         }
+    }
+
+    /// Hands the election watcher the nodes whose leases it is to audit; returns how many.
+    fn publish_doubted(&self) -> usize {
+        let doubted = self.liveness.doubted();
+        let count = doubted.len();
+        self.doubted.send_if_modified(|was| {
+            let changed = *was != doubted;
+            if changed {
+                *was = doubted;
+            }
+            changed
+        });
+        count
     }
 
     fn update_gauges(&self) {
