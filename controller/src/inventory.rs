@@ -1,6 +1,6 @@
-//! The nodes the controller knows about: Node objects (for their labels and uids) and
-//! MonitorNode objects, each kept by a kube-runtime reflector, with a signal when the set of
-//! nodes or a node's labels changes.
+//! The nodes the controller knows about: Node objects (for their labels, uids and planned work)
+//! and MonitorNode objects, each kept by a kube-runtime reflector, with a signal when the set of
+//! nodes, a node's labels or its planned work changes.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -12,7 +12,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, watcher as watch};
 use kube::{Client, ResourceExt};
-use nodepulse_crd::v1alpha1::MonitorNode;
+use nodepulse_crd::v1alpha1::{Maintenance, MonitorNode};
 use tokio::sync::{Notify, watch as signal};
 
 use crate::error::{Error, Result};
@@ -22,6 +22,27 @@ pub const ZONE_LABEL: &str = "topology.kubernetes.io/zone";
 
 /// A node's labels (empty for a node that has a MonitorNode but no Node object).
 pub type Labels = BTreeMap<String, String>;
+
+/// The taint the cluster autoscaler puts on a node it is removing.
+pub const SCALE_DOWN_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// The planned work a Node object shows, if any: cordoned (`spec.unschedulable`, which `kubectl
+/// cordon` and `drain` set), or being removed by the cluster autoscaler (its taint).
+pub fn maintenance_of(node: &Node) -> Option<Maintenance> {
+    let spec = node.spec.as_ref()?;
+    let scale_down = spec
+        .taints
+        .iter()
+        .flatten()
+        .any(|t| t.key == SCALE_DOWN_TAINT);
+    if scale_down {
+        Some(Maintenance::ScaleDown)
+    } else if spec.unschedulable == Some(true) {
+        Some(Maintenance::Cordoned)
+    } else {
+        None
+    }
+}
 
 /// Whether a reflector's store holds a full list, for any number of waiters.
 ///
@@ -74,7 +95,7 @@ impl From<signal::Receiver<bool>> for StoreReady {
 /// Read access to the Node and MonitorNode caches.
 #[derive(Clone)]
 pub struct Inventory {
-    nodes: Store<PartialObjectMeta<Node>>,
+    nodes: Store<Node>,
     monitor_nodes: Store<PartialObjectMeta<MonitorNode>>,
     nodes_ready: StoreReady,
     monitor_nodes_ready: StoreReady,
@@ -102,16 +123,25 @@ impl Inventory {
             changed: Arc::new(Notify::new()),
             changes: Arc::new(signal::channel(0).0),
         };
-        // The caches keep names, labels, uids and owners; managed fields (a tree of every field
-        // each writer set, larger than the rest of the metadata) would multiply their size.
+        // The caches keep names, labels, uids and owners, and of a Node what says planned work
+        // (unschedulable, taints); managed fields (a tree of every field each writer set, larger
+        // than the rest of the metadata), a Node's status (its images alone are kilobytes) and
+        // annotations would multiply their size.
         let node_stream = reflector::reflector(
             node_writer,
-            watch(
-                Api::<PartialObjectMeta<Node>>::all(client.clone()),
-                watcher::Config::default(),
-            )
-            .default_backoff()
-            .modify(|node| node.managed_fields_mut().clear()),
+            watch(Api::<Node>::all(client.clone()), watcher::Config::default())
+                .default_backoff()
+                .modify(|node| {
+                    node.managed_fields_mut().clear();
+                    node.annotations_mut().clear();
+                    node.status = None;
+                    if let Some(spec) = node.spec.as_mut() {
+                        let (unschedulable, taints) = (spec.unschedulable, spec.taints.take());
+                        *spec = Default::default();
+                        spec.unschedulable = unschedulable;
+                        spec.taints = taints;
+                    }
+                }),
         );
         let mn_stream = reflector::reflector(
             mn_writer,
@@ -123,8 +153,14 @@ impl Inventory {
             .modify(|mn| mn.managed_fields_mut().clear()),
         );
         let drivers = InventoryDrivers {
-            node_events: changes(node_stream, "Node", inventory.clone()).boxed(),
-            monitor_node_events: changes(mn_stream, "MonitorNode", inventory.clone()).boxed(),
+            node_events: changes(node_stream, "Node", inventory.clone(), |n: &Node| {
+                (n.labels().clone(), maintenance_of(n))
+            })
+            .boxed(),
+            monitor_node_events: changes(mn_stream, "MonitorNode", inventory.clone(), |mn| {
+                mn.labels().clone()
+            })
+            .boxed(),
         };
         (inventory, drivers)
     }
@@ -194,9 +230,14 @@ impl Inventory {
         self.changes.subscribe()
     }
 
-    /// The Node object named `name`, if the cache has one.
-    pub fn node(&self, name: &str) -> Option<Arc<PartialObjectMeta<Node>>> {
+    /// The Node object named `name`, if the cache has one (metadata, unschedulable and taints).
+    pub fn node(&self, name: &str) -> Option<Arc<Node>> {
         self.nodes.get(&ObjectRef::new(name))
+    }
+
+    /// The planned work on node `name`, as its Node object shows it.
+    pub fn maintenance(&self, name: &str) -> Option<Maintenance> {
+        self.node(name).and_then(|n| maintenance_of(&n))
     }
 
     /// The MonitorNode named `name`, if the cache has one.
@@ -204,7 +245,7 @@ impl Inventory {
         self.monitor_nodes.get(&ObjectRef::new(name))
     }
 
-    /// Resolves when a node appeared or went away or a Node's labels changed.
+    /// Resolves when a node appeared or went away, or a Node's labels or planned work changed.
     pub async fn changed(&self) {
         self.changed.notified().await
     }
@@ -225,23 +266,26 @@ impl InventoryDrivers {
     }
 }
 
-/// Passes a reflector's events through, notifying the inventory when the set of names or a
-/// label set changed (a Node's status updates, which are frequent, change neither).
-fn changes<K>(
-    stream: impl Stream<Item = watcher::Result<Event<PartialObjectMeta<K>>>> + Send + 'static,
+/// Passes a reflector's events through, notifying the inventory when the set of names or what
+/// `seen` takes of an object changed (a Node's status updates, which are frequent, change
+/// neither).
+fn changes<K, T>(
+    stream: impl Stream<Item = watcher::Result<Event<K>>> + Send + 'static,
     kind: &'static str,
     inventory: Inventory,
+    seen: impl Fn(&K) -> T + Send + 'static,
 ) -> impl Stream<Item = ()> + Send
 where
     K: kube::Resource + Clone + Send + Sync + 'static,
+    T: PartialEq + Clone + Send + 'static,
 {
-    let mut known: HashMap<String, Labels> = HashMap::new();
-    let mut relisted: HashMap<String, Labels> = HashMap::new();
+    let mut known: HashMap<String, T> = HashMap::new();
+    let mut relisted: HashMap<String, T> = HashMap::new();
     stream.then(move |event| {
         let changed = match event {
             Ok(Event::Apply(obj)) => {
-                let labels = obj.labels().clone();
-                known.insert(obj.name_any(), labels.clone()) != Some(labels)
+                let now = seen(&obj);
+                known.insert(obj.name_any(), now.clone()) != Some(now)
             }
             Ok(Event::Delete(obj)) => known.remove(&obj.name_any()).is_some(),
             Ok(Event::Init) => {
@@ -249,7 +293,7 @@ where
                 false
             }
             Ok(Event::InitApply(obj)) => {
-                relisted.insert(obj.name_any(), obj.labels().clone());
+                relisted.insert(obj.name_any(), seen(&obj));
                 false
             }
             Ok(Event::InitDone) => {
@@ -267,4 +311,50 @@ where
         }
         futures::future::ready(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{NodeSpec, Taint};
+
+    use super::*;
+
+    fn node(unschedulable: Option<bool>, taints: &[&str]) -> Node {
+        Node {
+            spec: Some(NodeSpec {
+                unschedulable,
+                taints: Some(
+                    taints
+                        .iter()
+                        .map(|key| Taint {
+                            key: key.to_string(),
+                            effect: "NoSchedule".into(),
+                            ..Default::default()
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn planned_work_is_read_from_the_node_spec() {
+        assert_eq!(maintenance_of(&Node::default()), None);
+        assert_eq!(maintenance_of(&node(Some(false), &[])), None);
+        assert_eq!(
+            maintenance_of(&node(Some(true), &["node.kubernetes.io/unschedulable"])),
+            Some(Maintenance::Cordoned)
+        );
+        // The autoscaler cordons too; its taint says more.
+        assert_eq!(
+            maintenance_of(&node(Some(true), &[SCALE_DOWN_TAINT])),
+            Some(Maintenance::ScaleDown)
+        );
+        assert_eq!(
+            maintenance_of(&node(None, &["dedicated", SCALE_DOWN_TAINT])),
+            Some(Maintenance::ScaleDown)
+        );
+    }
 }

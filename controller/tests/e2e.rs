@@ -589,6 +589,61 @@ async fn liveness_survives_an_etcd_restart_and_late_nodes_become_owners() {
         .await;
 }
 
+/// `kubectl cordon` shows on the node's MonitorNode at once (`maintenance: Cordoned`) and changes
+/// nothing of its liveness; the autoscaler's taint shows as `ScaleDown`; `kubectl uncordon` and
+/// the taint's removal clear it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cordon_shows_on_the_monitor_node_and_leaves_it_alive() {
+    use nodepulse_crd::v1alpha1::Maintenance;
+
+    let (env, _etcd) = TestEnv::start().await;
+    env.node("kept-1", &[]);
+    let _controller = start_controller(&env, "controller-m");
+    let _agent = start_agent(&env, "kept-1");
+    env.wait_state("kept-1", NodeState::Alive, Duration::from_secs(30))
+        .await;
+    // At once, not with the next usage refresh.
+    let within = Duration::from_secs(3);
+    let api = env.api();
+    api.kubectl_ok(&["cordon", "kept-1"]);
+    let s = env
+        .wait_status("kept-1", "Cordoned", within, |s| {
+            s.maintenance == Some(Maintenance::Cordoned)
+        })
+        .await;
+    assert_eq!(s.state, Some(NodeState::Alive));
+    let table = api.kubectl_ok(&["get", "monitornodes", "kept-1"]);
+    assert!(
+        table
+            .lines()
+            .next()
+            .is_some_and(|h| h.ends_with("MAINTENANCE"))
+            && table
+                .lines()
+                .nth(1)
+                .is_some_and(|r| r.ends_with("Cordoned")),
+        "{table}"
+    );
+    api.kubectl_ok(&[
+        "taint",
+        "node",
+        "kept-1",
+        "ToBeDeletedByClusterAutoscaler=1700000000:NoSchedule",
+    ]);
+    env.wait_status("kept-1", "ScaleDown", within, |s| {
+        s.maintenance == Some(Maintenance::ScaleDown)
+    })
+    .await;
+    api.kubectl_ok(&["taint", "node", "kept-1", "ToBeDeletedByClusterAutoscaler-"]);
+    api.kubectl_ok(&["uncordon", "kept-1"]);
+    let s = env
+        .wait_status("kept-1", "no maintenance", within, |s| {
+            s.maintenance.is_none()
+        })
+        .await;
+    assert_eq!(s.state, Some(NodeState::Alive));
+}
+
 /// A controller start judges no applied config before its first config sync: a configured
 /// node's `ConfigApplied` stays True through a restart (it never flashes False), and the
 /// restart raises no second NodeAlive Event.

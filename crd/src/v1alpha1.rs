@@ -24,6 +24,16 @@ pub enum NodeState {
     Unknown,
 }
 
+/// Planned work on a node, as its Node object tells it: the node is expected to go away or stop
+/// taking work, so a lost heartbeat there is no surprise.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Maintenance {
+    /// `kubectl cordon` or `kubectl drain`: the Node is unschedulable.
+    Cordoned,
+    /// The cluster autoscaler is removing the node (taint `ToBeDeletedByClusterAutoscaler`).
+    ScaleDown,
+}
+
 /// Why a node is in its state: the status's `reason`, and the words of its log line.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LivenessReason {
@@ -138,6 +148,7 @@ pub fn transition_line(node: &str, state: NodeState, reason: LivenessReason) -> 
     printcolumn = r#"{"name":"Interval","type":"integer","jsonPath":".status.config.interval","description":"Sampling interval in seconds"}"#,
     printcolumn = r#"{"name":"Last-Heartbeat","type":"date","jsonPath":".status.lastHeartbeatTime","description":"When the agent last rewrote its heartbeat value (on news, and at least every minute); liveness itself is the lease: read Status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
+    printcolumn = r#"{"name":"Maintenance","type":"string","jsonPath":".status.maintenance","description":"Planned work the Node object shows: Cordoned (cordon, drain) or ScaleDown (the cluster autoscaler removes it)"}"#,
     printcolumn = r#"{"name":"Reason","type":"string","jsonPath":".status.reason","priority":1}"#,
     printcolumn = r#"{"name":"Agent","type":"string","jsonPath":".status.agentVersion","priority":1}"#
 )]
@@ -177,6 +188,9 @@ pub struct MonitorNodeStatus {
     /// The latest usage summary the agent reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub usage: Option<UsageSummary>,
+    /// Planned work on the node, from its Node object: Cordoned or ScaleDown; absent when none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub maintenance: Option<Maintenance>,
     /// `Alive` and `ConfigApplied`, in the metav1.Condition shape.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]

@@ -1515,7 +1515,7 @@ fn rolling_upgrades_show_no_node_dead() {
 }
 
 /// `kubectl drain worker-2 --ignore-daemonsets`: its MonitorNode stays `Alive` (the agent, a
-/// DaemonSet pod, stays), and `uncordon` gives the node back.
+/// DaemonSet pod, stays) and shows the node `Cordoned`; `uncordon` clears it.
 #[test]
 #[ignore = "needs the three-node cluster of hack/cluster.sh: make e2e-cluster"]
 fn a_drained_worker_stays_alive() {
@@ -1554,9 +1554,36 @@ fn a_drained_worker_stays_alive() {
         left.is_empty(),
         "controller pods left on the drained node: {left:?}"
     );
+    let maintenance =
+        |node: &str| monitornode_status(node).unwrap_or_default()["maintenance"].clone();
+    wait_until(
+        "worker-2's MonitorNode shows it Cordoned",
+        Duration::from_secs(10),
+        || maintenance(WORKER_2) == "Cordoned",
+    );
+    eprintln!(
+        "{WORKER_2} Cordoned on its MonitorNode {} after the drain began",
+        secs(t.elapsed())
+    );
+    eprintln!(
+        "$ kubectl get monitornodes\n{}",
+        kubectl().ok(&["get", "monitornodes"])
+    );
     // Past a TTL with the node drained.
     watch_until(Instant::now() + VERDICT);
     kubectl().ok(&["uncordon", WORKER_2]);
+    wait_until(
+        "the Cordoned mark gone at uncordon",
+        Duration::from_secs(10),
+        || maintenance(WORKER_2).is_null(),
+    );
+    for node in [CONTROL_PLANE, WORKER_1] {
+        assert!(
+            maintenance(node).is_null(),
+            "{node} shows {}",
+            maintenance(node)
+        );
+    }
     wait_all_alive(Duration::from_secs(30));
     history.assert_only_alive(&NODES, "the drain of worker-2");
 }

@@ -3,7 +3,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use nodepulse_crd::v1alpha1::{AppliedConfigStatus, MonitorNodeStatus, NodeState};
+use nodepulse_crd::v1alpha1::{AppliedConfigStatus, Maintenance, MonitorNodeStatus, NodeState};
 use nodepulse_crd::wire::{ConfigValue, Heartbeat, UsageSummary};
 
 use crate::status::record::NodeRecord;
@@ -16,10 +16,16 @@ const USAGE_STEP: f64 = 1.0;
 /// before the next heartbeat value) are carried over from what was written. `desired` is what
 /// the config sync says the node's agent should run; `None` until that sync has run once, and
 /// then the applied config is not judged afresh: a verdict against nothing would flash
-/// `ConfigApplied=False` on every configured node at each controller start.
-pub fn compute_status(rec: &NodeRecord, desired: Option<&ConfigValue>) -> MonitorNodeStatus {
+/// `ConfigApplied=False` on every configured node at each controller start. `maintenance` is the
+/// planned work the node's Node object shows.
+pub fn compute_status(
+    rec: &NodeRecord,
+    desired: Option<&ConfigValue>,
+    maintenance: Option<Maintenance>,
+) -> MonitorNodeStatus {
     let written = rec.written.as_ref();
     let mut status = written.cloned().unwrap_or_default();
+    status.maintenance = maintenance;
     let liveness = rec.verdict.as_ref();
     status.state = liveness.map(|l| l.state);
     status.reason = liveness.map(|l| l.reason.as_str().to_string());
@@ -192,20 +198,36 @@ mod tests {
     fn usage_alone_is_not_an_urgent_change_but_config_is() {
         let defaults = ConfigValue::default();
         let mut rec = alive(heartbeat(10, 1.0));
-        let first = compute_status(&rec, Some(&defaults));
+        let first = compute_status(&rec, Some(&defaults), None);
         rec.written = Some(first.clone());
         assert_eq!(first.config.as_ref().unwrap().in_sync, Some(true));
         rec.heartbeat = Some(heartbeat(10, 55.0));
-        let second = compute_status(&rec, Some(&defaults));
+        let second = compute_status(&rec, Some(&defaults), None);
         assert_ne!(first, second);
         assert_eq!(without_usage(&first), without_usage(&second));
         rec.heartbeat = Some(heartbeat(2, 55.0));
-        let third = compute_status(&rec, Some(&defaults));
+        let third = compute_status(&rec, Some(&defaults), None);
         assert_ne!(without_usage(&first), without_usage(&third));
         assert_eq!(config_applied(&third), Some(("False", "Pending")));
         let desired = ConfigValue::new(2, MetricSet::all()).unwrap();
-        let fourth = compute_status(&rec, Some(&desired));
+        let fourth = compute_status(&rec, Some(&desired), None);
         assert_eq!(fourth.config.as_ref().unwrap().in_sync, Some(true));
+    }
+
+    #[test]
+    fn a_cordon_is_a_write_of_its_own_and_its_end_too() {
+        let defaults = ConfigValue::default();
+        let mut rec = alive(heartbeat(10, 1.0));
+        let plain = compute_status(&rec, Some(&defaults), None);
+        rec.written = Some(plain.clone());
+        let cordoned = compute_status(&rec, Some(&defaults), Some(Maintenance::Cordoned));
+        assert_eq!(cordoned.maintenance, Some(Maintenance::Cordoned));
+        assert_eq!(cordoned.state, Some(NodeState::Alive));
+        assert_ne!(without_usage(&plain), without_usage(&cordoned));
+        rec.written = Some(cordoned);
+        let uncordoned = compute_status(&rec, Some(&defaults), None);
+        assert_eq!(uncordoned.maintenance, None);
+        assert_eq!(without_usage(&plain), without_usage(&uncordoned));
     }
 
     #[test]
@@ -213,8 +235,8 @@ mod tests {
         let desired = ConfigValue::new(2, MetricSet::all()).unwrap();
         let mut rec = alive(heartbeat(2, 1.0));
         // A fresh controller, the status a previous one wrote: no desired config known yet.
-        rec.written = Some(compute_status(&rec, Some(&desired)));
-        let start = compute_status(&rec, None);
+        rec.written = Some(compute_status(&rec, Some(&desired), None));
+        let start = compute_status(&rec, None, None);
         assert_eq!(config_applied(&start), Some(("True", "Applied")));
         assert_eq!(start.config.as_ref().unwrap().in_sync, Some(true));
         assert_eq!(
@@ -223,7 +245,7 @@ mod tests {
         );
         // Nothing written before: no verdict at all rather than a wrong one.
         rec.written = None;
-        let fresh = compute_status(&rec, None);
+        let fresh = compute_status(&rec, None, None);
         assert_eq!(config_applied(&fresh), None);
         assert_eq!(fresh.config.as_ref().unwrap().in_sync, None);
     }
@@ -245,7 +267,7 @@ mod tests {
     fn a_rejected_config_shows_in_the_condition() {
         let mut hb = heartbeat(10, 1.0);
         hb.config.error = Some("interval 0 is out of range".into());
-        let status = compute_status(&alive(hb), None);
+        let status = compute_status(&alive(hb), None, None);
         let cond = status
             .conditions
             .iter()

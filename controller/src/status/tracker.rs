@@ -101,6 +101,10 @@ impl LivenessTracker {
                     let nodes = self.inventory.node_zones();
                     self.liveness.nodes_changed(&nodes, Now::read());
                     self.apply_decisions();
+                    // A cordon or its end is written at once.
+                    for (name, rec) in self.liveness.records_mut().iter_mut() {
+                        self.writer.consider(name, rec);
+                    }
                 }
                 Ok(()) = self.desired.changed() => {
                     for (name, rec) in self.liveness.records_mut().iter_mut() {

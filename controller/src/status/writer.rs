@@ -216,7 +216,11 @@ impl StatusWriter {
         if rec.verdict.is_none() {
             return;
         }
-        let status = compute_status(rec, self.desired_for(node).as_ref());
+        let status = compute_status(
+            rec,
+            self.desired_for(node).as_ref(),
+            self.inventory.maintenance(node),
+        );
         // The first usage figures go out at once, so a new node shows CPU% without waiting.
         if let Some(written) = &rec.written
             && without_usage(written) == without_usage(&status)
@@ -304,7 +308,11 @@ impl StatusWriter {
                 block_owner_deletion: None,
             })
         });
-        let status = compute_status(rec, self.desired_for(node).as_ref());
+        let status = compute_status(
+            rec,
+            self.desired_for(node).as_ref(),
+            self.inventory.maintenance(node),
+        );
         let w = &mut rec.write;
         w.in_flight = true;
         w.write_again = false;
