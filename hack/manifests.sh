@@ -18,7 +18,7 @@ chart=charts/nodepulse
 
 etcd_templates=(etcd/namespace.yaml etcd/service.yaml etcd/statefulset.yaml etcd/networkpolicy.yaml)
 nodepulse_templates=(namespace.yaml agent/serviceaccount.yaml controller/serviceaccount.yaml
-  controller/rbac.yaml agent/service.yaml controller/service.yaml controller/pdb.yaml
+  controller/rbac.yaml user-roles.yaml agent/service.yaml controller/service.yaml controller/pdb.yaml
   agent/daemonset.yaml controller/deployment.yaml agent/networkpolicy.yaml controller/networkpolicy.yaml)
 
 # render FILE [helm flags...]: TEMPLATES set by the caller.

@@ -248,7 +248,7 @@ impl AppliedConfigStatus {
     version = "v1alpha1",
     kind = "MonitorConfig",
     plural = "monitorconfigs",
-    shortname = "mc",
+    shortname = "moncfg",
     category = "monitoring",
     status = "MonitorConfigStatus",
     doc = "Sampling interval and metrics for the nodes it selects; the controller writes them to /monitor/config/<node>.",

@@ -1008,3 +1008,100 @@ fn chart_defaults_run_on_a_real_node() {
 fn probe_paths(container: &Value) -> [Option<&str>; 2] {
     ["livenessProbe", "readinessProbe"].map(|probe| container[probe]["httpGet"]["path"].as_str())
 }
+
+/// The user-facing roles carry the labels that aggregate them into `view`, `edit` and `admin`
+/// (the aggregation itself is the controller manager's: the cluster e2e asks `kubectl auth
+/// can-i`), and go with `userRoles.aggregate=false`.
+#[test]
+fn user_roles_aggregate_into_view_edit_and_admin() {
+    let objects = render_chart(&[]);
+    let labels = |name: &str| -> BTreeSet<String> {
+        object(&objects, "ClusterRole", name)["metadata"]["labels"]
+            .as_mapping()
+            .expect("labels")
+            .iter()
+            .filter(|(_, v)| v.as_str() == Some("true"))
+            .filter_map(|(k, _)| k.as_str()?.strip_prefix("rbac.authorization.k8s.io/"))
+            .map(String::from)
+            .collect()
+    };
+    let set = |names: &[&str]| names.iter().map(|n| n.to_string()).collect::<BTreeSet<_>>();
+    assert_eq!(
+        labels("nodepulse-view"),
+        set(&[
+            "aggregate-to-admin",
+            "aggregate-to-edit",
+            "aggregate-to-view"
+        ])
+    );
+    assert_eq!(
+        labels("nodepulse-edit"),
+        set(&["aggregate-to-admin", "aggregate-to-edit"])
+    );
+    let edit = &object(&objects, "ClusterRole", "nodepulse-edit")["rules"][0];
+    assert_eq!(edit["resources"][0].as_str(), Some("monitorconfigs"));
+    let off = render_chart(&["--set", "userRoles.aggregate=false"]);
+    assert!(
+        !off.iter().any(|o| o["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n == "nodepulse-view" || n == "nodepulse-edit")),
+        "userRoles.aggregate=false still renders the roles"
+    );
+}
+
+/// Every pod runs as `podUser` (65532 by default); another UID is one value, and null leaves the
+/// UID to the platform (OpenShift's restricted SCC) while the pods stay non-root.
+#[test]
+fn the_pods_user_is_a_value() {
+    let pods = |objects: &[Value]| -> Vec<(String, Value)> {
+        objects
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o["kind"].as_str(),
+                    Some("DaemonSet" | "Deployment" | "StatefulSet" | "Job")
+                )
+            })
+            .map(|o| {
+                let name = o["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string();
+                (
+                    name,
+                    o["spec"]["template"]["spec"]["securityContext"].clone(),
+                )
+            })
+            .collect()
+    };
+    let defaults = render_chart(&["--set", "nodeCondition.enabled=true"]);
+    for (name, sc) in pods(&defaults) {
+        assert_eq!(sc["runAsUser"].as_u64(), Some(65532), "{name}: {sc:?}");
+        assert_eq!(sc["runAsGroup"].as_u64(), Some(65532), "{name}: {sc:?}");
+    }
+    let other = render_chart(&[
+        "--set",
+        "podUser.runAsUser=1001",
+        "--set",
+        "podUser.runAsGroup=1002",
+    ]);
+    for (name, sc) in pods(&other) {
+        assert_eq!(sc["runAsUser"].as_u64(), Some(1001), "{name}: {sc:?}");
+        assert_eq!(sc["runAsGroup"].as_u64(), Some(1002), "{name}: {sc:?}");
+    }
+    let platform = render_chart(&[
+        "--set",
+        "podUser.runAsUser=null",
+        "--set",
+        "podUser.runAsGroup=null",
+    ]);
+    let all = pods(&platform);
+    assert!(all.len() >= 3, "{all:?}");
+    for (name, sc) in all {
+        assert!(
+            sc["runAsUser"].is_null() && sc["runAsGroup"].is_null() && sc["fsGroup"].is_null(),
+            "{name}: {sc:?}"
+        );
+        assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true), "{name}");
+    }
+}

@@ -194,13 +194,27 @@ generates, each component has its own client certificate. */}}
 {{- end }}
 {{- end }}
 
+{{/* The pod's user and group (podUser; each left out when null, for the platform to choose),
+and with fsGroup=true the volumes' group. Call with (dict "ctx" $ "fsGroup" bool). */}}
+{{- define "nodepulse.podUser" -}}
+{{- $u := .ctx.Values.podUser -}}
+{{- with $u.runAsUser }}
+runAsUser: {{ . }}
+{{- end }}
+{{- with $u.runAsGroup }}
+runAsGroup: {{ . }}
+{{- if $.fsGroup }}
+fsGroup: {{ . }}
+{{- end }}
+{{- end }}
+{{- end }}
+
 {{/* Container security context of the nodepulse containers: non-root, nothing writable, no capabilities. */}}
 {{- define "nodepulse.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
 readOnlyRootFilesystem: true
 runAsNonRoot: true
-runAsUser: 65532
-runAsGroup: 65532
+{{- include "nodepulse.podUser" (dict "ctx" . "fsGroup" false) }}
 capabilities:
   drop: [ALL]
 seccompProfile:
