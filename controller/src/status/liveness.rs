@@ -364,6 +364,7 @@ impl Liveness {
             }
         }
         let names: BTreeSet<String> = listed.keys().chain(heartbeats.keys()).cloned().collect();
+        let outage = self.watch_lost_since;
         for name in &names {
             let rec = self.records.entry(name.clone()).or_default();
             match heartbeats.get(name) {
@@ -379,7 +380,17 @@ impl Liveness {
                     // Listed is not renewed: it stays Unknown until its agent proves it.
                     rec.heartbeat = Some(hb.clone());
                 }
-                Some(hb) => self.observe_alive(name, Some(hb.clone()), now),
+                Some(hb) => {
+                    // A value newer than the last one seen was written during the outage: after
+                    // the leader change, if the outage began after it.
+                    let written_since_doubt = rec.proves_life(Some(hb))
+                        && outage.zip(rec.doubt_since).is_some_and(|(o, d)| o >= d);
+                    if written_since_doubt {
+                        rec.doubt_since = None;
+                        rec.lease_expiry = None;
+                    }
+                    self.observe_alive(name, Some(hb.clone()), now)
+                }
                 None => {
                     rec.alive_at = None;
                     rec.doubt_since = None;
@@ -1941,6 +1952,57 @@ mod tests {
         assert_decided(&mut l, &[("worker-2", LEADER_CHURN)]);
         relist(&mut l, &[], false, clock.at(12.0));
         assert_decided(&mut l, &[("worker-2", EXPIRED)]);
+    }
+
+    #[test]
+    fn while_the_watch_is_lost_the_outage_rules_judge_doubted_nodes_and_no_deadline_is_left_due() {
+        let clock = Clock::new();
+        let mut l = after_a_leader_change(&clock);
+        l.observe(
+            HeartbeatEvent::Interrupted {
+                since: clock.at(2.0).instant,
+            },
+            clock.at(2.0),
+        );
+        l.tick(clock.at(11.0));
+        assert_decided(&mut l, &[]);
+        assert_eq!(
+            l.next_deadline(),
+            None,
+            "nothing due that a tick cannot move"
+        );
+        l.tick(clock.at(12.5));
+        let d = l.take_decisions();
+        assert!(
+            d.transitions
+                .iter()
+                .all(|t| t.reason == LivenessReason::EtcdUnreachable),
+            "{:?}",
+            d.transitions
+        );
+        assert_eq!(d.transitions.len(), 2);
+        // Listed again: the outage's rule (a key written since, or twice the TTL) brings them
+        // back, and the doubt of the leader change ends with it.
+        relist(
+            &mut l,
+            &[
+                ("worker-1", heartbeat("worker-1", 13)),
+                ("worker-2", heartbeat("worker-2", 0)),
+            ],
+            false,
+            clock.at(13.0),
+        );
+        assert_decided(&mut l, &[("worker-1", ALIVE)]);
+        assert_eq!(
+            l.doubted(),
+            names(&["worker-2"]),
+            "worker-1 wrote after the change"
+        );
+        l.tick(clock.at(13.5));
+        assert_decided(&mut l, &[]);
+        l.tick(clock.at(34.0));
+        assert_decided(&mut l, &[("worker-2", ALIVE)]);
+        assert!(l.doubted().is_empty());
     }
 
     #[test]
