@@ -9,11 +9,12 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 use futures::future::BoxFuture;
-use futures::stream::FuturesUnordered;
+use futures::stream::{FuturesOrdered, FuturesUnordered};
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use nodepulse_crd::wire::{
     HEARTBEAT_PREFIX, Heartbeat, Rejection, node_of_heartbeat_key, validate_node_name,
@@ -79,6 +80,12 @@ pub enum HeartbeatEvent {
 /// second, and each delete's lease is looked up before its node is judged.
 const MAX_LEASE_LOOKUPS: usize = 64;
 
+/// Most granted-TTL lookups in flight at once, and most events waiting for theirs: when a
+/// partition heals, every agent cut off writes its key on a new lease within a second, and each
+/// lookup waits for etcd's read index (tens of milliseconds while etcd is busy).
+const MAX_TTL_LOOKUPS: usize = 256;
+const MAX_EVENTS_JUDGED: usize = 4096;
+
 /// How long a lease's TTL lookup is retried before the watch gives up and lists again.
 const LOOKUP_PATIENCE: Duration = Duration::from_secs(10);
 
@@ -118,30 +125,26 @@ impl HeartbeatWatcher {
             ..WatcherSettings::prefix("heartbeat watch")
         };
         let mut watcher = EtcdWatcher::new(self.etcd.clone(), HEARTBEAT_PREFIX, settings);
-        // The watch reads on while deletes wait for their lease lookups.
-        let (watched, received) = mpsc::channel(1024);
-        let mut leases = LeaseTtls::new(self.etcd.clone());
+        // The watch reads on while new leases are looked up, and while deletes wait for theirs.
+        let (raw, unjudged) = mpsc::channel(1024);
+        let relist = Arc::new(AtomicBool::new(false));
+        let relist_asked = relist.clone();
         let watch = async move {
             loop {
-                let event = watcher.next().await;
-                let granted = match leases.granted(&event).await {
-                    Ok(granted) => (event, granted),
-                    Err(e) => {
-                        tracing::warn!(
-                            "heartbeat watch: {e}; a heartbeat is judged by its lease's TTL, so the heartbeats cannot be judged: listing them again"
-                        );
-                        watcher.relist();
-                        (WatchEvent::Interrupted, GrantedTtls::new())
-                    }
-                };
-                if watched.send(granted).await.is_err() {
+                if relist_asked.swap(false, Ordering::SeqCst) {
+                    watcher.relist();
+                }
+                if raw.send(watcher.next().await).await.is_err() {
                     return;
                 }
             }
         };
+        let (watched, received) = mpsc::channel(1024);
+        let leases = LeaseTtls::new(self.etcd.clone());
         let relay = self.relay(received);
         tokio::select! {
             () = watch => {}
+            () = leases.run(unjudged, watched, relist) => {}
             () = relay => {}
         }
     }
@@ -324,10 +327,64 @@ impl LeaseTtls {
         }
     }
 
-    /// The granted TTLs of `event`'s leases, looked up where not known yet: a list's many at a
-    /// time. `Err` when etcd would not tell, after retries.
-    async fn granted(&mut self, event: &WatchEvent) -> Result<GrantedTtls, String> {
-        match event {
+    /// Passes the watch's events on in order, each with the granted TTLs of its leases: those
+    /// known at once, the others once looked up, up to [`MAX_TTL_LOOKUPS`] at a time across
+    /// events (a partition that heals has every agent cut off grant a new lease at once). A
+    /// lookup that fails for [`LOOKUP_PATIENCE`] stops the events: an interruption goes out,
+    /// the watch is asked to list again, and nothing is passed on until that list.
+    async fn run(
+        mut self,
+        mut unjudged: mpsc::Receiver<WatchEvent>,
+        judged: mpsc::Sender<(WatchEvent, GrantedTtls)>,
+        relist: Arc<AtomicBool>,
+    ) {
+        let permits = Arc::new(Semaphore::new(MAX_TTL_LOOKUPS));
+        let mut in_flight = FuturesOrdered::new();
+        let mut stalled = false;
+        loop {
+            tokio::select! {
+                event = unjudged.recv(), if in_flight.len() < MAX_EVENTS_JUDGED => {
+                    let Some(event) = event else { return };
+                    if stalled && !matches!(event, WatchEvent::Listed { .. }) {
+                        continue;
+                    }
+                    stalled = false;
+                    in_flight.push_back(self.judge(event, &permits));
+                }
+                Some(done) = in_flight.next() => {
+                    let sent = match done {
+                        Ok(Judged { event, granted, looked_up }) => {
+                            self.learned(&looked_up);
+                            (event, granted)
+                        }
+                        Err(e) => {
+                            tracing::warn!(
+                                "heartbeat watch: {e}; a heartbeat is judged by its lease's TTL, so the heartbeats cannot be judged: listing them again"
+                            );
+                            in_flight.clear();
+                            stalled = true;
+                            relist.store(true, Ordering::SeqCst);
+                            (WatchEvent::Interrupted, GrantedTtls::new())
+                        }
+                    };
+                    if judged.send(sent).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes `event` in (which lease each key rides now) and returns what its judging waits
+    /// for: nothing when its leases are known, their lookups otherwise.
+    fn judge(
+        &mut self,
+        event: WatchEvent,
+        permits: &Arc<Semaphore>,
+    ) -> BoxFuture<'static, Result<Judged, String>> {
+        let mut known = GrantedTtls::new();
+        let mut unknown = Vec::new();
+        match &event {
             WatchEvent::Listed { kvs, replaced, .. } => {
                 if *replaced {
                     // Lease ids of another store say nothing about this one's.
@@ -340,50 +397,66 @@ impl LeaseTtls {
                 }
                 self.granted
                     .retain(|lease, _| self.keys_on.contains_key(lease));
-                let unknown: Vec<i64> = self
-                    .keys_on
-                    .keys()
-                    .filter(|lease| !self.granted.contains_key(lease))
-                    .copied()
-                    .collect();
-                let started = Instant::now();
-                let looked_up = granted_ttls(&self.etcd, &unknown).await?;
+                for lease in self.keys_on.keys() {
+                    match self.granted.get(lease) {
+                        Some(ttl) => {
+                            known.insert(*lease, Some(*ttl));
+                        }
+                        None => unknown.push(*lease),
+                    }
+                }
+            }
+            WatchEvent::Put(kv) => {
+                self.track(&kv.key, kv.lease);
+                match self.granted.get(&kv.lease) {
+                    _ if kv.lease == 0 => {}
+                    Some(ttl) => {
+                        known.insert(kv.lease, Some(*ttl));
+                    }
+                    None => unknown.push(kv.lease),
+                }
+            }
+            WatchEvent::Delete { key, .. } => self.track(key, 0),
+            WatchEvent::Interrupted => {}
+        }
+        if unknown.is_empty() {
+            return futures::future::ready(Ok(Judged {
+                event,
+                granted: known,
+                looked_up: GrantedTtls::new(),
+            }))
+            .boxed();
+        }
+        let (etcd, permits) = (self.etcd.clone(), permits.clone());
+        async move {
+            let started = Instant::now();
+            let looked_up = granted_ttls(&etcd, &unknown, &permits).await?;
+            if matches!(event, WatchEvent::Listed { .. }) {
                 tracing::info!(
                     leases = unknown.len(),
                     gone = looked_up.values().filter(|g| g.is_none()).count(),
                     took_ms = started.elapsed().as_millis() as u64,
                     "looked up the TTL of every new lease in the heartbeat list"
                 );
-                self.granted
-                    .extend(looked_up.iter().filter_map(|(l, g)| Some((*l, (*g)?))));
-                Ok(self
-                    .keys_on
-                    .keys()
-                    .map(|lease| (*lease, self.granted.get(lease).copied()))
-                    .collect())
             }
-            WatchEvent::Put(kv) => {
-                self.track(&kv.key, kv.lease);
-                if kv.lease == 0 {
-                    return Ok(GrantedTtls::new());
-                }
-                let granted = match self.granted.get(&kv.lease) {
-                    Some(ttl) => Some(*ttl),
-                    None => {
-                        let granted = granted_ttl(&self.etcd, kv.lease).await?;
-                        if let Some(ttl) = granted {
-                            self.granted.insert(kv.lease, ttl);
-                        }
-                        granted
-                    }
-                };
-                Ok(GrantedTtls::from([(kv.lease, granted)]))
+            known.extend(looked_up.iter().map(|(lease, ttl)| (*lease, *ttl)));
+            Ok(Judged {
+                event,
+                granted: known,
+                looked_up,
+            })
+        }
+        .boxed()
+    }
+
+    /// Keeps the TTLs looked up, of the leases that still carry a key.
+    fn learned(&mut self, looked_up: &GrantedTtls) {
+        for (lease, ttl) in looked_up {
+            if let Some(ttl) = ttl
+                && self.keys_on.contains_key(lease)
+            {
+                self.granted.insert(*lease, *ttl);
             }
-            WatchEvent::Delete { key, .. } => {
-                self.track(key, 0);
-                Ok(GrantedTtls::new())
-            }
-            WatchEvent::Interrupted => Ok(GrantedTtls::new()),
         }
     }
 
@@ -411,11 +484,25 @@ impl LeaseTtls {
     }
 }
 
-/// The granted TTL of each of `leases`, [`MAX_LEASE_LOOKUPS`] lookups at a time.
-async fn granted_ttls(etcd: &Client, leases: &[i64]) -> Result<GrantedTtls, String> {
+/// An event with the granted TTLs of its leases, and those of them just looked up.
+struct Judged {
+    event: WatchEvent,
+    granted: GrantedTtls,
+    looked_up: GrantedTtls,
+}
+
+/// The granted TTL of each of `leases`, as many at a time as `permits` allow.
+async fn granted_ttls(
+    etcd: &Client,
+    leases: &[i64],
+    permits: &Semaphore,
+) -> Result<GrantedTtls, String> {
     futures::stream::iter(leases.iter().copied())
-        .map(|lease| async move { granted_ttl(etcd, lease).await.map(|g| (lease, g)) })
-        .buffer_unordered(MAX_LEASE_LOOKUPS)
+        .map(|lease| async move {
+            let _permit = permits.acquire().await;
+            granted_ttl(etcd, lease).await.map(|g| (lease, g))
+        })
+        .buffer_unordered(MAX_TTL_LOOKUPS)
         .try_collect()
         .await
 }
@@ -828,20 +915,32 @@ mod tests {
                 ..Kv::default()
             })
         };
-        // A rewrite on the same lease: from the cache.
+        let permits = Arc::new(Semaphore::new(1));
+        let mut judge = |event| leases.judge(event, &permits);
+        // A rewrite on the same lease: from the cache, at once.
+        let judged = judge(put(b"/k/a", 7)).now_or_never().expect("no lookup");
         assert_eq!(
-            leases.granted(&put(b"/k/a", 7)).await,
+            judged.map(|j| j.granted),
             Ok(GrantedTtls::from([(7, Some(10))]))
         );
-        // One key moves to a lease without a TTL lookup needed (no lease), the other goes.
-        leases.granted(&put(b"/k/a", 0)).await.expect("no lookup");
-        assert_eq!(leases.granted.get(&7), Some(&10), "/k/b still rides it");
+        // One key moves off the lease, the other goes: the TTL known when each event came is
+        // the one it is judged with, and the lease is forgotten with its last key.
         let delete = WatchEvent::Delete {
             key: b"/k/b".to_vec(),
             prev: None,
             revision: 9,
         };
-        leases.granted(&delete).await.expect("no lookup");
+        let events = [put(b"/k/a", 0), put(b"/k/b", 7), delete];
+        let granted: Vec<_> = events
+            .into_iter()
+            .map(|e| {
+                judge(e)
+                    .now_or_never()
+                    .expect("no lookup")
+                    .map(|j| j.granted)
+            })
+            .collect();
+        assert_eq!(granted[1], Ok(GrantedTtls::from([(7, Some(10))])));
         assert!(leases.granted.is_empty(), "the last key went");
         assert!(leases.keys_on.is_empty() && leases.key_lease.is_empty());
     }
