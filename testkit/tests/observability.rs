@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use serde_yaml::Value;
 use testkit::{
-    Etcd, KubeApiserver, Launch, http_get, render_chart, repo_root, scratch_dir, tool, wait_until,
+    Etcd, EtcdCluster, KubeApiserver, Launch, http_get, render_chart, repo_root, scratch_dir, tool,
+    wait_until,
 };
 
 fn chart() -> PathBuf {
@@ -188,7 +189,8 @@ fn metric_names(expr: &str) -> impl Iterator<Item = &str> {
 }
 
 /// etcd metrics the alerts query that a single member does not export: families with a label
-/// per peer have no child, and so no line, until there is a peer.
+/// per peer have no child, and so no line, until there is a peer (and, for failures, a failure).
+/// `members_down_reads_the_peer_failures_a_real_member_exports` proves them on three members.
 const ETCD_PEER_METRICS: [&str; 1] = ["etcd_network_peer_sent_failures_total"];
 
 /// Every PromQL expression of the dashboard: panel targets and template variable queries.
@@ -463,4 +465,36 @@ fn etcd_service_monitor_scrapes_the_members_metrics_port_that_the_etcd_alerts_qu
     let rule = the_one(&objects, "PrometheusRule");
     assert!(group(rule, "nodepulse").is_some());
     assert!(group(rule, "nodepulse-etcd").is_none());
+}
+
+#[test]
+fn members_down_reads_the_peer_failures_a_real_member_exports() {
+    let mut cluster = EtcdCluster::start(3);
+    let addrs: Vec<String> = cluster
+        .endpoints()
+        .iter()
+        .map(|e| e.trim_start_matches("http://").to_string())
+        .collect();
+    cluster.kill(2);
+    // The survivors keep a quorum and count what they fail to send to the member that is gone,
+    // one series per peer (`To`, its member ID), as NodepulseEtcdMembersDown's peer branch reads.
+    let mut exposition = String::new();
+    wait_until(
+        "a survivor counts failed sends to the killed member",
+        Duration::from_secs(60),
+        || {
+            exposition = scrape(&addrs[0]);
+            exposition
+                .lines()
+                .any(|l| l.starts_with("etcd_network_peer_sent_failures_total{To=\""))
+        },
+    );
+    let exported = exported_names(&exposition);
+    for name in ETCD_PEER_METRICS {
+        assert!(exported.contains(name), "{name} not exported by a member");
+    }
+    assert!(
+        exposition.lines().any(|l| l == "etcd_server_has_leader 1"),
+        "two members of three keep a leader"
+    );
 }
