@@ -1105,3 +1105,49 @@ fn the_pods_user_is_a_value() {
         assert_eq!(sc["runAsNonRoot"].as_bool(), Some(true), "{name}");
     }
 }
+
+/// etcd's quota sits below its volume: three quarters of `etcd.persistence.size` (at most 8 GiB),
+/// so the NOSPACE alarm comes before a full disk (which makes etcd exit); an explicit
+/// `etcd.quotaBackendBytes` wins, and without a volume etcd keeps its default.
+#[test]
+fn the_etcd_quota_leaves_room_on_its_volume() {
+    let quota = |extra: &[&str]| -> Option<String> {
+        let objects = render_chart(extra);
+        let args = object(&objects, "StatefulSet", "etcd")["spec"]["template"]["spec"]["containers"]
+            [0]["args"]
+            .as_sequence()
+            .expect("etcd's args")
+            .iter()
+            .filter_map(|a| a.as_str()?.strip_prefix("--quota-backend-bytes=").map(String::from))
+            .collect::<Vec<_>>();
+        args.into_iter().next()
+    };
+    assert_eq!(quota(&[]).as_deref(), Some("805306368"), "1Gi volume");
+    assert_eq!(
+        quota(&["--set", "etcd.persistence.size=10Gi"]).as_deref(),
+        Some("8053063680")
+    );
+    assert_eq!(
+        quota(&["--set", "etcd.persistence.size=64Gi"]).as_deref(),
+        Some("8589934592")
+    );
+    assert_eq!(
+        quota(&["--set", "etcd.quotaBackendBytes=4294967296"]).as_deref(),
+        Some("4294967296")
+    );
+    assert_eq!(quota(&["--set", "etcd.persistence.enabled=false"]), None);
+    let chart = chart();
+    let out = helm(&[
+        "template",
+        "nodepulse",
+        chart.to_str().expect("utf-8 path"),
+        "--set",
+        "etcd.persistence.size=1.5Gi",
+    ]);
+    assert!(!out.status.success());
+    assert!(
+        text(&out.stderr).contains("etcd.persistence.size \"1.5Gi\""),
+        "{}",
+        text(&out.stderr)
+    );
+}

@@ -220,3 +220,24 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end }}
+
+{{/* etcd's backend quota in bytes: etcd.quotaBackendBytes when set; else, on a volume, three
+quarters of it (the database must stop taking writes before the disk is full: a full disk makes
+etcd exit, while a full quota only raises the NOSPACE alarm; the rest holds the WAL and
+snapshots), at most etcd's recommended 8 GiB; else etcd's default (empty). */}}
+{{- define "nodepulse.etcdQuota" -}}
+{{- $e := .Values.etcd -}}
+{{- if $e.quotaBackendBytes -}}
+{{- int64 $e.quotaBackendBytes -}}
+{{- else if $e.persistence.enabled -}}
+{{- $size := $e.persistence.size | toString -}}
+{{- $units := dict "Ki" 1024 "Mi" 1048576 "Gi" 1073741824 "Ti" 1099511627776 "K" 1000 "M" 1000000 "G" 1000000000 "T" 1000000000000 -}}
+{{- $number := regexFind "^[0-9]+" $size -}}
+{{- $unit := trimPrefix $number $size -}}
+{{- if or (not $number) (and $unit (not (hasKey $units $unit))) -}}
+{{- fail (printf "etcd.persistence.size %q: want a whole number with Ki, Mi, Gi, Ti, K, M, G or T (or set etcd.quotaBackendBytes)" $size) -}}
+{{- end -}}
+{{- $bytes := mul (int64 $number) (int64 (get $units $unit | default 1)) -}}
+{{- min (div (mul $bytes 3) 4) 8589934592 -}}
+{{- end -}}
+{{- end }}
