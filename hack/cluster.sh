@@ -15,11 +15,12 @@
 # (NODE is a node's name; docs/local-cluster.md shows what a user sees.)
 #
 # With three nodes each node is the box described below, with its own namespaces, containerd,
-# kubelet, kube-proxy, cgroup root (/nodepulse-cluster/NODE) and state ($STATE/NODE); the control
-# plane (etcd, API server, scheduler, controller manager, CoreDNS) runs on `control-plane`, which
-# is tainted node-role.kubernetes.io/control-plane:NoSchedule. The nodes meet in namespace
-# `nodepulse-uplink`, which forwards between the node links only (routes to each pod CIDR via
-# its node) and has no link to the machine.
+# kubelet, kube-proxy, kube-network-policies (the NetworkPolicy enforcer), cgroup root
+# (/nodepulse-cluster/NODE) and state ($STATE/NODE); the control plane (etcd, API server,
+# scheduler, controller manager, CoreDNS) runs on `control-plane`, which is tainted
+# node-role.kubernetes.io/control-plane:NoSchedule. The nodes meet in namespace `nodepulse-uplink`,
+# which forwards between the node links only (routes to each pod CIDR via its node) and has no
+# link to the machine.
 #
 # The whole node lives in namespaces of its own, because kube-proxy and the kubelet rewrite
 # iptables (KUBE-FIREWALL drops non-loopback traffic to 127.0.0.0/8) and mount things, which
@@ -113,7 +114,7 @@ install_packages() {
 BIN=
 ensure_tools() {
   BIN=$(bash "$ROOT/hack/tools.sh" etcd kube-apiserver kube-controller-manager kube-scheduler \
-    kubelet kube-proxy kubectl coredns helm)
+    kubelet kube-proxy kubectl coredns helm kube-network-policies)
 }
 
 # --- certificates and configuration ---------------------------------------------------------
@@ -517,6 +518,73 @@ start_node() {
     --root-dir "$NODE_DIR/kubelet" --cert-dir "$PKI" --hostname-override "$NODE_NAME" --node-ip "$NODE_IP" \
     "${taint[@]}"
   start kube-proxy --config "$NODE_DIR/kube-proxy.yaml"
+  start_network_policies
+}
+
+# The ptp CNI enforces no NetworkPolicy: kube-network-policies (SIG Network's enforcer) does, as a
+# process of each node like kube-proxy. It judges, in user space, each new connection the kernel
+# queues to it on nfqueue 100 against the policies it watches, and answers accept or drop. It
+# would install the queueing itself as an nftables chain, but this kernel has no nftables `queue`
+# expression (CONFIG_NFT_QUEUE is not set; its sync fails, "netlink receive: no such file or
+# directory", and it logs that on every retry): the same rules as its chain (POSTROUTING, which all
+# pod traffic passes, for ptp routes every packet through the node's stack; root's own sockets,
+# kubelet probes among them, and established connections passed first) are put here with
+# iptables' NFQUEUE target, for every new connection from or to a pod of this node rather than
+# only those of pods a policy selects (it accepts what no policy selects). With --queue-bypass:
+# while the enforcer is not running, traffic passes unjudged.
+# It knows only the in-cluster configuration (a ServiceAccount token at
+# /var/run/secrets/kubernetes.io/serviceaccount), so the node's /run, a tmpfs of its own, gets one,
+# of a ServiceAccount bound to the ClusterRole its DaemonSet manifest has.
+start_network_policies() {
+  running kube-network-policies && return
+  network_policy_queue
+  network_policy_token
+  local sa=/run/secrets/kubernetes.io/serviceaccount
+  node_mount mkdir -p "$sa"
+  node_mount install -m 600 "$STATE/kube-network-policies.token" "$sa/token"
+  node_mount install -m 644 "$PKI/ca.crt" "$sa/ca.crt"
+  KUBERNETES_SERVICE_HOST=$CP_IP KUBERNETES_SERVICE_PORT=6443 \
+    start kube-network-policies --hostname-override "$NODE_NAME" --fail-open \
+    --netfilter-bug-1766-fix=false --metrics-bind-address 127.0.0.1:9080
+}
+
+# network_policy_queue: the selected node's NODEPULSE-NETPOL chain (mangle POSTROUTING), made anew.
+network_policy_queue() {
+  local ipt=(in_netns iptables -w -t mangle) chain=NODEPULSE-NETPOL dir
+  "${ipt[@]}" -N "$chain" 2>/dev/null || "${ipt[@]}" -F "$chain"
+  "${ipt[@]}" -A "$chain" -m owner --uid-owner 0 -j RETURN
+  "${ipt[@]}" -A "$chain" -m conntrack --ctstate ESTABLISHED,RELATED -j RETURN
+  for dir in -s -d; do
+    "${ipt[@]}" -A "$chain" "$dir" "$POD_CIDR" -j NFQUEUE --queue-num 100 --queue-bypass
+  done
+  "${ipt[@]}" -C POSTROUTING -j "$chain" 2>/dev/null || "${ipt[@]}" -A POSTROUTING -j "$chain"
+}
+
+# network_policy_token: the enforcer's ServiceAccount, its ClusterRole (pods, namespaces and
+# networkpolicies: list, watch) and a token of it valid as long as the certificates, once.
+network_policy_token() {
+  [[ -s $STATE/kube-network-policies.token ]] && return
+  kube apply -f - >/dev/null <<EOF
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: kube-network-policies, namespace: kube-system}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: kube-network-policies}
+rules:
+- {apiGroups: [""], resources: [pods, namespaces], verbs: [list, watch]}
+- {apiGroups: [networking.k8s.io], resources: [networkpolicies], verbs: [list, watch]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: kube-network-policies}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: kube-network-policies}
+subjects:
+- {kind: ServiceAccount, name: kube-network-policies, namespace: kube-system}
+EOF
+  kube create token kube-network-policies -n kube-system --duration 87600h |
+    put "$STATE/kube-network-policies.token"
 }
 
 ctr_ok() { ctr --address "$NODE_DIR/containerd.sock" version; }
@@ -752,7 +820,8 @@ status() {
     init=$(init_pid) || { echo "node $n: not running"; continue; }
     any=0
     echo "node $n: init PID $init (network namespace $NETNS, $NODE_IP)"
-    for name in etcd kube-apiserver kube-controller-manager kube-scheduler coredns containerd kubelet kube-proxy; do
+    for name in etcd kube-apiserver kube-controller-manager kube-scheduler coredns containerd kubelet kube-proxy \
+      kube-network-policies; do
       printf '  %-24s %s\n' "$name" "$(pids_of "$(exe_of "$name")" | tr '\n' ' ')"
     done
   done

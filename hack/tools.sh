@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds the test tooling that no package ships, once per machine, from the Go module proxy:
 # etcd + etcdctl, the Kubernetes components (kube-apiserver, kubectl, and for the local cluster
-# kubelet, kube-controller-manager, kube-scheduler, kube-proxy, coredns), helm, node_exporter, the
+# kubelet, kube-controller-manager, kube-scheduler, kube-proxy, coredns, and kube-network-policies,
+# its NetworkPolicy enforcer), helm, node_exporter, the
 # OpenTelemetry Collector (otelcol: the hostmetrics receiver only, the bench's second peer), and the
 # chart's checkers (promtool for the alert rules, kube-score for the rendered manifests). The product
 # is Rust; this is only what the tests, the demo and the benchmarks run against.
@@ -10,7 +11,7 @@
 # with an unversioned symlink beside each. A second run finds them and returns at once.
 #
 # usage: hack/tools.sh [all|etcd|kube-apiserver|kubectl|kubelet|kube-controller-manager|
-#                       kube-scheduler|kube-proxy|coredns|helm|node_exporter|otelcol|promtool|
+#                       kube-scheduler|kube-proxy|coredns|kube-network-policies|helm|node_exporter|otelcol|promtool|
 #                       kube-score]...
 set -euo pipefail
 
@@ -19,6 +20,7 @@ ETCD_VERSION=${ETCD_VERSION:-v3.6.16}
 HELM_VERSION=${HELM_VERSION:-v3.20.2}
 NODE_EXPORTER_VERSION=${NODE_EXPORTER_VERSION:-v1.10.1}
 COREDNS_VERSION=${COREDNS_VERSION:-v1.14.7}
+KUBE_NETWORK_POLICIES_VERSION=${KUBE_NETWORK_POLICIES_VERSION:-v0.8.0}
 PROMETHEUS_VERSION=${PROMETHEUS_VERSION:-v0.316.0}   # Prometheus 3.16's Go module version
 KUBE_SCORE_VERSION=${KUBE_SCORE_VERSION:-v1.20.0}
 # One collector release for every collector module: contrib's hostmetrics receiver and the builder at
@@ -141,6 +143,13 @@ build_kube_score() {
     "" "-X main.version=$KUBE_SCORE_VERSION"
 }
 
+# The local cluster's NetworkPolicy enforcer (hack/cluster.sh): SIG Network's nftables + nfqueue
+# implementation, which works with any CNI (the cluster's is ptp, which enforces none).
+build_kube_network_policies() {
+  wrapper_build kube-network-policies "$KUBE_NETWORK_POLICIES_VERSION" \
+    "sigs.k8s.io/kube-network-policies@$KUBE_NETWORK_POLICIES_VERSION" sigs.k8s.io/kube-network-policies/cmd
+}
+
 # CoreDNS for the local cluster (hack/cluster.sh), with only the plugins that cluster's Corefile
 # uses: CoreDNS's own main package links all ~60 plugins (cloud DNS providers and their SDKs);
 # a main of our own that sets dnsserver.Directives is CoreDNS's documented way to trim them, and
@@ -215,6 +224,7 @@ for t in "${targets[@]}"; do
     node_exporter) build_node_exporter ;;
     otelcol) build_otelcol ;;
     coredns) build_coredns ;;
+    kube-network-policies) build_kube_network_policies ;;
     promtool) build_promtool ;;
     kube-score) build_kube_score ;;
     *) echo "unknown tool: $t" >&2; exit 2 ;;
