@@ -1,14 +1,16 @@
-//! The command line: `nodepulsectl watch | nodes | config get|set|delete`.
+//! The command line: `nodepulsectl watch | nodes | config get|set|delete | completion SHELL`.
 
 use std::time::Duration;
 
-use clap::{ArgGroup, Args, Parser, Subcommand};
+use clap::{ArgGroup, Args, CommandFactory, Parser, Subcommand};
+use clap_complete::Shell;
 use nodepulse_etcd::EtcdArgs;
 use nodepulse_runtime::LogFormat;
 use nodepulse_runtime::parse_duration;
 
 use crate::OutputFormat;
 use crate::error::EXIT_CODES_HELP;
+use crate::exit_codes_help;
 
 /// Watch node liveness and push agent configuration, straight on etcd.
 ///
@@ -20,7 +22,19 @@ use crate::error::EXIT_CODES_HELP;
 #[command(
     name = "nodepulsectl",
     version,
-    after_help = EXIT_CODES_HELP,
+    after_help = concat!(
+        "Examples:
+  # The nodes alive now, then each one that comes alive or dies
+  nodepulsectl watch --etcd-endpoints https://etcd-0.etcd-service.etcd.svc:2379 \\
+    --etcd-ca-file ca.crt --etcd-cert-file client.crt --etcd-key-file client.key
+  # Sample worker-1 every 2 s, CPU and memory only; the agent applies it at once
+  nodepulsectl config set worker-1 --interval 2 --metrics cpu,memory
+  # Completion for bash (also zsh, fish)
+  source <(nodepulsectl completion bash)
+
+",
+        exit_codes_help!()
+    ),
     // Connection flags anywhere on the line, as etcdctl and kubectl take them.
     mut_args = |arg: clap::Arg| arg.global(true)
 )]
@@ -69,14 +83,47 @@ pub struct GlobalArgs {
 pub enum Command {
     /// Print the nodes alive now, then one timestamped line per node that comes alive or dies
     /// (runs until Ctrl-C; survives etcd restarts).
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = concat!(
+        "Examples:
+  # Alive and Dead as they happen
+  nodepulsectl watch
+  # ...with each heartbeat's figures too, as JSON lines for a script
+  nodepulsectl watch -v -o json
+
+",
+        exit_codes_help!()
+    ))]
     Watch(WatchArgs),
     /// Print the nodes alive now (every node with a heartbeat key) and exit.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = concat!(
+        "Examples:
+  nodepulsectl nodes
+  # Every node's full heartbeat value
+  nodepulsectl nodes -o json
+
+",
+        exit_codes_help!()
+    ))]
     Nodes,
     /// Read, write or delete a node's configuration key /monitor/config/<node>.
     #[command(subcommand, after_help = EXIT_CODES_HELP)]
     Config(ConfigCommand),
+    /// Print a completion script for SHELL (bash, zsh, fish, elvish or powershell).
+    ///
+    /// bash: `source <(nodepulsectl completion bash)`, or write it to
+    /// /etc/bash_completion.d/nodepulsectl. zsh: `nodepulsectl completion zsh >
+    /// "${fpath[1]}/_nodepulsectl"`. fish: `nodepulsectl completion fish >
+    /// ~/.config/fish/completions/nodepulsectl.fish`.
+    Completion {
+        /// The shell to complete in.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+}
+
+/// Writes the completion script of `shell` for nodepulsectl's whole command line to `out`.
+pub fn write_completion(shell: Shell, out: &mut dyn std::io::Write) {
+    clap_complete::generate(shell, &mut Cli::command(), "nodepulsectl", out);
 }
 
 /// `nodepulsectl watch`.
@@ -91,7 +138,13 @@ pub struct WatchArgs {
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
     /// Print /monitor/config/<node>: the value, whether the agent accepts it, who wrote it.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = concat!(
+        "Examples:
+  nodepulsectl config get worker-1
+
+",
+        exit_codes_help!()
+    ))]
     Get {
         /// Whose key to print.
         node: String,
@@ -105,12 +158,28 @@ pub enum ConfigCommand {
     /// `managedBy` marker, so the controller leaves them alone; overwriting a key it managed prints
     /// a warning (`config delete` hands the node back to the controller).
     #[command(
-        after_help = EXIT_CODES_HELP,
+        after_help = concat!(
+            "Examples:
+  # worker-1 and worker-2 every 2 s, their metrics as they were
+  nodepulsectl config set worker-1 worker-2 --interval 2
+  # Every node with a heartbeat now: CPU and load only
+  nodepulsectl config set --all --metrics cpu,load
+
+",
+            exit_codes_help!()
+        ),
         group(ArgGroup::new("change").required(true).multiple(true).args(["interval", "metrics"]))
     )]
     Set(ConfigSetArgs),
     /// Delete /monitor/config/<node>: the agents go back to the defaults.
-    #[command(after_help = EXIT_CODES_HELP)]
+    #[command(after_help = concat!(
+        "Examples:
+  # worker-1 back to the defaults, or to what the controller's MonitorConfigs say
+  nodepulsectl config delete worker-1
+
+",
+        exit_codes_help!()
+    ))]
     Delete {
         /// The nodes whose key to delete.
         #[arg(required = true)]

@@ -11,13 +11,21 @@ pub const EXIT_USAGE: u8 = 2;
 /// Exit code: what was asked for does not exist.
 pub const EXIT_NOT_FOUND: u8 = 3;
 
-/// The exit codes as `--help` documents them.
-pub const EXIT_CODES_HELP: &str = "\
+/// The exit codes as `--help` documents them (a macro, so that help texts can `concat!` it).
+#[macro_export]
+macro_rules! exit_codes_help {
+    () => {
+        "\
 Exit codes:
   0  success
   1  etcd unreachable or refused the request, or another runtime error
   2  usage error, or a value refused by validation (nothing was written)
-  3  not found (config get: no config key; config set --all: no node has a heartbeat)";
+  3  not found (config get: no config key; config set --all: no node has a heartbeat)"
+    };
+}
+
+/// The exit codes as `--help` documents them.
+pub const EXIT_CODES_HELP: &str = exit_codes_help!();
 
 /// Everything that can make a command fail.
 #[derive(Debug, thiserror::Error)]

@@ -41,6 +41,10 @@ pub async fn run(global: GlobalArgs, command: Command) -> Result<()> {
         ..
     } = global;
     match command {
+        Command::Completion { shell } => {
+            cli::write_completion(shell, &mut stdout.lock());
+            Ok(())
+        }
         Command::Watch(args) => {
             let settings = watch::WatchSettings {
                 output,
