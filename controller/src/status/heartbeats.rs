@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 use futures::future::BoxFuture;
-use futures::stream::{FuturesOrdered, FuturesUnordered};
+use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt, TryStreamExt};
 use nodepulse_crd::wire::{
     HEARTBEAT_PREFIX, Heartbeat, Rejection, node_of_heartbeat_key, validate_node_name,
@@ -84,7 +84,7 @@ const MAX_LEASE_LOOKUPS: usize = 64;
 /// partition heals, every agent cut off writes its key on a new lease within a second, and each
 /// lookup waits for etcd's read index (tens of milliseconds while etcd is busy).
 const MAX_TTL_LOOKUPS: usize = 256;
-const MAX_EVENTS_JUDGED: usize = 4096;
+const MAX_EVENTS_JUDGED: usize = 16384;
 
 /// How long a lease's TTL lookup is retried before the watch gives up and lists again.
 const LOOKUP_PATIENCE: Duration = Duration::from_secs(10);
@@ -327,11 +327,14 @@ impl LeaseTtls {
         }
     }
 
-    /// Passes the watch's events on in order, each with the granted TTLs of its leases: those
-    /// known at once, the others once looked up, up to [`MAX_TTL_LOOKUPS`] at a time across
-    /// events (a partition that heals has every agent cut off grant a new lease at once). A
-    /// lookup that fails for [`LOOKUP_PATIENCE`] stops the events: an interruption goes out,
-    /// the watch is asked to list again, and nothing is passed on until that list.
+    /// Passes the watch's events on, each with the granted TTLs of its leases: those known at
+    /// once, the others once looked up, up to [`MAX_TTL_LOOKUPS`] at a time across events (a
+    /// partition that heals has every agent cut off grant a new lease at once). A key's events
+    /// keep their order, and a list goes out after everything before it and before anything
+    /// after it; other keys' events do not wait for a key's lookup (a delete behind a burst of
+    /// new leases is judged at once). A lookup that fails for [`LOOKUP_PATIENCE`] stops the
+    /// events: an interruption goes out, the watch is asked to list again, and nothing is
+    /// passed on until that list.
     async fn run(
         mut self,
         mut unjudged: mpsc::Receiver<WatchEvent>,
@@ -339,37 +342,81 @@ impl LeaseTtls {
         relist: Arc<AtomicBool>,
     ) {
         let permits = Arc::new(Semaphore::new(MAX_TTL_LOOKUPS));
-        let mut in_flight = FuturesOrdered::new();
+        let mut lanes = KeyLanes::default();
+        let mut lookups = FuturesUnordered::new();
+        // A list waiting for its lookups, then for the events before it.
+        let mut barrier: Option<BoxFuture<'static, Result<Judged, String>>> = None;
+        let mut barrier_done: Option<Judged> = None;
         let mut stalled = false;
         loop {
+            let mut ready = Vec::new();
+            let mut failed = None;
+            let taking =
+                barrier.is_none() && barrier_done.is_none() && lanes.held < MAX_EVENTS_JUDGED;
             tokio::select! {
-                event = unjudged.recv(), if in_flight.len() < MAX_EVENTS_JUDGED => {
+                event = unjudged.recv(), if taking => {
                     let Some(event) = event else { return };
                     if stalled && !matches!(event, WatchEvent::Listed { .. }) {
                         continue;
                     }
                     stalled = false;
-                    in_flight.push_back(self.judge(event, &permits));
-                }
-                Some(done) = in_flight.next() => {
-                    let sent = match done {
-                        Ok(Judged { event, granted, looked_up }) => {
-                            self.learned(&looked_up);
-                            (event, granted)
-                        }
-                        Err(e) => {
-                            tracing::warn!(
-                                "heartbeat watch: {e}; a heartbeat is judged by its lease's TTL, so the heartbeats cannot be judged: listing them again"
-                            );
-                            in_flight.clear();
-                            stalled = true;
-                            relist.store(true, Ordering::SeqCst);
-                            (WatchEvent::Interrupted, GrantedTtls::new())
-                        }
+                    let key = match &event {
+                        WatchEvent::Put(kv) => Some(kv.key.clone()),
+                        WatchEvent::Delete { key, .. } => Some(key.clone()),
+                        WatchEvent::Listed { .. } | WatchEvent::Interrupted => None,
                     };
-                    if judged.send(sent).await.is_err() {
-                        return;
+                    let listed = matches!(event, WatchEvent::Listed { .. });
+                    match (key, self.judge(event, &permits)) {
+                        (None, Judging::Ready(j)) if listed => barrier_done = Some(j),
+                        (None, Judging::Ready(j)) => ready.push(j),
+                        (None, Judging::Waiting(f)) => barrier = Some(f),
+                        (Some(key), Judging::Ready(j)) => ready.extend(lanes.arrived(key, Some(j)).1),
+                        (Some(key), Judging::Waiting(f)) => {
+                            let (seq, _) = lanes.arrived(key.clone(), None);
+                            lookups.push(f.map(move |r| (key, seq, r)));
+                        }
                     }
+                }
+                Some((key, seq, done)) = lookups.next() => match done {
+                    Ok(j) => ready.extend(lanes.answered(&key, seq, j)),
+                    Err(e) => failed = Some(e),
+                },
+                done = async { barrier.as_mut().expect("a barrier").await }, if barrier.is_some() => {
+                    barrier = None;
+                    match done {
+                        Ok(j) => barrier_done = Some(j),
+                        Err(e) => failed = Some(e),
+                    }
+                }
+            }
+            if let Some(e) = failed {
+                tracing::warn!(
+                    "heartbeat watch: {e}; a heartbeat is judged by its lease's TTL, so the heartbeats cannot be judged: listing them again"
+                );
+                lanes = KeyLanes::default();
+                lookups = FuturesUnordered::new();
+                (barrier, barrier_done, stalled) = (None, None, true);
+                relist.store(true, Ordering::SeqCst);
+                ready = vec![Judged {
+                    event: WatchEvent::Interrupted,
+                    granted: GrantedTtls::new(),
+                    looked_up: GrantedTtls::new(),
+                }];
+            }
+            if lanes.held == 0
+                && let Some(j) = barrier_done.take()
+            {
+                ready.push(j);
+            }
+            for Judged {
+                event,
+                granted,
+                looked_up,
+            } in ready
+            {
+                self.learned(&looked_up);
+                if judged.send((event, granted)).await.is_err() {
+                    return;
                 }
             }
         }
@@ -377,11 +424,7 @@ impl LeaseTtls {
 
     /// Takes `event` in (which lease each key rides now) and returns what its judging waits
     /// for: nothing when its leases are known, their lookups otherwise.
-    fn judge(
-        &mut self,
-        event: WatchEvent,
-        permits: &Arc<Semaphore>,
-    ) -> BoxFuture<'static, Result<Judged, String>> {
+    fn judge(&mut self, event: WatchEvent, permits: &Arc<Semaphore>) -> Judging {
         let mut known = GrantedTtls::new();
         let mut unknown = Vec::new();
         match &event {
@@ -420,33 +463,34 @@ impl LeaseTtls {
             WatchEvent::Interrupted => {}
         }
         if unknown.is_empty() {
-            return futures::future::ready(Ok(Judged {
+            return Judging::Ready(Judged {
                 event,
                 granted: known,
                 looked_up: GrantedTtls::new(),
-            }))
-            .boxed();
+            });
         }
         let (etcd, permits) = (self.etcd.clone(), permits.clone());
-        async move {
-            let started = Instant::now();
-            let looked_up = granted_ttls(&etcd, &unknown, &permits).await?;
-            if matches!(event, WatchEvent::Listed { .. }) {
-                tracing::info!(
-                    leases = unknown.len(),
-                    gone = looked_up.values().filter(|g| g.is_none()).count(),
-                    took_ms = started.elapsed().as_millis() as u64,
-                    "looked up the TTL of every new lease in the heartbeat list"
-                );
+        Judging::Waiting(
+            async move {
+                let started = Instant::now();
+                let looked_up = granted_ttls(&etcd, &unknown, &permits).await?;
+                if matches!(event, WatchEvent::Listed { .. }) {
+                    tracing::info!(
+                        leases = unknown.len(),
+                        gone = looked_up.values().filter(|g| g.is_none()).count(),
+                        took_ms = started.elapsed().as_millis() as u64,
+                        "looked up the TTL of every new lease in the heartbeat list"
+                    );
+                }
+                known.extend(looked_up.iter().map(|(lease, ttl)| (*lease, *ttl)));
+                Ok(Judged {
+                    event,
+                    granted: known,
+                    looked_up,
+                })
             }
-            known.extend(looked_up.iter().map(|(lease, ttl)| (*lease, *ttl)));
-            Ok(Judged {
-                event,
-                granted: known,
-                looked_up,
-            })
-        }
-        .boxed()
+            .boxed(),
+        )
     }
 
     /// Keeps the TTLs looked up, of the leases that still carry a key.
@@ -481,6 +525,64 @@ impl LeaseTtls {
         if lease != 0 {
             *self.keys_on.entry(lease).or_default() += 1;
         }
+    }
+}
+
+/// What judging an event waits for.
+enum Judging {
+    /// Nothing: its leases' TTLs are known.
+    Ready(Judged),
+    /// Their lookups.
+    Waiting(BoxFuture<'static, Result<Judged, String>>),
+}
+
+/// Each key's events not passed on yet, in order: the first waits for its lookups, those
+/// behind it for it.
+#[derive(Default)]
+struct KeyLanes {
+    lanes: HashMap<Vec<u8>, VecDeque<(u64, Option<Judged>)>>,
+    next_seq: u64,
+    /// Events held, in every lane.
+    held: usize,
+}
+
+impl KeyLanes {
+    /// An event of `key` came (`judged`: ready already); returns its number, and the events
+    /// that can go out now (itself, when nothing of its key waits).
+    fn arrived(&mut self, key: Vec<u8>, judged: Option<Judged>) -> (u64, Vec<Judged>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        match (self.lanes.get_mut(&key), judged) {
+            (None, Some(j)) => return (seq, vec![j]),
+            (Some(lane), j) => lane.push_back((seq, j)),
+            (None, None) => {
+                self.lanes.insert(key, VecDeque::from([(seq, None)]));
+            }
+        }
+        self.held += 1;
+        (seq, Vec::new())
+    }
+
+    /// Event `seq` of `key` has its lookups' answers: the events of its key that can go out
+    /// now, in order.
+    fn answered(&mut self, key: &[u8], seq: u64, judged: Judged) -> Vec<Judged> {
+        let Some(lane) = self.lanes.get_mut(key) else {
+            return Vec::new();
+        };
+        if let Some(slot) = lane.iter_mut().find(|(s, _)| *s == seq) {
+            slot.1 = Some(judged);
+        }
+        let mut out = Vec::new();
+        while let Some((_, Some(_))) = lane.front() {
+            if let Some((_, Some(j))) = lane.pop_front() {
+                out.push(j);
+            }
+        }
+        self.held -= out.len();
+        if lane.is_empty() {
+            self.lanes.remove(key);
+        }
+        out
     }
 }
 
@@ -918,10 +1020,13 @@ mod tests {
         let permits = Arc::new(Semaphore::new(1));
         let mut judge = |event| leases.judge(event, &permits);
         // A rewrite on the same lease: from the cache, at once.
-        let judged = judge(put(b"/k/a", 7)).now_or_never().expect("no lookup");
+        let ready = |judging| match judging {
+            Judging::Ready(j) => j.granted,
+            Judging::Waiting(_) => panic!("a lookup"),
+        };
         assert_eq!(
-            judged.map(|j| j.granted),
-            Ok(GrantedTtls::from([(7, Some(10))]))
+            ready(judge(put(b"/k/a", 7))),
+            GrantedTtls::from([(7, Some(10))])
         );
         // One key moves off the lease, the other goes: the TTL known when each event came is
         // the one it is judged with, and the lease is forgotten with its last key.
@@ -931,18 +1036,54 @@ mod tests {
             revision: 9,
         };
         let events = [put(b"/k/a", 0), put(b"/k/b", 7), delete];
-        let granted: Vec<_> = events
-            .into_iter()
-            .map(|e| {
-                judge(e)
-                    .now_or_never()
-                    .expect("no lookup")
-                    .map(|j| j.granted)
-            })
-            .collect();
-        assert_eq!(granted[1], Ok(GrantedTtls::from([(7, Some(10))])));
+        let granted: Vec<_> = events.into_iter().map(|e| ready(judge(e))).collect();
+        assert_eq!(granted[1], GrantedTtls::from([(7, Some(10))]));
         assert!(leases.granted.is_empty(), "the last key went");
         assert!(leases.keys_on.is_empty() && leases.key_lease.is_empty());
+    }
+
+    fn judged(key: &[u8], rev: i64) -> Judged {
+        Judged {
+            event: WatchEvent::Delete {
+                key: key.to_vec(),
+                prev: None,
+                revision: rev,
+            },
+            granted: GrantedTtls::new(),
+            looked_up: GrantedTtls::new(),
+        }
+    }
+
+    fn revisions(out: &[Judged]) -> Vec<i64> {
+        out.iter()
+            .map(|j| match j.event {
+                WatchEvent::Delete { revision, .. } => revision,
+                _ => 0,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_keys_events_wait_for_its_lookup_and_no_other_keys_do() {
+        let mut lanes = KeyLanes::default();
+        // a's put waits for its lease's TTL; a's next event waits behind it, b's does not.
+        let (seq_a, out) = lanes.arrived(b"a".to_vec(), None);
+        assert!(out.is_empty());
+        let (_, out) = lanes.arrived(b"a".to_vec(), Some(judged(b"a", 2)));
+        assert!(out.is_empty(), "behind a's lookup");
+        let (_, out) = lanes.arrived(b"b".to_vec(), Some(judged(b"b", 3)));
+        assert_eq!(revisions(&out), [3]);
+        let (seq_a2, _) = lanes.arrived(b"a".to_vec(), None);
+        assert_eq!(lanes.held, 3);
+        // The later lookup answers first: nothing of a goes out yet.
+        assert!(lanes.answered(b"a", seq_a2, judged(b"a", 4)).is_empty());
+        // a's first answers: all three, in order.
+        assert_eq!(
+            revisions(&lanes.answered(b"a", seq_a, judged(b"a", 1))),
+            [1, 2, 4]
+        );
+        assert_eq!(lanes.held, 0);
+        assert!(lanes.lanes.is_empty());
     }
 
     #[tokio::test]
