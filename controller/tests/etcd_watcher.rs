@@ -205,3 +205,60 @@ async fn a_rebuilt_etcd_means_a_new_list_not_a_silent_watch() {
     c.put("/w/next", "1", None).await.expect("put");
     assert_eq!(put_key(&next(&mut w).await), "/w/next");
 }
+
+/// More keys than one gRPC message holds: 9,000 heartbeat-sized values (~530 bytes, under
+/// cloud-style node names) are about 5 MiB, past the client's 4 MiB receive limit, which an
+/// unpaged range hit on every retry. The list comes in pages at one revision: every key once, in
+/// order, and the watch goes on from the list's revision.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_list_larger_than_one_message_comes_whole_in_pages() {
+    let (_etcd, mut c) = start().await;
+    const KEYS: usize = 9_000;
+    let name = |i: usize| {
+        format!(
+            "{PREFIX}ip-10-0-{}-{}.eu-west-1.compute.internal",
+            i / 250,
+            i % 250
+        )
+    };
+    let value = "x".repeat(530);
+    // etcd takes at most 128 operations a transaction.
+    for chunk in (0..KEYS).collect::<Vec<_>>().chunks(128) {
+        let ops: Vec<etcd_client::TxnOp> = chunk
+            .iter()
+            .map(|i| etcd_client::TxnOp::put(name(*i), value.as_str(), None))
+            .collect();
+        c.txn(etcd_client::Txn::new().and_then(ops))
+            .await
+            .expect("put a batch");
+    }
+    let unpaged = c
+        .get(PREFIX, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await;
+    assert!(
+        unpaged.is_err(),
+        "one unpaged range of {KEYS} keys fits a message: the test no longer tests paging"
+    );
+    let listing = nodepulse_etcd::list_prefix(&mut c, PREFIX, false)
+        .await
+        .expect("list in pages");
+    assert_eq!(listing.kvs.len(), KEYS);
+    let keys: Vec<&[u8]> = listing.kvs.iter().map(|kv| kv.key()).collect();
+    assert!(
+        keys.windows(2).all(|w| w[0] < w[1]),
+        "keys in order, each once"
+    );
+
+    let mut w = EtcdWatcher::new(c.clone(), PREFIX, settings());
+    match next(&mut w).await {
+        WatchEvent::Listed { kvs, .. } => assert_eq!(kvs.len(), KEYS),
+        other => panic!("want Listed, got {other:?}"),
+    }
+    c.put(format!("{PREFIX}late"), "v", None)
+        .await
+        .expect("put");
+    match next(&mut w).await {
+        WatchEvent::Put(kv) => assert_eq!(kv.key, format!("{PREFIX}late").into_bytes()),
+        other => panic!("want the late put, got {other:?}"),
+    }
+}

@@ -7,11 +7,12 @@
 use std::collections::BTreeMap;
 use std::io::Write;
 
-use etcd_client::{Client, DeleteOptions, GetOptions, KeyValue, Txn, TxnOp};
+use etcd_client::{Client, DeleteOptions, KeyValue, Txn, TxnOp};
 use nodepulse_crd::wire::{
     CONFIG_PREFIX, CONTROLLER_MANAGER, ConfigValue, HEARTBEAT_PREFIX, config_key,
     node_of_config_key, node_of_heartbeat_key, validate_node_name,
 };
+use nodepulse_etcd::list_prefix;
 use serde::Serialize;
 use serde_json::{Value, json};
 
@@ -276,15 +277,11 @@ pub async fn delete(
 
 /// Every node with a heartbeat key.
 async fn nodes_with_heartbeat(client: &mut Client) -> Result<Vec<String>> {
-    let resp = client
-        .get(
-            HEARTBEAT_PREFIX,
-            Some(GetOptions::new().with_prefix().with_keys_only()),
-        )
+    let listing = list_prefix(client, HEARTBEAT_PREFIX, true)
         .await
         .map_err(Error::etcd(format!("list {HEARTBEAT_PREFIX}")))?;
-    let nodes: Vec<String> = resp
-        .kvs()
+    let nodes: Vec<String> = listing
+        .kvs
         .iter()
         .filter_map(|kv| node_of_heartbeat_key(kv.key()).map(str::to_string))
         .collect();
@@ -298,12 +295,11 @@ async fn nodes_with_heartbeat(client: &mut Client) -> Result<Vec<String>> {
 
 /// Every config key, by node.
 async fn current_configs(client: &mut Client) -> Result<BTreeMap<String, KeyValue>> {
-    let resp = client
-        .get(CONFIG_PREFIX, Some(GetOptions::new().with_prefix()))
+    let listing = list_prefix(client, CONFIG_PREFIX, false)
         .await
         .map_err(Error::etcd(format!("list {CONFIG_PREFIX}")))?;
-    Ok(resp
-        .kvs()
+    Ok(listing
+        .kvs
         .iter()
         .filter_map(|kv| node_of_config_key(kv.key()).map(|n| (n.to_string(), kv.clone())))
         .collect())

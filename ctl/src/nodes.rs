@@ -1,8 +1,9 @@
 //! Reading the heartbeat prefix into rows, and printing them as a table or as JSON.
 
-use etcd_client::{Client, GetOptions, KeyValue};
+use etcd_client::{Client, KeyValue};
 use jiff::Timestamp;
 use nodepulse_crd::wire::{AgentState, HEARTBEAT_PREFIX, Heartbeat, node_of_heartbeat_key};
+use nodepulse_etcd::list_prefix;
 use serde::Serialize;
 
 use crate::OutputFormat;
@@ -62,13 +63,11 @@ pub struct HeartbeatList {
 /// Lists `/monitor/heartbeat/`. Values that are not agent heartbeats are skipped with a warning
 /// (something other than an agent wrote them; the controller ignores them too).
 pub async fn list_heartbeats(client: &mut Client) -> Result<HeartbeatList> {
-    let resp = client
-        .get(HEARTBEAT_PREFIX, Some(GetOptions::new().with_prefix()))
+    let listing = list_prefix(client, HEARTBEAT_PREFIX, false)
         .await
         .map_err(Error::etcd(format!("list {HEARTBEAT_PREFIX}")))?;
-    let revision = resp.header().map_or(0, |h| h.revision());
-    let cluster_id = resp.header().map_or(0, |h| h.cluster_id());
-    let mut heartbeats: Vec<_> = resp.kvs().iter().filter_map(parse_heartbeat).collect();
+    let (revision, cluster_id) = (listing.revision, listing.cluster_id);
+    let mut heartbeats: Vec<_> = listing.kvs.iter().filter_map(parse_heartbeat).collect();
     heartbeats.sort_by(|a, b| a.0.cmp(&b.0));
     Ok(HeartbeatList {
         heartbeats,

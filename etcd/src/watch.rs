@@ -17,9 +17,10 @@ use std::fmt;
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, EventType, GetOptions, WatchOptions, WatchResponse, WatchStream};
+use nodepulse_runtime::Backoff;
 use tracing::{debug, info, warn};
 
-use nodepulse_runtime::Backoff;
+use crate::list::list_prefix;
 
 /// A key and its value as etcd holds them.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -374,28 +375,35 @@ impl EtcdWatcher {
     /// Lists the keys, then starts the watch from the next revision; the `Listed` event goes
     /// out only once the watch is in place.
     async fn list_and_watch(&mut self) -> Result<(), Failure> {
-        let mut options = GetOptions::new();
-        if self.settings.prefix {
-            options = options.with_prefix();
-        }
-        if self.settings.keys_only {
-            options = options.with_keys_only();
-        }
-        let list = tokio::time::timeout(
-            self.settings.call_timeout,
-            self.client.get(self.key.as_str(), Some(options)),
-        )
-        .await
-        .map_err(|_| {
-            Failure(format!(
-                "list {} timed out after {:?}",
-                self.key, self.settings.call_timeout
-            ))
-        })?
-        .map_err(|e| Failure(format!("list {}: {e}", self.key)))?;
-        let revision = list.header().map_or(0, |h| h.revision());
-        let cluster_id = list.header().map_or(0, |h| h.cluster_id());
-        let kvs: Vec<Kv> = list.kvs().iter().map(Kv::from).collect();
+        let list = async {
+            if self.settings.prefix {
+                let listing =
+                    list_prefix(&mut self.client, &self.key, self.settings.keys_only).await?;
+                Ok((listing.revision, listing.cluster_id, listing.kvs))
+            } else {
+                let mut options = GetOptions::new();
+                if self.settings.keys_only {
+                    options = options.with_keys_only();
+                }
+                let mut resp = self.client.get(self.key.as_str(), Some(options)).await?;
+                let header = resp.header();
+                let (revision, cluster_id) = (
+                    header.map_or(0, |h| h.revision()),
+                    header.map_or(0, |h| h.cluster_id()),
+                );
+                Ok::<_, etcd_client::Error>((revision, cluster_id, resp.take_kvs()))
+            }
+        };
+        let (revision, cluster_id, listed) = tokio::time::timeout(self.settings.call_timeout, list)
+            .await
+            .map_err(|_| {
+                Failure(format!(
+                    "list {} timed out after {:?}",
+                    self.key, self.settings.call_timeout
+                ))
+            })?
+            .map_err(|e| Failure(format!("list {}: {e}", self.key)))?;
+        let kvs: Vec<Kv> = listed.iter().map(Kv::from).collect();
         let (stream, _) = self.open(revision + 1, revision, cluster_id).await?;
         let other_cluster =
             self.cluster_id != 0 && cluster_id != 0 && cluster_id != self.cluster_id;

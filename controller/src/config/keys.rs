@@ -6,12 +6,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, Txn, TxnOp};
+use etcd_client::{Client, Compare, CompareOp, Txn, TxnOp};
 use futures::channel::mpsc;
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 use nodepulse_crd::v1alpha1::MonitorConfig;
 use nodepulse_crd::wire::{CONFIG_PREFIX, ConfigValue, config_key, node_of_config_key};
+use nodepulse_etcd::list_prefix;
 use nodepulse_etcd::watch::{EtcdWatcher, WatchEvent, WatcherSettings};
 use nodepulse_runtime::Backoff;
 use tokio::sync::{Mutex, Notify, watch};
@@ -215,12 +216,11 @@ impl ConfigKeys {
 
     async fn current_keys(&self) -> Result<BTreeMap<String, CurrentKey>> {
         let mut etcd = self.etcd.clone();
-        let resp = etcd
-            .get(CONFIG_PREFIX, Some(GetOptions::new().with_prefix()))
+        let listing = list_prefix(&mut etcd, CONFIG_PREFIX, false)
             .await
             .map_err(Error::etcd(format!("list {CONFIG_PREFIX}")))?;
         let mut out = BTreeMap::new();
-        for kv in resp.kvs() {
+        for kv in &listing.kvs {
             let Some(node) = node_of_config_key(kv.key()) else {
                 continue;
             };

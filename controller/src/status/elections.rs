@@ -12,9 +12,10 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use etcd_client::{Client, GetOptions};
+use etcd_client::Client;
 use futures::StreamExt;
 use nodepulse_crd::wire::{HEARTBEAT_PREFIX, node_of_heartbeat_key};
+use nodepulse_etcd::list_prefix;
 use tokio::sync::{mpsc, watch};
 
 /// How often the term is read: a term change is seen at most this late.
@@ -121,14 +122,13 @@ impl ElectionWatcher {
         if doubted.is_empty() {
             return Vec::new();
         }
-        let keys = GetOptions::new().with_prefix().with_keys_only();
         let listed = match tokio::time::timeout(
             CALL_TIMEOUT,
-            self.etcd.get(HEARTBEAT_PREFIX, Some(keys)),
+            list_prefix(&mut self.etcd, HEARTBEAT_PREFIX, true),
         )
         .await
         {
-            Ok(Ok(resp)) => resp,
+            Ok(Ok(listing)) => listing,
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "listing the heartbeat keys for a lease audit failed");
                 return Vec::new();
@@ -136,7 +136,7 @@ impl ElectionWatcher {
             Err(_) => return Vec::new(),
         };
         let leases: Vec<(String, i64)> = listed
-            .kvs()
+            .kvs
             .iter()
             .filter(|kv| kv.lease() != 0)
             .filter_map(|kv| {
