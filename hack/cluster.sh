@@ -705,11 +705,13 @@ reboot() {
   select_node "$1"
   if init_pid >/dev/null; then power_loss "$1"; fi
   ensure_tools
-  boot "$1"
-  start_node
-  # Ready again means the new kubelet's own report, not the one from before the power loss.
+  # Ready again means the new kubelet's own report, not the one from before the power loss:
+  # one made after this moment, taken before the kubelet starts (it reports at once, and then
+  # only every few minutes while nothing changes).
   local since
   since=$(date -u +%Y-%m-%dT%H:%M:%SZ)
+  boot "$1"
+  start_node
   wait_for "node $1 Ready after the reboot" 120 ready_since "$1" "$since"
   log "node $1 Ready again"
 }

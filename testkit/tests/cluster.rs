@@ -1358,8 +1358,9 @@ fn the_controller_leaders_worker_loses_power() {
 }
 
 /// Three etcd members with the chart's required anti-affinity, one per node. The leadership moved
-/// to worker-1's member, worker-1 loses power: the other two elect a leader, worker-1 is `Dead`,
-/// and no other node shows `Dead` or `Unknown` at any time.
+/// to worker-1's member, worker-1 loses power: the other two elect a leader, worker-1 is `Dead`
+/// (after `Unknown` for a moment, while the new leader's fresh lease proves nothing), and no other
+/// node shows `Dead` or `Unknown` at any time.
 #[test]
 #[ignore = "needs the three-node cluster of hack/cluster.sh: make e2e-cluster"]
 fn the_etcd_leaders_worker_loses_power() {
@@ -1435,11 +1436,21 @@ fn the_etcd_leaders_worker_loses_power() {
         secs(on.elapsed())
     );
     history.assert_only_alive(&[CONTROL_PLANE, WORKER_2], "the etcd leader's loss");
-    assert_eq!(
-        history.of(WORKER_1),
-        ["Alive", "Dead", "Alive"],
-        "{WORKER_1}'s states"
+    // The new leader restarted worker-1's lease at its full TTL, so for a TTL its key proved
+    // nothing: it may be Unknown (LeaderChurn) a moment before the key expires and it is Dead.
+    let seen = history.of(WORKER_1);
+    eprintln!("{WORKER_1}'s states: {seen:?}");
+    assert!(
+        seen == ["Alive", "Dead", "Alive"] || seen == ["Alive", "Unknown", "Dead", "Alive"],
+        "{WORKER_1}'s states: {seen:?}"
     );
+    if seen.len() == 4 {
+        let events = kubectl().ok(&["describe", "monitornode", WORKER_1]);
+        assert!(
+            events.contains("etcd leader churn"),
+            "Unknown for another reason:\n{events}"
+        );
+    }
 }
 
 /// `helm upgrade` of an agent setting rolls the DaemonSet over all three nodes, and of an etcd
@@ -1954,4 +1965,82 @@ fn a_plain_pod_on_a_worker_cannot_reach_etcd() {
     let agent = agent_pod(WORKER_2);
     wait_all_alive(Duration::from_secs(5));
     eprintln!("{WORKER_2}'s agent {agent}: Alive (its connection to etcd's client port admitted)");
+}
+
+/// The chart's user roles, aggregated by the controller manager into the default ones: a user
+/// bound to `view` reads MonitorNodes and MonitorConfigs and changes nothing, one bound to `edit`
+/// also creates and deletes MonitorConfigs, and neither writes MonitorNodes (the controller's).
+#[test]
+#[ignore = "needs the three-node cluster of hack/cluster.sh: make e2e-cluster"]
+fn view_and_edit_cover_nodepulse() {
+    ensure_release(Release::Default);
+    struct Bindings;
+    impl Drop for Bindings {
+        fn drop(&mut self) {
+            let _ = kubectl().run(&[
+                "delete",
+                "clusterrolebinding",
+                "e2e-viewer",
+                "e2e-editor",
+                "--ignore-not-found",
+            ]);
+        }
+    }
+    let _bindings = Bindings;
+    for (binding, role, user) in [
+        ("e2e-viewer", "view", "viewer"),
+        ("e2e-editor", "edit", "editor"),
+    ] {
+        kubectl().ok(&[
+            "create",
+            "clusterrolebinding",
+            binding,
+            "--clusterrole",
+            role,
+            "--user",
+            user,
+        ]);
+    }
+    let can = |user: &str, verb: &str, resource: &str| {
+        text(
+            &kubectl()
+                .run(&["auth", "can-i", verb, resource, "--as", user])
+                .stdout,
+        )
+        .trim()
+        .to_string()
+    };
+    let mut wrong = Vec::new();
+    for (user, verb, resource, want) in [
+        ("viewer", "list", "monitornodes.nodepulse.io", "yes"),
+        ("viewer", "watch", "monitornodes.nodepulse.io", "yes"),
+        ("viewer", "get", "monitorconfigs.nodepulse.io", "yes"),
+        ("viewer", "create", "monitorconfigs.nodepulse.io", "no"),
+        ("viewer", "delete", "monitornodes.nodepulse.io", "no"),
+        ("editor", "list", "monitornodes.nodepulse.io", "yes"),
+        ("editor", "create", "monitorconfigs.nodepulse.io", "yes"),
+        ("editor", "delete", "monitorconfigs.nodepulse.io", "yes"),
+        ("editor", "patch", "monitornodes.nodepulse.io", "no"),
+        ("editor", "delete", "monitornodes.nodepulse.io", "no"),
+    ] {
+        // The aggregation controller fills the roles in a moment after the install.
+        let mut got = String::new();
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(20) {
+            got = can(user, verb, resource);
+            if got == want {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        if got != want {
+            wrong.push(format!("{user} {verb} {resource}: {got}, want {want}"));
+        }
+    }
+    assert!(
+        wrong.is_empty(),
+        "the default roles and nodepulse: {wrong:#?}"
+    );
+    let listed = kubectl().ok(&["get", "monitornodes", "--as", "viewer"]);
+    eprintln!("$ kubectl get monitornodes --as viewer\n{listed}");
 }
