@@ -61,7 +61,8 @@ async fn monitor_node_status_shows_in_printer_columns() {
             "DISK%",
             "INTERVAL",
             "LAST-HEARTBEAT",
-            "AGE"
+            "AGE",
+            "MAINTENANCE"
         ],
         "{table}"
     );
