@@ -287,61 +287,45 @@ impl Drop for HostSampler {
 
 // --- faults ----------------------------------------------------------------------------------
 
-/// A node whose power was cut (`hack/cluster.sh power-loss`): every process of it killed at
-/// once. Rebooted on drop (`hack/cluster.sh reboot` returns once its kubelet is Ready), also when
-/// the test fails, so that the next check finds three nodes.
-struct PoweredOff {
+/// A fault done to a node by `hack/cluster.sh FAULT NODE`, undone by `hack/cluster.sh UNDO NODE`
+/// when dropped, also when the test fails, so that the next check finds three nodes.
+struct NodeFault {
     node: &'static str,
-    /// Just before the power was cut.
+    undo: &'static str,
+    /// Just before the fault.
     at: Instant,
 }
 
-fn power_loss(node: &'static str) -> PoweredOff {
-    let at = Instant::now();
-    cluster_sh_ok(&["power-loss", node]);
-    PoweredOff { node, at }
-}
+impl NodeFault {
+    fn new(node: &'static str, fault: &str, undo: &'static str) -> NodeFault {
+        let at = Instant::now();
+        cluster_sh_ok(&[fault, node]);
+        NodeFault { node, undo, at }
+    }
 
-impl PoweredOff {
-    /// Power back on; returns when the node's kubelet is Ready again.
-    fn reboot(self) -> Instant {
-        cluster_sh_ok(&["reboot", self.node]);
+    /// Undoes the fault now; returns when `hack/cluster.sh` is done.
+    fn undo(self) -> Instant {
+        cluster_sh_ok(&[self.undo, self.node]);
         std::mem::forget(self);
         Instant::now()
     }
 }
 
-impl Drop for PoweredOff {
+impl Drop for NodeFault {
     fn drop(&mut self) {
-        let _ = cluster_sh(&["reboot", self.node]);
+        let _ = cluster_sh(&[self.undo, self.node]);
     }
 }
 
-/// A node cut off the network (`hack/cluster.sh partition`): its processes run on. Healed on
-/// drop, also when the test fails.
-struct Partitioned {
-    node: &'static str,
-    at: Instant,
+/// The node's power cut: every process of it killed at once. Undone by a reboot, which returns
+/// once its kubelet is Ready again.
+fn power_loss(node: &'static str) -> NodeFault {
+    NodeFault::new(node, "power-loss", "reboot")
 }
 
-fn partition(node: &'static str) -> Partitioned {
-    let at = Instant::now();
-    cluster_sh_ok(&["partition", node]);
-    Partitioned { node, at }
-}
-
-impl Partitioned {
-    fn heal(self) -> Instant {
-        cluster_sh_ok(&["heal", self.node]);
-        std::mem::forget(self);
-        Instant::now()
-    }
-}
-
-impl Drop for Partitioned {
-    fn drop(&mut self) {
-        let _ = cluster_sh(&["heal", self.node]);
-    }
+/// The node cut off the network, its processes running on. Undone by a heal.
+fn partition(node: &'static str) -> NodeFault {
+    NodeFault::new(node, "partition", "heal")
 }
 
 // --- the release -----------------------------------------------------------------------------
@@ -1217,7 +1201,7 @@ fn a_worker_loses_power_and_only_it_is_dead() {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    let on = off.reboot();
+    let on = off.undo();
     let back = wait_state(WORKER_1, "Alive", Duration::from_secs(90));
     eprintln!(
         "{WORKER_1} Alive again {} after its kubelet was Ready",
@@ -1254,7 +1238,7 @@ fn a_partitioned_worker_is_dead_then_alive_without_a_restart() {
         dead <= VERDICT,
         "{WORKER_1} Dead {dead:?} after its partition, want <= TTL + 2 s"
     );
-    let healed = cut.heal();
+    let healed = cut.undo();
     let back = wait_state(WORKER_1, "Alive", Duration::from_secs(60));
     eprintln!(
         "{WORKER_1} Alive again {} after the heal",
@@ -1339,7 +1323,7 @@ fn the_controller_leaders_worker_loses_power() {
     // A second recording would come from the replica that took over, within its first list.
     watch_until(Instant::now() + Duration::from_secs(5));
     let recorded = dead_event_count(WORKER_1) - dead_before;
-    let on = off.reboot();
+    let on = off.undo();
     wait_state(WORKER_1, "Alive", Duration::from_secs(90));
     eprintln!(
         "{WORKER_1} Alive again {} after its kubelet was Ready",
@@ -1429,7 +1413,7 @@ fn the_etcd_leaders_worker_loses_power() {
         secs(election),
         secs(dead)
     );
-    let on = off.reboot();
+    let on = off.undo();
     wait_state(WORKER_1, "Alive", Duration::from_secs(90));
     eprintln!(
         "{WORKER_1} Alive again {} after its kubelet was Ready",
@@ -1740,7 +1724,7 @@ fn the_node_condition_follows_a_worker_s_power() {
             "{node}'s condition"
         );
     }
-    let on = off.reboot();
+    let on = off.undo();
     wait_heartbeat_condition(WORKER_1, "True", Duration::from_secs(90));
     eprintln!(
         "NodePulseHeartbeat=True again {} after {WORKER_1}'s kubelet was Ready",
