@@ -700,6 +700,24 @@ fn pods(namespace: &str, selector: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// The uids of every pod (any phase) in `namespace` with `selector`: a restarted pod has a new one.
+fn pod_uids(namespace: &str, selector: &str) -> Vec<String> {
+    kubectl()
+        .ok(&[
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-l",
+            selector,
+            "-o",
+            "jsonpath={.items[*].metadata.uid}",
+        ])
+        .split_whitespace()
+        .map(String::from)
+        .collect()
+}
+
 const AGENT: &str = "app.kubernetes.io/component=agent";
 const CONTROLLER: &str = "app.kubernetes.io/component=controller";
 const ETCD: &str = "app.kubernetes.io/component=etcd";
@@ -1466,38 +1484,15 @@ fn rolling_upgrades_show_no_node_dead() {
         "agent DaemonSet rolled over 3 nodes: helm upgrade --wait {}",
         secs(took)
     );
-    let etcd_before: Vec<String> = kubectl()
-        .ok(&[
-            "get",
-            "pods",
-            "-n",
-            "etcd",
-            "-l",
-            ETCD,
-            "-o",
-            "jsonpath={.items[*].metadata.uid}",
-        ])
-        .split_whitespace()
-        .map(String::from)
-        .collect();
+    let etcd_before = pod_uids("etcd", ETCD);
     let took = upgrade_set(&format!("etcd.podAnnotations.e2e-rollout=e{stamp}"));
     wait_until(
         "three restarted etcd members",
         Duration::from_secs(180),
         || {
-            let now = kubectl().ok(&[
-                "get",
-                "pods",
-                "-n",
-                "etcd",
-                "-l",
-                ETCD,
-                "-o",
-                "jsonpath={.items[*].metadata.uid}",
-            ]);
-            let now: Vec<&str> = now.split_whitespace().collect();
+            let now = pod_uids("etcd", ETCD);
             now.len() == 3
-                && now.iter().all(|u| !etcd_before.iter().any(|b| b == u))
+                && now.iter().all(|u| !etcd_before.contains(u))
                 && pods("etcd", ETCD).len() == 3
         },
     );
